@@ -1,0 +1,176 @@
+"""``hutch``: the one command-line entry point.
+
+Subcommands: ``worker``, ``topology apply``, ``submit``, ``mock-backend``, ``demo``.
+Every expected failure (bad config, unreachable broker, topology conflict, an error reply)
+ends in one readable line on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+
+from pipeline import mock_backend
+from pipeline.exceptions import ConfigError, HutchError, RequestFailed, TopologyError
+from pipeline.log import configure_logging
+from pipeline.settings import Settings, load_settings
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from pipeline.metrics import Metrics
+    from pipeline.worker import Worker
+
+    settings = _settings(args)
+    if not settings.pools:
+        raise ConfigError(f"{args.config}: no [[pools]] defined: the worker has nothing to do")
+    configure_logging(args.log_level)
+    metrics = Metrics()
+    if args.metrics_port is not None:
+        metrics.serve(args.metrics_port)
+    worker = Worker(settings, metrics=metrics)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        await worker.run()
+
+    asyncio.run(run())
+    return 0
+
+
+def _cmd_topology_apply(args: argparse.Namespace) -> int:
+    from topology.apply import apply_topology
+
+    settings = _settings(args)
+    report = asyncio.run(apply_topology(settings))
+    for line in report.lines():
+        print(line)
+    print(f"topology applied to vhost {settings.vhost!r} at {settings.redacted_amqp_url()}")
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.client import HutchClient
+
+    settings = load_settings(args.config) if args.config else load_settings()
+
+    async def run() -> int:
+        async with HutchClient.from_settings(settings) as client:
+            body = {"model": args.model, "messages": [{"role": "user", "content": args.prompt}]}
+            if args.max_tokens:
+                body["max_tokens"] = args.max_tokens
+            try:
+                reply = await client.request(body, model=args.model, priority=args.priority,
+                                             timeout=args.timeout)
+            except RequestFailed as exc:
+                print(f"error {exc.code}: {exc.message}", file=sys.stderr)
+                return EXIT_FAILED
+        if args.json:
+            print(reply.completion.model_dump_json(indent=2))
+        else:
+            for choice in reply.completion.choices:
+                print(choice.message.content)
+            print(f"-- {reply.latency_s * 1000:.0f} ms, queue wait {reply.queue_wait_ms} ms, "
+                  f"backend {reply.backend}", file=sys.stderr)
+        return 0
+
+    return asyncio.run(run())
+
+
+def _cmd_mock_backend(args: argparse.Namespace) -> int:
+    return mock_backend.run_from_args(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    return asyncio.run(run_demo(low=args.low, high=args.high, capacity=args.capacity,
+                                latency_ms=args.latency_ms, keep=args.keep_topology))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hutch", description="Hutch: a RabbitMQ request queue for LLM backends.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def config_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
+        p.add_argument("--config", "-c", required=required,
+                       help="TOML configuration file (HUTCH_* variables override it)")
+
+    worker = sub.add_parser("worker", help="run a worker: consume pools, call backends")
+    config_arg(worker)
+    worker.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics on this port")
+    worker.add_argument("--log-level", default="INFO")
+    worker.set_defaults(func=_cmd_worker)
+
+    topology = sub.add_parser("topology", help="manage the broker topology")
+    topo_sub = topology.add_subparsers(dest="topology_command", required=True)
+    apply = topo_sub.add_parser("apply", help="declare exchanges, queues, bindings, policies")
+    config_arg(apply)
+    apply.set_defaults(func=_cmd_topology_apply)
+
+    submit = sub.add_parser("submit", help="send one chat request and print the reply")
+    config_arg(submit, required=False)
+    submit.add_argument("--model", "-m", required=True)
+    submit.add_argument("--priority", "-p", type=int, default=0)
+    submit.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
+    submit.add_argument("--max-tokens", type=int, default=None)
+    submit.add_argument("--json", action="store_true", help="print the whole completion")
+    submit.add_argument("prompt")
+    submit.set_defaults(func=_cmd_submit)
+
+    mock = sub.add_parser("mock-backend", help="run the OpenAI-compatible mock backend")
+    mock_backend.add_arguments(mock)
+    mock.set_defaults(func=_cmd_mock_backend)
+
+    demo = sub.add_parser("demo", help="show priorities overtaking a saturated backlog")
+    demo.add_argument("--low", type=int, default=60, help="low-priority requests (burst)")
+    demo.add_argument("--high", type=int, default=10, help="high-priority requests")
+    demo.add_argument("--capacity", type=int, default=4, help="mock backend slots")
+    demo.add_argument("--latency-ms", type=float, default=100.0, help="mock service time")
+    demo.add_argument("--keep-topology", dest="keep_topology", action="store_true",
+                      help="leave the demo's queues on the broker to look at in the UI")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"hutch: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except TopologyError as exc:
+        print(f"hutch: topology: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except HutchError as exc:
+        print(f"hutch: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except (ConnectionError, OSError) as exc:
+        print(f"hutch: cannot reach a service: {exc!r}. Is RabbitMQ running? Start it with "
+              "`rabbitmq-server -detached` or `docker compose up -d rabbitmq`.",
+              file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

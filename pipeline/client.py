@@ -1,0 +1,235 @@
+"""The async client: publish chat requests, await their one reply.
+
+A :class:`HutchClient` owns one connection, one confirming channel and one durable reply
+queue (``<prefix>.reply.<client_id>``, removed by the broker after ``reply_queue_expires_s``
+without a consumer). Any number of :meth:`HutchClient.chat` calls run concurrently on it:
+each registers a future under its correlation id and the reply consumer resolves it;
+nothing serialises the calls. The first reply for a correlation id wins; a duplicate or a
+late reply (after a timeout) finds no future and is dropped, so a caller sees exactly one
+result.
+
+    async with HutchClient("amqp://guest:guest@127.0.0.1/") as client:
+        completion = await client.chat(model="mock-small",
+                                       messages=[{"role": "user", "content": "hi"}],
+                                       priority=5, timeout=30)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import DeliveryError
+from pydantic import ValidationError
+
+from pipeline import protocol as p
+from pipeline.exceptions import (
+    DeadlineExceededError,
+    QueueFullError,
+    RequestFailed,
+    error_for_code,
+)
+from pipeline.log import get_logger
+from pipeline.models import ChatCompletion, ChatMessage, ErrorReply
+from pipeline.settings import DEFAULT_AMQP_URL, Settings
+from topology.names import Names
+
+__all__ = ["HutchClient", "Reply"]
+
+log = get_logger("hutch.client")
+
+#: How long past its deadline the client waits for the worker's authoritative answer.
+_GRACE_S = 2.0
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A successful reply: the completion and what the worker reported about it."""
+
+    completion: ChatCompletion
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    latency_s: float = 0.0
+
+    @property
+    def queue_wait_ms(self) -> int | None:
+        value = self.headers.get(p.H_QUEUE_WAIT_MS)
+        return int(value) if value is not None else None
+
+    @property
+    def backend(self) -> str | None:
+        value = self.headers.get(p.H_BACKEND)
+        return str(value) if value is not None else None
+
+
+def _default_client_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _failure_from(message: AbstractIncomingMessage) -> RequestFailed:
+    try:
+        detail = ErrorReply.model_validate_json(message.body).error
+    except ValidationError:
+        return RequestFailed(f"unreadable error reply: {message.body[:200]!r}")
+    extra = detail.model_extra or {}
+    status = extra.get("status")
+    return error_for_code(detail.code)(
+        detail.message, code=detail.code, type=detail.type,
+        status=status if isinstance(status, int) else None)
+
+
+class HutchClient:
+    """Publishes requests to Hutch and matches replies to callers."""
+
+    def __init__(self, amqp_url: str = DEFAULT_AMQP_URL, *, client_id: str | None = None,
+                 prefix: str = "llm", reply_queue_expires_s: int = 3600,
+                 default_timeout_s: float = 120.0, reply_prefetch: int = 1000) -> None:
+        self.amqp_url = amqp_url
+        self.client_id = client_id or _default_client_id()
+        self.names = Names(prefix)
+        self.reply_queue_name = self.names.reply_queue(self.client_id)
+        self._reply_queue_expires_ms = reply_queue_expires_s * 1000
+        self._default_timeout_s = default_timeout_s
+        self._reply_prefetch = reply_prefetch
+        self._user = unquote(urlsplit(amqp_url).username or "guest")
+        self._pending: dict[str, asyncio.Future[AbstractIncomingMessage]] = {}
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._reply_queue: AbstractQueue | None = None
+        #: Replies that matched no waiting call (duplicates, late after a timeout).
+        self.dropped_replies = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> HutchClient:
+        kwargs.setdefault("reply_queue_expires_s", settings.reply_queue_expires_s)
+        return cls(settings.amqp_url, prefix=settings.prefix, **kwargs)
+
+    async def __aenter__(self) -> HutchClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Connect, declare the reply queue and start consuming it."""
+        self._connection = await aio_pika.connect_robust(
+            self.amqp_url, timeout=10,
+            client_properties={"connection_name": f"hutch-client {self.client_id}"})
+        channel = await self._connection.channel(publisher_confirms=True)
+        self._channel = channel
+        await channel.set_qos(prefetch_count=self._reply_prefetch)
+        self._exchange = await channel.get_exchange(self.names.requests_exchange, ensure=False)
+        # Kept referenced: aio-pika restores consumers after a reconnect only for live objects.
+        self._reply_queue = await channel.declare_queue(
+            self.reply_queue_name, durable=True,
+            arguments={"x-queue-type": "classic", "x-expires": self._reply_queue_expires_ms})
+        await self._reply_queue.consume(self._on_reply)
+
+    async def close(self) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.cancel()
+        self._pending.clear()
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        future = self._pending.pop(message.correlation_id or "", None)
+        if future is None or future.done():
+            self.dropped_replies += 1
+            log.debug("reply.dropped", correlation_id=message.correlation_id)
+        else:
+            future.set_result(message)
+        await message.ack()
+
+    async def request(self, body: Mapping[str, Any] | bytes, *, model: str, priority: int = 0,
+                      timeout: float | None = None) -> Reply:
+        """Send one request (an OpenAI chat body, or its JSON bytes) and await its reply.
+
+        ``timeout`` (seconds) is the request's deadline: it may wait in the queue that long
+        (``expiration``), the worker will not start it after that, and the call raises
+        :class:`DeadlineExceededError` if no answer came. Error replies raise the
+        :class:`RequestFailed` subclass of their code.
+        """
+        if self._exchange is None:
+            raise RuntimeError("HutchClient is not connected: use `async with` or connect()")
+        if not 0 <= priority <= 255:
+            raise ValueError(f"priority must be in 0..255, got {priority}")
+        timeout_s = self._default_timeout_s if timeout is None else timeout
+        if timeout_s <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout_s}")
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+        correlation_id = uuid.uuid4().hex
+        sent_ms = p.now_ms()
+        message = aio_pika.Message(
+            payload,
+            content_type="application/json",
+            correlation_id=correlation_id,
+            reply_to=self.reply_queue_name,
+            priority=priority,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            expiration=timeout_s,
+            timestamp=time.time(),
+            user_id=self._user,
+            headers={p.H_SENT_AT: sent_ms, p.H_DEADLINE: sent_ms + int(timeout_s * 1000)},
+        )
+        future: asyncio.Future[AbstractIncomingMessage] = (
+            asyncio.get_running_loop().create_future())
+        self._pending[correlation_id] = future
+        started = time.monotonic()
+        try:
+            try:
+                await self._exchange.publish(message, routing_key=model, mandatory=False)
+            except DeliveryError:
+                raise QueueFullError(
+                    f"the queue for model {model!r} is full: the broker refused the request",
+                    code=p.ErrorCode.QUEUE_FULL) from None
+            try:
+                async with asyncio.timeout(timeout_s + _GRACE_S):
+                    reply = await future
+            except TimeoutError:
+                raise DeadlineExceededError(
+                    f"no answer within {timeout_s:.1f}s", code=p.ErrorCode.DEADLINE_EXCEEDED
+                ) from None
+        finally:
+            self._pending.pop(correlation_id, None)
+        latency = time.monotonic() - started
+        headers = dict(reply.headers or {})
+        if headers.get(p.H_OUTCOME) == "ok":
+            try:
+                completion = ChatCompletion.model_validate_json(reply.body)
+            except ValidationError as exc:
+                raise RequestFailed(f"unreadable completion in reply: {exc}") from None
+            return Reply(completion, headers, latency)
+        raise _failure_from(reply)
+
+    async def chat(self, *, model: str, messages: Sequence[Mapping[str, Any] | ChatMessage],
+                   priority: int = 0, timeout: float | None = None,
+                   **params: Any) -> ChatCompletion:
+        """An OpenAI-style chat completion through Hutch; extra ``params`` go to the backend."""
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": [m.model_dump(exclude_none=True) if isinstance(m, ChatMessage)
+                         else dict(m) for m in messages],
+            **params,
+        }
+        reply = await self.request(body, model=model, priority=priority, timeout=timeout)
+        return reply.completion

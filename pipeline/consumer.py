@@ -1,0 +1,81 @@
+"""A consumer that knows its in-flight deliveries.
+
+aio-pika runs each delivery's callback as its own task. The worker must be able to stop
+taking new deliveries while letting those tasks finish (SIGTERM), and to cancel them at
+once when their channel is gone (their acks can no longer land and the broker has already
+requeued them: finishing them would only overload the backend). This class does both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+__all__ = ["TrackedConsumer"]
+
+Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+
+class TrackedConsumer:
+    """Consume ``queue_name`` on ``channel`` with ``prefetch``, tracking handler tasks."""
+
+    def __init__(self, channel: AbstractChannel, queue_name: str, prefetch: int,
+                 handler: Handler) -> None:
+        self._channel = channel
+        self._queue_name = queue_name
+        self._prefetch = prefetch
+        self._handler = handler
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.closed = asyncio.Event()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def start(self) -> None:
+        """Set the prefetch (before consuming: a live change has no effect on 3.10)."""
+        self._channel.close_callbacks.add(lambda *_: self.closed.set())
+        await self._channel.set_qos(prefetch_count=self._prefetch)
+        self._queue = await self._channel.declare_queue(self._queue_name, passive=True)
+        self._tag = await self._queue.consume(self._on_message, no_ack=False)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._handler(message)
+        finally:
+            self._tasks.discard(task)
+
+    async def stop_consuming(self) -> None:
+        """basic.cancel: no new deliveries; those already received keep running."""
+        if self._queue is not None and self._tag is not None and not self._channel.is_closed:
+            tag, self._tag = self._tag, None
+            try:
+                await self._queue.cancel(tag)
+            except Exception:  # the channel died meanwhile: nothing left to cancel
+                pass
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait for in-flight handlers; True if all finished within ``timeout_s``."""
+        if not self._tasks:
+            return True
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        return not pending
+
+    async def abort(self) -> None:
+        """Cancel in-flight handlers and close the channel (unacked work is requeued)."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=5)
+        if not self._channel.is_closed:
+            try:
+                await self._channel.close()
+            except Exception:
+                pass

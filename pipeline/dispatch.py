@@ -1,0 +1,231 @@
+"""Dispatch: one delivery from a pool's work queue becomes exactly one reply.
+
+The steps follow the data: validate the request, check its deadline, call the backend
+(retrying transient failures in-process, on the slot the delivery already holds, so the
+backend's cap is never exceeded), publish the reply with confirms, and only then ack.
+Whatever goes wrong with the request itself ends in an error reply plus a parked copy; a
+lost connection leaves the delivery unacked, so the broker hands it to another worker.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import ValidationError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_any,
+    wait_random_exponential,
+)
+from tenacity.stop import stop_base
+
+from pipeline import protocol as p
+from pipeline.backends import Backend, BackendResult
+from pipeline.exceptions import BackendCallError, RetryableError, ThrottledError
+from pipeline.log import get_logger
+from pipeline.metrics import Metrics
+from pipeline.models import ChatRequest
+from pipeline.replies import Failure, Publisher, ReplyInfo
+from pipeline.settings import PoolSettings, Settings
+
+__all__ = ["Dispatcher", "validate_request"]
+
+log = get_logger("hutch.dispatch")
+
+_JSON_TYPES = ("application/json",)
+
+
+def _content_type_ok(content_type: str | None) -> bool:
+    if not content_type:
+        return True  # many AMQP clients leave it unset; the body decides
+    return content_type.split(";")[0].strip().lower() in _JSON_TYPES
+
+
+def validate_request(body: bytes, *, content_type: str | None, reply_to_ok: bool,
+                     correlation_id: str | None, pool: PoolSettings,
+                     max_body_bytes: int) -> ChatRequest | Failure:
+    """Check a request before it may take a backend's time; pure, so unit-tested alone."""
+    bad = p.ErrorCode.INVALID_REQUEST
+    if not reply_to_ok:
+        return Failure(p.ParkReason.NO_REPLY_TO, bad,
+                       "the request has no usable reply_to (it must name the client's reply "
+                       "queue); nobody can be answered, so it was parked")
+    if not correlation_id:
+        return Failure(p.ParkReason.INVALID_REQUEST, bad,
+                       "the request has no correlation_id; its reply could not be matched")
+    if len(body) > max_body_bytes:
+        return Failure(p.ParkReason.TOO_LARGE, bad,
+                       f"the request body is {len(body)} bytes; the limit is {max_body_bytes}")
+    if not _content_type_ok(content_type):
+        return Failure(p.ParkReason.INVALID_REQUEST, bad,
+                       f"content_type {content_type!r} is not application/json")
+    try:
+        request = ChatRequest.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] in ("json_invalid", "json_type"):
+            return Failure(p.ParkReason.INVALID_JSON, bad,
+                           f"the request body is not valid JSON: {first['msg']}")
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        return Failure(p.ParkReason.INVALID_REQUEST, bad,
+                       f"not a valid chat completions request: {where}: {first['msg']}")
+    if request.model not in pool.models:
+        return Failure(p.ParkReason.INVALID_REQUEST, bad,
+                       f"model {request.model!r} in the body is not served by pool "
+                       f"{pool.name!r} (it serves {', '.join(pool.models)})")
+    if request.stream:
+        return Failure(p.ParkReason.INVALID_REQUEST, bad,
+                       "streaming (\"stream\": true) is not supported yet; send the request "
+                       "without it")
+    return request
+
+
+@dataclass
+class _Deadline:
+    """A request's absolute deadline in epoch seconds (None: only the backend timeout)."""
+
+    at: float | None
+
+    def remaining(self) -> float | None:
+        return None if self.at is None else self.at - time.time()
+
+    def passed(self) -> bool:
+        remaining = self.remaining()
+        return remaining is not None and remaining <= 0
+
+
+def _wait(retry_state: RetryCallState) -> float:
+    """Jittered exponential backoff, but never shorter than a 429's Retry-After."""
+    jitter = wait_random_exponential(multiplier=0.05, max=2.0)(retry_state)
+    outcome = retry_state.outcome
+    exc = outcome.exception() if outcome is not None else None
+    if isinstance(exc, ThrottledError) and exc.retry_after_s is not None:
+        return max(jitter, exc.retry_after_s)
+    return jitter
+
+
+class _StopAtDeadline(stop_base):
+    """Stop retrying when the next backoff would end past the request's deadline."""
+
+    def __init__(self, deadline: _Deadline) -> None:
+        self._deadline = deadline
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        remaining = self._deadline.remaining()
+        return remaining is not None and remaining <= retry_state.upcoming_sleep
+
+
+class Dispatcher:
+    """Handles the deliveries of one pool, on whichever backend's consumer they arrive."""
+
+    def __init__(self, settings: Settings, pool: PoolSettings, publisher: Publisher,
+                 metrics: Metrics) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._publisher = publisher
+        self._metrics = metrics
+
+    async def handle(self, message: AbstractIncomingMessage, backend: Backend) -> None:
+        """Process one delivery to its single reply, then ack it."""
+        info = ReplyInfo(pool=self._pool.name, backend=backend.name)
+        timestamp = message.timestamp.timestamp() if message.timestamp else None
+        headers = message.headers or {}
+        sent_at = p.sent_at_ms(headers, timestamp)
+        if sent_at is not None:
+            info.queue_wait_ms = max(0, p.now_ms() - sent_at)
+            self._metrics.queue_wait.labels(self._pool.name, str(message.priority or 0)
+                                            ).observe(info.queue_wait_ms / 1000)
+        in_flight = self._metrics.in_flight.labels(backend.name)
+        in_flight.inc()
+        try:
+            await self._process(message, backend, info, headers, timestamp)
+            await message.ack()
+        except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            # The channel or connection is gone: the broker redelivers this request.
+            log.warning("request.unacked", pool=self._pool.name, backend=backend.name,
+                        correlation_id=message.correlation_id, error=repr(exc))
+        finally:
+            in_flight.dec()
+
+    async def _process(self, message: AbstractIncomingMessage, backend: Backend,
+                       info: ReplyInfo, headers: Mapping[str, Any],
+                       timestamp: float | None) -> None:
+        checked = validate_request(
+            message.body,
+            content_type=message.content_type,
+            reply_to_ok=self._publisher.valid_reply_to(message.reply_to),
+            correlation_id=message.correlation_id,
+            pool=self._pool,
+            max_body_bytes=self._settings.max_body_bytes,
+        )
+        if isinstance(checked, Failure):
+            await self._publisher.fail(message, checked, info)
+            return
+        expiration = message.expiration
+        expiration_s = float(expiration) if isinstance(expiration, int | float) else None
+        deadline_ms = p.deadline_ms(headers, expiration_s, timestamp)
+        deadline = _Deadline(deadline_ms / 1000 if deadline_ms is not None else None)
+        if deadline.passed():
+            await self._publisher.fail(message, self._deadline_failure(message), info)
+            return
+        outcome = await self._call(message, backend, info, deadline)
+        if isinstance(outcome, Failure):
+            await self._publisher.fail(message, outcome, info)
+            return
+        info.backend_ms = int(outcome.elapsed_s * 1000)
+        delivered = await self._publisher.reply_ok(message, outcome.body, info)
+        if not delivered:
+            failure = Failure(p.ParkReason.NO_REPLY_TO, p.ErrorCode.BACKEND_ERROR,
+                              f"the completion could not be delivered: reply queue "
+                              f"{message.reply_to!r} does not exist")
+            await self._publisher.park(message, failure, info)
+        self._metrics.requests.labels(self._pool.name, "ok").inc()
+
+    def _deadline_failure(self, message: AbstractIncomingMessage) -> Failure:
+        return Failure(p.ParkReason.DEADLINE_EXCEEDED, p.ErrorCode.DEADLINE_EXCEEDED,
+                       f"the request's deadline passed before a backend of pool "
+                       f"{self._pool.name!r} could answer it")
+
+    async def _call(self, message: AbstractIncomingMessage, backend: Backend, info: ReplyInfo,
+                    deadline: _Deadline) -> BackendResult | Failure:
+        """Call the backend, retrying transient errors within attempts and deadline."""
+
+        retrying = AsyncRetrying(
+            stop=stop_any(stop_after_attempt(self._pool.max_attempts), _StopAtDeadline(deadline)),
+            wait=_wait,
+            retry=retry_if_exception_type(RetryableError),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    info.attempts = attempt.retry_state.attempt_number
+                    remaining = deadline.remaining()
+                    if remaining is not None and remaining <= 0:
+                        return self._deadline_failure(message)
+                    try:
+                        result = await backend.chat(message.body, timeout_s=remaining,
+                                                    request_id=message.correlation_id)
+                    except BackendCallError as exc:
+                        kind = "throttled" if isinstance(exc, ThrottledError) else (
+                            "retryable" if isinstance(exc, RetryableError) else "terminal")
+                        self._metrics.backend_errors.labels(backend.name, kind).inc()
+                        raise
+                    self._metrics.backend_latency.labels(backend.name).observe(result.elapsed_s)
+                    return result
+        except BackendCallError as exc:
+            if deadline.passed():
+                return self._deadline_failure(message)
+            extra = {"status": exc.status} if exc.status is not None else {}
+            return Failure(p.ParkReason.BACKEND_ERROR, p.ErrorCode.BACKEND_ERROR,
+                           f"{exc.message} (after {info.attempts} attempt"
+                           f"{'s' if info.attempts != 1 else ''})", extra)
+        raise AssertionError("unreachable: tenacity either returns or raises")

@@ -1,0 +1,170 @@
+"""The wire contract: header names, error codes, and how replies and parked messages look.
+
+Everything a client in another language needs to speak to Hutch is defined here and
+documented in the README's "Wire contract" section; the client and the worker both import
+it, so the two sides cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any
+
+__all__ = [
+    "H_ATTEMPTS",
+    "H_BACKEND",
+    "H_BACKEND_MS",
+    "H_DEADLINE",
+    "H_ERROR_CODE",
+    "H_ERROR_MESSAGE",
+    "H_ERROR_TYPE",
+    "H_ORIGINAL_ROUTING_KEY",
+    "H_OUTCOME",
+    "H_PARKED_AT",
+    "H_POOL",
+    "H_QUEUE_WAIT_MS",
+    "H_REASON",
+    "H_SENT_AT",
+    "ErrorCode",
+    "ParkReason",
+    "deadline_ms",
+    "death_reason",
+    "error_body",
+    "error_type",
+    "now_ms",
+    "sent_at_ms",
+]
+
+# Request headers (optional; set by pipeline.client, any client may set them).
+H_DEADLINE = "x-hutch-deadline"  # absolute deadline, epoch milliseconds
+H_SENT_AT = "x-hutch-sent-at"  # publish time, epoch milliseconds (queue wait metric)
+
+# Reply headers.
+H_OUTCOME = "x-hutch-outcome"  # "ok" or "error"
+H_ERROR_CODE = "x-hutch-error-code"
+H_QUEUE_WAIT_MS = "x-hutch-queue-wait-ms"
+H_BACKEND_MS = "x-hutch-backend-ms"
+H_ATTEMPTS = "x-hutch-attempts"
+H_BACKEND = "x-hutch-backend"
+H_POOL = "x-hutch-pool"
+
+# Parking-lot headers (in addition to H_POOL, H_BACKEND, H_ATTEMPTS, H_ERROR_CODE).
+H_REASON = "x-hutch-reason"
+H_ERROR_TYPE = "x-hutch-error-type"
+H_ERROR_MESSAGE = "x-hutch-error-message"
+H_PARKED_AT = "x-hutch-parked-at"
+H_ORIGINAL_ROUTING_KEY = "x-hutch-original-routing-key"
+
+
+class ErrorCode(StrEnum):
+    """``error.code`` of an error reply; each maps to one client exception."""
+
+    QUEUE_FULL = "queue_full"
+    UNKNOWN_MODEL = "unknown_model"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    INVALID_REQUEST = "invalid_request"
+    BACKEND_ERROR = "backend_error"
+
+
+class ParkReason(StrEnum):
+    """``x-hutch-reason`` of a parked message: why it ended in the parking lot."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_REQUEST = "invalid_request"
+    TOO_LARGE = "too_large"
+    NO_REPLY_TO = "no_reply_to"
+    UNKNOWN_MODEL = "unknown_model"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    QUEUE_FULL = "queue_full"
+    BACKEND_ERROR = "backend_error"
+    REJECTED = "rejected"
+
+
+#: The OpenAI ``error.type`` for each code.
+_ERROR_TYPE = {
+    ErrorCode.QUEUE_FULL: "rate_limit_error",
+    ErrorCode.UNKNOWN_MODEL: "invalid_request_error",
+    ErrorCode.DEADLINE_EXCEEDED: "timeout_error",
+    ErrorCode.INVALID_REQUEST: "invalid_request_error",
+    ErrorCode.BACKEND_ERROR: "api_error",
+}
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def error_type(code: ErrorCode) -> str:
+    """The OpenAI ``error.type`` that goes with a code."""
+    return _ERROR_TYPE[code]
+
+
+def error_body(code: ErrorCode, message: str, **extra: Any) -> bytes:
+    """An OpenAI-shaped error reply body."""
+    error: dict[str, Any] = {"type": error_type(code), "code": str(code), "message": message}
+    error.update(extra)
+    return json.dumps({"error": error}, separators=(",", ":")).encode()
+
+
+def _int_header(headers: Mapping[str, Any], name: str) -> int | None:
+    value = headers.get(name)
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return int(value)
+    if isinstance(value, bytes | str):
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return None
+
+
+def deadline_ms(headers: Mapping[str, Any], expiration_s: float | None,
+                timestamp_s: float | None) -> int | None:
+    """The request's absolute deadline (epoch ms), or None if it has none.
+
+    An explicit ``x-hutch-deadline`` header wins. Otherwise a request that carries both
+    ``expiration`` and ``timestamp`` may wait until timestamp + expiration. A request with
+    only ``expiration`` is bounded by the broker alone (it expires it while queued).
+    """
+    explicit = _int_header(headers, H_DEADLINE)
+    if explicit is not None:
+        return explicit
+    if expiration_s is not None and timestamp_s is not None:
+        return int((timestamp_s + expiration_s) * 1000)
+    return None
+
+
+def sent_at_ms(headers: Mapping[str, Any], timestamp_s: float | None) -> int | None:
+    """When the request was published: ``x-hutch-sent-at``, else the AMQP timestamp."""
+    explicit = _int_header(headers, H_SENT_AT)
+    if explicit is not None:
+        return explicit
+    return int(timestamp_s * 1000) if timestamp_s is not None else None
+
+
+_DEATH_REASONS = {
+    "expired": ParkReason.DEADLINE_EXCEEDED,
+    "maxlen": ParkReason.QUEUE_FULL,
+    "rejected": ParkReason.REJECTED,
+}
+
+
+def death_reason(headers: Mapping[str, Any]) -> ParkReason:
+    """Why the broker dead-lettered a message, from its ``x-death`` header.
+
+    A message in the triage queue without ``x-death`` came through the alternate
+    exchange: no pool serves its model.
+    """
+    deaths = headers.get("x-death")
+    if not isinstance(deaths, list) or not deaths:
+        return ParkReason.UNKNOWN_MODEL
+    latest = deaths[0]  # RabbitMQ keeps the most recent death first
+    reason = latest.get("reason") if isinstance(latest, dict) else None
+    if isinstance(reason, bytes):
+        reason = reason.decode(errors="replace")
+    return _DEATH_REASONS.get(str(reason), ParkReason.REJECTED)

@@ -1,0 +1,264 @@
+"""One typed settings model for every Hutch process.
+
+Settings come from one TOML file, then environment variables (``HUTCH_AMQP_URL``,
+``HUTCH_MAX_PRIORITY``, ... nested keys with ``__``) override it. Everything is validated
+once, at start, and an invalid value is reported as a :class:`~pipeline.exceptions.ConfigError`
+that names the bad key (``pools.0.backends.1.max_concurrency: ...``), never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from pipeline.exceptions import ConfigError
+
+__all__ = [
+    "DEFAULT_AMQP_URL",
+    "BackendSettings",
+    "PoolSettings",
+    "Settings",
+    "load_settings",
+]
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+# Names end up in queue names, policy patterns and metric labels: keep them boring.
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+
+#: RabbitMQ closes a channel whose delivery stays unacked longer than this (its default).
+CONSUMER_TIMEOUT_S = 30 * 60
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackendSettings(_Strict):
+    """One OpenAI-compatible HTTP endpoint and the slots it can serve at once."""
+
+    name: str = Field(pattern=_NAME)
+    url: str
+    max_concurrency: int = Field(ge=1, le=10_000)
+    timeout_s: float = Field(default=60.0, gt=0, lt=CONSUMER_TIMEOUT_S)
+    #: Name of the environment variable holding the API key; the key itself is never stored.
+    api_key_env: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http(s) URL such as http://127.0.0.1:8001/v1")
+        return value.rstrip("/")
+
+    def api_key(self) -> str | None:
+        """Read the key at call time so it lives only in the process environment."""
+        if self.api_key_env is None:
+            return None
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise ConfigError(
+                f"backends.{self.name}.api_key_env: environment variable "
+                f"{self.api_key_env} is not set"
+            )
+        return key
+
+
+class PoolSettings(_Strict):
+    """Backends that serve the same models share one work queue: a pool."""
+
+    name: str = Field(pattern=_NAME)
+    models: list[str] = Field(min_length=1)
+    max_queue_length: int = Field(default=10_000, ge=1)
+    #: Optional cap on how long any request may wait in this pool's queue (policy TTL).
+    message_ttl_ms: int | None = Field(default=None, ge=1)
+    #: In-process attempts per request on the backend slot it holds (tenacity).
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    backends: list[BackendSettings] = Field(min_length=1)
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: list[str]) -> list[str]:
+        for model in value:
+            if not model or len(model) > 255:
+                raise ValueError(f"model name {model!r} must be 1..255 characters")
+        if len(set(value)) != len(value):
+            raise ValueError("model names must be unique")
+        return value
+
+
+class Settings(BaseSettings):
+    """Everything a Hutch worker, client tool or topology command needs."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HUTCH_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    amqp_url: str = DEFAULT_AMQP_URL
+    #: Management HTTP API; default: the AMQP host on port 15672, same credentials and vhost.
+    management_url: str | None = None
+    #: Prefix of every exchange and queue name (``llm.requests``, ``llm.work.<pool>``, ...).
+    prefix: str = Field(default="llm", pattern=_NAME)
+    max_priority: int = Field(default=9, ge=1, le=255)
+    #: AMQP heartbeat: how fast a silent network loss is noticed (and a lease freed).
+    heartbeat_s: int = Field(default=5, ge=1, le=600)
+    #: How often a worker that does not hold a backend's lease tries to take it.
+    lease_retry_s: float = Field(default=1.0, gt=0, le=60)
+    #: SIGTERM: how long in-flight requests may take before the worker exits anyway.
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    #: Requests larger than this are refused with ``invalid_request``.
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    #: Reply queues vanish after this long without a consumer.
+    reply_queue_expires_s: int = Field(default=3600, ge=10)
+    #: Prefetch of the dead-letter triage consumer (no backend behind it).
+    triage_prefetch: int = Field(default=32, ge=1, le=10_000)
+    pools: list[PoolSettings] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file (passed as init kwargs by load_settings).
+        return env_settings, init_settings
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            raise ValueError("must be an amqp:// or amqps:// URL with a host")
+        return value
+
+    @field_validator("management_url")
+    @classmethod
+    def _management_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("must be an http(s) URL such as http://127.0.0.1:15672")
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        seen_pools: set[str] = set()
+        seen_backends: dict[str, str] = {}
+        seen_models: dict[str, str] = {}
+        for i, pool in enumerate(self.pools):
+            if pool.name in seen_pools:
+                raise ValueError(f"pools.{i}.name: pool {pool.name!r} is defined twice")
+            seen_pools.add(pool.name)
+            for model in pool.models:
+                if model in seen_models:
+                    raise ValueError(
+                        f"pools.{i}.models: model {model!r} is already served by pool "
+                        f"{seen_models[model]!r}; a model routes to exactly one pool"
+                    )
+                seen_models[model] = pool.name
+            for j, backend in enumerate(pool.backends):
+                if backend.name in seen_backends:
+                    raise ValueError(
+                        f"pools.{i}.backends.{j}.name: backend {backend.name!r} is already "
+                        f"defined in pool {seen_backends[backend.name]!r}; backend names "
+                        "name leases and must be unique"
+                    )
+                seen_backends[backend.name] = pool.name
+        return self
+
+    # -- derived values -------------------------------------------------------------
+
+    @property
+    def vhost(self) -> str:
+        """The AMQP URL's vhost ("/" when the path is empty)."""
+        path = urlsplit(self.amqp_url).path
+        return unquote(path[1:]) if len(path) > 1 else "/"
+
+    def management_api(self) -> tuple[str, str, str]:
+        """(base URL, user, password) of the management HTTP API."""
+        parts = urlsplit(self.amqp_url)
+        user = unquote(parts.username or "guest")
+        password = unquote(parts.password or "guest")
+        if self.management_url:
+            mparts = urlsplit(self.management_url)
+            if mparts.username:
+                user = unquote(mparts.username)
+                password = unquote(mparts.password or "")
+            netloc = mparts.hostname or ""
+            if mparts.port:
+                netloc = f"{netloc}:{mparts.port}"
+            return f"{mparts.scheme}://{netloc}{mparts.path}".rstrip("/"), user, password
+        scheme = "https" if parts.scheme == "amqps" else "http"
+        return f"{scheme}://{parts.hostname}:15672", user, password
+
+    def pool(self, name: str) -> PoolSettings:
+        for pool in self.pools:
+            if pool.name == name:
+                return pool
+        raise KeyError(name)
+
+    def with_vhost(self, vhost: str) -> Settings:
+        """A copy pointing at another vhost (tests isolate themselves this way)."""
+        parts = urlsplit(self.amqp_url)
+        url = parts._replace(path="/" + quote(vhost, safe="")).geturl()
+        return self.model_copy(update={"amqp_url": url})
+
+    def redacted_amqp_url(self) -> str:
+        """The AMQP URL without its password, for logs and messages."""
+        parts = urlsplit(self.amqp_url)
+        if parts.password is None:
+            return self.amqp_url
+        netloc = f"{parts.username}:***@{parts.hostname}"
+        if parts.port:
+            netloc += f":{parts.port}"
+        return parts._replace(netloc=netloc).geturl()
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check its spelling)"
+        # Model validators report their own dotted key at the start of the message.
+        message = re.sub(r"^(Value|Assertion) error, ", "", message)
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read ``path`` (TOML), apply ``HUTCH_*`` environment overrides, validate.
+
+    ``overrides`` win over the file but not over the environment; tests and the demo use
+    them to build settings without a file. Raises :class:`ConfigError` with one line per
+    bad key.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults and environment"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None

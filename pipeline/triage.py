@@ -1,0 +1,77 @@
+"""Triage: answer what the broker dead-lettered or could not route, then park it.
+
+The broker itself turns some requests away: one whose model no pool serves (caught by the
+alternate exchange), one that expired while queued, one refused by a full queue. Each still
+owes its client exactly one answer. Workers consume the triage queue, reply with the
+error ``x-death`` (or its absence) implies, and move the message to the parking lot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage
+
+from pipeline import protocol as p
+from pipeline.log import get_logger
+from pipeline.replies import Failure, Publisher, ReplyInfo
+from topology.names import Names
+
+__all__ = ["Triage", "triage_failure"]
+
+log = get_logger("hutch.triage")
+
+_CODE = {
+    p.ParkReason.UNKNOWN_MODEL: p.ErrorCode.UNKNOWN_MODEL,
+    p.ParkReason.DEADLINE_EXCEEDED: p.ErrorCode.DEADLINE_EXCEEDED,
+    p.ParkReason.QUEUE_FULL: p.ErrorCode.QUEUE_FULL,
+    p.ParkReason.REJECTED: p.ErrorCode.BACKEND_ERROR,
+}
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def triage_failure(headers: Mapping[str, Any], routing_key: str | None,
+                   names: Names) -> tuple[Failure, str]:
+    """The failure a dead or unrouted message stands for, and the pool it belonged to."""
+    reason = p.death_reason(headers)
+    queue = ""
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        queue = _text(deaths[0].get("queue", ""))
+        routing_keys = deaths[0].get("routing-keys")
+        if isinstance(routing_keys, list) and routing_keys:
+            routing_key = _text(routing_keys[0])
+    pool = queue.removeprefix(names.work_queue("")) if queue else "-"
+    model = routing_key or ""
+    if reason is p.ParkReason.UNKNOWN_MODEL:
+        message = f"no pool serves model {model!r}"
+    elif reason is p.ParkReason.DEADLINE_EXCEEDED:
+        message = f"the request expired while waiting in queue {queue!r}"
+    elif reason is p.ParkReason.QUEUE_FULL:
+        message = (f"queue {queue!r} is full (its max-length policy refused the request); "
+                   "retry later or at a lower rate")
+    else:
+        message = f"the request was rejected by a consumer of queue {queue!r}"
+    return Failure(reason, _CODE[reason], message), pool
+
+
+class Triage:
+    """Consumes the triage queue: one error reply, then the parking lot, then ack."""
+
+    def __init__(self, publisher: Publisher, names: Names) -> None:
+        self._publisher = publisher
+        self._names = names
+
+    async def handle(self, message: AbstractIncomingMessage) -> None:
+        failure, pool = triage_failure(message.headers or {}, message.routing_key, self._names)
+        try:
+            await self._publisher.fail(message, failure, ReplyInfo(pool=pool))
+            await message.ack()
+        except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            log.warning("triage.unacked", correlation_id=message.correlation_id,
+                        error=repr(exc))

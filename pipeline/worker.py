@@ -1,0 +1,263 @@
+"""The worker: consumes work queues and calls backends, one consumer per backend.
+
+Shape (see the README's architecture section):
+
+* For each backend the worker tries to take its **lease**, the exclusive queue
+  ``<prefix>.lease.<backend>``. The broker lets one connection hold it and frees it when
+  that connection dies, so whatever the number of worker replicas, exactly one serves a
+  backend at a time; the others retry every ``lease_retry_s`` and take over within
+  seconds of a crash (the broker redelivers the dead holder's unacked requests).
+* The lease holder consumes the backend's pool queue with ``prefetch = max_concurrency``:
+  the broker hands over a request only when a backend slot is free, in priority order at
+  that moment, and balances a pool's backends by itself (competing consumers).
+* Every worker also consumes the triage queue (dead letters and unknown models).
+* The connection is supervised here rather than by aio-pika's RobustConnection: a lease
+  must not be silently re-declared on reconnect (another worker may hold it by then),
+  and in-flight calls of a lost connection are cancelled at once, since their requests
+  are already being redelivered elsewhere and finishing them would break the cap.
+* SIGTERM (:meth:`Worker.stop`): cancel the consumers, let in-flight requests finish
+  within ``shutdown_grace_s``, then close the connection (freeing the leases).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import random
+import socket
+from collections.abc import Awaitable, Callable
+
+import aio_pika
+import aiormq
+import httpx
+from aio_pika.abc import AbstractConnection
+
+from pipeline.backends import Backend
+from pipeline.consumer import TrackedConsumer
+from pipeline.dispatch import Dispatcher
+from pipeline.exceptions import TopologyError
+from pipeline.log import get_logger
+from pipeline.metrics import Metrics
+from pipeline.replies import Publisher
+from pipeline.settings import BackendSettings, PoolSettings, Settings
+from pipeline.triage import Triage
+from topology.names import Names
+
+__all__ = ["Worker"]
+
+log = get_logger("hutch.worker")
+
+_AMQP_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, asyncio.TimeoutError)
+
+
+class _BackendSlot:
+    """One backend: its HTTP client, its lease, and (while leased) its consumer."""
+
+    def __init__(self, worker: Worker, pool: PoolSettings, settings: BackendSettings,
+                 backend: Backend) -> None:
+        self.worker = worker
+        self.pool = pool
+        self.settings = settings
+        self.backend = backend
+        self.consumer: TrackedConsumer | None = None
+        self.held = False
+
+    async def run(self, connection: AbstractConnection, dispatcher: Dispatcher) -> None:
+        """Take the lease (retrying), then serve until the channel or connection dies."""
+        names = self.worker.names
+        metrics = self.worker.metrics
+        lease = names.lease_queue(self.settings.name)
+        # Spread first attempts so replicas started together share the leases.
+        await asyncio.sleep(random.uniform(0, self.worker.settings.lease_retry_s / 4))
+        while True:
+            channel = await connection.channel(publisher_confirms=False)
+            try:
+                await channel.declare_queue(lease, exclusive=True, durable=False,
+                                            auto_delete=True)
+            except aiormq.exceptions.ChannelLockedResource:
+                await asyncio.sleep(self.worker.settings.lease_retry_s
+                                    * random.uniform(0.75, 1.25))
+                continue
+            consumer = TrackedConsumer(
+                channel, names.work_queue(self.pool.name), self.settings.max_concurrency,
+                lambda message: dispatcher.handle(message, self.backend))
+            self.consumer = consumer
+            self.held = True
+            metrics.lease_held.labels(self.settings.name).set(1)
+            metrics.capacity.labels(self.settings.name).set(self.settings.max_concurrency)
+            log.info("lease.acquired", backend=self.settings.name, pool=self.pool.name,
+                     prefetch=self.settings.max_concurrency)
+            try:
+                await consumer.start()
+                await consumer.closed.wait()
+                log.warning("consumer.channel_closed", backend=self.settings.name)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                log.error("work_queue.missing", queue=names.work_queue(self.pool.name),
+                          hint="run `hutch topology apply`")
+                await asyncio.sleep(5)
+            finally:
+                self.held = False
+                self.consumer = None
+                metrics.lease_held.labels(self.settings.name).set(0)
+                metrics.capacity.labels(self.settings.name).set(0)
+                await consumer.abort()
+            # The lease stays ours while the connection lives; re-consume after a pause.
+            await asyncio.sleep(self.worker.settings.lease_retry_s)
+
+
+class Worker:
+    """Serves every backend of every pool in ``settings`` whose lease it can take."""
+
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None,
+                 transport_factory: Callable[[BackendSettings], httpx.AsyncBaseTransport]
+                 | None = None) -> None:
+        self.settings = settings
+        self.names = Names(settings.prefix)
+        self.metrics = metrics or Metrics()
+        self._transport_factory = transport_factory
+        self._stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+        self._slots: list[_BackendSlot] = []
+        self._triage: TrackedConsumer | None = None
+        self.name = f"hutch-worker {socket.gethostname()}:{os.getpid()}"
+
+    def held_backends(self) -> list[str]:
+        """Names of the backends whose lease this worker holds now."""
+        return [slot.settings.name for slot in self._slots if slot.held]
+
+    def stop(self) -> None:
+        """Ask the worker to finish: safe from a signal handler."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect on loss; return after :meth:`stop` and a drain."""
+        backends: list[Backend] = []
+        for pool in self.settings.pools:
+            for backend_settings in pool.backends:
+                transport = (self._transport_factory(backend_settings)
+                             if self._transport_factory else None)
+                backend = Backend(backend_settings, transport)
+                backends.append(backend)
+                self._slots.append(_BackendSlot(self, pool, backend_settings, backend))
+        delay = 0.5
+        try:
+            while not self._stopping.is_set():
+                try:
+                    connection = await aio_pika.connect(
+                        self.settings.amqp_url, timeout=10,
+                        heartbeat=self.settings.heartbeat_s,
+                        client_properties={"connection_name": self.name})
+                except _AMQP_ERRORS as exc:
+                    log.warning("amqp.connect_failed", url=self.settings.redacted_amqp_url(),
+                                error=repr(exc), retry_in_s=delay)
+                    await self._sleep_unless_stopping(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                delay = 0.5
+                await self._session(connection)
+        finally:
+            for backend in backends:
+                await backend.aclose()
+            log.info("worker.stopped")
+
+    async def _sleep_unless_stopping(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def _check_topology(self, connection: AbstractConnection) -> None:
+        """Fail fast, with the fix, when the topology was never applied."""
+        required = [self.names.triage_queue, self.names.parked_queue]
+        required += [self.names.work_queue(pool.name) for pool in self.settings.pools]
+        for queue in required:
+            channel = await connection.channel()
+            try:
+                await channel.declare_queue(queue, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                raise TopologyError(
+                    f"queue {queue!r} does not exist in vhost {self.settings.vhost!r}: run "
+                    "`hutch topology apply --config <file>` first") from None
+            await channel.close()
+
+    async def _session(self, connection: AbstractConnection) -> None:
+        lost = asyncio.Event()
+        connection.close_callbacks.add(lambda *_: lost.set())
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await self._check_topology(connection)
+            publish_channel = await connection.channel(publisher_confirms=True,
+                                                       on_return_raises=True)
+            publisher = Publisher(publish_channel, self.names, self.metrics)
+            triage = Triage(publisher, self.names)
+            self._triage = TrackedConsumer(await connection.channel(), self.names.triage_queue,
+                                           self.settings.triage_prefetch, triage.handle)
+            await self._triage.start()
+            dispatchers = {pool.name: Dispatcher(self.settings, pool, publisher, self.metrics)
+                           for pool in self.settings.pools}
+            for slot in self._slots:
+                tasks.append(asyncio.create_task(self._guard(
+                    slot.settings.name,
+                    functools.partial(slot.run, connection, dispatchers[slot.pool.name]))))
+            log.info("worker.ready", backends=len(self._slots), vhost=self.settings.vhost)
+            self.ready.set()
+            stop_wait = asyncio.create_task(self._stopping.wait())
+            lost_wait = asyncio.create_task(lost.wait())
+            await asyncio.wait({stop_wait, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            lost_wait.cancel()
+            if self._stopping.is_set() and not lost.is_set():
+                await self._drain()
+            else:
+                log.warning("amqp.connection_lost", in_flight_cancelled=self._in_flight())
+        except _AMQP_ERRORS as exc:
+            log.warning("amqp.session_failed", error=repr(exc))
+        finally:
+            self.ready.clear()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self._triage is not None:
+                await self._triage.abort()
+                self._triage = None
+            if not connection.is_closed:
+                try:
+                    await connection.close()
+                except Exception:
+                    pass
+            if not self._stopping.is_set():
+                await self._sleep_unless_stopping(0.5)
+
+    def _consumers(self) -> list[TrackedConsumer]:
+        consumers = [slot.consumer for slot in self._slots if slot.consumer is not None]
+        return consumers + ([self._triage] if self._triage is not None else [])
+
+    def _in_flight(self) -> int:
+        return sum(consumer.in_flight for consumer in self._consumers())
+
+    async def _drain(self) -> None:
+        """Graceful stop: no new deliveries, finish what we hold, within the grace period."""
+        consumers = self._consumers()
+        log.info("worker.draining", in_flight=self._in_flight(),
+                 grace_s=self.settings.shutdown_grace_s)
+        await asyncio.gather(*(consumer.stop_consuming() for consumer in consumers))
+        results = await asyncio.gather(
+            *(consumer.drain(self.settings.shutdown_grace_s) for consumer in consumers))
+        if not all(results):
+            log.warning("worker.grace_expired", unfinished=self._in_flight(),
+                        note="unfinished requests are redelivered by the broker")
+
+    @staticmethod
+    async def _guard(name: str, work: Callable[[], Awaitable[None]]) -> None:
+        """Keep a backend's loop alive: log a failure and start it again after a pause."""
+        while True:
+            try:
+                await work()
+            except asyncio.CancelledError:
+                raise
+            except _AMQP_ERRORS as exc:
+                log.warning("backend.loop_failed", backend=name, error=repr(exc))
+            except Exception:
+                log.error("backend.loop_crashed", exc_info=True, backend=name)
+            await asyncio.sleep(1.0)

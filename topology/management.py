@@ -1,0 +1,111 @@
+"""A small client for the RabbitMQ management HTTP API.
+
+Policies (dead-lettering, queue limits, TTLs) can only be set over this API or
+``rabbitmqctl``; Hutch uses the API so the same code works against a remote broker.
+Every failure becomes a :class:`~pipeline.exceptions.TopologyError` that says what to do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from pipeline.exceptions import TopologyError
+
+__all__ = ["ManagementAPI"]
+
+_ENABLE_HINT = (
+    "is the management plugin enabled? run: rabbitmq-plugins enable rabbitmq_management "
+    "(or set management_url in the config)"
+)
+
+
+def _q(value: str) -> str:
+    return quote(value, safe="")
+
+
+class ManagementAPI:
+    """Async access to ``/api`` of one broker, as one user."""
+
+    def __init__(self, base_url: str, user: str, password: str, *, timeout_s: float = 10.0
+                 ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url + "/api", auth=(user, password), timeout=timeout_s
+        )
+
+    async def __aenter__(self) -> ManagementAPI:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, *, json: Any = None,
+                       ok_missing: bool = False) -> Any:
+        try:
+            response = await self._http.request(method, path, json=json)
+        except httpx.HTTPError as exc:
+            raise TopologyError(
+                f"management API at {self.base_url} is not reachable ({exc!r}): {_ENABLE_HINT}"
+            ) from None
+        if response.status_code == 404 and ok_missing:
+            return None
+        if response.status_code == 401:
+            raise TopologyError(
+                f"management API at {self.base_url} refused the credentials (401); the user "
+                "needs the 'policymaker' or 'administrator' tag"
+            )
+        if response.status_code >= 400:
+            raise TopologyError(
+                f"management API {method} {path} failed with HTTP {response.status_code}: "
+                f"{response.text[:300]}"
+            )
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+    # -- policies ------------------------------------------------------------------
+
+    async def put_policy(self, vhost: str, name: str, *, pattern: str, definition: dict[str, Any],
+                         apply_to: str = "queues", priority: int = 0) -> None:
+        body = {"pattern": pattern, "definition": definition, "apply-to": apply_to,
+                "priority": priority}
+        await self._request("PUT", f"/policies/{_q(vhost)}/{_q(name)}", json=body)
+
+    async def get_policy(self, vhost: str, name: str) -> dict[str, Any] | None:
+        result: dict[str, Any] | None = await self._request(
+            "GET", f"/policies/{_q(vhost)}/{_q(name)}", ok_missing=True)
+        return result
+
+    async def delete_policy(self, vhost: str, name: str) -> None:
+        await self._request("DELETE", f"/policies/{_q(vhost)}/{_q(name)}", ok_missing=True)
+
+    # -- queues and bindings -----------------------------------------------------------
+
+    async def get_queue(self, vhost: str, name: str) -> dict[str, Any] | None:
+        result: dict[str, Any] | None = await self._request(
+            "GET", f"/queues/{_q(vhost)}/{_q(name)}", ok_missing=True)
+        return result
+
+    async def queue_bindings(self, vhost: str, exchange: str, queue: str) -> list[dict[str, Any]]:
+        result = await self._request(
+            "GET", f"/bindings/{_q(vhost)}/e/{_q(exchange)}/q/{_q(queue)}", ok_missing=True)
+        return list(result or [])
+
+    # -- vhosts and permissions (tests and `hutch client`) -------------------------------
+
+    async def create_vhost(self, vhost: str) -> None:
+        await self._request("PUT", f"/vhosts/{_q(vhost)}", json={})
+
+    async def delete_vhost(self, vhost: str) -> None:
+        await self._request("DELETE", f"/vhosts/{_q(vhost)}", ok_missing=True)
+
+    async def set_permissions(self, vhost: str, user: str, *, configure: str = ".*",
+                              write: str = ".*", read: str = ".*") -> None:
+        await self._request("PUT", f"/permissions/{_q(vhost)}/{_q(user)}",
+                            json={"configure": configure, "write": write, "read": read})

@@ -1,0 +1,54 @@
+"""The names of every exchange, queue and policy, derived from one prefix.
+
+The names are part of the wire contract (clients in any language publish to them), so
+they are computed in exactly one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Names"]
+
+
+@dataclass(frozen=True)
+class Names:
+    prefix: str = "llm"
+
+    @property
+    def requests_exchange(self) -> str:
+        """Direct exchange clients publish to; routing key = model name."""
+        return f"{self.prefix}.requests"
+
+    @property
+    def unrouted_exchange(self) -> str:
+        """Alternate exchange of the request exchange: catches unknown models."""
+        return f"{self.prefix}.unrouted"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        """Where the broker dead-letters work queue messages (expired, queue full)."""
+        return f"{self.prefix}.dlx"
+
+    @property
+    def triage_queue(self) -> str:
+        """Workers consume it: every dead or unrouted request gets its error reply here."""
+        return f"{self.prefix}.triage"
+
+    @property
+    def parked_queue(self) -> str:
+        """The parking lot: terminal failures, kept for inspection and replay."""
+        return f"{self.prefix}.parked"
+
+    def work_queue(self, pool: str) -> str:
+        return f"{self.prefix}.work.{pool}"
+
+    def work_policy(self, pool: str) -> str:
+        return f"{self.prefix}.work.{pool}"
+
+    def reply_queue(self, client_id: str) -> str:
+        return f"{self.prefix}.reply.{client_id}"
+
+    def lease_queue(self, backend: str) -> str:
+        """Exclusive queue whose holder alone may consume for ``backend``."""
+        return f"{self.prefix}.lease.{backend}"
