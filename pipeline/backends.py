@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 from pydantic import ValidationError
@@ -89,11 +90,15 @@ class Backend:
         try:
             response = await self._http.post("/chat/completions", content=body,
                                              headers=headers, timeout=timeout)
-        except httpx.TimeoutException:
-            raise RetryableError(f"backend {self.name} timed out after {timeout:.1f}s") from None
         except httpx.HTTPError as exc:
+            # httpx-aiohttp maps a refused connection to ConnectTimeout: look at the cause.
+            refused = isinstance(exc.__cause__, aiohttp.ClientConnectorError)
+            if isinstance(exc, httpx.TimeoutException) and not refused:
+                raise RetryableError(
+                    f"backend {self.name} timed out after {timeout:.1f}s") from None
+            reason = exc.__cause__ if refused else exc
             raise RetryableError(
-                f"backend {self.name} unreachable: {type(exc).__name__}: {exc}") from None
+                f"backend {self.name} unreachable: {type(reason).__name__}: {reason}") from None
         elapsed = time.monotonic() - started
         status = response.status_code
         if status == 200:

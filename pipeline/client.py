@@ -63,6 +63,7 @@ class Reply:
     """A successful reply: the completion and what the worker reported about it."""
 
     completion: ChatCompletion
+    correlation_id: str = ""
     headers: Mapping[str, Any] = field(default_factory=dict)
     latency_s: float = 0.0
 
@@ -218,7 +219,7 @@ class HutchClient:
                 completion = ChatCompletion.model_validate_json(reply.body)
             except ValidationError as exc:
                 raise RequestFailed(f"unreadable completion in reply: {exc}") from None
-            return Reply(completion, headers, latency)
+            return Reply(completion, correlation_id, headers, latency)
         raise _failure_from(reply)
 
     async def chat(self, *, model: str, messages: Sequence[Mapping[str, Any] | ChatMessage],

@@ -165,8 +165,9 @@ async def apply_topology(settings: Settings) -> TopologyReport:
     return report
 
 
-async def delete_topology(settings: Settings) -> None:
-    """Remove everything ``apply_topology`` declared (the demo and tests clean up this way)."""
+async def delete_topology(settings: Settings, reply_queues: list[str] | None = None) -> None:
+    """Remove everything ``apply_topology`` declared, and the given clients' reply queues
+    (the demo cleans up this way)."""
     names = Names(settings.prefix)
     base, user, password = settings.management_api()
     connection = await aio_pika.connect(settings.amqp_url, timeout=10)
@@ -175,7 +176,8 @@ async def delete_topology(settings: Settings) -> None:
         for pool in settings.pools:
             await api.delete_policy(settings.vhost, names.work_policy(pool.name))
             await channel.queue_delete(names.work_queue(pool.name))
-        for qname in (names.triage_queue, names.parked_queue):
+        clients = [names.reply_queue(client) for client in reply_queues or []]
+        for qname in (names.triage_queue, names.parked_queue, *clients):
             await channel.queue_delete(qname)
         for ename in (names.requests_exchange, names.unrouted_exchange,
                       names.dead_letter_exchange):
