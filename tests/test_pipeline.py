@@ -268,3 +268,25 @@ async def test_bad_inputs_are_answered_and_parked_while_valid_requests_flow(
 
 async def _has(answers: dict[str, Any], n: int) -> bool:
     return len(answers) >= n
+
+
+async def test_client_raises_typed_errors(make_settings: SettingsFactory,
+                                          mock: MockBackend) -> None:
+    from pipeline.exceptions import InvalidRequestError, RequestFailed, UnknownModelError
+
+    settings = make_settings([("b1", mock.base_url, 4)])
+    async with hutch(settings) as client:
+        with pytest.raises(UnknownModelError) as unknown:
+            await client.chat(model="gpt-17", messages=USER, timeout=10)
+        with pytest.raises(InvalidRequestError) as invalid:
+            await client.chat(model="mock-small", messages=[], timeout=10)
+        with pytest.raises(InvalidRequestError) as streaming:
+            await client.chat(model="mock-small", messages=USER, stream=True, timeout=10)
+        # Still serving after the failures.
+        ok = await client.chat(model="mock-small", messages=USER, timeout=10)
+    assert isinstance(unknown.value, RequestFailed) and "gpt-17" in unknown.value.message
+    assert invalid.value.type == "invalid_request_error"
+    assert "messages" in invalid.value.message
+    assert "stream" in streaming.value.message
+    assert ok.choices[0].message.content == "mock reply to: hello"
+    assert mock.stats()["served"] == 1
