@@ -152,8 +152,28 @@ class Dispatcher:
             # The channel or connection is gone: the broker redelivers this request.
             log.warning("request.unacked", pool=self._pool.name, backend=backend.name,
                         correlation_id=message.correlation_id, error=repr(exc))
+        except Exception:
+            # A bug must neither stall a backend slot nor loop: answer, park, ack.
+            log.error("request.internal_error", exc_info=True, pool=self._pool.name,
+                      correlation_id=message.correlation_id)
+            await self._give_up(message, info)
         finally:
             in_flight.dec()
+
+    async def _give_up(self, message: AbstractIncomingMessage, info: ReplyInfo) -> None:
+        failure = Failure(p.ParkReason.INTERNAL_ERROR, p.ErrorCode.INTERNAL_ERROR,
+                          "the worker failed while handling this request; it was parked "
+                          "for inspection")
+        try:
+            await self._publisher.fail(message, failure, info)
+            await message.ack()
+        except Exception:
+            # Last resort: the broker dead-letters it to triage, which answers and parks.
+            log.error("request.reject", exc_info=True, correlation_id=message.correlation_id)
+            try:
+                await message.reject(requeue=False)
+            except Exception:
+                pass
 
     async def _process(self, message: AbstractIncomingMessage, backend: Backend,
                        info: ReplyInfo, headers: Mapping[str, Any],

@@ -67,6 +67,7 @@ class ErrorCode(StrEnum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     INVALID_REQUEST = "invalid_request"
     BACKEND_ERROR = "backend_error"
+    INTERNAL_ERROR = "internal_error"
 
 
 class ParkReason(StrEnum):
@@ -81,6 +82,7 @@ class ParkReason(StrEnum):
     QUEUE_FULL = "queue_full"
     BACKEND_ERROR = "backend_error"
     REJECTED = "rejected"
+    INTERNAL_ERROR = "internal_error"
 
 
 #: The OpenAI ``error.type`` for each code.
@@ -90,6 +92,7 @@ _ERROR_TYPE = {
     ErrorCode.DEADLINE_EXCEEDED: "timeout_error",
     ErrorCode.INVALID_REQUEST: "invalid_request_error",
     ErrorCode.BACKEND_ERROR: "api_error",
+    ErrorCode.INTERNAL_ERROR: "api_error",
 }
 
 

@@ -84,6 +84,19 @@ class PoolSettings(_Strict):
     max_attempts: int = Field(default=3, ge=1, le=20)
     backends: list[BackendSettings] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _attempts_fit_consumer_timeout(self) -> PoolSettings:
+        # A delivery unacked for consumer_timeout closes its channel: all attempts of one
+        # request (each up to timeout_s) must fit well inside it.
+        for j, backend in enumerate(self.backends):
+            worst = backend.timeout_s * self.max_attempts
+            if worst > CONSUMER_TIMEOUT_S * 0.9:
+                raise ValueError(
+                    f"backends.{j}.timeout_s: {backend.timeout_s:g}s x max_attempts "
+                    f"{self.max_attempts} = {worst:g}s comes too close to RabbitMQ's "
+                    f"consumer_timeout ({CONSUMER_TIMEOUT_S}s); lower one of them")
+        return self
+
     @field_validator("models")
     @classmethod
     def _models(cls, value: list[str]) -> list[str]:

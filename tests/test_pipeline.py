@@ -290,3 +290,39 @@ async def test_client_raises_typed_errors(make_settings: SettingsFactory,
     assert "stream" in streaming.value.message
     assert ok.choices[0].message.content == "mock reply to: hello"
     assert mock.stats()["served"] == 1
+
+
+async def test_a_worker_bug_is_answered_and_parked_not_stalled(
+        make_settings: SettingsFactory) -> None:
+    """An unexpected exception while handling a request ends in internal_error + parked,
+    and the slot is free again for the next request."""
+    import httpx
+
+    from pipeline.exceptions import RequestFailed
+
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("simulated bug")
+        return httpx.Response(200, json={
+            "id": "x", "object": "chat.completion", "model": "mock-small",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"}}]})
+
+    settings = make_settings([("b1", "http://backend.invalid/v1", 1)])
+    names = Names(settings.prefix)
+    await apply_topology(settings)
+    async with running_worker(settings, transport_factory=lambda _: httpx.MockTransport(handler)):
+        from pipeline.client import HutchClient
+
+        async with HutchClient.from_settings(settings) as client:
+            with pytest.raises(RequestFailed) as failed:
+                await client.chat(model="mock-small", messages=USER, timeout=10)
+            ok = await client.chat(model="mock-small", messages=USER, timeout=10)
+    assert failed.value.code == "internal_error"
+    assert ok.choices[0].message.content == "fine"
+    async with amqp(settings.amqp_url) as conn:
+        parked = await drain_queue(await conn.channel(), names.parked_queue)
+    assert [m.headers[p.H_REASON] for m in parked] == ["internal_error"]
