@@ -10,6 +10,7 @@ swap in ``httpx.MockTransport`` through the same seam.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -42,7 +43,8 @@ def parse_retry_after(value: str | None) -> float | None:
         seconds = float(value)
     except ValueError:
         return None
-    return seconds if seconds >= 0 else None
+    # "inf" or "nan" would park a request (and its backend slot) forever.
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _error_message(response: httpx.Response) -> str:
@@ -68,6 +70,7 @@ class Backend:
         api_key = settings.api_key()
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
+        self._api_key = api_key
         limits = httpx.Limits(max_connections=settings.max_concurrency,
                               max_keepalive_connections=settings.max_concurrency)
         self._http = httpx.AsyncClient(
@@ -79,6 +82,10 @@ class Backend:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    def _redact(self, message: str) -> str:
+        """Error texts may echo what was sent (proxies repeat the key): never the key."""
+        return message.replace(self._api_key, "***") if self._api_key else message
 
     async def chat(self, body: bytes, *, timeout_s: float | None = None,
                    request_id: str | None = None) -> BackendResult:
@@ -97,8 +104,8 @@ class Backend:
                 raise RetryableError(
                     f"backend {self.name} timed out after {timeout:.1f}s") from None
             reason = exc.__cause__ if refused else exc
-            raise RetryableError(
-                f"backend {self.name} unreachable: {type(reason).__name__}: {reason}") from None
+            raise RetryableError(self._redact(
+                f"backend {self.name} unreachable: {type(reason).__name__}: {reason}")) from None
         elapsed = time.monotonic() - started
         status = response.status_code
         if status == 200:
@@ -109,7 +116,8 @@ class Backend:
                     f"backend {self.name} returned an invalid completion: "
                     f"{exc.errors()[0]['msg']}", status=status) from None
             return BackendResult(response.content, completion, elapsed)
-        message = f"backend {self.name} answered HTTP {status}: {_error_message(response)}"
+        message = self._redact(
+            f"backend {self.name} answered HTTP {status}: {_error_message(response)}")
         if status == 429:
             raise ThrottledError(
                 message, retry_after_s=parse_retry_after(response.headers.get("retry-after")))

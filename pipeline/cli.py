@@ -163,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except (ConnectionError, OSError) as exc:
         print(f"hutch: cannot reach a service: {exc!r}. Is RabbitMQ running? Start it with "
-              "`rabbitmq-server -detached` or `docker compose up -d rabbitmq`.",
+              "`rabbitmq-server -detached` or `docker compose up -d rabbitmq` (the compose "
+              "broker's user is hutch: HUTCH_AMQP_URL=amqp://hutch:hutch@127.0.0.1:5672/).",
               file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

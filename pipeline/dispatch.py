@@ -201,13 +201,14 @@ class Dispatcher:
             await self._publisher.fail(message, outcome, info)
             return
         info.backend_ms = int(outcome.elapsed_s * 1000)
-        delivered = await self._publisher.reply_ok(message, outcome.body, info)
-        if not delivered:
-            failure = Failure(p.ParkReason.NO_REPLY_TO, p.ErrorCode.BACKEND_ERROR,
-                              f"the completion could not be delivered: reply queue "
-                              f"{message.reply_to!r} does not exist")
-            await self._publisher.park(message, failure, info)
-        self._metrics.requests.labels(self._pool.name, "ok").inc()
+        if await self._publisher.reply_ok(message, outcome.body, info):
+            self._metrics.requests.labels(self._pool.name, "ok").inc()
+            return
+        failure = Failure(p.ParkReason.NO_REPLY_TO, p.ErrorCode.BACKEND_ERROR,
+                          f"the completion could not be delivered: reply queue "
+                          f"{message.reply_to!r} does not exist")
+        self._metrics.requests.labels(self._pool.name, "undeliverable").inc()
+        await self._publisher.park(message, failure, info)
 
     def _deadline_failure(self, message: AbstractIncomingMessage) -> Failure:
         return Failure(p.ParkReason.DEADLINE_EXCEEDED, p.ErrorCode.DEADLINE_EXCEEDED,

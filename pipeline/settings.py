@@ -1,7 +1,8 @@
 """One typed settings model for every Hutch process.
 
-Settings come from one TOML file, then environment variables (``HUTCH_AMQP_URL``,
-``HUTCH_MAX_PRIORITY``, ... nested keys with ``__``) override it. Everything is validated
+Settings come from one TOML file; environment variables (``HUTCH_AMQP_URL``,
+``HUTCH_MAX_PRIORITY``, ...; ``HUTCH_POOLS`` as a JSON list) override it, and values a
+program passes to :func:`load_settings` override both. Everything is validated
 once, at start, and an invalid value is reported as a :class:`~pipeline.exceptions.ConfigError`
 that names the bad key (``pools.0.backends.1.max_concurrency: ...``), never a traceback.
 """
@@ -11,11 +12,13 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pipeline.exceptions import ConfigError
@@ -108,6 +111,18 @@ class PoolSettings(_Strict):
         return value
 
 
+#: The TOML file's contents while load_settings builds a Settings (lowest-priority source).
+_FILE_DATA: ContextVar[dict[str, Any]] = ContextVar("hutch_file_data", default={})  # noqa: B039
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return _FILE_DATA.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_FILE_DATA.get())
+
+
 class Settings(BaseSettings):
     """Everything a Hutch worker, client tool or topology command needs."""
 
@@ -147,8 +162,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The environment overrides the file (passed as init kwargs by load_settings).
-        return env_settings, init_settings
+        # Explicit arguments beat the environment, which beats the file.
+        return init_settings, env_settings, _FileSource(settings_cls)
 
     @field_validator("amqp_url")
     @classmethod
@@ -213,8 +228,9 @@ class Settings(BaseSettings):
             if mparts.port:
                 netloc = f"{netloc}:{mparts.port}"
             return f"{mparts.scheme}://{netloc}{mparts.path}".rstrip("/"), user, password
-        scheme = "https" if parts.scheme == "amqps" else "http"
-        return f"{scheme}://{parts.hostname}:15672", user, password
+        if parts.scheme == "amqps":  # RabbitMQ's TLS management listener
+            return f"https://{parts.hostname}:15671", user, password
+        return f"http://{parts.hostname}:15672", user, password
 
     def pool(self, name: str) -> PoolSettings:
         for pool in self.pools:
@@ -242,21 +258,21 @@ class Settings(BaseSettings):
 def _format_errors(error: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        key = ".".join(str(part) for part in item["loc"])
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key (check its spelling)"
         # Model validators report their own dotted key at the start of the message.
         message = re.sub(r"^(Value|Assertion) error, ", "", message)
-        lines.append(f"  {key}: {message}")
+        lines.append(f"  {key}: {message}" if key else f"  {message}")
     return "\n".join(lines)
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     """Read ``path`` (TOML), apply ``HUTCH_*`` environment overrides, validate.
 
-    ``overrides`` win over the file but not over the environment; tests and the demo use
-    them to build settings without a file. Raises :class:`ConfigError` with one line per
+    ``overrides`` win over both the environment and the file; tests and the demo use them
+    to build settings without a file. Raises :class:`ConfigError` with one line per
     bad key.
     """
     data: dict[str, Any] = {}
@@ -270,8 +286,10 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
             raise ConfigError(f"configuration file not found: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    data.update(overrides)
+    token = _FILE_DATA.set(data)
     try:
-        return Settings(**data)
+        return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
+    finally:
+        _FILE_DATA.reset(token)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -207,3 +208,19 @@ def hutch_env() -> dict[str, str]:
 
 
 HUTCH = [sys.executable, "-m", "pipeline.cli"]
+
+
+async def run_hutch(args: list[str], env: dict[str, str], timeout: float = 60
+                    ) -> tuple[int, str, str]:
+    """Run the `hutch` CLI as a subprocess; always reaped, killed if it overruns."""
+    proc = await asyncio.create_subprocess_exec(
+        *HUTCH, *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 from pathlib import Path
 
@@ -10,23 +9,8 @@ import httpx
 
 from pipeline.mock_backend import MockBackend, MockConfig
 from pipeline.settings import Settings
-from tests.conftest import HUTCH, SettingsFactory, running_worker, write_config
+from tests.conftest import HUTCH, SettingsFactory, run_hutch, running_worker, write_config
 from topology.apply import apply_topology
-
-
-async def run_hutch(args: list[str], env: dict[str, str], timeout: float = 60
-                    ) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *HUTCH, *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        async with asyncio.timeout(timeout):
-            out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_submit_prints_the_reply_and_errors(make_settings: SettingsFactory,

@@ -116,6 +116,8 @@ async def apply_topology(settings: Settings) -> TopologyReport:
             f"cannot connect to RabbitMQ at {settings.redacted_amqp_url()}: {exc!r}"
         ) from None
     async with connection, ManagementAPI(base, user, password) as api:
+        # Without the API the queues would be left without their policy: check it first.
+        await api.check()
         channel = await connection.channel()
 
         async def exchange(name: str, kind: aio_pika.ExchangeType,

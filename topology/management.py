@@ -69,6 +69,10 @@ class ManagementAPI:
             return None
         return response.json()
 
+    async def check(self) -> None:
+        """Fail early (before anything is declared) when the API is unreachable."""
+        await self._request("GET", "/overview")
+
     # -- policies ------------------------------------------------------------------
 
     async def put_policy(self, vhost: str, name: str, *, pattern: str, definition: dict[str, Any],
