@@ -28,13 +28,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
-from aio_pika.abc import (
-    AbstractExchange,
-    AbstractIncomingMessage,
-    AbstractQueue,
-    AbstractRobustChannel,
-    AbstractRobustConnection,
-)
+import aiormq
+from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingMessage
 from aio_pika.exceptions import DeliveryError
 from pydantic import ValidationError
 
@@ -109,12 +104,15 @@ class HutchClient:
         self._reply_prefetch = reply_prefetch
         self._user = unquote(urlsplit(amqp_url).username or "guest")
         self._pending: dict[str, asyncio.Future[AbstractIncomingMessage]] = {}
-        self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractRobustChannel | None = None
+        self._connection: AbstractConnection | None = None
         self._exchange: AbstractExchange | None = None
-        self._reply_queue: AbstractQueue | None = None
+        self._ready = asyncio.Event()
+        self._closing = False
+        self._supervisor: asyncio.Task[None] | None = None
         #: Replies that matched no waiting call (duplicates, late after a timeout).
         self.dropped_replies = 0
+        #: Connections made after the first one (the broker restarted or the network broke).
+        self.reconnects = 0
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> HutchClient:
@@ -129,28 +127,101 @@ class HutchClient:
         await self.close()
 
     async def connect(self) -> None:
-        """Connect, declare the reply queue and start consuming it."""
-        self._connection = await aio_pika.connect_robust(
+        """Connect, declare the reply queue and consume it; then stay connected.
+
+        The first connection's errors are raised (a wrong URL should fail loudly). After
+        that a supervisor reconnects by itself, with backoff, and re-consumes the reply
+        queue: the connection is supervised here rather than by aio-pika's
+        RobustConnection, whose channel restore can fail and leave a channel closed for
+        good (seen on 3.10 with stop_app/start_app).
+        """
+        await self._open()
+        self._supervisor = asyncio.create_task(self._supervise())
+
+    async def _open(self) -> None:
+        connection = await aio_pika.connect(
             self.amqp_url, timeout=10,
             client_properties={"connection_name": f"hutch-client {self.client_id}"})
-        channel = await self._connection.channel(publisher_confirms=True)
-        self._channel = channel
-        await channel.set_qos(prefetch_count=self._reply_prefetch)
-        self._exchange = await channel.get_exchange(self.names.requests_exchange, ensure=False)
-        # Kept referenced: aio-pika restores consumers after a reconnect only for live objects.
-        self._reply_queue = await channel.declare_queue(
-            self.reply_queue_name, durable=True,
-            arguments={"x-queue-type": "classic", "x-expires": self._reply_queue_expires_ms})
-        await self._reply_queue.consume(self._on_reply)
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            await channel.set_qos(prefetch_count=self._reply_prefetch)
+            # Replies published while this client was away wait in its durable queue.
+            reply_queue = await channel.declare_queue(
+                self.reply_queue_name, durable=True,
+                arguments={"x-queue-type": "classic",
+                           "x-expires": self._reply_queue_expires_ms})
+            await reply_queue.consume(self._on_reply)
+            self._exchange = await channel.get_exchange(self.names.requests_exchange,
+                                                        ensure=False)
+        except BaseException:
+            await connection.close()
+            raise
+        self._connection = connection
+        self._ready.set()
+
+    async def _supervise(self) -> None:
+        delay = 0.2
+        while not self._closing:
+            connection = self._connection
+            if connection is not None:
+                # Only ever wait on the connection _open just made: a dead one's is_closed
+                # is not reliable, and its close callbacks have already run.
+                lost = asyncio.Event()
+                connection.close_callbacks.add(lambda *_, event=lost: event.set())
+                if not connection.is_closed:
+                    await lost.wait()
+                self._connection = None
+                self._ready.clear()
+                if self._closing:
+                    return
+                log.warning("amqp.connection_lost", client_id=self.client_id,
+                            pending=len(self._pending))
+            try:
+                await self._open()
+            except Exception as exc:  # whatever the broker does while booting: try again
+                log.warning("amqp.reconnect_failed", error=repr(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.2
+            self.reconnects += 1
+            log.info("amqp.reconnected", client_id=self.client_id)
 
     async def close(self) -> None:
+        self._closing = True
         for future in self._pending.values():
             if not future.done():
                 future.cancel()
         self._pending.clear()
-        if self._connection is not None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+            self._supervisor = None
+        if self._connection is not None and not self._connection.is_closed:
             await self._connection.close()
-            self._connection = None
+        self._connection = None
+        self._ready.clear()
+
+    async def _publish(self, message: aio_pika.Message, model: str) -> None:
+        """Publish with confirms; across a lost connection, wait for the next one and try
+        again until the request's deadline. A retry may duplicate a request whose confirm
+        was lost: the worker answers both, and the client keeps the first answer."""
+        while True:
+            await self._ready.wait()
+            assert self._exchange is not None
+            try:
+                await self._exchange.publish(message, routing_key=model, mandatory=False)
+                return
+            except DeliveryError:
+                raise
+            except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError,
+                    ConnectionError) as exc:
+                log.warning("publish.retry", correlation_id=message.correlation_id,
+                            error=repr(exc))
+                if self._connection is not None and not self._connection.is_closed:
+                    # The channel died but the connection lives: start over on a new one.
+                    await self._connection.close()
+                await asyncio.sleep(0.05)
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         future = self._pending.pop(message.correlation_id or "", None)
@@ -170,7 +241,7 @@ class HutchClient:
         :class:`DeadlineExceededError` if no answer came. Error replies raise the
         :class:`RequestFailed` subclass of their code.
         """
-        if self._exchange is None:
+        if self._supervisor is None:
             raise RuntimeError("HutchClient is not connected: use `async with` or connect()")
         if not 0 <= priority <= 255:
             raise ValueError(f"priority must be in 0..255, got {priority}")
@@ -198,13 +269,13 @@ class HutchClient:
         started = time.monotonic()
         try:
             try:
-                await self._exchange.publish(message, routing_key=model, mandatory=False)
-            except DeliveryError:
-                raise QueueFullError(
-                    f"the queue for model {model!r} is full: the broker refused the request",
-                    code=p.ErrorCode.QUEUE_FULL) from None
-            try:
                 async with asyncio.timeout(timeout_s + _GRACE_S):
+                    try:
+                        await self._publish(message, model)
+                    except DeliveryError:
+                        raise QueueFullError(
+                            f"the queue for model {model!r} is full: the broker refused "
+                            "the request", code=p.ErrorCode.QUEUE_FULL) from None
                     reply = await future
             except TimeoutError:
                 raise DeadlineExceededError(
