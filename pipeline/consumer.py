@@ -25,7 +25,7 @@ class TrackedConsumer:
                  handler: Handler) -> None:
         self._channel = channel
         self._queue_name = queue_name
-        self._prefetch = prefetch
+        self.prefetch = prefetch
         self._handler = handler
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
@@ -36,12 +36,26 @@ class TrackedConsumer:
     def in_flight(self) -> int:
         return len(self._tasks)
 
-    async def start(self) -> None:
-        """Set the prefetch (before consuming: a live change has no effect on 3.10)."""
-        self._channel.close_callbacks.add(lambda *_: self.closed.set())
-        await self._channel.set_qos(prefetch_count=self._prefetch)
-        self._queue = await self._channel.declare_queue(self._queue_name, passive=True)
+    @property
+    def consuming(self) -> bool:
+        return self._tag is not None
+
+    async def start(self, prefetch: int | None = None) -> None:
+        """Set the prefetch, then consume. To resize, :meth:`stop_consuming` and start
+        again: on RabbitMQ 3.10 a live prefetch change has no effect on a consumer."""
+        if prefetch is not None:
+            self.prefetch = prefetch
+        if self._queue is None:
+            self._channel.close_callbacks.add(lambda *_: self.closed.set())
+            self._queue = await self._channel.declare_queue(self._queue_name, passive=True)
+        await self._channel.set_qos(prefetch_count=self.prefetch)
         self._tag = await self._queue.consume(self._on_message, no_ack=False)
+
+    async def wait_in_flight_at_most(self, n: int) -> None:
+        """Wait until at most ``n`` handlers run (a new consumer's prefetch plus the
+        previous one's leftovers must stay within the backend's cap)."""
+        while len(self._tasks) > n and not self.closed.is_set():
+            await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage
@@ -21,6 +21,7 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception_type,
+    retry_if_not_exception_type,
     stop_after_attempt,
     stop_any,
     wait_random_exponential,
@@ -36,7 +37,7 @@ from pipeline.models import ChatRequest
 from pipeline.replies import Failure, Publisher, ReplyInfo
 from pipeline.settings import PoolSettings, Settings
 
-__all__ = ["Dispatcher", "validate_request"]
+__all__ = ["BackendHealth", "Dispatcher", "validate_request"]
 
 log = get_logger("hutch.dispatch")
 
@@ -112,6 +113,41 @@ def _wait(retry_state: RetryCallState) -> float:
     return jitter
 
 
+class BackendHealth(Protocol):
+    """What dispatch tells the worker about a backend after each call, and asks it."""
+
+    def available(self) -> bool: ...
+    def success(self) -> None: ...
+    def failure(self) -> None: ...
+    def throttled(self, retry_after_s: float | None) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Retry:
+    """Go through the retry tier with this delay (the slot is freed meanwhile)."""
+
+    delay_ms: int
+    error: str
+
+
+@dataclass(frozen=True)
+class _Requeue:
+    """Hand the delivery back to the queue: this backend cannot take it now."""
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return value
+    if isinstance(value, bytes | str):
+        try:
+            return int(value)
+        except ValueError:
+            return 0
+    return 0
+
+
 class _StopAtDeadline(stop_base):
     """Stop retrying when the next backoff would end past the request's deadline."""
 
@@ -133,8 +169,9 @@ class Dispatcher:
         self._publisher = publisher
         self._metrics = metrics
 
-    async def handle(self, message: AbstractIncomingMessage, backend: Backend) -> None:
-        """Process one delivery to its single reply, then ack it."""
+    async def handle(self, message: AbstractIncomingMessage, backend: Backend,
+                     health: BackendHealth) -> None:
+        """Process one delivery to its single outcome (reply, retry tier, or requeue)."""
         info = ReplyInfo(pool=self._pool.name, backend=backend.name)
         timestamp = message.timestamp.timestamp() if message.timestamp else None
         headers = message.headers or {}
@@ -146,8 +183,7 @@ class Dispatcher:
         in_flight = self._metrics.in_flight.labels(backend.name)
         in_flight.inc()
         try:
-            await self._process(message, backend, info, headers, timestamp)
-            await message.ack()
+            await self._process(message, backend, health, info, headers, timestamp)
         except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
             # The channel or connection is gone: the broker redelivers this request.
             log.warning("request.unacked", pool=self._pool.name, backend=backend.name,
@@ -176,7 +212,7 @@ class Dispatcher:
                 pass
 
     async def _process(self, message: AbstractIncomingMessage, backend: Backend,
-                       info: ReplyInfo, headers: Mapping[str, Any],
+                       health: BackendHealth, info: ReplyInfo, headers: Mapping[str, Any],
                        timestamp: float | None) -> None:
         checked = validate_request(
             message.body,
@@ -188,65 +224,126 @@ class Dispatcher:
         )
         if isinstance(checked, Failure):
             await self._publisher.fail(message, checked, info)
+            await message.ack()
             return
         expiration = message.expiration
         expiration_s = float(expiration) if isinstance(expiration, int | float) else None
         deadline_ms = p.deadline_ms(headers, expiration_s, timestamp)
         deadline = _Deadline(deadline_ms / 1000 if deadline_ms is not None else None)
         if deadline.passed():
-            await self._publisher.fail(message, self._deadline_failure(message), info)
+            await self._publisher.fail(message, self._deadline_failure(), info)
+            await message.ack()
             return
-        outcome = await self._call(message, backend, info, deadline)
+        if not health.available():
+            # Throttled or circuit open, and the consumer is being cancelled: hand the
+            # request back so another backend (or this one, later) takes it.
+            await message.nack(requeue=True)
+            return
+        prior = _int(headers.get(p.H_ATTEMPTS))
+        outcome = await self._call(message, backend, health, info, deadline, prior)
+        if isinstance(outcome, _Requeue):
+            await message.nack(requeue=True)
+            return
+        if isinstance(outcome, _Retry):
+            await self._retry_later(message, info, outcome, headers, deadline_ms)
+            await message.ack()
+            return
         if isinstance(outcome, Failure):
             await self._publisher.fail(message, outcome, info)
+            await message.ack()
             return
         info.backend_ms = int(outcome.elapsed_s * 1000)
         if await self._publisher.reply_ok(message, outcome.body, info):
             self._metrics.requests.labels(self._pool.name, "ok").inc()
-            return
-        failure = Failure(p.ParkReason.NO_REPLY_TO, p.ErrorCode.BACKEND_ERROR,
-                          f"the completion could not be delivered: reply queue "
-                          f"{message.reply_to!r} does not exist")
-        self._metrics.requests.labels(self._pool.name, "undeliverable").inc()
-        await self._publisher.park(message, failure, info)
+        else:
+            failure = Failure(p.ParkReason.NO_REPLY_TO, p.ErrorCode.BACKEND_ERROR,
+                              f"the completion could not be delivered: reply queue "
+                              f"{message.reply_to!r} does not exist")
+            self._metrics.requests.labels(self._pool.name, "undeliverable").inc()
+            await self._publisher.park(message, failure, info)
+        await message.ack()
 
-    def _deadline_failure(self, message: AbstractIncomingMessage) -> Failure:
+    async def _retry_later(self, message: AbstractIncomingMessage, info: ReplyInfo,
+                           retry: _Retry, headers: Mapping[str, Any],
+                           deadline_ms: int | None) -> None:
+        """Send the request through a delayed retry tier, freeing this backend slot."""
+        new_headers = dict(headers)
+        new_headers[p.H_ATTEMPTS] = info.attempts
+        new_headers[p.H_RETRIES] = _int(headers.get(p.H_RETRIES)) + 1
+        if deadline_ms is not None:
+            new_headers[p.H_DEADLINE] = deadline_ms  # survives the trip; expiration does not
+        await self._publisher.retry(message, new_headers, retry.delay_ms)
+        self._metrics.retries.labels(self._pool.name, str(retry.delay_ms)).inc()
+        log.info("request.retry_later", pool=self._pool.name, backend=info.backend,
+                 correlation_id=message.correlation_id, attempts=info.attempts,
+                 delay_ms=retry.delay_ms, error=retry.error[:200])
+
+    def _deadline_failure(self) -> Failure:
         return Failure(p.ParkReason.DEADLINE_EXCEEDED, p.ErrorCode.DEADLINE_EXCEEDED,
                        f"the request's deadline passed before a backend of pool "
                        f"{self._pool.name!r} could answer it")
 
-    async def _call(self, message: AbstractIncomingMessage, backend: Backend, info: ReplyInfo,
-                    deadline: _Deadline) -> BackendResult | Failure:
-        """Call the backend, retrying transient errors within attempts and deadline."""
+    def _retry_delay(self, headers_retries: int) -> int | None:
+        delays = self._pool.retry_delays_ms
+        if not delays:
+            return None
+        return delays[min(headers_retries, len(delays) - 1)]
 
+    async def _call(self, message: AbstractIncomingMessage, backend: Backend,
+                    health: BackendHealth, info: ReplyInfo, deadline: _Deadline,
+                    prior: int) -> BackendResult | Failure | _Retry | _Requeue:
+        """Call the backend: a few attempts here, on the slot this delivery holds; then
+        a delayed retry tier, while attempts and the deadline allow; else a failure."""
+        budget = max(1, min(self._pool.attempts_per_delivery, self._pool.max_attempts - prior))
         retrying = AsyncRetrying(
-            stop=stop_any(stop_after_attempt(self._pool.max_attempts), _StopAtDeadline(deadline)),
+            stop=stop_any(stop_after_attempt(budget), _StopAtDeadline(deadline)),
             wait=_wait,
-            retry=retry_if_exception_type(RetryableError),
+            # A 429 is not retried here: the backend asked for time, another may answer.
+            retry=retry_if_exception_type(RetryableError)
+            & retry_if_not_exception_type(ThrottledError),
             reraise=True,
         )
         try:
             async for attempt in retrying:
                 with attempt:
-                    info.attempts = attempt.retry_state.attempt_number
+                    info.attempts = prior + attempt.retry_state.attempt_number
+                    if attempt.retry_state.attempt_number > 1 and not health.available():
+                        # The circuit opened meanwhile: free the slot, let others serve.
+                        info.attempts -= 1
+                        return _Requeue()
                     remaining = deadline.remaining()
                     if remaining is not None and remaining <= 0:
-                        return self._deadline_failure(message)
+                        return self._deadline_failure()
                     try:
                         result = await backend.chat(message.body, timeout_s=remaining,
                                                     request_id=message.correlation_id)
-                    except BackendCallError as exc:
-                        kind = "throttled" if isinstance(exc, ThrottledError) else (
-                            "retryable" if isinstance(exc, RetryableError) else "terminal")
-                        self._metrics.backend_errors.labels(backend.name, kind).inc()
+                    except ThrottledError as exc:
+                        self._metrics.backend_errors.labels(backend.name, "throttled").inc()
+                        health.throttled(exc.retry_after_s)
                         raise
+                    except RetryableError:
+                        self._metrics.backend_errors.labels(backend.name, "retryable").inc()
+                        health.failure()
+                        raise
+                    except BackendCallError:
+                        self._metrics.backend_errors.labels(backend.name, "terminal").inc()
+                        raise
+                    health.success()
                     self._metrics.backend_latency.labels(backend.name).observe(result.elapsed_s)
                     return result
+        except ThrottledError:
+            info.attempts -= 1  # a 429 is not an attempt: the request was not served
+            return _Requeue()
         except BackendCallError as exc:
             if deadline.passed():
-                return self._deadline_failure(message)
+                return self._deadline_failure()
+            plural = "s" if info.attempts != 1 else ""
+            if isinstance(exc, RetryableError) and info.attempts < self._pool.max_attempts:
+                delay = self._retry_delay(_int((message.headers or {}).get(p.H_RETRIES)))
+                remaining = deadline.remaining()
+                if delay is not None and (remaining is None or remaining * 1000 > delay):
+                    return _Retry(delay, exc.message)
             extra = {"status": exc.status} if exc.status is not None else {}
             return Failure(p.ParkReason.BACKEND_ERROR, p.ErrorCode.BACKEND_ERROR,
-                           f"{exc.message} (after {info.attempts} attempt"
-                           f"{'s' if info.attempts != 1 else ''})", extra)
+                           f"{exc.message} (after {info.attempts} attempt{plural})", extra)
         raise AssertionError("unreachable: tenacity either returns or raises")

@@ -41,6 +41,13 @@ class Metrics:
         self.backend_errors = Counter(
             "hutch_backend_errors", "Failed backend calls (each attempt), by kind.",
             ["backend", "kind"], registry=r)
+        self.retries = Counter(
+            "hutch_retries", "Requests sent to a delayed retry tier, by pool and tier (ms).",
+            ["pool", "tier"], registry=r)
+        self.backend_state = Gauge(
+            "hutch_backend_state", "Backend availability as this worker sees it: 0 closed "
+            "(serving), 1 half-open (probing), 2 open (circuit broken), 3 throttled (429).",
+            ["backend"], registry=r)
         self.parked = Counter(
             "hutch_parked", "Messages moved to the parking lot, by reason.", ["reason"],
             registry=r)

@@ -21,12 +21,16 @@ __all__ = [
     "H_ERROR_CODE",
     "H_ERROR_MESSAGE",
     "H_ERROR_TYPE",
+    "H_FIRST_FAILED_AT",
     "H_ORIGINAL_ROUTING_KEY",
     "H_OUTCOME",
     "H_PARKED_AT",
     "H_POOL",
     "H_QUEUE_WAIT_MS",
     "H_REASON",
+    "H_REPLAYED",
+    "H_RETRIES",
+    "H_RETRY_TIER",
     "H_SENT_AT",
     "ErrorCode",
     "ParkReason",
@@ -41,6 +45,12 @@ __all__ = [
 # Request headers (optional; set by pipeline.client, any client may set them).
 H_DEADLINE = "x-hutch-deadline"  # absolute deadline, epoch milliseconds
 H_SENT_AT = "x-hutch-sent-at"  # publish time, epoch milliseconds (queue wait metric)
+
+# Set by workers on a request they send to a retry tier.
+# The tier's delay in ms; the retry (headers) exchange routes on it. No "x-" prefix:
+# a headers exchange ignores x- headers when matching.
+H_RETRY_TIER = "hutch-retry-tier"
+H_RETRIES = "x-hutch-retries"  # trips through a retry tier so far
 
 # Reply headers.
 H_OUTCOME = "x-hutch-outcome"  # "ok" or "error"
@@ -57,6 +67,9 @@ H_ERROR_TYPE = "x-hutch-error-type"
 H_ERROR_MESSAGE = "x-hutch-error-message"
 H_PARKED_AT = "x-hutch-parked-at"
 H_ORIGINAL_ROUTING_KEY = "x-hutch-original-routing-key"
+# Kept across replays (see pipeline.dlq): when the request first failed, how often replayed.
+H_FIRST_FAILED_AT = "x-hutch-first-failed-at"  # UTC, ISO 8601, like x-hutch-parked-at
+H_REPLAYED = "x-hutch-replayed"  # times `hutch dlq replay` sent it back
 
 
 class ErrorCode(StrEnum):

@@ -107,24 +107,26 @@ class Publisher:
         )
         return await self._publish(message, request.reply_to)
 
-    async def park(self, request: AbstractIncomingMessage, failure: Failure,
-                   info: ReplyInfo) -> None:
-        """Copy the request into the parking lot with headers saying why it ended there.
+    async def retry(self, request: AbstractIncomingMessage, headers: dict[str, Any],
+                    delay_ms: int) -> None:
+        """Publish the request to the retry tier of ``delay_ms``; when its TTL expires the
+        broker dead-letters it back to the request exchange under its original model."""
+        headers = dict(headers)
+        headers[p.H_RETRY_TIER] = str(delay_ms)
+        message = self._copy(request, headers)
+        try:
+            exchange = await self._channel.get_exchange(self._names.retry_exchange, ensure=False)
+            await exchange.publish(message, request.routing_key or "", mandatory=True)
+        except PublishError:
+            raise RuntimeError(f"retry tier {self._names.retry_queue(delay_ms)!r} does not "
+                               "exist; run `hutch topology apply`") from None
 
-        ``expiration`` is dropped (it would expire in the parking lot) and so is
-        ``user_id`` (the broker only accepts the publishing connection's own user).
-        """
-        headers = dict(request.headers or {})
-        headers.update(info.headers())
-        headers.update({
-            p.H_REASON: str(failure.reason),
-            p.H_ERROR_CODE: str(failure.code),
-            p.H_ERROR_TYPE: p.error_type(failure.code),
-            p.H_ERROR_MESSAGE: failure.message[:1000],
-            p.H_PARKED_AT: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            p.H_ORIGINAL_ROUTING_KEY: request.routing_key or "",
-        })
-        message = aio_pika.Message(
+    def _copy(self, request: AbstractIncomingMessage, headers: dict[str, Any]
+              ) -> aio_pika.Message:
+        """The request as a new message: ``expiration`` is dropped (it would expire where
+        it does not belong) and so is ``user_id`` (the broker only accepts the publishing
+        connection's own user)."""
+        return aio_pika.Message(
             request.body,
             content_type=request.content_type,
             content_encoding=request.content_encoding,
@@ -137,6 +139,24 @@ class Publisher:
             headers=headers,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
+
+    async def park(self, request: AbstractIncomingMessage, failure: Failure,
+                   info: ReplyInfo) -> None:
+        """Copy the request into the parking lot with headers saying why it ended there."""
+        headers = dict(request.headers or {})
+        headers.update(info.headers())
+        parked_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        headers.update({
+            p.H_REASON: str(failure.reason),
+            p.H_ERROR_CODE: str(failure.code),
+            p.H_ERROR_TYPE: p.error_type(failure.code),
+            p.H_ERROR_MESSAGE: failure.message[:1000],
+            p.H_PARKED_AT: parked_at,
+            p.H_ORIGINAL_ROUTING_KEY: request.routing_key or "",
+        })
+        # A replayed request (pipeline.dlq) that fails again keeps its first failure time.
+        headers.setdefault(p.H_FIRST_FAILED_AT, parked_at)
+        message = self._copy(request, headers)
         if not await self._publish(message, self._names.parked_queue):
             raise RuntimeError(f"parking lot {self._names.parked_queue!r} does not exist; "
                                "run `hutch topology apply`")

@@ -83,8 +83,18 @@ class PoolSettings(_Strict):
     max_queue_length: int = Field(default=10_000, ge=1)
     #: Optional cap on how long any request may wait in this pool's queue (policy TTL).
     message_ttl_ms: int | None = Field(default=None, ge=1)
-    #: In-process attempts per request on the backend slot it holds (tenacity).
-    max_attempts: int = Field(default=3, ge=1, le=20)
+    #: Backend attempts per request in all, counted in the x-hutch-attempts header.
+    max_attempts: int = Field(default=5, ge=1, le=50)
+    #: Attempts made in-process (tenacity) on the slot a delivery holds, before the
+    #: request goes to a delayed retry tier and frees the slot.
+    attempts_per_delivery: int = Field(default=2, ge=1, le=20)
+    #: Delays of the retry tiers: the n-th trip through a tier waits retry_delays_ms[n]
+    #: (the last one repeats). Each delay is a queue with that fixed x-message-ttl.
+    retry_delays_ms: list[int] = Field(default_factory=lambda: [1000, 5000, 30000],
+                                       max_length=10)
+    #: Circuit breaker: consecutive failures that take a backend out, and for how long.
+    breaker_failures: int = Field(default=5, ge=1, le=1000)
+    breaker_cooldown_s: float = Field(default=10.0, gt=0, le=3600)
     backends: list[BackendSettings] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -92,13 +102,21 @@ class PoolSettings(_Strict):
         # A delivery unacked for consumer_timeout closes its channel: all attempts of one
         # request (each up to timeout_s) must fit well inside it.
         for j, backend in enumerate(self.backends):
-            worst = backend.timeout_s * self.max_attempts
+            worst = backend.timeout_s * self.attempts_per_delivery
             if worst > CONSUMER_TIMEOUT_S * 0.9:
                 raise ValueError(
-                    f"backends.{j}.timeout_s: {backend.timeout_s:g}s x max_attempts "
-                    f"{self.max_attempts} = {worst:g}s comes too close to RabbitMQ's "
+                    f"backends.{j}.timeout_s: {backend.timeout_s:g}s x attempts_per_delivery "
+                    f"{self.attempts_per_delivery} = {worst:g}s comes too close to RabbitMQ's "
                     f"consumer_timeout ({CONSUMER_TIMEOUT_S}s); lower one of them")
         return self
+
+    @field_validator("retry_delays_ms")
+    @classmethod
+    def _delays(cls, value: list[int]) -> list[int]:
+        for delay in value:
+            if not 10 <= delay <= 24 * 3600 * 1000:
+                raise ValueError(f"retry delay {delay} ms must be within 10 ms .. 24 h")
+        return value
 
     @field_validator("models")
     @classmethod

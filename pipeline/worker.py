@@ -34,6 +34,7 @@ import httpx
 from aio_pika.abc import AbstractConnection
 
 from pipeline.backends import Backend
+from pipeline.breaker import BackendGate, BreakerPolicy
 from pipeline.consumer import TrackedConsumer
 from pipeline.dispatch import Dispatcher
 from pipeline.exceptions import TopologyError
@@ -52,7 +53,13 @@ _AMQP_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, asyncio.T
 
 
 class _BackendSlot:
-    """One backend: its HTTP client, its lease, and (while leased) its consumer."""
+    """One backend: its HTTP client, its health, its lease and (while leased) its consumer.
+
+    It is the :class:`~pipeline.dispatch.BackendHealth` its requests report to. The
+    consumer's prefetch follows the gate: the backend's ``max_concurrency`` while healthy,
+    1 while a circuit probe is due, none at all while the circuit is open or a 429 asked
+    for time, so no request waits on a backend that cannot serve it.
+    """
 
     def __init__(self, worker: Worker, pool: PoolSettings, settings: BackendSettings,
                  backend: Backend) -> None:
@@ -60,8 +67,39 @@ class _BackendSlot:
         self.pool = pool
         self.settings = settings
         self.backend = backend
+        self.gate = BackendGate(BreakerPolicy(failure_threshold=pool.breaker_failures,
+                                              cooldown_s=pool.breaker_cooldown_s))
+        self.changed = asyncio.Event()
         self.consumer: TrackedConsumer | None = None
         self.held = False
+        self._state_metric = worker.metrics.backend_state.labels(settings.name)
+        self._state_metric.set(self.gate.state_code)
+
+    # -- BackendHealth --------------------------------------------------------------
+
+    def available(self) -> bool:
+        return self.gate.capacity(self.settings.max_concurrency) > 0
+
+    def success(self) -> None:
+        self._report(self.gate.success)
+
+    def failure(self) -> None:
+        self._report(self.gate.failure)
+
+    def throttled(self, retry_after_s: float | None) -> None:
+        self._report(lambda: self.gate.throttled(retry_after_s))
+
+    def _report(self, update: Callable[[], None]) -> None:
+        before = self.gate.state
+        update()
+        after = self.gate.state
+        self._state_metric.set(self.gate.state_code)
+        if after != before:
+            log.warning("backend.state", backend=self.settings.name, before=str(before),
+                        after=str(after), available_in_s=round(self.gate.available_in(), 3))
+            self.changed.set()
+
+    # -- lease and consumer ---------------------------------------------------------
 
     async def run(self, connection: AbstractConnection, dispatcher: Dispatcher) -> None:
         """Take the lease (retrying), then serve until the channel or connection dies."""
@@ -81,16 +119,14 @@ class _BackendSlot:
                 continue
             consumer = TrackedConsumer(
                 channel, names.work_queue(self.pool.name), self.settings.max_concurrency,
-                lambda message: dispatcher.handle(message, self.backend))
+                lambda message: dispatcher.handle(message, self.backend, self))
             self.consumer = consumer
             self.held = True
             metrics.lease_held.labels(self.settings.name).set(1)
-            metrics.capacity.labels(self.settings.name).set(self.settings.max_concurrency)
             log.info("lease.acquired", backend=self.settings.name, pool=self.pool.name,
                      prefetch=self.settings.max_concurrency)
             try:
-                await consumer.start()
-                await consumer.closed.wait()
+                await self._serve(consumer)
                 log.warning("consumer.channel_closed", backend=self.settings.name)
             except aiormq.exceptions.ChannelNotFoundEntity:
                 log.error("work_queue.missing", queue=names.work_queue(self.pool.name),
@@ -104,6 +140,37 @@ class _BackendSlot:
                 await consumer.abort()
             # The lease stays ours while the connection lives; re-consume after a pause.
             await asyncio.sleep(self.worker.settings.lease_retry_s)
+
+    async def _serve(self, consumer: TrackedConsumer) -> None:
+        """Keep the consumer's prefetch equal to what the gate allows, until the channel
+        closes."""
+        cap = self.settings.max_concurrency
+        capacity = self.worker.metrics.capacity.labels(self.settings.name)
+        while not consumer.closed.is_set():
+            self.changed.clear()
+            want = self.gate.capacity(cap)
+            current = consumer.prefetch if consumer.consuming else 0
+            if want != current:
+                if consumer.consuming:
+                    await consumer.stop_consuming()
+                    capacity.set(0)
+                if want:
+                    await consumer.wait_in_flight_at_most(cap - want)
+                    await consumer.start(want)
+                    capacity.set(want)
+                log.info("consumer.prefetch", backend=self.settings.name, prefetch=want,
+                         state=str(self.gate.state))
+            # Wake on a state change, on the channel closing, or when an open circuit or
+            # a throttle is due to end (the gate reads as half-open/closed by the clock).
+            timeout = self.gate.available_in() if want == 0 else None
+            waiters = {asyncio.ensure_future(self.changed.wait()),
+                       asyncio.ensure_future(consumer.closed.wait())}
+            try:
+                await asyncio.wait(waiters, timeout=timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
 
 
 class Worker:

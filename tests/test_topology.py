@@ -55,10 +55,16 @@ async def test_apply_twice_is_idempotent(make_settings: SettingsFactory,
     second = await apply_topology(settings)
     assert first.lines() == second.lines()
     assert second.unbound == []
+    tiers = {names.retry_queue(delay) for delay in (1000, 5000, 30000)}
     assert set(second.queues) == {names.triage_queue, names.parked_queue,
-                                  names.work_queue("chat")}
+                                  names.work_queue("chat"), *tiers}
     assert set(second.exchanges) == {names.requests_exchange, names.unrouted_exchange,
-                                     names.dead_letter_exchange}
+                                     names.dead_letter_exchange, names.retry_exchange}
+    for delay in (1000, 5000, 30000):
+        tier = await api.get_queue(settings.vhost, names.retry_queue(delay))
+        assert tier is not None
+        assert tier["arguments"]["x-message-ttl"] == delay
+        assert tier["arguments"]["x-dead-letter-exchange"] == names.requests_exchange
     assert second.policies == [names.work_policy("chat")]
     assert await routing_keys(api, settings, "chat") == {"mock-small", "mock-large"}
     for qname in second.queues:

@@ -6,6 +6,8 @@ What is declared, and why each piece exists, follows the data::
         routing key = model ---> <p>.work.<pool> (classic, x-max-priority)
         unknown model ---------> <p>.unrouted (fanout) ---> <p>.triage
     <p>.work.<pool> --expired / queue full--> <p>.dlx (fanout) ---> <p>.triage
+    worker: transient failure --> <p>.retry (headers) --> <p>.retry.<delay>ms
+        --TTL expires--> <p>.requests (same model, same priority: any backend may take it)
     worker: <p>.triage --error reply, then--> <p>.parked (the parking lot)
 
 Queue arguments that can never change (``x-max-priority``) are declared; everything an
@@ -25,6 +27,7 @@ import aiormq
 from aio_pika.abc import AbstractExchange, AbstractQueue
 
 from pipeline.exceptions import TopologyError
+from pipeline.protocol import H_RETRY_TIER
 from pipeline.settings import PoolSettings, Settings
 from topology.management import ManagementAPI
 from topology.names import Names
@@ -35,6 +38,8 @@ __all__ = [
     "TopologyReport",
     "apply_topology",
     "delete_topology",
+    "retry_delays",
+    "retry_queue_arguments",
     "work_policy",
     "work_queue_arguments",
 ]
@@ -43,6 +48,18 @@ __all__ = [
 def work_queue_arguments(settings: Settings) -> dict[str, Any]:
     """Arguments fixed at declaration: the broker refuses to change them later."""
     return {"x-queue-type": "classic", "x-max-priority": settings.max_priority}
+
+
+def retry_delays(settings: Settings) -> list[int]:
+    """Every retry tier any pool uses (tiers are shared: they route back by model)."""
+    return sorted({delay for pool in settings.pools for delay in pool.retry_delays_ms})
+
+
+def retry_queue_arguments(settings: Settings, delay_ms: int) -> dict[str, Any]:
+    """A tier's TTL is its identity, so it is an argument, not a policy: every message in
+    it has the same TTL and expires at the head, in order."""
+    return {"x-queue-type": "classic", "x-message-ttl": delay_ms,
+            "x-dead-letter-exchange": Names(settings.prefix).requests_exchange}
 
 
 def work_policy(settings: Settings, pool: PoolSettings) -> dict[str, Any]:
@@ -146,6 +163,13 @@ async def apply_topology(settings: Settings) -> TopologyReport:
                             f"{names.dead_letter_exchange} -> {names.triage_queue}"]
         await queue(names.parked_queue, classic)
 
+        retry = await exchange(names.retry_exchange, aio_pika.ExchangeType.HEADERS)
+        for delay in retry_delays(settings):
+            tier = await queue(names.retry_queue(delay), retry_queue_arguments(settings, delay))
+            await tier.bind(retry, arguments={"x-match": "all", H_RETRY_TIER: str(delay)})
+            report.bindings.append(f"{names.retry_exchange} --{H_RETRY_TIER}={delay}--> "
+                                   f"{tier.name} --{delay} ms--> {names.requests_exchange}")
+
         for pool in settings.pools:
             qname = names.work_queue(pool.name)
             work = await queue(qname, work_queue_arguments(settings))
@@ -179,8 +203,9 @@ async def delete_topology(settings: Settings, reply_queues: list[str] | None = N
             await api.delete_policy(settings.vhost, names.work_policy(pool.name))
             await channel.queue_delete(names.work_queue(pool.name))
         clients = [names.reply_queue(client) for client in reply_queues or []]
-        for qname in (names.triage_queue, names.parked_queue, *clients):
+        tiers = [names.retry_queue(delay) for delay in retry_delays(settings)]
+        for qname in (names.triage_queue, names.parked_queue, *tiers, *clients):
             await channel.queue_delete(qname)
         for ename in (names.requests_exchange, names.unrouted_exchange,
-                      names.dead_letter_exchange):
+                      names.dead_letter_exchange, names.retry_exchange):
             await channel.exchange_delete(ename)

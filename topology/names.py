@@ -40,6 +40,16 @@ class Names:
         """The parking lot: terminal failures, kept for inspection and replay."""
         return f"{self.prefix}.parked"
 
+    @property
+    def retry_exchange(self) -> str:
+        """Headers exchange in front of the retry tiers (routes on x-hutch-retry-tier, so
+        the routing key can stay the model and route the request back when it expires)."""
+        return f"{self.prefix}.retry"
+
+    def retry_queue(self, delay_ms: int) -> str:
+        """A retry tier: a fixed x-message-ttl, then dead-lettered to the request exchange."""
+        return f"{self.prefix}.retry.{delay_ms}ms"
+
     def work_queue(self, pool: str) -> str:
         return f"{self.prefix}.work.{pool}"
 

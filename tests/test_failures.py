@@ -1,0 +1,210 @@
+"""Failure semantics against the real broker: retry tiers, attempts, 429, circuit breaker.
+
+Backends here are httpx.MockTransport handlers (deterministic faults, counted calls)
+plugged in through the worker's transport seam; the broker, the tiers and the dead
+lettering are real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from httpx_aiohttp import AiohttpTransport
+
+from pipeline import protocol as p
+from pipeline.client import HutchClient
+from pipeline.exceptions import BackendError
+from pipeline.metrics import Metrics
+from pipeline.settings import BackendSettings
+from tests.conftest import SettingsFactory, running_worker
+from tests.test_pipeline import amqp, drain_queue
+from topology.apply import apply_topology
+from topology.names import Names
+
+USER = [{"role": "user", "content": "hello"}]
+
+
+class FaultyBackend:
+    """A scripted backend: ``script(n)`` gives the n-th call's (status, headers)."""
+
+    def __init__(self, script: Callable[[int], tuple[int, dict[str, str]]]) -> None:
+        self.script = script
+        self.calls = 0
+        self.served: list[str] = []
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        status, headers = self.script(self.calls)
+        if status != 200:
+            return httpx.Response(status, headers=headers, json={"error": {
+                "type": "server_error", "code": str(status), "message": f"scripted {status}"}})
+        content = request.read().decode()
+        self.served.append(request.headers.get("x-request-id", ""))
+        return httpx.Response(200, json={
+            "id": f"c{self.calls}", "object": "chat.completion", "model": "mock-small",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": f"ok {len(content)}"}}]})
+
+
+def transports(backends: dict[str, FaultyBackend]
+               ) -> Callable[[BackendSettings], httpx.AsyncBaseTransport]:
+    def factory(settings: BackendSettings) -> httpx.AsyncBaseTransport:
+        for suffix, backend in backends.items():
+            if settings.name.endswith(suffix):
+                return httpx.MockTransport(backend.handler)
+        return AiohttpTransport()
+    return factory
+
+
+def always(status: int, headers: dict[str, str] | None = None
+           ) -> Callable[[int], tuple[int, dict[str, str]]]:
+    return lambda _: (status, headers or {})
+
+
+async def test_retry_tier_frees_the_slot_then_succeeds(make_settings: SettingsFactory) -> None:
+    """Two in-process failures send the request to a 300 ms tier; meanwhile the backend's
+    only slot serves another request; the third attempt succeeds."""
+    flaky = FaultyBackend(lambda n: (500, {}) if n <= 2 else (200, {}))
+    settings = make_settings([("a", "http://a.invalid/v1", 1)],
+                             pool={"attempts_per_delivery": 2, "retry_delays_ms": [300]})
+    metrics = Metrics()
+    await apply_topology(settings)
+    async with running_worker(settings, metrics=metrics,
+                              transport_factory=transports({"-a": flaky})), \
+            HutchClient.from_settings(settings) as client:
+        first = asyncio.create_task(client.request(
+            {"model": "mock-small", "messages": USER}, model="mock-small", timeout=20))
+        await asyncio.sleep(0.15)  # its two attempts fail, it leaves for the tier
+        second = await client.request({"model": "mock-small", "messages": USER},
+                                      model="mock-small", timeout=20)
+        assert not first.done(), "the retried request waits in its tier"
+        retried = await first
+    assert second.headers[p.H_ATTEMPTS] == 1
+    assert retried.headers[p.H_ATTEMPTS] == 3
+    assert flaky.served == [second.correlation_id, retried.correlation_id]
+    assert metrics.registry.get_sample_value(
+        "hutch_retries_total", {"pool": "chat", "tier": "300"}) == 1
+
+
+async def test_attempts_never_exceed_max_and_failure_is_parked(
+        make_settings: SettingsFactory) -> None:
+    broken = FaultyBackend(always(503))
+    settings = make_settings([("a", "http://a.invalid/v1", 2)], pool={
+        "max_attempts": 5, "attempts_per_delivery": 2, "retry_delays_ms": [50, 100],
+        "breaker_failures": 1000})
+    names = Names(settings.prefix)
+    await apply_topology(settings)
+    async with running_worker(settings, transport_factory=transports({"-a": broken})), \
+            HutchClient.from_settings(settings) as client:
+        started = time.monotonic()
+        with pytest.raises(BackendError) as failed:
+            await client.chat(model="mock-small", messages=USER, timeout=30)
+        elapsed = time.monotonic() - started
+    assert broken.calls == 5  # 2 + tier 50 ms + 2 + tier 100 ms + 1
+    assert "after 5 attempts" in failed.value.message and failed.value.status == 503
+    assert elapsed >= 0.15
+    async with amqp(settings.amqp_url) as conn:
+        parked = await drain_queue(await conn.channel(), names.parked_queue)
+    assert [m.headers[p.H_REASON] for m in parked] == ["backend_error"]
+    assert parked[0].headers[p.H_ATTEMPTS] == 5
+    assert parked[0].headers[p.H_RETRIES] == 2
+
+
+async def test_non_retryable_answer_is_immediate_with_backend_status(
+        make_settings: SettingsFactory) -> None:
+    refusing = FaultyBackend(always(400))
+    settings = make_settings([("a", "http://a.invalid/v1", 2)])
+    await apply_topology(settings)
+    async with running_worker(settings, transport_factory=transports({"-a": refusing})), \
+            HutchClient.from_settings(settings) as client:
+        with pytest.raises(BackendError) as failed:
+            await client.chat(model="mock-small", messages=USER, timeout=10)
+    assert refusing.calls == 1
+    assert failed.value.status == 400 and "scripted 400" in failed.value.message
+
+
+async def test_deadline_bounds_the_retries(make_settings: SettingsFactory) -> None:
+    """A retry that cannot happen before the deadline is not scheduled: the request is
+    answered at once instead of waiting past its deadline."""
+    broken = FaultyBackend(always(500))
+    settings = make_settings([("a", "http://a.invalid/v1", 2)], pool={
+        "attempts_per_delivery": 1, "retry_delays_ms": [5000], "breaker_failures": 1000})
+    await apply_topology(settings)
+    async with running_worker(settings, transport_factory=transports({"-a": broken})), \
+            HutchClient.from_settings(settings) as client:
+        started = time.monotonic()
+        with pytest.raises(BackendError):
+            await client.chat(model="mock-small", messages=USER, timeout=2)
+        assert time.monotonic() - started < 1.5
+    assert broken.calls == 1
+
+
+async def test_429_sends_work_to_the_other_backend_and_is_not_a_failure(
+        make_settings: SettingsFactory) -> None:
+    throttled = FaultyBackend(always(429, {"Retry-After": "30"}))
+    healthy = FaultyBackend(always(200))
+    settings = make_settings([("a", "http://a.invalid/v1", 4), ("b", "http://b.invalid/v1", 4)],
+                             pool={"breaker_failures": 2})
+    metrics = Metrics()
+    await apply_topology(settings)
+    async with running_worker(settings, metrics=metrics, transport_factory=transports(
+            {"-a": throttled, "-b": healthy})), HutchClient.from_settings(settings) as client:
+        replies = await asyncio.gather(*(
+            client.request({"model": "mock-small", "messages": USER}, model="mock-small",
+                           timeout=20) for _ in range(40)))
+        calls_after_burst = throttled.calls
+        more = await asyncio.gather(*(
+            client.request({"model": "mock-small", "messages": USER}, model="mock-small",
+                           timeout=20) for _ in range(20)))
+    backend_a, backend_b = (b.name for b in settings.pools[0].backends)
+    assert {r.backend for r in replies + more} == {backend_b}
+    assert all(r.headers[p.H_ATTEMPTS] == 1 for r in replies + more)  # 429 is no attempt
+    assert calls_after_burst <= 8  # a handful before its consumer was cancelled
+    assert throttled.calls == calls_after_burst  # none while throttled
+    sample = metrics.registry.get_sample_value
+    assert sample("hutch_backend_state", {"backend": backend_a}) == 3  # throttled
+    assert sample("hutch_backend_capacity", {"backend": backend_a}) == 0
+    # 429s are throttling, not failures: the circuit (threshold 2) never opened.
+    assert sample("hutch_backend_errors_total", {"backend": backend_a, "kind": "retryable"}
+                  ) is None
+
+
+async def test_circuit_opens_then_a_probe_closes_it(make_settings: SettingsFactory) -> None:
+    state: dict[str, Any] = {"broken": True}
+    flaky = FaultyBackend(lambda _: (500, {}) if state["broken"] else (200, {}))
+    healthy = FaultyBackend(always(200))
+    settings = make_settings([("a", "http://a.invalid/v1", 4), ("b", "http://b.invalid/v1", 4)],
+                             pool={"breaker_failures": 3, "breaker_cooldown_s": 0.5,
+                                   "attempts_per_delivery": 1, "retry_delays_ms": [50]})
+    metrics = Metrics()
+    backend_a = settings.pools[0].backends[0].name
+    sample = metrics.registry.get_sample_value
+    await apply_topology(settings)
+    async with running_worker(settings, metrics=metrics, transport_factory=transports(
+            {"-a": flaky, "-b": healthy})), HutchClient.from_settings(settings) as client:
+
+        async def burst(n: int) -> list[Any]:
+            return await asyncio.gather(*(client.request(
+                {"model": "mock-small", "messages": USER}, model="mock-small", timeout=20)
+                for _ in range(n)))
+
+        first = await burst(40)  # every request answered, by b or by a retry
+        assert len(first) == 40
+        assert sample("hutch_backend_state", {"backend": backend_a}) in (1, 2)
+        calls_when_open = flaky.calls
+        assert calls_when_open <= 3 + 4  # the threshold, plus calls already in flight
+        state["broken"] = False
+        await asyncio.sleep(0.7)  # cooldown passes: a probe may go through
+        await burst(40)
+        async with asyncio.timeout(5):
+            while sample("hutch_backend_state", {"backend": backend_a}) != 0:
+                await burst(4)
+        served_by_a_after = len(flaky.served)
+        await burst(40)
+    assert sample("hutch_backend_state", {"backend": backend_a}) == 0
+    assert len(flaky.served) > served_by_a_after  # a is back at full capacity
