@@ -22,6 +22,7 @@ import os
 import socket
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,10 @@ log = get_logger("hutch.client")
 
 #: How long past its deadline the client waits for the worker's authoritative answer.
 _GRACE_S = 2.0
+#: Replies kept for result() when no call waits for them (sent before a reconnect).
+_MAX_ORPHANS = 10_000
+#: Correlation ids recently answered, so a later duplicate is told from an orphan.
+_MAX_RESOLVED = 100_000
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,9 @@ class HutchClient:
         self._reply_prefetch = reply_prefetch
         self._user = unquote(urlsplit(amqp_url).username or "guest")
         self._pending: dict[str, asyncio.Future[AbstractIncomingMessage]] = {}
+        self._sent: dict[str, tuple[float, float]] = {}  # id -> (monotonic sent, deadline s)
+        self._orphans: OrderedDict[str, AbstractIncomingMessage] = OrderedDict()
+        self._resolved: OrderedDict[str, None] = OrderedDict()
         self._connection: AbstractConnection | None = None
         self._exchange: AbstractExchange | None = None
         self._ready = asyncio.Event()
@@ -193,6 +201,7 @@ class HutchClient:
             if not future.done():
                 future.cancel()
         self._pending.clear()
+        self._sent.clear()
         if self._supervisor is not None:
             self._supervisor.cancel()
             await asyncio.gather(self._supervisor, return_exceptions=True)
@@ -224,22 +233,37 @@ class HutchClient:
                 await asyncio.sleep(0.05)
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        future = self._pending.pop(message.correlation_id or "", None)
-        if future is None or future.done():
-            self.dropped_replies += 1
-            log.debug("reply.dropped", correlation_id=message.correlation_id)
-        else:
+        correlation_id = message.correlation_id or ""
+        # Left in _pending: result() takes it out (the reply may come before result()).
+        future = self._pending.get(correlation_id)
+        if future is not None and not future.done():
             future.set_result(message)
+        elif future is not None or correlation_id in self._resolved:
+            self.dropped_replies += 1  # a duplicate, or late after the caller gave up
+            log.debug("reply.dropped", correlation_id=correlation_id)
+        else:
+            # Nobody here waits for it: a request sent before a restart with this
+            # client_id. Keep it (bounded) for result() to claim.
+            self._orphans[correlation_id] = message
+            if len(self._orphans) > _MAX_ORPHANS:
+                self._orphans.popitem(last=False)
+                self.dropped_replies += 1
         await message.ack()
 
-    async def request(self, body: Mapping[str, Any] | bytes, *, model: str, priority: int = 0,
-                      timeout: float | None = None) -> Reply:
-        """Send one request (an OpenAI chat body, or its JSON bytes) and await its reply.
+    def _remember(self, correlation_id: str) -> None:
+        self._resolved[correlation_id] = None
+        if len(self._resolved) > _MAX_RESOLVED:
+            self._resolved.popitem(last=False)
 
+    async def submit(self, body: Mapping[str, Any] | bytes, *, model: str, priority: int = 0,
+                     timeout: float | None = None) -> str:
+        """Publish one request and return its correlation id; :meth:`result` awaits it.
+
+        Keep the id to claim the reply later, even from a new process: replies wait in the
+        durable reply queue of this ``client_id`` while no client consumes it.
         ``timeout`` (seconds) is the request's deadline: it may wait in the queue that long
-        (``expiration``), the worker will not start it after that, and the call raises
-        :class:`DeadlineExceededError` if no answer came. Error replies raise the
-        :class:`RequestFailed` subclass of their code.
+        (``expiration``) and the worker will not start it after that. Raises
+        :class:`QueueFullError` at once if the broker refuses it.
         """
         if self._supervisor is None:
             raise RuntimeError("HutchClient is not connected: use `async with` or connect()")
@@ -263,26 +287,59 @@ class HutchClient:
             user_id=self._user,
             headers={p.H_SENT_AT: sent_ms, p.H_DEADLINE: sent_ms + int(timeout_s * 1000)},
         )
-        future: asyncio.Future[AbstractIncomingMessage] = (
-            asyncio.get_running_loop().create_future())
-        self._pending[correlation_id] = future
-        started = time.monotonic()
+        # Registered before publishing: the reply may arrive before publish() returns.
+        self._pending[correlation_id] = asyncio.get_running_loop().create_future()
+        self._sent[correlation_id] = (time.monotonic(), timeout_s)
         try:
-            try:
-                async with asyncio.timeout(timeout_s + _GRACE_S):
-                    try:
-                        await self._publish(message, model)
-                    except DeliveryError:
-                        raise QueueFullError(
-                            f"the queue for model {model!r} is full: the broker refused "
-                            "the request", code=p.ErrorCode.QUEUE_FULL) from None
-                    reply = await future
-            except TimeoutError:
-                raise DeadlineExceededError(
-                    f"no answer within {timeout_s:.1f}s", code=p.ErrorCode.DEADLINE_EXCEEDED
-                ) from None
+            async with asyncio.timeout(timeout_s):
+                await self._publish(message, model)
+        except DeliveryError:
+            self._forget(correlation_id)
+            raise QueueFullError(
+                f"the queue for model {model!r} is full: the broker refused the request",
+                code=p.ErrorCode.QUEUE_FULL) from None
+        except TimeoutError:
+            self._forget(correlation_id)
+            raise DeadlineExceededError(
+                f"could not publish within {timeout_s:.1f}s (no broker connection)",
+                code=p.ErrorCode.DEADLINE_EXCEEDED) from None
+        except BaseException:
+            self._forget(correlation_id)
+            raise
+        return correlation_id
+
+    def _forget(self, correlation_id: str) -> None:
+        """The caller has its one answer (or gave up): any later reply is a duplicate."""
+        self._pending.pop(correlation_id, None)
+        self._sent.pop(correlation_id, None)
+        self._remember(correlation_id)
+
+    async def result(self, correlation_id: str, *, timeout: float | None = None) -> Reply:
+        """Await the reply of a submitted request (from this process or an earlier one
+        with the same ``client_id``). Error replies raise the :class:`RequestFailed`
+        subclass of their code; no reply in time raises :class:`DeadlineExceededError`.
+        Without ``timeout`` it waits until the request's deadline plus a grace period.
+        """
+        started, deadline_s = self._sent.get(correlation_id, (time.monotonic(), None))
+        if timeout is None:
+            base = deadline_s if deadline_s is not None else self._default_timeout_s
+            timeout = max(0.0, started + base + _GRACE_S - time.monotonic())
+        reply = self._orphans.pop(correlation_id, None)
+        try:
+            if reply is None:
+                future = self._pending.get(correlation_id)
+                if future is None:
+                    future = asyncio.get_running_loop().create_future()
+                    self._pending[correlation_id] = future
+                try:
+                    async with asyncio.timeout(timeout):
+                        reply = await future
+                except TimeoutError:
+                    raise DeadlineExceededError(
+                        f"no answer within {timeout:.1f}s",
+                        code=p.ErrorCode.DEADLINE_EXCEEDED) from None
         finally:
-            self._pending.pop(correlation_id, None)
+            self._forget(correlation_id)
         latency = time.monotonic() - started
         headers = dict(reply.headers or {})
         if headers.get(p.H_OUTCOME) == "ok":
@@ -292,6 +349,14 @@ class HutchClient:
                 raise RequestFailed(f"unreadable completion in reply: {exc}") from None
             return Reply(completion, correlation_id, headers, latency)
         raise _failure_from(reply)
+
+    async def request(self, body: Mapping[str, Any] | bytes, *, model: str, priority: int = 0,
+                      timeout: float | None = None) -> Reply:
+        """Send one request (an OpenAI chat body, or its JSON bytes) and await its reply:
+        :meth:`submit` then :meth:`result`."""
+        correlation_id = await self.submit(body, model=model, priority=priority,
+                                           timeout=timeout)
+        return await self.result(correlation_id)
 
     async def chat(self, *, model: str, messages: Sequence[Mapping[str, Any] | ChatMessage],
                    priority: int = 0, timeout: float | None = None,

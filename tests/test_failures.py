@@ -208,3 +208,35 @@ async def test_circuit_opens_then_a_probe_closes_it(make_settings: SettingsFacto
         await burst(40)
     assert sample("hutch_backend_state", {"backend": backend_a}) == 0
     assert len(flaky.served) > served_by_a_after  # a is back at full capacity
+
+
+async def test_a_client_that_comes_back_gets_its_pending_replies(
+        make_settings: SettingsFactory) -> None:
+    """Replies published while a client was away wait in its durable reply queue; a
+    client with the same client_id claims them by correlation id."""
+    from pipeline.mock_backend import MockBackend, MockConfig
+
+    async with MockBackend(MockConfig(latency_ms=200, capacity=4)) as mock:
+        settings = make_settings([("b1", mock.base_url, 4)])
+        names = Names(settings.prefix)
+        client_id = f"{settings.prefix}-app"
+        await apply_topology(settings)
+        async with running_worker(settings):
+            first = HutchClient.from_settings(settings, client_id=client_id)
+            await first.connect()
+            ids = [await first.submit({"model": "mock-small", "messages": [
+                {"role": "user", "content": f"r{i}"}]}, model="mock-small", timeout=30)
+                for i in range(8)]
+            await first.close()  # gone before any reply
+            async with amqp(settings.amqp_url) as conn:
+                channel = await conn.channel()
+                async with asyncio.timeout(10):
+                    while (await channel.declare_queue(
+                            names.reply_queue(client_id), passive=True)
+                           ).declaration_result.message_count < 8:
+                        await asyncio.sleep(0.05)
+            async with HutchClient.from_settings(settings, client_id=client_id) as second:
+                replies = [await second.result(cid, timeout=10) for cid in ids]
+    assert [r.completion.choices[0].message.content for r in replies] == [
+        f"mock reply to: r{i}" for i in range(8)]
+    assert second.dropped_replies == 0
