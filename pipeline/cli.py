@@ -1,6 +1,7 @@
 """``hutch``: the one command-line entry point.
 
-Subcommands: ``worker``, ``topology apply``, ``submit``, ``mock-backend``, ``demo``.
+Subcommands: ``worker``, ``topology apply``, ``submit``, ``mock-backend``, ``demo``,
+``dlq list|replay|purge``.
 Every expected failure (bad config, unreachable broker, topology conflict, an error reply)
 ends in one readable line on stderr and a non-zero exit code, never a traceback.
 """
@@ -101,6 +102,91 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                                 latency_ms=args.latency_ms, keep=args.keep_topology))
 
 
+def _table(rows: list[list[str]], header: list[str]) -> list[str]:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)
+                      ).rstrip() for row in (header, *rows)]
+
+
+def _cmd_dlq_list(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from pipeline.dlq import list_parked, parked_count
+    from topology.names import Names
+
+    settings = _settings(args)
+    queue = Names(settings.prefix).parked_queue
+    parked = asyncio.run(list_parked(settings, limit=args.limit))
+    total = asyncio.run(parked_count(settings))
+    if args.json:
+        print(json.dumps({"queue": queue, "total": total,
+                          "messages": [dataclasses.asdict(m) for m in parked]}, indent=2))
+        return 0
+
+    def cell(value: object, width: int = 0) -> str:
+        text = "-" if value is None or value == "" else " ".join(str(value).split())
+        return text if not width or len(text) <= width else text[:width - 1] + "…"
+
+    rows = [[cell(m.parked_at), cell(m.first_failed_at),
+             cell(m.reason), cell(m.error_code), cell(m.pool), cell(m.backend),
+             cell(m.attempts), cell(m.replayed or None), cell(m.routing_key, 30),
+             cell(m.correlation_id, 36), cell(m.error_message, 60)] for m in parked]
+    if rows:
+        for line in _table(rows, ["PARKED AT", "FIRST FAILED", "REASON", "CODE", "POOL",
+                                  "BACKEND", "ATTEMPTS", "REPLAYS", "MODEL",
+                                  "CORRELATION ID", "MESSAGE"]):
+            print(line)
+    shown = f"{len(parked)} of {total}" if len(parked) < total else f"{total}"
+    print(f"{shown} parked message{'s' if total != 1 else ''} in {queue}")
+    return 0
+
+
+def _cmd_dlq_replay(args: argparse.Namespace) -> int:
+    from pipeline.dlq import replay
+
+    settings = _settings(args)
+    result = asyncio.run(replay(settings, reason=args.reason, limit=args.limit))
+    print(f"replayed {result.replayed} (skipped {result.skipped} with other reasons, "
+          f"{result.unroutable} unroutable)")
+    return 0
+
+
+def _cmd_dlq_purge(args: argparse.Namespace) -> int:
+    from pipeline.dlq import parked_count, purge
+    from topology.names import Names
+
+    settings = _settings(args)
+    queue = Names(settings.prefix).parked_queue
+    if not args.yes and not sys.stdin.isatty():
+        print(f"hutch: dlq purge: refusing to purge {queue} without confirmation (stdin is "
+              "not a terminal); pass --yes", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.yes:
+        count = asyncio.run(parked_count(settings))
+        if count == 0:
+            print(f"{queue} is empty: nothing to purge")
+            return 0
+        try:
+            answer = input(f"purge {count} parked message{'s' if count != 1 else ''} "
+                           f"from {queue}? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing purged", file=sys.stderr)
+            return EXIT_FAILED
+    removed = asyncio.run(purge(settings))
+    print(f"purged {removed} parked message{'s' if removed != 1 else ''} from {queue}")
+    return 0
+
+
+def _non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hutch", description="Hutch: a RabbitMQ request queue for LLM backends.")
@@ -145,6 +231,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep-topology", dest="keep_topology", action="store_true",
                       help="leave the demo's queues on the broker to look at in the UI")
     demo.set_defaults(func=_cmd_demo)
+
+    from pipeline.protocol import ParkReason
+
+    dlq = sub.add_parser("dlq", help="inspect, replay or purge the parking lot")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq_sub.add_parser("list", help="show parked messages (nothing is consumed)")
+    config_arg(dlq_list)
+    dlq_list.add_argument("--limit", type=_non_negative, default=None,
+                          help="show at most N, oldest first")
+    dlq_list.add_argument("--json", action="store_true", help="print JSON, every field")
+    dlq_list.set_defaults(func=_cmd_dlq_list)
+    dlq_replay = dlq_sub.add_parser(
+        "replay", help="send parked requests back to their model, with fresh attempts")
+    config_arg(dlq_replay)
+    dlq_replay.add_argument("--reason", default=None, metavar="REASON",
+                            choices=[str(reason) for reason in ParkReason],
+                            help="only those parked for this x-hutch-reason (one of "
+                                 f"{', '.join(ParkReason)})")
+    dlq_replay.add_argument("--limit", type=_non_negative, default=None,
+                            help="replay at most N, oldest first")
+    dlq_replay.set_defaults(func=_cmd_dlq_replay)
+    dlq_purge = dlq_sub.add_parser("purge", help="delete every parked message")
+    config_arg(dlq_purge)
+    dlq_purge.add_argument("--yes", "-y", action="store_true",
+                           help="do not ask for confirmation")
+    dlq_purge.set_defaults(func=_cmd_dlq_purge)
     return parser
 
 
