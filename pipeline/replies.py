@@ -9,6 +9,7 @@ back as a return, not silently dropped, and the request is parked with that reas
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ from pipeline.log import get_logger
 from pipeline.metrics import Metrics
 from topology.names import Names
 
-__all__ = ["Failure", "Publisher", "ReplyInfo"]
+__all__ = ["Failure", "Publisher", "ReplyInfo", "encodable"]
 
 log = get_logger("hutch.replies")
 
@@ -55,6 +56,19 @@ class Failure:
     code: p.ErrorCode
     message: str
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def encodable(value: Any) -> Any:
+    """Headers as they can be published again. A string header that is not valid UTF-8
+    arrives as ``bytes``, which the AMQP encoder refuses: re-publishing it (to park or
+    retry the request) must not fail, so it becomes a byte array, kept as it came."""
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, Mapping):
+        return {str(key): encodable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [encodable(item) for item in value]
+    return value
 
 
 class Publisher:
@@ -121,7 +135,7 @@ class Publisher:
             raise RuntimeError(f"retry tier {self._names.retry_queue(delay_ms)!r} does not "
                                "exist; run `hutch topology apply`") from None
 
-    def _copy(self, request: AbstractIncomingMessage, headers: dict[str, Any]
+    def _copy(self, request: AbstractIncomingMessage, headers: Mapping[str, Any]
               ) -> aio_pika.Message:
         """The request as a new message: ``expiration`` is dropped (it would expire where
         it does not belong) and so is ``user_id`` (the broker only accepts the publishing
@@ -136,7 +150,7 @@ class Publisher:
             timestamp=request.timestamp,
             priority=request.priority,
             app_id=request.app_id,
-            headers=headers,
+            headers=encodable(headers),
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
 

@@ -326,3 +326,46 @@ async def test_a_worker_bug_is_answered_and_parked_not_stalled(
     async with amqp(settings.amqp_url) as conn:
         parked = await drain_queue(await conn.channel(), names.parked_queue)
     assert [m.headers[p.H_REASON] for m in parked] == ["internal_error"]
+
+
+class _RawLongString(bytes):
+    """A long-string header sent as raw bytes: another client's non-UTF-8 string."""
+
+
+async def test_binary_header_values_do_not_stop_parking(
+        make_settings: SettingsFactory, mock: MockBackend,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A string header that is not UTF-8 arrives as bytes, which the AMQP encoder cannot
+    publish again; parking the request must not fail on it."""
+    import struct
+
+    from pamqp import encode
+
+    table_value = encode.encode_table_value
+
+    def with_raw(value: Any) -> bytes:
+        if isinstance(value, _RawLongString):
+            return b"S" + struct.pack(">I", len(value)) + bytes(value)
+        return table_value(value)
+
+    monkeypatch.setattr(encode, "encode_table_value", with_raw)
+    settings = make_settings([("b1", mock.base_url, 4)])
+    names = Names(settings.prefix)
+    async with hutch(settings) as client, amqp(settings.amqp_url) as conn:
+        channel = await conn.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(names.requests_exchange)
+        await exchange.publish(aio_pika.Message(
+            b"not json", correlation_id="binary", reply_to=client.reply_queue_name,
+            headers={"x-junk": _RawLongString(b"\xff\xfe"),  # type: ignore[dict-item]
+                     "nested": {"k": _RawLongString(b"\xff")}}),
+            routing_key="mock-small")
+        from pipeline.exceptions import InvalidRequestError
+
+        with pytest.raises(InvalidRequestError):
+            await client.result("binary", timeout=10)
+        parked = await drain_queue(channel, names.parked_queue)
+        # The worker is still serving.
+        ok = await client.chat(model="mock-small", messages=USER, timeout=10)
+    assert [m.headers[p.H_REASON] for m in parked] == ["invalid_json"]
+    assert bytes(parked[0].headers["x-junk"]) == b"\xff\xfe"
+    assert ok.choices[0].message.content == "mock reply to: hello"
