@@ -26,6 +26,7 @@ import functools
 import os
 import random
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 import aio_pika
@@ -72,6 +73,8 @@ class _BackendSlot:
         self.changed = asyncio.Event()
         self.consumer: TrackedConsumer | None = None
         self.held = False
+        #: Set by the rebalancer: finish in-flight work, free the lease, stay away a while.
+        self.releasing = False
         self._state_metric = worker.metrics.backend_state.labels(settings.name)
         self._state_metric.set(self.gate.state_code)
 
@@ -109,6 +112,10 @@ class _BackendSlot:
         # Spread first attempts so replicas started together share the leases.
         await asyncio.sleep(random.uniform(0, self.worker.settings.lease_retry_s / 4))
         while True:
+            if self.worker.at_fair_share():
+                # Leave free leases to replicas that hold fewer backends.
+                await asyncio.sleep(self.worker.settings.lease_retry_s)
+                continue
             channel = await connection.channel(publisher_confirms=False)
             try:
                 await channel.declare_queue(lease, exclusive=True, durable=False,
@@ -127,6 +134,9 @@ class _BackendSlot:
                      prefetch=self.settings.max_concurrency)
             try:
                 await self._serve(consumer)
+                if self.releasing:
+                    await self._release(connection, consumer, lease)
+                    continue
                 log.warning("consumer.channel_closed", backend=self.settings.name)
             except aiormq.exceptions.ChannelNotFoundEntity:
                 log.error("work_queue.missing", queue=names.work_queue(self.pool.name),
@@ -141,12 +151,28 @@ class _BackendSlot:
             # The lease stays ours while the connection lives; re-consume after a pause.
             await asyncio.sleep(self.worker.settings.lease_retry_s)
 
+    async def _release(self, connection: AbstractConnection, consumer: TrackedConsumer,
+                       lease: str) -> None:
+        """Hand the backend to another worker: drain what this worker holds (so the cap
+        still holds when the next holder starts), delete the lease, keep off a while."""
+        await consumer.stop_consuming()
+        await consumer.drain(self.worker.settings.shutdown_grace_s)
+        await consumer.abort()
+        channel = await connection.channel(publisher_confirms=False)
+        await channel.queue_delete(lease)
+        await channel.close()
+        self.held = False
+        self.worker.metrics.lease_held.labels(self.settings.name).set(0)
+        log.info("lease.released", backend=self.settings.name, reason="rebalance")
+        await asyncio.sleep(self.worker.settings.lease_retry_s * 5)
+        self.releasing = False
+
     async def _serve(self, consumer: TrackedConsumer) -> None:
         """Keep the consumer's prefetch equal to what the gate allows, until the channel
         closes."""
         cap = self.settings.max_concurrency
         capacity = self.worker.metrics.capacity.labels(self.settings.name)
-        while not consumer.closed.is_set():
+        while not consumer.closed.is_set() and not self.releasing:
             self.changed.clear()
             want = self.gate.capacity(cap)
             current = consumer.prefetch if consumer.consuming else 0
@@ -187,7 +213,14 @@ class Worker:
         self.ready = asyncio.Event()
         self._slots: list[_BackendSlot] = []
         self._triage: TrackedConsumer | None = None
+        self._fair_share: tuple[int, float] = (0, float("-inf"))  # (share, measured at)
         self.name = f"hutch-worker {socket.gethostname()}:{os.getpid()}"
+
+    def at_fair_share(self) -> bool:
+        """True while this worker holds its share of the backends, by a recent count."""
+        fair, measured_at = self._fair_share
+        fresh = time.monotonic() - measured_at < self.settings.lease_retry_s * 12
+        return fresh and len(self.held_backends()) >= fair
 
     def held_backends(self) -> list[str]:
         """Names of the backends whose lease this worker holds now."""
@@ -267,6 +300,8 @@ class Worker:
                 tasks.append(asyncio.create_task(self._guard(
                     slot.settings.name,
                     functools.partial(slot.run, connection, dispatchers[slot.pool.name]))))
+            tasks.append(asyncio.create_task(self._guard("rebalance",
+                                                         lambda: self._rebalance(connection))))
             log.info("worker.ready", backends=len(self._slots), vhost=self.settings.vhost)
             self.ready.set()
             stop_wait = asyncio.create_task(self._stopping.wait())
@@ -314,6 +349,27 @@ class Worker:
         if not all(results):
             log.warning("worker.grace_expired", unfinished=self._in_flight(),
                         note="unfinished requests are redelivered by the broker")
+
+    async def _rebalance(self, connection: AbstractConnection) -> None:
+        """Spread leases over the replicas: each worker consumes the triage queue once, so
+        its consumer count is the number of live workers; a worker holding more than its
+        fair share of backends gives one up (new replicas then get work, not only
+        failover duty)."""
+        interval = self.settings.lease_retry_s * 5
+        channel = await connection.channel(publisher_confirms=False)
+        while True:
+            await asyncio.sleep(interval * random.uniform(0.8, 1.2))
+            queue = await channel.declare_queue(self.names.triage_queue, passive=True)
+            workers = max(1, queue.declaration_result.consumer_count or 1)
+            fair = -(-len(self._slots) // workers)  # ceiling
+            self._fair_share = (fair, time.monotonic())
+            held = [slot for slot in self._slots if slot.held and not slot.releasing]
+            if len(held) > fair:
+                slot = random.choice(held)
+                log.info("lease.rebalance", backend=slot.settings.name, held=len(held),
+                         fair_share=fair, workers=workers)
+                slot.releasing = True
+                slot.changed.set()
 
     @staticmethod
     async def _guard(name: str, work: Callable[[], Awaitable[None]]) -> None:

@@ -151,3 +151,40 @@ async def test_sigterm_finishes_in_flight_requests_then_exits(
     assert [c.choices[0].message.content for c in completions] == [
         f"mock reply to: r{i}" for i in range(4)]
     assert mock.stats()["served"] == 4  # finished by the draining worker, not redelivered
+
+
+async def test_leases_spread_over_replicas(make_settings: SettingsFactory, tmp_path: Path,
+                                           hutch_env: dict[str, str]) -> None:
+    """Four backends, two workers started one after the other: the first takes all four
+    leases, then gives two up to the second (and the cap holds throughout)."""
+    from pipeline.client import HutchClient
+
+    async with MockBackend(MockConfig(latency_ms=20, capacity=100)) as mock:
+        settings = make_settings([(f"b{i}", mock.base_url, 2) for i in range(4)],
+                                 lease_retry_s=0.3)
+        names = [b.name for b in settings.pools[0].backends]
+        await apply_topology(settings)
+        async with worker_processes(settings, tmp_path, hutch_env, 1) as first:
+            async with asyncio.timeout(15):
+                while len(await held_by(first[0], names)) < 4:
+                    await asyncio.sleep(0.1)
+            async with worker_processes(settings, tmp_path, hutch_env, 1) as second, \
+                    HutchClient.from_settings(settings) as client:
+                load = [asyncio.create_task(client.chat(
+                    model="mock-small", timeout=60,
+                    messages=[{"role": "user", "content": f"r{i}"}])) for i in range(400)]
+                async with asyncio.timeout(30):
+                    while True:
+                        a = await held_by(first[0], names)
+                        b = await held_by(second[0], names)
+                        if len(a) == 2 and len(b) == 2:
+                            break
+                        await asyncio.sleep(0.2)
+                assert not set(a) & set(b)
+                await asyncio.gather(*load)
+    assert mock.stats()["max_in_flight"] <= 4 * 2
+
+
+async def held_by(worker: WorkerProcess, backends: list[str]) -> list[str]:
+    held = await asyncio.gather(*(worker.holds(name) for name in backends))
+    return [name for name, h in zip(backends, held, strict=True) if h]
