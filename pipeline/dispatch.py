@@ -135,17 +135,11 @@ class _Requeue:
     """Hand the delivery back to the queue: this backend cannot take it now."""
 
 
-def _int(value: Any) -> int:
-    if isinstance(value, bool):
-        return 0
-    if isinstance(value, int):
-        return value
-    if isinstance(value, bytes | str):
-        try:
-            return int(value)
-        except ValueError:
-            return 0
-    return 0
+def _count(headers: Mapping[str, Any], name: str, high: int) -> int:
+    """A counter header set by an earlier delivery (attempts, retries). A client can set
+    it too, so anything outside 0..high counts as 0 or high: never unlimited retries."""
+    value = p.int_header(headers, name, low=-(2**63), high=2**63 - 1)
+    return 0 if value is None else max(0, min(value, high))
 
 
 class _StopAtDeadline(stop_base):
@@ -239,7 +233,7 @@ class Dispatcher:
             # request back so another backend (or this one, later) takes it.
             await message.nack(requeue=True)
             return
-        prior = _int(headers.get(p.H_ATTEMPTS))
+        prior = _count(headers, p.H_ATTEMPTS, self._pool.max_attempts)
         outcome = await self._call(message, backend, health, info, deadline, prior)
         if isinstance(outcome, _Requeue):
             await message.nack(requeue=True)
@@ -269,7 +263,7 @@ class Dispatcher:
         """Send the request through a delayed retry tier, freeing this backend slot."""
         new_headers = dict(headers)
         new_headers[p.H_ATTEMPTS] = info.attempts
-        new_headers[p.H_RETRIES] = _int(headers.get(p.H_RETRIES)) + 1
+        new_headers[p.H_RETRIES] = _count(headers, p.H_RETRIES, 1000) + 1
         if deadline_ms is not None:
             new_headers[p.H_DEADLINE] = deadline_ms  # survives the trip; expiration does not
         await self._publisher.retry(message, new_headers, retry.delay_ms)
@@ -339,7 +333,7 @@ class Dispatcher:
                 return self._deadline_failure()
             plural = "s" if info.attempts != 1 else ""
             if isinstance(exc, RetryableError) and info.attempts < self._pool.max_attempts:
-                delay = self._retry_delay(_int((message.headers or {}).get(p.H_RETRIES)))
+                delay = self._retry_delay(_count(message.headers or {}, p.H_RETRIES, 1000))
                 remaining = deadline.remaining()
                 if delay is not None and (remaining is None or remaining * 1000 > delay):
                     return _Retry(delay, exc.message)

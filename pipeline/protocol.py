@@ -38,6 +38,7 @@ __all__ = [
     "death_reason",
     "error_body",
     "error_type",
+    "int_header",
     "now_ms",
     "sent_at_ms",
 ]
@@ -125,18 +126,37 @@ def error_body(code: ErrorCode, message: str, **extra: Any) -> bytes:
     return json.dumps({"error": error}, separators=(",", ":")).encode()
 
 
-def _int_header(headers: Mapping[str, Any], name: str) -> int | None:
+#: Epoch-millisecond headers outside this range are not believed (year 2000..2100):
+#: a client's absurd value must not overflow the int64 header it is echoed back in.
+_MIN_EPOCH_MS, _MAX_EPOCH_MS = 946_684_800_000, 4_102_444_800_000
+
+
+def int_header(headers: Mapping[str, Any], name: str, *, low: int, high: int) -> int | None:
+    """An integer header within ``low..high``, else None (absent, junk or absurd)."""
     value = headers.get(name)
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        return int(value)
-    if isinstance(value, bytes | str):
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return None
+        value = int(value)
+    elif isinstance(value, bytes | str):
         try:
-            return int(value)
+            value = int(value)
         except ValueError:
             return None
-    return None
+    if not isinstance(value, int) or not low <= value <= high:
+        return None
+    return value
+
+
+def _epoch_header(headers: Mapping[str, Any], name: str, *, clamp: bool) -> int | None:
+    """An epoch-ms header. ``clamp``: an absurd value is pulled into range (a deadline
+    long past is still past); otherwise it is ignored (a send time from 1970 is junk)."""
+    value = int_header(headers, name, low=-(2**63), high=2**63 - 1)
+    if value is None or _MIN_EPOCH_MS <= value <= _MAX_EPOCH_MS:
+        return value
+    return max(_MIN_EPOCH_MS, min(value, _MAX_EPOCH_MS)) if clamp else None
 
 
 def deadline_ms(headers: Mapping[str, Any], expiration_s: float | None,
@@ -147,7 +167,7 @@ def deadline_ms(headers: Mapping[str, Any], expiration_s: float | None,
     ``expiration`` and ``timestamp`` may wait until timestamp + expiration. A request with
     only ``expiration`` is bounded by the broker alone (it expires it while queued).
     """
-    explicit = _int_header(headers, H_DEADLINE)
+    explicit = _epoch_header(headers, H_DEADLINE, clamp=True)
     if explicit is not None:
         return explicit
     if expiration_s is not None and timestamp_s is not None:
@@ -157,7 +177,7 @@ def deadline_ms(headers: Mapping[str, Any], expiration_s: float | None,
 
 def sent_at_ms(headers: Mapping[str, Any], timestamp_s: float | None) -> int | None:
     """When the request was published: ``x-hutch-sent-at``, else the AMQP timestamp."""
-    explicit = _int_header(headers, H_SENT_AT)
+    explicit = _epoch_header(headers, H_SENT_AT, clamp=False)
     if explicit is not None:
         return explicit
     return int(timestamp_s * 1000) if timestamp_s is not None else None

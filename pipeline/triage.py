@@ -36,8 +36,16 @@ def _text(value: Any) -> str:
 
 
 def triage_failure(headers: Mapping[str, Any], routing_key: str | None,
-                   names: Names) -> tuple[Failure, str]:
-    """The failure a dead or unrouted message stands for, and the pool it belonged to."""
+                   names: Names, exchange: str | None = None) -> tuple[Failure, str]:
+    """The failure a dead or unrouted message stands for, and the pool it belonged to.
+
+    ``exchange`` is the delivery's exchange: the alternate exchange keeps the request
+    exchange's name, real dead letters come through the dead-letter exchange. A client
+    can forge ``x-death`` (RabbitMQ 3.10 keeps it), so the exchange decides first.
+    """
+    if exchange == names.requests_exchange:
+        return Failure(p.ParkReason.UNKNOWN_MODEL, p.ErrorCode.UNKNOWN_MODEL,
+                       f"no pool serves model {routing_key or ''!r}"), "-"
     reason = p.death_reason(headers)
     queue = ""
     deaths = headers.get("x-death")
@@ -68,7 +76,8 @@ class Triage:
         self._names = names
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
-        failure, pool = triage_failure(message.headers or {}, message.routing_key, self._names)
+        failure, pool = triage_failure(message.headers or {}, message.routing_key, self._names,
+                                       message.exchange)
         try:
             await self._publisher.fail(message, failure, ReplyInfo(pool=pool))
             await message.ack()
