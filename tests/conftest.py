@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+import aio_pika
 import httpx
 import pytest
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from pipeline.client import HutchClient
 from pipeline.mock_backend import MockBackend, MockConfig
@@ -224,3 +226,34 @@ async def run_hutch(args: list[str], env: dict[str, str], timeout: float = 60
             await proc.wait()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+@contextlib.asynccontextmanager
+async def amqp(url: str) -> AsyncIterator[AbstractConnection]:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        yield connection
+
+
+def body(model: str = "mock-small", content: str = "hello") -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": content}]}
+
+
+async def drain_queue(channel: AbstractChannel, name: str) -> list[AbstractIncomingMessage]:
+    """Everything currently in a queue, by basic.get (acked)."""
+    queue = await channel.declare_queue(name, passive=True)
+    out = []
+    while (message := await queue.get(fail=False, no_ack=True)) is not None:
+        out.append(message)
+    return out
+
+
+async def queue_depth(channel: AbstractChannel, name: str) -> int:
+    queue = await channel.declare_queue(name, passive=True)
+    return queue.declaration_result.message_count or 0
+
+
+async def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> None:
+    async with asyncio.timeout(timeout):
+        while not await predicate():
+            await asyncio.sleep(interval)

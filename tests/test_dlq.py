@@ -10,13 +10,12 @@ import pty
 import signal
 import subprocess
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from pipeline import dlq
 from pipeline import protocol as p
@@ -24,38 +23,26 @@ from pipeline.client import HutchClient
 from pipeline.exceptions import BackendError, TopologyError
 from pipeline.mock_backend import MockBackend, MockConfig
 from pipeline.settings import Settings
-from tests.conftest import HUTCH, SettingsFactory, run_hutch, running_worker, write_config
+from tests.conftest import (
+    HUTCH,
+    SettingsFactory,
+    amqp,
+    drain_queue,
+    queue_depth,
+    run_hutch,
+    running_worker,
+    write_config,
+)
 from topology.apply import apply_topology
 from topology.names import Names
 
 DOWN = "http://127.0.0.1:9/v1"  # nothing listens on the discard port: connection refused
 
 
-@contextlib.asynccontextmanager
-async def amqp(url: str) -> AsyncIterator[AbstractConnection]:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        yield connection
-
-
-async def depth(channel: AbstractChannel, queue: str) -> int:
-    declared = await channel.declare_queue(queue, passive=True)
-    return declared.declaration_result.message_count or 0
-
-
-async def drain(channel: AbstractChannel, queue: str) -> list[AbstractIncomingMessage]:
-    """Everything in a queue now, consumed (basic.get, no ack)."""
-    declared = await channel.declare_queue(queue, passive=True)
-    out = []
-    while (message := await declared.get(fail=False, no_ack=True)) is not None:
-        out.append(message)
-    return out
-
-
 async def wait_depth(channel: AbstractChannel, queue: str, n: int,
                      timeout: float = 15.0) -> None:
     async with asyncio.timeout(timeout):
-        while await depth(channel, queue) < n:
+        while await queue_depth(channel, queue) < n:
             await asyncio.sleep(0.05)
 
 
@@ -139,7 +126,7 @@ async def test_failures_parked_listed_replayed_and_answered(
                     payload, correlation_id=cid, reply_to=reply_queue,
                     content_type="application/json"), routing_key=key)
             await wait_depth(channel, names.parked_queue, 5)
-        assert await depth(channel, reply_queue) == 0  # the client took its 5 error replies
+        assert await queue_depth(channel, reply_queue) == 0  # the client took its 5 error replies
 
         # list: everything, oldest first, nothing consumed, nothing reordered.
         listed = await dlq.list_parked(down)
@@ -155,7 +142,7 @@ async def test_failures_parked_listed_replayed_and_answered(
             assert m.size > 0
         assert listed[3].correlation_id == "not-json" and listed[3].size == 5
         assert listed[4].routing_key == "gpt-17"
-        assert await depth(channel, names.parked_queue) == 5
+        assert await queue_depth(channel, names.parked_queue) == 5
         assert [m.correlation_id for m in await dlq.list_parked(down, limit=2)] == [
             m.correlation_id for m in listed[:2]]
         assert await dlq.list_parked(down) == listed
@@ -175,7 +162,7 @@ async def test_failures_parked_listed_replayed_and_answered(
         shown = json.loads(out)
         assert (shown["total"], len(shown["messages"])) == (5, 1)
         assert shown["messages"][0]["correlation_id"] == failed[0].correlation_id
-        assert await depth(channel, names.parked_queue) == 5
+        assert await queue_depth(channel, names.parked_queue) == 5
 
         # Replay one while the backend is still down: it fails again, is parked again at
         # the end of the lot, and still says when it first failed.
@@ -191,7 +178,7 @@ async def test_failures_parked_listed_replayed_and_answered(
         again = relisted[-1]
         assert (again.reason, again.attempts, again.replayed) == ("backend_error", 1, 1)
         assert again.first_failed_at == failed[0].parked_at
-        assert await drain(channel, reply_queue) != []  # the client was gone: raw error
+        assert await drain_queue(channel, reply_queue) != []  # the client was gone: raw error
 
         # Backend fixed (same backend name, now a working URL): replay answers them all.
         async with MockBackend(MockConfig(latency_ms=5, capacity=2)) as mock:
@@ -204,7 +191,7 @@ async def test_failures_parked_listed_replayed_and_answered(
             async with running_worker(fixed):
                 await wait_depth(channel, reply_queue, 3)
                 await asyncio.sleep(0.2)  # nothing more may arrive
-            replies = await drain(channel, reply_queue)
+            replies = await drain_queue(channel, reply_queue)
         assert sorted(r.correlation_id or "" for r in replies) == sorted(
             m.correlation_id or "" for m in failed)
         for reply in replies:
@@ -214,7 +201,7 @@ async def test_failures_parked_listed_replayed_and_answered(
         assert contents == [f"mock reply to: fail {i}" for i in range(3)]
         rest = await dlq.list_parked(fixed)
         assert [m.correlation_id for m in rest] == ["not-json", "unknown-model"]
-        assert await depth(channel, names.work_queue("chat")) == 0
+        assert await queue_depth(channel, names.work_queue("chat")) == 0
 
 
 async def test_limit_unroutable_and_order(make_settings: SettingsFactory) -> None:
@@ -236,7 +223,7 @@ async def test_limit_unroutable_and_order(make_settings: SettingsFactory) -> Non
         assert result == dlq.ReplayResult(replayed=3, skipped=1, unroutable=1)
         assert [m.correlation_id for m in await dlq.list_parked(settings)] == [
             "x1", "lost3", "x5", "a6"]
-        work = await drain(channel, names.work_queue("chat"))
+        work = await drain_queue(channel, names.work_queue("chat"))
         assert [m.correlation_id for m in work] == ["a0", "a2", "a4"]
         for message in work:
             headers = message.headers or {}
@@ -249,7 +236,7 @@ async def test_limit_unroutable_and_order(make_settings: SettingsFactory) -> Non
         assert await dlq.replay(settings) == dlq.ReplayResult(replayed=3, unroutable=1)
         assert [m.correlation_id for m in await dlq.list_parked(settings)] == ["lost3"]
         assert await dlq.replay(settings, limit=0) == dlq.ReplayResult()
-        assert [m.correlation_id for m in await drain(channel, names.work_queue("chat"))
+        assert [m.correlation_id for m in await drain_queue(channel, names.work_queue("chat"))
                 ] == ["x1", "x5", "a6"]
 
 
@@ -260,7 +247,7 @@ async def _census(channel: AbstractChannel, names: Names) -> Counter[str]:
     """Correlation ids in the work queue (no worker runs) and the parking lot, consumed."""
     found: Counter[str] = Counter()
     for queue in (names.work_queue("chat"), names.parked_queue):
-        found.update(m.correlation_id or "" for m in await drain(channel, queue))
+        found.update(m.correlation_id or "" for m in await drain_queue(channel, queue))
     return found
 
 
@@ -282,7 +269,7 @@ async def test_cancelled_replay_neither_duplicates_nor_drops(
         async def settled() -> int:
             """Replayed so far, once the broker has taken back what the replay held."""
             async with asyncio.timeout(10):
-                while (moved := await depth(channel, work)) + await depth(
+                while (moved := await queue_depth(channel, work)) + await queue_depth(
                         channel, names.parked_queue) != len(ids):
                     await asyncio.sleep(0.02)
             return moved
@@ -290,7 +277,7 @@ async def test_cancelled_replay_neither_duplicates_nor_drops(
         for stop_at in (5, 60):  # from outside
             task = asyncio.create_task(dlq.replay(settings))
             async with asyncio.timeout(30):
-                while await depth(channel, work) < stop_at:
+                while await queue_depth(channel, work) < stop_at:
                     await asyncio.sleep(0.005)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -340,7 +327,7 @@ async def test_killed_replay_process_neither_duplicates_nor_drops(
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             async with asyncio.timeout(30):
-                while await depth(channel, names.work_queue("chat")) < 20:
+                while await queue_depth(channel, names.work_queue("chat")) < 20:
                     await asyncio.sleep(0.005)
             proc.kill()  # SIGKILL: no cleanup, the socket just closes
         finally:
@@ -349,10 +336,10 @@ async def test_killed_replay_process_neither_duplicates_nor_drops(
             await proc.communicate()
         assert proc.returncode == -signal.SIGKILL
         async with asyncio.timeout(10):  # the broker notices the closed socket at once
-            while (await depth(channel, names.work_queue("chat"))
-                   + await depth(channel, names.parked_queue)) != len(ids):
+            while (await queue_depth(channel, names.work_queue("chat"))
+                   + await queue_depth(channel, names.parked_queue)) != len(ids):
                 await asyncio.sleep(0.05)
-        moved = await depth(channel, names.work_queue("chat"))
+        moved = await queue_depth(channel, names.work_queue("chat"))
         assert 20 <= moved < len(ids), "the replay finished before it could be killed"
         census = await _census(channel, names)
     assert census == Counter(ids)
@@ -374,20 +361,20 @@ async def test_purge_asks_refuses_without_a_terminal_and_empties(
         # No terminal, no --yes: refused, untouched.
         code, out, err = await run_hutch(["dlq", "purge", "-c", config], hutch_env)
         assert code == 2 and "--yes" in err and "Traceback" not in err, out + err
-        assert await depth(channel, names.parked_queue) == 4
+        assert await queue_depth(channel, names.parked_queue) == 4
         # A terminal: it asks; "n" keeps them, "y" purges.
         code, out = await _on_terminal(["dlq", "purge", "-c", config], "n\n", hutch_env)
         assert f"purge 4 parked messages from {names.parked_queue}? [y/N]" in out
-        assert code == 1 and await depth(channel, names.parked_queue) == 4
+        assert code == 1 and await queue_depth(channel, names.parked_queue) == 4
         code, out = await _on_terminal(["dlq", "purge", "-c", config], "y\n", hutch_env)
         assert code == 0 and f"purged 4 parked messages from {names.parked_queue}" in out
-        assert await depth(channel, names.parked_queue) == 0
+        assert await queue_depth(channel, names.parked_queue) == 0
         # --yes: no question.
         for i in range(2):
             await park_raw(channel, names, f"q{i}")
         code, out, err = await run_hutch(["dlq", "purge", "-c", config, "--yes"], hutch_env)
         assert (code, out.strip()) == (0, f"purged 2 parked messages from {names.parked_queue}")
-        assert await depth(channel, names.parked_queue) == 0
+        assert await queue_depth(channel, names.parked_queue) == 0
         assert await dlq.purge(settings) == 0
 
 

@@ -21,8 +21,7 @@ from pipeline.client import HutchClient
 from pipeline.exceptions import BackendError
 from pipeline.metrics import Metrics
 from pipeline.settings import BackendSettings
-from tests.conftest import SettingsFactory, running_worker
-from tests.test_pipeline import amqp, drain_queue
+from tests.conftest import SettingsFactory, amqp, drain_queue, running_worker
 from topology.apply import apply_topology
 from topology.names import Names
 

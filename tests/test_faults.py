@@ -12,8 +12,7 @@ from pipeline.client import HutchClient, Reply
 from pipeline.exceptions import RequestFailed
 from pipeline.metrics import Metrics
 from pipeline.mock_backend import MockBackend, MockConfig
-from tests.conftest import SettingsFactory, running_worker
-from tests.test_pipeline import amqp, drain_queue
+from tests.conftest import SettingsFactory, amqp, drain_queue, running_worker
 from topology.apply import apply_topology
 from topology.names import Names
 

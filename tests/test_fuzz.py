@@ -39,12 +39,12 @@ from urllib.parse import quote
 
 import aio_pika
 import httpx
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from pipeline import protocol as p
 from pipeline.client import HutchClient
 from pipeline.mock_backend import MockBackend, MockConfig
-from tests.conftest import SettingsFactory, running_worker
+from tests.conftest import SettingsFactory, amqp, queue_depth, running_worker
 from topology.apply import apply_topology
 from topology.names import Names
 
@@ -502,16 +502,6 @@ def _group(defect: str) -> str:
 # -- plumbing ---------------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def _amqp(url: str) -> AsyncIterator[AbstractConnection]:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        yield connection
-
-
-async def _depth(channel: AbstractChannel, name: str) -> int:
-    queue = await channel.declare_queue(name, passive=True)
-    return queue.declaration_result.message_count or 0
 
 
 def _header_text(value: Any) -> str:
@@ -548,7 +538,7 @@ async def test_fuzz_malformed_messages_among_valid_requests(
             else:
                 strays.append(message)
 
-        async with running_worker(settings) as worker, _amqp(settings.amqp_url) as conn, \
+        async with running_worker(settings) as worker, amqp(settings.amqp_url) as conn, \
                 HutchClient.from_settings(settings) as client:
             worker_task = next(task for task in asyncio.all_tasks()
                                if getattr(task.get_coro(), "__qualname__", "") == "Worker.run")
@@ -597,7 +587,7 @@ async def test_fuzz_malformed_messages_among_valid_requests(
                 results = await asyncio.gather(*(job() for job in jobs))
                 chats = [r for r in results if isinstance(r, str)]
                 while (len(replies) < expected_replies
-                       or await _depth(channel, names.parked_queue) < len(malformed)):
+                       or await queue_depth(channel, names.parked_queue) < len(malformed)):
                     assert not worker_task.done(), "the worker stopped"
                     await asyncio.sleep(0.1)
             # Nothing more may arrive: no duplicates, no loops, no late replies.
@@ -609,9 +599,9 @@ async def test_fuzz_malformed_messages_among_valid_requests(
             parked_queue = await channel.declare_queue(names.parked_queue, passive=True)
             while (message := await parked_queue.get(fail=False, no_ack=True)) is not None:
                 parked.append(message)
-            work_depth = await _depth(channel, names.work_queue("chat"))
-            triage_depth = await _depth(channel, names.triage_queue)
-            victim_depth = await _depth(channel, victim_queue)
+            work_depth = await queue_depth(channel, names.work_queue("chat"))
+            triage_depth = await queue_depth(channel, names.triage_queue)
+            victim_depth = await queue_depth(channel, victim_queue)
             await victim.delete(if_unused=False, if_empty=False)
 
     # -- what became of everything ------------------------------------------------------
@@ -732,7 +722,7 @@ class Rig:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 while (sum(len(v) for v in self.replies.values()) < replies
-                       or await _depth(self.channel, self.names.parked_queue) < parked):
+                       or await queue_depth(self.channel, self.names.parked_queue) < parked):
                     await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)
 
@@ -773,7 +763,7 @@ async def rig(make_settings: SettingsFactory, mock_config: MockConfig | None = N
         settings = make_settings([("b1", mock.base_url, 8)], **overrides)
         names = Names(settings.prefix)
         await apply_topology(settings)
-        async with running_worker(settings), _amqp(settings.amqp_url) as conn:
+        async with running_worker(settings), amqp(settings.amqp_url) as conn:
             channel = await conn.channel(publisher_confirms=True)
             reply_queue = names.reply_queue("known-bugs")
             queue = await channel.declare_queue(reply_queue, exclusive=True)

@@ -3,56 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from pipeline import protocol as p
 from pipeline.exceptions import BackendError, DeadlineExceededError, QueueFullError
 from pipeline.metrics import Metrics
 from pipeline.mock_backend import MockBackend, MockConfig
-from tests.conftest import SettingsFactory, hutch, running_worker
+from tests.conftest import (
+    SettingsFactory,
+    amqp,
+    body,
+    drain_queue,
+    hutch,
+    queue_depth,
+    running_worker,
+    wait_for,
+)
 from topology.apply import apply_topology
 from topology.names import Names
 
 USER = [{"role": "user", "content": "hello"}]
-
-
-@contextlib.asynccontextmanager
-async def amqp(url: str) -> AsyncIterator[AbstractConnection]:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        yield connection
-
-
-def body(model: str = "mock-small", content: str = "hello") -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": content}]}
-
-
-async def drain_queue(channel: AbstractChannel, name: str) -> list[AbstractIncomingMessage]:
-    """Everything currently in a queue, by basic.get (acked)."""
-    queue = await channel.declare_queue(name, passive=True)
-    out = []
-    while (message := await queue.get(fail=False, no_ack=True)) is not None:
-        out.append(message)
-    return out
-
-
-async def queue_depth(channel: AbstractChannel, name: str) -> int:
-    queue = await channel.declare_queue(name, passive=True)
-    return queue.declaration_result.message_count or 0
-
-
-async def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> None:
-    async with asyncio.timeout(timeout):
-        while not await predicate():
-            await asyncio.sleep(interval)
 
 
 async def test_reply_carries_completion_and_timings(make_settings: SettingsFactory,
