@@ -187,6 +187,32 @@ def _non_negative(value: str) -> int:
     return number
 
 
+def _cmd_pool(args: argparse.Namespace) -> int:
+    from pipeline.pause import pause_pool, paused_pools, resume_pool
+
+    settings = _settings(args)
+    if args.pool_command == "list":
+        paused = set(asyncio.run(paused_pools(settings)))
+        for pool in settings.pools:
+            state = "paused" if pool.name in paused else "running"
+            print(f"{pool.name:<24} {state:<8} models: {', '.join(pool.models)}")
+        return 0
+    try:
+        settings.pool(args.pool)
+    except KeyError:
+        known = ", ".join(p.name for p in settings.pools) or "none"
+        raise ConfigError(f"no pool named {args.pool!r} in {args.config} (pools: {known})"
+                          ) from None
+    if args.pool_command == "pause":
+        asyncio.run(pause_pool(settings, args.pool))
+        print(f"pool {args.pool!r} paused: workers stop taking its requests within "
+              f"~{settings.lease_retry_s * 2:g} s; requests wait in its queue")
+    else:
+        asyncio.run(resume_pool(settings, args.pool))
+        print(f"pool {args.pool!r} resumed")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hutch", description="Hutch: a RabbitMQ request queue for LLM backends.")
@@ -222,6 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
     mock = sub.add_parser("mock-backend", help="run the OpenAI-compatible mock backend")
     mock_backend.add_arguments(mock)
     mock.set_defaults(func=_cmd_mock_backend)
+
+    pool = sub.add_parser("pool", help="pause, resume or list pools")
+    pool_sub = pool.add_subparsers(dest="pool_command", required=True)
+    for action, text in (("pause", "stop taking the pool's requests (they wait queued)"),
+                         ("resume", "take the pool's requests again")):
+        cmd = pool_sub.add_parser(action, help=text)
+        config_arg(cmd)
+        cmd.add_argument("pool", help="pool name")
+        cmd.set_defaults(func=_cmd_pool)
+    pool_list = pool_sub.add_parser("list", help="each pool, running or paused")
+    config_arg(pool_list)
+    pool_list.set_defaults(func=_cmd_pool)
 
     demo = sub.add_parser("demo", help="show priorities overtaking a saturated backlog")
     demo.add_argument("--low", type=int, default=60, help="low-priority requests (burst)")

@@ -41,6 +41,7 @@ from pipeline.dispatch import Dispatcher
 from pipeline.exceptions import TopologyError
 from pipeline.log import get_logger
 from pipeline.metrics import Metrics
+from pipeline.pause import is_paused
 from pipeline.replies import Publisher
 from pipeline.settings import BackendSettings, PoolSettings, Settings
 from pipeline.triage import Triage
@@ -75,13 +76,15 @@ class _BackendSlot:
         self.held = False
         #: Set by the rebalancer: finish in-flight work, free the lease, stay away a while.
         self.releasing = False
+        #: The pool is paused (see pipeline.pause): consume nothing, hand requests back.
+        self.paused = False
         self._state_metric = worker.metrics.backend_state.labels(settings.name)
         self._state_metric.set(self.gate.state_code)
 
     # -- BackendHealth --------------------------------------------------------------
 
     def available(self) -> bool:
-        return self.gate.capacity(self.settings.max_concurrency) > 0
+        return not self.paused and self.gate.capacity(self.settings.max_concurrency) > 0
 
     def success(self) -> None:
         self._report(self.gate.success)
@@ -174,7 +177,7 @@ class _BackendSlot:
         capacity = self.worker.metrics.capacity.labels(self.settings.name)
         while not consumer.closed.is_set() and not self.releasing:
             self.changed.clear()
-            want = self.gate.capacity(cap)
+            want = 0 if self.paused else self.gate.capacity(cap)
             current = consumer.prefetch if consumer.consuming else 0
             if want != current:
                 if consumer.consuming:
@@ -188,7 +191,7 @@ class _BackendSlot:
                          state=str(self.gate.state))
             # Wake on a state change, on the channel closing, or when an open circuit or
             # a throttle is due to end (the gate reads as half-open/closed by the clock).
-            timeout = self.gate.available_in() if want == 0 else None
+            timeout = self.gate.available_in() if want == 0 and not self.paused else None
             waiters = {asyncio.ensure_future(self.changed.wait()),
                        asyncio.ensure_future(consumer.closed.wait())}
             try:
@@ -302,6 +305,8 @@ class Worker:
                     functools.partial(slot.run, connection, dispatchers[slot.pool.name]))))
             tasks.append(asyncio.create_task(self._guard("rebalance",
                                                          lambda: self._rebalance(connection))))
+            tasks.append(asyncio.create_task(self._guard("pauses",
+                                                         lambda: self._watch_pauses(connection))))
             log.info("worker.ready", backends=len(self._slots), vhost=self.settings.vhost)
             self.ready.set()
             stop_wait = asyncio.create_task(self._stopping.wait())
@@ -349,6 +354,23 @@ class Worker:
         if not all(results):
             log.warning("worker.grace_expired", unfinished=self._in_flight(),
                         note="unfinished requests are redelivered by the broker")
+
+    async def _watch_pauses(self, connection: AbstractConnection) -> None:
+        """Follow the pause flags (queues named <prefix>.paused.<pool>)."""
+        interval = self.settings.lease_retry_s * 2
+        while True:
+            for pool in self.settings.pools:
+                channel = await connection.channel(publisher_confirms=False)
+                paused = await is_paused(channel, self.names, pool.name)
+                if not channel.is_closed:
+                    await channel.close()
+                for slot in self._slots:
+                    if slot.pool.name == pool.name and slot.paused != paused:
+                        slot.paused = paused
+                        slot.changed.set()
+                        log.warning("pool.paused" if paused else "pool.resumed",
+                                    pool=pool.name, backend=slot.settings.name)
+            await asyncio.sleep(interval)
 
     async def _rebalance(self, connection: AbstractConnection) -> None:
         """Spread leases over the replicas: each worker consumes the triage queue once, so

@@ -50,6 +50,11 @@ class Names:
         """A retry tier: a fixed x-message-ttl, then dead-lettered to the request exchange."""
         return f"{self.prefix}.retry.{delay_ms}ms"
 
+    def pause_queue(self, pool: str) -> str:
+        """While this (empty, durable) queue exists, workers take no new work from
+        ``pool``: an operator can pause a pool in the management UI by creating it."""
+        return f"{self.prefix}.paused.{pool}"
+
     def work_queue(self, pool: str) -> str:
         return f"{self.prefix}.work.{pool}"
 

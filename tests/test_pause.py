@@ -1,0 +1,59 @@
+"""Pausing a pool: requests wait in its queue, across worker restarts, until resumed."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from pipeline.client import HutchClient
+from pipeline.metrics import Metrics
+from pipeline.mock_backend import MockBackend
+from tests.conftest import (
+    SettingsFactory,
+    amqp,
+    queue_depth,
+    run_hutch,
+    running_worker,
+    write_config,
+)
+from topology.apply import apply_topology
+from topology.names import Names
+
+
+async def test_paused_pool_keeps_requests_queued_until_resumed(
+        make_settings: SettingsFactory, mock: MockBackend, tmp_path: Path,
+        hutch_env: dict[str, str]) -> None:
+    settings = make_settings([("b1", mock.base_url, 4)], lease_retry_s=0.2)
+    names = Names(settings.prefix)
+    backend = settings.pools[0].backends[0].name
+    config = str(write_config(tmp_path / "hutch.toml", settings))
+    await apply_topology(settings)
+    code, out, _ = await run_hutch(["pool", "pause", "-c", config, "chat"], hutch_env)
+    assert code == 0 and "paused" in out
+    code, out, _ = await run_hutch(["pool", "list", "-c", config], hutch_env)
+    assert "paused" in out
+    metrics = Metrics()
+    async with HutchClient.from_settings(settings) as client, \
+            amqp(settings.amqp_url) as conn:
+        channel = await conn.channel()
+        async with running_worker(settings, metrics=metrics):
+            await asyncio.sleep(0.6)  # the worker has seen the flag
+            assert metrics.registry.get_sample_value(
+                "hutch_backend_capacity", {"backend": backend}) == 0
+            pending = [asyncio.create_task(client.chat(
+                model="mock-small", timeout=60,
+                messages=[{"role": "user", "content": f"r{i}"}])) for i in range(10)]
+            await asyncio.sleep(1.0)
+            assert await queue_depth(channel, names.work_queue("chat")) == 10
+            assert mock.stats()["served"] == 0
+        # A new worker still sees the pool paused.
+        async with running_worker(settings):
+            await asyncio.sleep(0.8)
+            assert await queue_depth(channel, names.work_queue("chat")) == 10
+            code, _, _ = await run_hutch(["pool", "resume", "-c", config, "chat"], hutch_env)
+            assert code == 0
+            done = await asyncio.gather(*pending)
+    assert [c.choices[0].message.content for c in done] == [
+        f"mock reply to: r{i}" for i in range(10)]
+    code, _, err = await run_hutch(["pool", "pause", "-c", config, "nope"], hutch_env)
+    assert code == 2 and "no pool named 'nope'" in err
