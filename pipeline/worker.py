@@ -297,6 +297,7 @@ class Worker:
             self._triage = TrackedConsumer(await connection.channel(), self.names.triage_queue,
                                            self.settings.triage_prefetch, triage.handle)
             await self._triage.start()
+            await self._check_pauses(connection)  # before any consumer starts
             dispatchers = {pool.name: Dispatcher(self.settings, pool, publisher, self.metrics)
                            for pool in self.settings.pools}
             for slot in self._slots:
@@ -357,20 +358,22 @@ class Worker:
 
     async def _watch_pauses(self, connection: AbstractConnection) -> None:
         """Follow the pause flags (queues named <prefix>.paused.<pool>)."""
-        interval = self.settings.lease_retry_s * 2
         while True:
-            for pool in self.settings.pools:
-                channel = await connection.channel(publisher_confirms=False)
-                paused = await is_paused(channel, self.names, pool.name)
-                if not channel.is_closed:
-                    await channel.close()
-                for slot in self._slots:
-                    if slot.pool.name == pool.name and slot.paused != paused:
-                        slot.paused = paused
-                        slot.changed.set()
-                        log.warning("pool.paused" if paused else "pool.resumed",
-                                    pool=pool.name, backend=slot.settings.name)
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.settings.lease_retry_s * 2)
+            await self._check_pauses(connection)
+
+    async def _check_pauses(self, connection: AbstractConnection) -> None:
+        for pool in self.settings.pools:
+            channel = await connection.channel(publisher_confirms=False)
+            paused = await is_paused(channel, self.names, pool.name)
+            if not channel.is_closed:
+                await channel.close()
+            for slot in self._slots:
+                if slot.pool.name == pool.name and slot.paused != paused:
+                    slot.paused = paused
+                    slot.changed.set()
+                    log.warning("pool.paused" if paused else "pool.resumed",
+                                pool=pool.name, backend=slot.settings.name)
 
     async def _rebalance(self, connection: AbstractConnection) -> None:
         """Spread leases over the replicas: each worker consumes the triage queue once, so
