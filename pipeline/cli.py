@@ -213,6 +213,17 @@ def _cmd_pool(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.status import format_status, status
+
+    settings = _settings(args)
+    report = asyncio.run(status(settings, args.metrics))
+    print(json.dumps(report.as_dict(), indent=2) if args.json else format_status(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hutch", description="Hutch: a RabbitMQ request queue for LLM backends.")
@@ -248,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     mock = sub.add_parser("mock-backend", help="run the OpenAI-compatible mock backend")
     mock_backend.add_arguments(mock)
     mock.set_defaults(func=_cmd_mock_backend)
+
+    status = sub.add_parser(
+        "status", help="queue depths, consumers, backends' in-flight and capacity, parked")
+    config_arg(status)
+    status.add_argument("--metrics", "-m", action="append", default=[], metavar="URL",
+                        help="a worker's metrics endpoint (host:port, http://host:port or a "
+                             "full URL); repeat for every replica")
+    status.add_argument("--json", action="store_true", help="print the report as JSON")
+    status.set_defaults(func=_cmd_status)
 
     pool = sub.add_parser("pool", help="pause, resume or list pools")
     pool_sub = pool.add_subparsers(dest="pool_command", required=True)

@@ -32,7 +32,7 @@ from pipeline import protocol as p
 from pipeline.backends import Backend, BackendResult
 from pipeline.exceptions import BackendCallError, RetryableError, ThrottledError
 from pipeline.log import get_logger
-from pipeline.metrics import Metrics
+from pipeline.metrics import Metrics, retry_reason
 from pipeline.models import ChatRequest
 from pipeline.replies import Failure, Publisher, ReplyInfo
 from pipeline.settings import PoolSettings, Settings
@@ -128,6 +128,7 @@ class _Retry:
 
     delay_ms: int
     error: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -172,8 +173,8 @@ class Dispatcher:
         sent_at = p.sent_at_ms(headers, timestamp)
         if sent_at is not None:
             info.queue_wait_ms = max(0, p.now_ms() - sent_at)
-            self._metrics.queue_wait.labels(self._pool.name, str(message.priority or 0)
-                                            ).observe(info.queue_wait_ms / 1000)
+            self._metrics.queue_waited(self._pool.name, message.priority,
+                                       info.queue_wait_ms / 1000)
         in_flight = self._metrics.in_flight.labels(backend.name)
         in_flight.inc()
         try:
@@ -247,13 +248,14 @@ class Dispatcher:
             await message.ack()
             return
         info.backend_ms = int(outcome.elapsed_s * 1000)
+        self._metrics.tokens(self._pool.name, checked.model, outcome.completion.usage)
         if await self._publisher.reply_ok(message, outcome.body, info):
-            self._metrics.requests.labels(self._pool.name, "ok").inc()
+            self._metrics.finished(self._pool.name, message, "ok")
         else:
             failure = Failure(p.ParkReason.NO_REPLY_TO, p.ErrorCode.BACKEND_ERROR,
                               f"the completion could not be delivered: reply queue "
                               f"{message.reply_to!r} does not exist")
-            self._metrics.requests.labels(self._pool.name, "undeliverable").inc()
+            self._metrics.finished(self._pool.name, message, "undeliverable")
             await self._publisher.park(message, failure, info)
         await message.ack()
 
@@ -267,7 +269,7 @@ class Dispatcher:
         if deadline_ms is not None:
             new_headers[p.H_DEADLINE] = deadline_ms  # survives the trip; expiration does not
         await self._publisher.retry(message, new_headers, retry.delay_ms)
-        self._metrics.retries.labels(self._pool.name, str(retry.delay_ms)).inc()
+        self._metrics.retried_tier(self._pool.name, retry.delay_ms, retry.reason)
         log.info("request.retry_later", pool=self._pool.name, backend=info.backend,
                  correlation_id=message.correlation_id, attempts=info.attempts,
                  delay_ms=retry.delay_ms, error=retry.error[:200])
@@ -293,6 +295,7 @@ class Dispatcher:
             stop=stop_any(stop_after_attempt(budget), _StopAtDeadline(deadline)),
             wait=_wait,
             # A 429 is not retried here: the backend asked for time, another may answer.
+            before_sleep=self._metrics.before_sleep(self._pool.name),
             retry=retry_if_exception_type(RetryableError)
             & retry_if_not_exception_type(ThrottledError),
             reraise=True,
@@ -336,7 +339,7 @@ class Dispatcher:
                 delay = self._retry_delay(_count(message.headers or {}, p.H_RETRIES, 1000))
                 remaining = deadline.remaining()
                 if delay is not None and (remaining is None or remaining * 1000 > delay):
-                    return _Retry(delay, exc.message)
+                    return _Retry(delay, exc.message, retry_reason(exc))
             extra = {"status": exc.status} if exc.status is not None else {}
             return Failure(p.ParkReason.BACKEND_ERROR, p.ErrorCode.BACKEND_ERROR,
                            f"{exc.message} (after {info.attempts} attempt{plural})", extra)

@@ -1,57 +1,297 @@
 """Prometheus metrics, in one place.
 
-Each worker process exports these on ``--metrics-port``. Labels are bounded sets (pool,
-backend, outcome, priority): never a request id, a model name typed by a client, or
-anything secret.
+Each worker process exports these on ``--metrics-port``. Labels are bounded sets: pools,
+backends and models come from the configuration (:meth:`Metrics.configure`), priorities
+are clamped to ``0..max_priority``, outcomes and reasons are the wire contract's codes.
+A pool or model the configuration does not name (a client typed it, or forged a header)
+is counted as ``-`` or ``unknown``: never a request id, a client-typed name, or anything
+secret. The helper methods do this normalising, so call sites stay one line each.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
 
-__all__ = ["Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from tenacity import RetryCallState
+
+from pipeline import protocol as p
+from pipeline.exceptions import BackendCallError, ThrottledError
+from pipeline.models import Usage
+from pipeline.settings import Settings
+
+__all__ = [
+    "NO_POOL",
+    "UNKNOWN_MODEL",
+    "MetricInfo",
+    "Metrics",
+    "MetricsServer",
+    "retry_reason",
+    "seconds_since_sent",
+]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+#: The ``pool`` label of what belongs to no configured pool (unknown models, forged headers).
+NO_POOL = "-"
+#: The ``model`` label of a model the configuration does not name.
+UNKNOWN_MODEL = "unknown"
+#: Highest priority label before :meth:`Metrics.configure` (AMQP's own maximum).
+_AMQP_MAX_PRIORITY = 255
+
+
+class _Delivery(Protocol):
+    """What :meth:`Metrics.finished` reads from a delivery (an aio-pika incoming message)."""
+
+    @property
+    def routing_key(self) -> str | None: ...
+    @property
+    def priority(self) -> int | None: ...
+    @property
+    def headers(self) -> Mapping[str, Any] | None: ...
+    @property
+    def timestamp(self) -> datetime | None: ...
+
+
+def seconds_since_sent(message: _Delivery, now_ms: int | None = None) -> float | None:
+    """Seconds since the request was published (``x-hutch-sent-at``, else the AMQP
+    timestamp), or None when it carries neither; never negative (clocks differ)."""
+    timestamp = message.timestamp.timestamp() if message.timestamp else None
+    sent = p.sent_at_ms(message.headers or {}, timestamp)
+    if sent is None:
+        return None
+    return max(0, (p.now_ms() if now_ms is None else now_ms) - sent) / 1000
+
+
+def retry_reason(exc: BaseException | None) -> str:
+    """Why a backend call is retried, as a bounded label: ``timeout``, ``unreachable``,
+    ``invalid_completion`` (HTTP 200 with a body that is no completion), ``throttled``,
+    ``http_408`` or ``http_5xx`` codes (``http_500`` .. ``http_599``), else ``other``."""
+    if isinstance(exc, ThrottledError):
+        return "throttled"
+    if not isinstance(exc, BackendCallError):
+        return "other"
+    status = exc.status
+    if status is None:
+        # pipeline.backends words these two; see tests/test_metrics.py, which keeps them in step.
+        return "timeout" if "timed out" in exc.message else "unreachable"
+    if status == 200:
+        return "invalid_completion"
+    if status == 408 or 500 <= status <= 599:
+        return f"http_{status}"
+    return "other"
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """One exported metric family: what the README documents and the dashboard may query."""
+
+    name: str  # as exported: counters with their _total suffix
+    type: str  # counter, gauge or histogram
+    labels: tuple[str, ...]
+    help: str
+
+    def sample_names(self) -> set[str]:
+        """The sample names Prometheus sees (histograms: _bucket, _sum, _count)."""
+        if self.type == "histogram":
+            return {self.name + suffix for suffix in ("_bucket", "_sum", "_count")}
+        return {self.name}
+
+
+@dataclass
+class MetricsServer:
+    """The HTTP server of :meth:`Metrics.serve`: its port (useful with port 0) and a stop."""
+
+    port: int
+    _shutdown: Callable[[], None]
+    _thread: threading.Thread
+
+    def close(self) -> None:
+        self._shutdown()
+        self._thread.join(timeout=5)
 
 
 class Metrics:
     """The worker's metrics, on a registry of its own (tests run several workers)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 settings: Settings | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
+        self._pools: set[str] = set()
+        self._models: set[str] = set()
+        self._max_priority = _AMQP_MAX_PRIORITY
+        self._configured = False
+        #: Every family, in the order the README lists them.
+        self.catalog: list[MetricInfo] = []
+        counter, gauge, histogram = self._counter, self._gauge, self._histogram
+        # -- requests ----------------------------------------------------------------------
+        self.requests = counter(
             "hutch_requests", "Requests finished, by pool and outcome "
-            "(ok, or the error code of the reply).", ["pool", "outcome"], registry=r)
-        self.queue_wait = Histogram(
+            "(ok, or the error code of the reply).", ["pool", "outcome"])
+        self.request_outcomes = counter(
+            "hutch_request_outcomes", "Requests finished, by pool, model, priority and "
+            "outcome (model 'unknown' if the configuration does not name it).",
+            ["pool", "model", "priority", "outcome"])
+        self.queue_wait = histogram(
             "hutch_queue_wait_seconds", "Time from publish to delivery to a worker.",
-            ["pool", "priority"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.backend_latency = Histogram(
+            ["pool", "priority"])
+        self.end_to_end = histogram(
+            "hutch_end_to_end_seconds", "Time from publish to the request's reply (or other "
+            "final outcome) being published, retries included.",
+            ["pool", "priority"])
+        self.tokens_used = counter(
+            "hutch_tokens", "Tokens of successful completions, from their usage, by pool, "
+            "model and kind (prompt, completion).", ["pool", "model", "kind"])
+        # -- backends ----------------------------------------------------------------------
+        self.backend_latency = histogram(
             "hutch_backend_latency_seconds", "Duration of successful backend calls.",
-            ["backend"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.in_flight = Gauge(
+            ["backend"])
+        self.in_flight = gauge(
             "hutch_backend_in_flight", "Requests this worker has at the backend now.",
-            ["backend"], registry=r)
-        self.capacity = Gauge(
+            ["backend"])
+        self.capacity = gauge(
             "hutch_backend_capacity", "The backend's max_concurrency while this worker holds "
-            "its lease, else 0.", ["backend"], registry=r)
-        self.lease_held = Gauge(
+            "its lease, else 0.", ["backend"])
+        self.lease_held = gauge(
             "hutch_backend_lease_held", "1 while this worker holds the backend's lease.",
-            ["backend"], registry=r)
-        self.backend_errors = Counter(
+            ["backend"])
+        self.backend_errors = counter(
             "hutch_backend_errors", "Failed backend calls (each attempt), by kind.",
-            ["backend", "kind"], registry=r)
-        self.retries = Counter(
-            "hutch_retries", "Requests sent to a delayed retry tier, by pool and tier (ms).",
-            ["pool", "tier"], registry=r)
-        self.backend_state = Gauge(
+            ["backend", "kind"])
+        self.backend_state = gauge(
             "hutch_backend_state", "Backend availability as this worker sees it: 0 closed "
             "(serving), 1 half-open (probing), 2 open (circuit broken), 3 throttled (429).",
-            ["backend"], registry=r)
-        self.parked = Counter(
-            "hutch_parked", "Messages moved to the parking lot, by reason.", ["reason"],
-            registry=r)
+            ["backend"])
+        # -- retries and the parking lot -----------------------------------------------------
+        self.retries = counter(
+            "hutch_retries", "Requests sent to a delayed retry tier, by pool and tier (ms).",
+            ["pool", "tier"])
+        self.retries_by_reason = counter(
+            "hutch_retries_by_reason", "Retries by pool, stage (in_process: another attempt "
+            "on the same slot; tier: a trip through a retry tier) and reason.",
+            ["pool", "stage", "reason"])
+        self.parked = counter(
+            "hutch_parked", "Messages moved to the parking lot, by reason.", ["reason"])
+        if settings is not None:
+            self.configure(settings)
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        """Expose ``/metrics`` over HTTP (a daemon thread; it dies with the process)."""
-        start_http_server(port, addr=addr, registry=self.registry)
+    def _record(self, name: str, kind: str, help_text: str, labels: list[str]) -> None:
+        exported = name + "_total" if kind == "counter" else name
+        self.catalog.append(MetricInfo(exported, kind, tuple(labels), help_text))
+
+    def _counter(self, name: str, help_text: str, labels: list[str]) -> Counter:
+        self._record(name, "counter", help_text, labels)
+        return Counter(name, help_text, labels, registry=self.registry)
+
+    def _gauge(self, name: str, help_text: str, labels: list[str]) -> Gauge:
+        self._record(name, "gauge", help_text, labels)
+        return Gauge(name, help_text, labels, registry=self.registry)
+
+    def _histogram(self, name: str, help_text: str, labels: list[str]) -> Histogram:
+        self._record(name, "histogram", help_text, labels)
+        return Histogram(name, help_text, labels, buckets=_LATENCY_BUCKETS,
+                         registry=self.registry)
+
+    # -- configuration and labels -------------------------------------------------------------
+
+    def configure(self, settings: Settings) -> None:
+        """Learn the pools, models and backends that may appear as labels, and start every
+        backend's gauges at 0 so dashboards and ``hutch status`` see all of them at once.
+        Calling it again (another worker on the same registry) adds to what it knows."""
+        self._pools.update(pool.name for pool in settings.pools)
+        self._models.update(model for pool in settings.pools for model in pool.models)
+        first = not self._configured
+        self._configured = True
+        self._max_priority = (settings.max_priority if first
+                              else max(self._max_priority, settings.max_priority))
+        for pool in settings.pools:
+            for backend in pool.backends:
+                for gauge in (self.in_flight, self.capacity, self.lease_held):
+                    gauge.labels(backend.name)
+
+    def pool_label(self, pool: str | None) -> str:
+        return pool if pool in self._pools else NO_POOL
+
+    def model_label(self, model: str | None) -> str:
+        return model if model in self._models else UNKNOWN_MODEL
+
+    def priority_label(self, priority: int | None) -> str:
+        """The AMQP priority as the queue sees it: 0..max_priority (higher counts as max)."""
+        return str(max(0, min(priority or 0, self._max_priority)))
+
+    # -- one-line helpers for the call sites -----------------------------------------------------
+
+    def queue_waited(self, pool: str, priority: int | None, seconds: float) -> None:
+        """A delivery arrived ``seconds`` after its request was published."""
+        self.queue_wait.labels(self.pool_label(pool), self.priority_label(priority)
+                               ).observe(max(0.0, seconds))
+
+    def request_done(self, pool: str, model: str | None, priority: int | None, outcome: str,
+                     e2e_s: float | None = None) -> None:
+        """A request reached its one final outcome (``ok``, or the reply's error code)."""
+        pool_label = self.pool_label(pool)
+        priority_label = self.priority_label(priority)
+        self.requests.labels(pool_label, outcome).inc()
+        self.request_outcomes.labels(pool_label, self.model_label(model), priority_label,
+                                     outcome).inc()
+        if e2e_s is not None:
+            self.end_to_end.labels(pool_label, priority_label).observe(max(0.0, e2e_s))
+
+    def finished(self, pool: str, message: _Delivery, outcome: str) -> None:
+        """:meth:`request_done` for a delivery: the model is its routing key (requests are
+        routed by model; retries and dead letters keep it), the priority and publish time
+        are its own. Call it once the reply (or the final outcome) is published."""
+        self.request_done(pool, message.routing_key, message.priority, outcome,
+                          seconds_since_sent(message))
+
+    def tokens(self, pool: str, model: str | None, usage: Usage | None) -> None:
+        """Count a completion's prompt and completion tokens (nothing if it has no usage)."""
+        if usage is None:
+            return
+        pool_label, model_label = self.pool_label(pool), self.model_label(model)
+        for kind, count in (("prompt", usage.prompt_tokens),
+                            ("completion", usage.completion_tokens)):
+            if count > 0:
+                self.tokens_used.labels(pool_label, model_label, kind).inc(count)
+
+    def retried_in_process(self, pool: str, exc: BaseException | None) -> None:
+        """Another attempt follows on the slot the delivery holds."""
+        self.retries_by_reason.labels(self.pool_label(pool), "in_process",
+                                      retry_reason(exc)).inc()
+
+    def before_sleep(self, pool: str) -> Callable[[RetryCallState], None]:
+        """A tenacity ``before_sleep`` hook: counts each in-process retry by its reason."""
+
+        def hook(state: RetryCallState) -> None:
+            outcome = state.outcome
+            self.retried_in_process(pool, outcome.exception() if outcome is not None else None)
+
+        return hook
+
+    def retried_tier(self, pool: str, tier_ms: int, reason: str) -> None:
+        """The request went to the retry tier of ``tier_ms`` (``reason``: :func:`retry_reason`
+        of the failure that sent it there)."""
+        pool_label = self.pool_label(pool)
+        self.retries.labels(pool_label, str(tier_ms)).inc()
+        self.retries_by_reason.labels(pool_label, "tier", reason).inc()
+
+    # -- export ------------------------------------------------------------------------------
+
+    def names(self) -> set[str]:
+        """Every sample name this worker exports (``_total``, ``_bucket``, ... included)."""
+        return {name for info in self.catalog for name in info.sample_names()}
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> MetricsServer:
+        """Expose ``/metrics`` over HTTP (a daemon thread; it dies with the process).
+        Port 0 picks a free port: the returned server says which."""
+        server, thread = start_http_server(port, addr=addr, registry=self.registry)
+
+        def shutdown() -> None:
+            server.shutdown()
+            server.server_close()
+
+        return MetricsServer(int(server.server_port), shutdown, thread)

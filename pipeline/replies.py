@@ -185,5 +185,5 @@ class Publisher:
             delivered = await self.reply_error(request, failure, info)
             if not delivered:
                 failure.message += f" (reply queue {request.reply_to!r} does not exist)"
-        self._metrics.requests.labels(info.pool, str(failure.code)).inc()
+        self._metrics.finished(info.pool, request, str(failure.code))
         await self.park(request, failure, info)

@@ -211,6 +211,7 @@ class Worker:
         self.settings = settings
         self.names = Names(settings.prefix)
         self.metrics = metrics or Metrics()
+        self.metrics.configure(settings)
         self._transport_factory = transport_factory
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()

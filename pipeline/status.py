@@ -1,0 +1,286 @@
+"""``hutch status``: the state of the pipeline at a glance, as tables.
+
+Queue depths, consumers and policies come from the broker's management API (its numbers
+are refreshed every few seconds, RabbitMQ's ``collect_statistics_interval``). What the
+broker cannot know, each backend's requests in flight, its capacity now, who holds its
+lease and its circuit state, comes from the workers' ``/metrics``: one URL per replica,
+summed (in flight, capacity) or told apart (the lease holder). A worker that does not
+answer is reported, not fatal: the table shows what the others said.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline.exceptions import HutchError, TopologyError
+from pipeline.settings import Settings
+from topology.management import ManagementAPI
+from topology.names import Names
+
+__all__ = [
+    "BackendStatus",
+    "QueueStatus",
+    "StatusError",
+    "StatusReport",
+    "WorkerStatus",
+    "format_status",
+    "metrics_url",
+    "status",
+]
+
+#: ``hutch_backend_state`` values (see pipeline.metrics).
+STATE_NAMES = {0: "closed", 1: "half_open", 2: "open", 3: "throttled"}
+
+_BACKEND_GAUGES = ("hutch_backend_in_flight", "hutch_backend_capacity",
+                   "hutch_backend_lease_held", "hutch_backend_state")
+
+
+class StatusError(HutchError):
+    """The status could not be read (the management API is unreachable or refuses)."""
+
+
+@dataclass
+class QueueStatus:
+    """One queue as the management API reports it (counts None: not reported yet)."""
+
+    name: str
+    role: str  # "work", "triage", "retry" or "parked"
+    pool: str | None = None
+    exists: bool = True
+    messages: int | None = None
+    ready: int | None = None
+    unacked: int | None = None
+    consumers: int | None = None
+    policy: str | None = None
+    paused: bool = False
+
+
+@dataclass
+class BackendStatus:
+    """One configured backend, as the workers' metrics report it."""
+
+    name: str
+    pool: str
+    max_concurrency: int
+    #: Requests at the backend now, summed over the workers that reported it.
+    in_flight: int | None = None
+    #: The prefetch its lease holder consumes with now (0: paused, throttled, open).
+    capacity: int | None = None
+    #: Metrics URLs of the workers holding its lease (more than one: the cap is broken).
+    holders: list[str] = field(default_factory=list)
+    #: closed, half_open, open or throttled, as its lease holder sees it.
+    state: str | None = None
+
+
+@dataclass
+class WorkerStatus:
+    url: str
+    error: str | None = None
+
+
+@dataclass
+class StatusReport:
+    vhost: str
+    queues: list[QueueStatus]
+    backends: list[BackendStatus]
+    workers: list[WorkerStatus]
+
+    def queue(self, role: str, pool: str | None = None) -> QueueStatus:
+        for queue in self.queues:
+            if queue.role == role and queue.pool == pool:
+                return queue
+        raise KeyError((role, pool))
+
+    @property
+    def parked(self) -> QueueStatus:
+        return self.queue("parked")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def metrics_url(url: str) -> str:
+    """``host:port``, ``http://host:port`` or a full URL: where a worker's metrics are."""
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    if parts.path in ("", "/"):
+        parts = parts._replace(path="/metrics")
+    return parts.geturl()
+
+
+def _count(data: dict[str, Any], key: str) -> int | None:
+    value = data.get(key)
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+async def _queue(api: ManagementAPI, vhost: str, name: str, role: str,
+                 pool: str | None = None) -> QueueStatus:
+    data = await api.get_queue(vhost, name)
+    if data is None:
+        return QueueStatus(name, role, pool, exists=False)
+    policy = data.get("policy")
+    return QueueStatus(
+        name, role, pool,
+        messages=_count(data, "messages"),
+        ready=_count(data, "messages_ready"),
+        unacked=_count(data, "messages_unacknowledged"),
+        consumers=_count(data, "consumers"),
+        policy=str(policy) if policy else None,
+    )
+
+
+async def _queues(settings: Settings) -> list[QueueStatus]:
+    names = Names(settings.prefix)
+    vhost = settings.vhost
+    base, user, password = settings.management_api()
+    delays = sorted({delay for pool in settings.pools for delay in pool.retry_delays_ms})
+    try:
+        async with ManagementAPI(base, user, password) as api:
+            await api.check()  # one clear error if the API is unreachable or refuses
+            queues = await asyncio.gather(
+                *(_queue(api, vhost, names.work_queue(pool.name), "work", pool.name)
+                  for pool in settings.pools),
+                _queue(api, vhost, names.triage_queue, "triage"),
+                *(_queue(api, vhost, names.retry_queue(delay), "retry") for delay in delays),
+                _queue(api, vhost, names.parked_queue, "parked"))
+            paused = await asyncio.gather(
+                *(api.get_queue(vhost, names.pause_queue(pool.name)) for pool in settings.pools))
+    except TopologyError as exc:
+        raise StatusError(str(exc)) from None
+    # The work queues come first, in pool order, like the pause flags.
+    for queue, flag in zip(queues[:len(paused)], paused, strict=True):
+        queue.paused = flag is not None
+    return list(queues)
+
+
+async def _scrape(http: httpx.AsyncClient, url: str
+                  ) -> tuple[WorkerStatus, dict[str, dict[str, float]]]:
+    """One worker's backend gauges: {metric: {backend: value}}."""
+    try:
+        response = await http.get(url)
+        response.raise_for_status()
+        families = list(text_string_to_metric_families(response.text))
+    except (httpx.HTTPError, ValueError) as exc:
+        return WorkerStatus(url, f"{type(exc).__name__}: {exc}"), {}
+    values: dict[str, dict[str, float]] = {name: {} for name in _BACKEND_GAUGES}
+    for family in families:
+        if family.name not in values:
+            continue
+        for sample in family.samples:
+            backend = sample.labels.get("backend")
+            if backend is not None and sample.name == family.name:
+                values[family.name][backend] = sample.value
+    return WorkerStatus(url), values
+
+
+async def _backends(settings: Settings, urls: list[str]
+                    ) -> tuple[list[BackendStatus], list[WorkerStatus]]:
+    backends = [BackendStatus(b.name, pool.name, b.max_concurrency)
+                for pool in settings.pools for b in pool.backends]
+    async with httpx.AsyncClient(timeout=5) as http:
+        scraped = await asyncio.gather(*(_scrape(http, metrics_url(url)) for url in urls))
+    for backend in backends:
+        states: list[float] = []
+        for worker, values in scraped:
+            if worker.error is not None:
+                continue
+            in_flight = values["hutch_backend_in_flight"].get(backend.name)
+            if in_flight is not None:
+                backend.in_flight = (backend.in_flight or 0) + int(in_flight)
+            capacity = values["hutch_backend_capacity"].get(backend.name)
+            if capacity is not None:
+                backend.capacity = (backend.capacity or 0) + int(capacity)
+            if values["hutch_backend_lease_held"].get(backend.name) == 1:
+                backend.holders.append(worker.url)
+                state = values["hutch_backend_state"].get(backend.name)
+                if state is not None:
+                    states.append(state)
+        if states:
+            worst = int(max(states))
+            backend.state = STATE_NAMES.get(worst, str(worst))
+    return backends, [worker for worker, _ in scraped]
+
+
+async def status(settings: Settings, worker_metrics_urls: list[str]) -> StatusReport:
+    """Read every pool's queue, the triage, retry and parking-lot queues (management API)
+    and each backend's in-flight, capacity, lease and state (the workers' metrics)."""
+    queues, (backends, workers) = await asyncio.gather(
+        _queues(settings), _backends(settings, list(worker_metrics_urls)))
+    return StatusReport(settings.vhost, queues, backends, workers)
+
+
+# -- formatting ------------------------------------------------------------------------------
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[str]], numeric: set[int]) -> list[str]:
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        cells = [cell.rjust(width) if i in numeric else cell.ljust(width)
+                 for i, (cell, width) in enumerate(zip(row, widths, strict=True))]
+        return "  ".join(cells).rstrip()
+
+    return [line(header), *(line(row) for row in rows)]
+
+
+def format_status(report: StatusReport) -> str:
+    """The report as three tables: pools, backends, the other queues; then notes."""
+    lines: list[str] = []
+    pools = [q for q in report.queues if q.role == "work"]
+    rows = [[q.pool or "-", q.name,
+             "missing" if not q.exists else ("paused" if q.paused else "running"),
+             _cell(q.messages), _cell(q.ready), _cell(q.unacked), _cell(q.consumers),
+             _cell(q.policy)] for q in pools]
+    lines += _table(["POOL", "QUEUE", "STATE", "MESSAGES", "READY", "UNACKED", "CONSUMERS",
+                     "POLICY"], rows, {3, 4, 5, 6})
+    lines.append("")
+    rows = []
+    for b in report.backends:
+        lease = ", ".join(b.holders) if b.holders else ("nobody" if report.workers else "-")
+        rows.append([b.name, b.pool, _cell(b.in_flight), _cell(b.capacity),
+                     str(b.max_concurrency), _cell(b.state), lease])
+    lines += _table(["BACKEND", "POOL", "IN FLIGHT", "CAPACITY", "MAX", "STATE",
+                     "LEASE HELD BY"], rows, {2, 3, 4})
+    lines.append("")
+    others = [q for q in report.queues if q.role != "work"]
+    rows = [[q.name, q.role, _cell(q.messages) if q.exists else "missing",
+             _cell(q.consumers) if q.exists else "-"] for q in others]
+    lines += _table(["QUEUE", "ROLE", "MESSAGES", "CONSUMERS"], rows, {2, 3})
+    lines.append("")
+    parked = report.parked
+    if parked.exists:
+        count = parked.messages
+        size = "unknown" if count is None else f"{count} message{'s' if count != 1 else ''}"
+        lines.append(f"parking lot {parked.name}: {size}")
+    else:
+        lines.append(f"parking lot {parked.name} does not exist: run `hutch topology apply`")
+    for q in pools:
+        if not q.exists:
+            lines.append(f"queue {q.name} does not exist: run `hutch topology apply`")
+    if not report.workers:
+        lines.append("in flight and capacity need the workers' metrics: pass --metrics URL "
+                     "for each worker (its --metrics-port)")
+    for worker in report.workers:
+        if worker.error is not None:
+            lines.append(f"worker metrics {worker.url}: not read ({worker.error})")
+    for b in report.backends:
+        if len(b.holders) > 1:
+            lines.append(f"backend {b.name}: {len(b.holders)} workers report its lease "
+                         "(expected one)")
+        elif report.workers and not b.holders and all(w.error is None for w in report.workers):
+            lines.append(f"backend {b.name}: no worker holds its lease (nobody serves it)")
+    return "\n".join(lines)

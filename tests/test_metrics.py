@@ -1,0 +1,501 @@
+"""The worker's metrics, the README that documents them, and the Grafana dashboard.
+
+* Every metric the dashboard queries must exist: a ``hutch_*`` name in the worker's
+  registry (histogram ``_bucket``/``_sum``/``_count`` and counter ``_total`` names
+  included), a ``rabbitmq_*`` name in the small allow-list below (each with the scrape job
+  of deploy/prometheus.yml that provides it), or Prometheus' own ``up``. Labels used in
+  selectors and ``by (...)`` must be labels of those metrics.
+* The dashboard shows every worker metric, and the README's metrics table lists each one
+  with its type and labels.
+* The label helpers keep label sets bounded; the retry reasons follow the backend's errors.
+* With the worker wired up, a real run fills the metrics (the last test).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
+
+from pipeline import protocol as p
+from pipeline.backends import Backend
+from pipeline.client import HutchClient
+from pipeline.exceptions import BackendCallError, RetryableError, UnknownModelError
+from pipeline.metrics import NO_POOL, UNKNOWN_MODEL, Metrics, retry_reason, seconds_since_sent
+from pipeline.models import Usage
+from pipeline.settings import BackendSettings, load_settings
+from tests.conftest import SettingsFactory, running_worker
+from topology.apply import apply_topology
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "hutch.json"
+PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
+README = ROOT / "README.md"
+
+#: The RabbitMQ metrics the dashboard may query: name -> (endpoint of the rabbitmq_prometheus
+#: plugin on :15692, the ``family`` parameter /metrics/detailed needs for it, its labels).
+#: Names as documented by the plugin (deps/rabbitmq_prometheus/metrics.md and
+#: metrics-detailed.md in rabbitmq-server, 3.10 onwards): /metrics is aggregated unless
+#: prometheus.return_per_object_metrics is set, so per-queue numbers come from
+#: /metrics/detailed, whose names carry the rabbitmq_detailed_ prefix. Keep it small: add a
+#: name here only with the scrape job that provides it.
+RABBITMQ_METRICS: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
+    "rabbitmq_connections": ("/metrics", None, ()),
+    "rabbitmq_global_messages_received_total": ("/metrics", None, ("protocol",)),
+    "rabbitmq_global_messages_dead_lettered_expired_total": (
+        "/metrics", None, ("queue_type", "dead_letter_strategy")),
+    "rabbitmq_global_messages_dead_lettered_maxlen_total": (
+        "/metrics", None, ("queue_type", "dead_letter_strategy")),
+    "rabbitmq_detailed_queue_messages_ready": (
+        "/metrics/detailed", "queue_coarse_metrics", ("vhost", "queue")),
+    "rabbitmq_detailed_queue_messages_unacked": (
+        "/metrics/detailed", "queue_coarse_metrics", ("vhost", "queue")),
+    "rabbitmq_detailed_queue_consumers": (
+        "/metrics/detailed", "queue_consumer_count", ("vhost", "queue")),
+}
+#: Prometheus' own series, and the labels it adds to every scraped one.
+PROMETHEUS_BUILTINS: dict[str, tuple[str, ...]] = {"up": ()}
+TARGET_LABELS = {"job", "instance"}
+
+
+# -- a small PromQL reader -------------------------------------------------------------------
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+_RANGE = re.compile(r"\[[^\]]*\]")
+_GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+_SELECTOR = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)?\s*\{([^}]*)\}")
+_MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
+_IDENT = re.compile(r"(?<![\w:$.])([a-zA-Z_:][a-zA-Z0-9_:]*)(?![\w:])(?!\s*\()")
+_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool",
+             "offset", "and", "or", "unless", "inf", "nan"}
+
+
+@dataclass
+class Query:
+    expr: str
+    names: set[str] = field(default_factory=set)
+    #: Labels matched in a selector, by metric name.
+    matchers: dict[str, set[str]] = field(default_factory=dict)
+    #: Labels of by/without/on/ignoring/group_left/group_right clauses.
+    grouping: set[str] = field(default_factory=set)
+
+
+def parse_promql(expr: str) -> Query:
+    """The metric names and labels of a PromQL expression (enough for dashboards: no
+    subqueries, no ``__name__`` selectors)."""
+    query = Query(expr)
+    text = _STRING.sub('""', expr)
+    text = _RANGE.sub("", text)
+    text = re.sub(r"\$\{?\w+\}?", "", text)  # Grafana variables
+
+    def grouping(match: re.Match[str]) -> str:
+        query.grouping |= {label.strip() for label in match.group(2).split(",") if label.strip()}
+        return " "
+
+    text = _GROUPING.sub(grouping, text)
+
+    def selector(match: re.Match[str]) -> str:
+        name = match.group(1)
+        assert name, f"a selector without a metric name: {expr}"
+        query.matchers.setdefault(name, set()).update(_MATCHER.findall(match.group(2)))
+        return f" {name} "
+
+    text = _SELECTOR.sub(selector, text)
+    query.names = {name for name in _IDENT.findall(text) if name not in _KEYWORDS}
+    return query
+
+
+def test_parse_promql() -> None:
+    query = parse_promql(
+        'histogram_quantile(0.95, sum by (le, priority) (rate(hutch_queue_wait_seconds_bucket'
+        '{pool=~"chat|x", priority!="0"}[$__rate_interval]))) / on (pool) group_left '
+        'sum without (instance) (hutch_requests_total) > bool 0 or vector(1)')
+    assert query.names == {"hutch_queue_wait_seconds_bucket", "hutch_requests_total"}
+    assert query.matchers == {"hutch_queue_wait_seconds_bucket": {"pool", "priority"}}
+    assert query.grouping == {"le", "priority", "pool", "instance"}
+    assert parse_promql('sum(up{job="x"})').names == {"up"}
+
+
+# -- the dashboard ---------------------------------------------------------------------------
+
+
+def _dashboard() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return data
+
+
+def _panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    panels = []
+    for panel in dashboard["panels"]:
+        panels.append(panel)
+        panels += panel.get("panels", [])  # collapsed rows keep theirs inside
+    return panels
+
+
+def _queries(dashboard: dict[str, Any]) -> list[Query]:
+    exprs = [target["expr"] for panel in _panels(dashboard)
+             for target in panel.get("targets", [])]
+    for variable in dashboard.get("templating", {}).get("list", []):
+        query = variable.get("query")
+        if variable.get("type") == "query" and query:
+            exprs.append(query["query"] if isinstance(query, dict) else str(query))
+    assert exprs, "the dashboard has no queries"
+    return [parse_promql(expr) for expr in exprs]
+
+
+def _labels_of(name: str, metrics: Metrics) -> set[str]:
+    """The labels a sample name carries (histogram buckets also ``le``)."""
+    for info in metrics.catalog:
+        if name in info.sample_names():
+            return set(info.labels) | ({"le"} if name.endswith("_bucket") else set())
+    if name in RABBITMQ_METRICS:
+        return set(RABBITMQ_METRICS[name][2])
+    return set(PROMETHEUS_BUILTINS[name])
+
+
+def test_dashboard_queries_only_metrics_that_exist() -> None:
+    exported = Metrics().names()
+    unknown = []
+    for query in _queries(_dashboard()):
+        for name in query.names:
+            if name.startswith("hutch_"):
+                ok = name in exported
+            elif name.startswith("rabbitmq_"):
+                ok = name in RABBITMQ_METRICS
+            else:
+                ok = name in PROMETHEUS_BUILTINS
+            if not ok:
+                unknown.append((name, query.expr))
+    assert not unknown, f"the dashboard queries metrics nobody exports: {unknown}"
+
+
+def test_dashboard_uses_only_labels_its_metrics_have() -> None:
+    metrics = Metrics()
+    for query in _queries(_dashboard()):
+        for name, labels in query.matchers.items():
+            assert labels <= _labels_of(name, metrics) | TARGET_LABELS, (name, query.expr)
+        available = set(TARGET_LABELS)
+        for name in query.names:
+            available |= _labels_of(name, metrics)
+        assert query.grouping <= available, (query.grouping - available, query.expr)
+
+
+def test_dashboard_shows_every_worker_metric() -> None:
+    queried = {name for query in _queries(_dashboard()) for name in query.names}
+    missing = [info.name for info in Metrics().catalog if not info.sample_names() & queried]
+    assert not missing, f"no dashboard panel shows {missing}"
+
+
+def test_dashboard_answers_the_operators_questions() -> None:
+    dashboard = _dashboard()
+    assert dashboard["uid"] == "hutch" and dashboard["title"]
+    by_title = {panel["title"]: panel for panel in _panels(dashboard)}
+    exprs = {title: " ".join(t["expr"] for t in panel.get("targets", []))
+             for title, panel in by_title.items()}
+
+    def panel_with(*needles: str) -> str:
+        for title, expr in exprs.items():
+            if all(needle in expr for needle in needles):
+                return title
+        raise AssertionError(f"no panel queries {needles}")
+
+    panel_with("hutch_requests_total", "by (outcome)")  # throughput by outcome
+    for quantile in ("0.5", "0.95", "0.99"):  # queue wait percentiles by priority
+        panel_with(f"histogram_quantile({quantile}", "by (le, priority)",
+                   "hutch_queue_wait_seconds_bucket")
+    panel_with("histogram_quantile(0.95", "by (le, priority)", "hutch_end_to_end_seconds_bucket")
+    in_flight = panel_with("hutch_backend_in_flight")  # in flight against capacity
+    assert "hutch_backend_capacity" in exprs[in_flight]
+    assert by_title[panel_with("hutch_backend_state")]["type"] == "state-timeline"
+    panel_with("hutch_retries_by_reason_total", "reason")
+    panel_with("hutch_parked_total", "by (reason)")
+    panel_with("hutch_tokens_total", "model")
+    panel_with("rabbitmq_detailed_queue_messages_ready", "by (queue)")  # queue depth
+    panel_with("rabbitmq_detailed_queue_consumers")
+
+
+def test_dashboard_panels_are_well_formed() -> None:
+    dashboard = _dashboard()
+    cells: dict[tuple[int, int], str] = {}
+    ids = set()
+    for panel in _panels(dashboard):
+        assert panel["id"] not in ids, f"duplicate panel id {panel['id']}"
+        ids.add(panel["id"])
+        pos = panel["gridPos"]
+        assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24, panel["title"]
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                assert (x, y) not in cells, f"{panel['title']} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = panel["title"]
+        targets = panel.get("targets", [])
+        assert len({t["refId"] for t in targets}) == len(targets), panel["title"]
+        if panel["type"] != "row":
+            assert targets and panel["datasource"]["uid"] == "prometheus", panel["title"]
+
+
+def test_rabbitmq_metrics_come_from_a_scrape_job() -> None:
+    jobs = yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]
+    rabbit = [job for job in jobs
+              if any(str(target).endswith(":15692") for static in job.get("static_configs", [])
+                     for target in static["targets"])]
+    used = {name for query in _queries(_dashboard()) for name in query.names
+            if name.startswith("rabbitmq_")}
+    for name in used:
+        path, family, _labels = RABBITMQ_METRICS[name]
+        assert any(job.get("metrics_path", "/metrics") == path
+                   and (family is None or family in job.get("params", {}).get("family", []))
+                   for job in rabbit), f"no scrape job of {PROMETHEUS.name} provides {name}"
+        assert name.startswith("rabbitmq_detailed_") == (path == "/metrics/detailed"), name
+
+
+# -- the README --------------------------------------------------------------------------------
+
+
+def test_readme_documents_every_metric_with_its_type_and_labels() -> None:
+    text = README.read_text()
+    assert "\n## Metrics\n" in text
+    section = text.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 4 and cells[0].startswith("`hutch_"):
+            labels = tuple(sorted(re.findall(r"`([a-z_]+)`", cells[2])))
+            rows[cells[0].strip("`")] = (cells[1], labels)
+    expected = {info.name: (info.type, tuple(sorted(info.labels)))
+                for info in Metrics().catalog}
+    assert rows == expected
+
+
+# -- labels, helpers, retry reasons -------------------------------------------------------------
+
+
+def _settings() -> Any:
+    return load_settings(max_priority=5, pools=[
+        {"name": "chat", "models": ["small", "large"],
+         "backends": [{"name": "b1", "url": "http://127.0.0.1:9/v1", "max_concurrency": 2}]},
+        {"name": "code", "models": ["coder"],
+         "backends": [{"name": "b2", "url": "http://127.0.0.1:9/v1", "max_concurrency": 1}]}])
+
+
+def test_labels_are_bounded_by_the_configuration() -> None:
+    metrics = Metrics()
+    assert (metrics.pool_label("chat"), metrics.model_label("small")) == (NO_POOL, UNKNOWN_MODEL)
+    assert metrics.priority_label(300) == "255"
+    metrics.configure(_settings())
+    assert metrics.pool_label("chat") == "chat" and metrics.pool_label("x" * 50) == NO_POOL
+    assert metrics.model_label("coder") == "coder"
+    assert metrics.model_label("gpt-typed-by-a-client") == UNKNOWN_MODEL
+    assert metrics.model_label(None) == UNKNOWN_MODEL
+    assert [metrics.priority_label(v) for v in (None, -3, 0, 5, 9, 255)] == [
+        "0", "0", "0", "5", "5", "5"]
+    # Every backend's gauges exist from the start, at 0.
+    sample = metrics.registry.get_sample_value
+    for backend in ("b1", "b2"):
+        for name in ("hutch_backend_in_flight", "hutch_backend_capacity",
+                     "hutch_backend_lease_held"):
+            assert sample(name, {"backend": backend}) == 0
+
+
+@dataclass
+class FakeDelivery:
+    routing_key: str | None
+    priority: int | None
+    headers: Mapping[str, Any] | None
+    timestamp: datetime | None = None
+
+
+def test_request_done_and_finished() -> None:
+    metrics = Metrics(settings=_settings())
+    sample = metrics.registry.get_sample_value
+    metrics.request_done("chat", "small", 3, "ok", 0.2)
+    metrics.request_done("chat", "forged", 99, "ok")
+    assert sample("hutch_requests_total", {"pool": "chat", "outcome": "ok"}) == 2
+    assert sample("hutch_request_outcomes_total", {
+        "pool": "chat", "model": "small", "priority": "3", "outcome": "ok"}) == 1
+    assert sample("hutch_request_outcomes_total", {
+        "pool": "chat", "model": UNKNOWN_MODEL, "priority": "5", "outcome": "ok"}) == 1
+    assert sample("hutch_end_to_end_seconds_count", {"pool": "chat", "priority": "3"}) == 1
+    assert sample("hutch_end_to_end_seconds_sum", {"pool": "chat", "priority": "3"}) == 0.2
+
+    sent = p.now_ms() - 1500
+    delivery = FakeDelivery("large", 1, {p.H_SENT_AT: sent})
+    assert 1.4 < (seconds_since_sent(delivery) or 0) < 5
+    metrics.finished("chat", delivery, "deadline_exceeded")
+    assert sample("hutch_request_outcomes_total", {
+        "pool": "chat", "model": "large", "priority": "1",
+        "outcome": "deadline_exceeded"}) == 1
+    assert 1.4 < (sample("hutch_end_to_end_seconds_sum", {"pool": "chat", "priority": "1"})
+                  or 0) < 5
+    # The AMQP timestamp stands in for x-hutch-sent-at; neither: no e2e observation.
+    stamped = FakeDelivery("small", None, None, datetime.fromtimestamp(sent / 1000, UTC))
+    assert 1.4 < (seconds_since_sent(stamped) or 0) < 5
+    assert seconds_since_sent(FakeDelivery("small", 0, {})) is None
+    metrics.finished("-", FakeDelivery("what-the-client-typed", None, {}), "unknown_model")
+    assert sample("hutch_request_outcomes_total", {
+        "pool": NO_POOL, "model": UNKNOWN_MODEL, "priority": "0",
+        "outcome": "unknown_model"}) == 1
+    assert sample("hutch_end_to_end_seconds_count", {"pool": NO_POOL, "priority": "0"}) is None
+
+    metrics.queue_waited("code", 2, 0.05)
+    assert sample("hutch_queue_wait_seconds_count", {"pool": "code", "priority": "2"}) == 1
+
+
+def test_tokens() -> None:
+    metrics = Metrics(settings=_settings())
+    sample = metrics.registry.get_sample_value
+    metrics.tokens("chat", "small", Usage(prompt_tokens=10, completion_tokens=4, total_tokens=14))
+    metrics.tokens("chat", "small", Usage(prompt_tokens=1, completion_tokens=0))
+    metrics.tokens("chat", "small", None)
+    assert sample("hutch_tokens_total", {"pool": "chat", "model": "small", "kind": "prompt"}) == 11
+    assert sample("hutch_tokens_total",
+                  {"pool": "chat", "model": "small", "kind": "completion"}) == 4
+
+
+async def _backend_error(handler: Any) -> BaseException:
+    settings = BackendSettings(name="b", url="http://backend/v1", max_concurrency=1,
+                               timeout_s=5)
+    backend = Backend(settings, httpx.MockTransport(handler))
+    try:
+        await backend.chat(b'{"model": "m", "messages": []}')
+    except BackendCallError as exc:
+        return exc
+    finally:
+        await backend.aclose()
+    raise AssertionError("the call did not fail")
+
+
+async def test_retry_reasons_follow_the_backends_errors() -> None:
+    def raises(exc: Exception) -> Any:
+        def handler(request: httpx.Request) -> httpx.Response:
+            raise exc
+        return handler
+
+    def status(code: int, body: bytes = b"{}") -> Any:
+        return lambda request: httpx.Response(code, content=body)
+
+    cases = {
+        "timeout": raises(httpx.ReadTimeout("slow")),
+        "unreachable": raises(httpx.ConnectError("refused")),
+        "http_503": status(503),
+        "http_408": status(408),
+        "invalid_completion": status(200, b'{"not": "a completion"}'),
+        "throttled": status(429),
+        "other": status(400),
+    }
+    for reason, handler in cases.items():
+        assert retry_reason(await _backend_error(handler)) == reason
+    assert retry_reason(None) == "other" and retry_reason(ValueError()) == "other"
+
+
+async def test_in_process_and_tier_retries_are_counted_by_reason() -> None:
+    metrics = Metrics(settings=_settings())
+    sample = metrics.registry.get_sample_value
+    calls = 0
+    async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(3), wait=wait_none(), reraise=True,
+            retry=retry_if_exception_type(RetryableError),
+            before_sleep=metrics.before_sleep("chat")):
+        with attempt:
+            calls += 1
+            if calls < 3:
+                raise RetryableError("backend b answered HTTP 502", status=502)
+    assert sample("hutch_retries_by_reason_total",
+                  {"pool": "chat", "stage": "in_process", "reason": "http_502"}) == 2
+    metrics.retried_tier("chat", 1000, "timeout")
+    assert sample("hutch_retries_total", {"pool": "chat", "tier": "1000"}) == 1
+    assert sample("hutch_retries_by_reason_total",
+                  {"pool": "chat", "stage": "tier", "reason": "timeout"}) == 1
+
+
+async def test_serve_exports_every_metric_over_http() -> None:
+    metrics = Metrics(settings=_settings())
+    metrics.request_done("chat", "small", 1, "ok", 0.1)
+    metrics.tokens("chat", "small", Usage(prompt_tokens=1, completion_tokens=1))
+    metrics.retried_tier("chat", 1000, "http_500")
+    metrics.queue_waited("chat", 1, 0.1)
+    metrics.backend_latency.labels("b1").observe(0.1)
+    metrics.backend_errors.labels("b1", "retryable").inc()
+    metrics.backend_state.labels("b1").set(0)
+    metrics.parked.labels("invalid_json").inc()
+    server = metrics.serve(0, addr="127.0.0.1")
+    try:
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"http://127.0.0.1:{server.port}/metrics")).text
+    finally:
+        server.close()
+    served = set(re.findall(r"^([a-z_:]+)[{ ]", text, re.M))
+    assert Metrics().names() <= served, Metrics().names() - served
+
+
+# -- a real run: the worker fills them ------------------------------------------------------------
+
+
+class ScriptedBackend:
+    """Fails the calls whose numbers are in ``fail`` with a 503, answers the others."""
+
+    def __init__(self, fail: set[int]) -> None:
+        self.fail = fail
+        self.calls = 0
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        if self.calls in self.fail:
+            return httpx.Response(503, json={"error": {"message": "scripted"}})
+        return httpx.Response(200, json={
+            "id": f"c{self.calls}", "object": "chat.completion", "model": "mock-small",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "ok"}}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}})
+
+
+async def test_a_worker_fills_the_metrics(make_settings: SettingsFactory) -> None:
+    """Needs the call sites of pipeline.metrics in dispatch, replies and worker."""
+    backend = ScriptedBackend(fail={1, 3, 4})
+    settings = make_settings([("b1", "http://127.0.0.1:9/v1", 1)], pool={
+        "attempts_per_delivery": 2, "retry_delays_ms": [200], "max_attempts": 5})
+    metrics = Metrics()
+    sample = metrics.registry.get_sample_value
+    user = [{"role": "user", "content": "hi"}]
+    await apply_topology(settings)
+    async with running_worker(settings, metrics=metrics,
+                              transport_factory=lambda _: httpx.MockTransport(backend.handler)
+                              ), HutchClient.from_settings(settings) as client:
+        # Call 1 fails (503), call 2 answers: one in-process retry.
+        await client.chat(model="mock-small", messages=user, priority=7, timeout=30)
+        # Calls 3 and 4 fail: a trip through the 200 ms tier; call 5 answers.
+        await client.chat(model="mock-large", messages=user, priority=200, timeout=30)
+        with pytest.raises(UnknownModelError):
+            await client.chat(model="typed-by-a-client", messages=user, timeout=30)
+        await asyncio.sleep(0.2)
+    chat = {"pool": "chat"}
+    assert sample("hutch_requests_total", {**chat, "outcome": "ok"}) == 2
+    assert sample("hutch_request_outcomes_total",
+                  {**chat, "model": "mock-small", "priority": "7", "outcome": "ok"}) == 1
+    assert sample("hutch_request_outcomes_total",  # 200 counts as the queue's max, 9
+                  {**chat, "model": "mock-large", "priority": "9", "outcome": "ok"}) == 1
+    assert sample("hutch_request_outcomes_total", {
+        "pool": NO_POOL, "model": UNKNOWN_MODEL, "priority": "0",
+        "outcome": "unknown_model"}) == 1
+    assert sample("hutch_end_to_end_seconds_count", {**chat, "priority": "7"}) == 1
+    assert (sample("hutch_end_to_end_seconds_sum", {**chat, "priority": "9"}) or 0) >= 0.2
+    assert sample("hutch_queue_wait_seconds_count", {**chat, "priority": "9"}) == 2
+    assert sample("hutch_tokens_total", {**chat, "model": "mock-small", "kind": "prompt"}) == 5
+    assert sample("hutch_tokens_total",
+                  {**chat, "model": "mock-large", "kind": "completion"}) == 2
+    assert sample("hutch_retries_by_reason_total",
+                  {**chat, "stage": "in_process", "reason": "http_503"}) == 2
+    assert sample("hutch_retries_by_reason_total",
+                  {**chat, "stage": "tier", "reason": "http_503"}) == 1
+    assert sample("hutch_retries_total", {**chat, "tier": "200"}) == 1
+    assert sample("hutch_parked_total", {"reason": "unknown_model"}) == 1
+    assert backend.calls == 5

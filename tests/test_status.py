@@ -1,0 +1,228 @@
+"""`hutch status` against the real broker and a worker whose metrics are served over HTTP.
+
+The backend is an httpx.MockTransport that holds every call until the test lets it go, so
+the in-flight count, the queue behind it and the capacity are known exactly. The
+management API refreshes queue counts every few seconds, so the test polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aio_pika
+import httpx
+from aio_pika.abc import AbstractChannel
+
+from pipeline.client import HutchClient
+from pipeline.exceptions import HutchError
+from pipeline.metrics import Metrics
+from pipeline.pause import pause_pool
+from pipeline.settings import BackendSettings, Settings
+from pipeline.status import (
+    BackendStatus,
+    QueueStatus,
+    StatusReport,
+    WorkerStatus,
+    format_status,
+    metrics_url,
+    status,
+)
+from tests.conftest import SettingsFactory, amqp, queue_depth, running_worker, wait_for
+from topology.apply import apply_topology
+from topology.names import Names
+
+USER = [{"role": "user", "content": "hello"}]
+
+
+class GatedBackend:
+    """Answers every call only once :attr:`gate` is set; counts calls under way."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    async def handler(self, request: httpx.Request) -> httpx.Response:
+        self.waiting += 1
+        try:
+            await self.gate.wait()
+        finally:
+            self.waiting -= 1
+        return httpx.Response(200, json={
+            "id": "c1", "object": "chat.completion", "model": "mock-small",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "ok"}}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+
+    def factory(self) -> Callable[[BackendSettings], httpx.AsyncBaseTransport]:
+        return lambda _settings: httpx.MockTransport(self.handler)
+
+
+async def _depth_is(channel: AbstractChannel, queue: str, depth: int) -> bool:
+    return await queue_depth(channel, queue) == depth
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.asynccontextmanager
+async def served(metrics: Metrics) -> AsyncIterator[str]:
+    server = metrics.serve(0, addr="127.0.0.1")
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        server.close()
+
+
+async def poll_status(settings: Settings, urls: list[str],
+                      done: Callable[[StatusReport], bool], timeout: float = 25
+                      ) -> StatusReport:
+    """Read the status until ``done`` holds (management API counts lag by seconds)."""
+    report = await status(settings, urls)
+    try:
+        async with asyncio.timeout(timeout):
+            while not done(report):
+                await asyncio.sleep(0.5)
+                report = await status(settings, urls)
+    except TimeoutError:
+        raise AssertionError(f"status never matched:\n{format_status(report)}") from None
+    return report
+
+
+async def test_status_shows_depth_consumers_in_flight_capacity_and_parked(
+        make_settings: SettingsFactory) -> None:
+    backend = GatedBackend()
+    settings = make_settings([("b1", "http://127.0.0.1:9/v1", 2)],
+                             pool={"retry_delays_ms": [300]})
+    names = Names(settings.prefix)
+    b1 = settings.pools[0].backends[0].name
+    metrics = Metrics()
+    await apply_topology(settings)
+    async with served(metrics) as url, \
+            running_worker(settings, metrics=metrics, transport_factory=backend.factory()), \
+            HutchClient.from_settings(settings) as client, amqp(settings.amqp_url) as conn:
+        # A request nobody can answer (no reply_to, not JSON): answered by parking it.
+        channel = await conn.channel()
+        exchange = await channel.get_exchange(names.requests_exchange)
+        await exchange.publish(aio_pika.Message(b"not json"), routing_key="mock-small")
+        await wait_for(lambda: _depth_is(channel, names.parked_queue, 1))
+        pending = [asyncio.create_task(client.chat(model="mock-small", messages=USER,
+                                                   timeout=60)) for _ in range(5)]
+
+        def settled(report: StatusReport) -> bool:
+            work, b = report.queue("work", "chat"), report.backends[0]
+            return (work.ready, work.unacked, work.consumers, report.parked.messages,
+                    b.in_flight, b.capacity) == (3, 2, 1, 1, 2, 2)
+
+        report = await poll_status(settings, [url], settled)
+        assert backend.waiting == 2
+        work = report.queue("work", "chat")
+        assert work.name == names.work_queue("chat") and work.exists and not work.paused
+        assert work.messages == 5
+        assert work.policy == names.work_policy("chat")
+        [status_b1] = report.backends
+        assert (status_b1.name, status_b1.pool, status_b1.max_concurrency) == (b1, "chat", 2)
+        assert status_b1.holders == [metrics_url(url)]
+        assert status_b1.state == "closed"
+        assert report.queue("triage").consumers == 1
+        assert report.queue("retry").name == names.retry_queue(300)
+        assert report.workers == [WorkerStatus(metrics_url(url))]
+
+        text = format_status(report)
+        lines = text.splitlines()
+        pool_row = next(line for line in lines if line.startswith("chat "))
+        assert pool_row.split() == ["chat", names.work_queue("chat"), "running", "5", "3", "2",
+                                    "1", names.work_policy("chat")]
+        backend_row = next(line for line in lines if line.startswith(b1))
+        assert backend_row.split() == [b1, "chat", "2", "2", "2", "closed", metrics_url(url)]
+        assert f"parking lot {names.parked_queue}: 1 message" in lines
+        assert "not read" not in text and "nobody" not in text
+
+        backend.gate.set()
+        await asyncio.gather(*pending)
+        report = await poll_status(
+            settings, [url], lambda r: r.queue("work", "chat").messages == 0
+            and r.backends[0].in_flight == 0)
+        assert report.backends[0].capacity == 2
+        # As JSON for scripts: plain data.
+        assert json.loads(json.dumps(report.as_dict()))["backends"][0]["name"] == b1
+
+
+async def test_status_of_a_paused_pool_with_an_unreachable_worker(
+        make_settings: SettingsFactory) -> None:
+    settings = make_settings()
+    names = Names(settings.prefix)
+    await apply_topology(settings)
+    await pause_pool(settings, "chat")
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    # A queue's counts appear in the management API at its next statistics emission.
+    report = await poll_status(settings, [dead],
+                               lambda r: r.queue("work", "chat").consumers is not None)
+    work = report.queue("work", "chat")
+    assert work.exists and work.paused and work.consumers == 0
+    assert report.workers[0].url == f"http://{dead}/metrics"
+    assert report.workers[0].error is not None
+    assert report.backends[0].in_flight is None and report.backends[0].holders == []
+    text = format_status(report)
+    assert f"worker metrics http://{dead}/metrics: not read" in text
+    assert next(line for line in text.splitlines()
+                if line.startswith("chat ")).split()[2] == "paused"
+    assert f"parking lot {names.parked_queue}:" in text
+
+
+async def test_status_without_topology_or_workers(make_settings: SettingsFactory) -> None:
+    settings = make_settings()  # nothing applied under this prefix
+    report = await status(settings, [])
+    assert not report.queue("work", "chat").exists and not report.parked.exists
+    assert report.workers == [] and report.backends[0].in_flight is None
+    text = format_status(report)
+    assert "run `hutch topology apply`" in text
+    assert "pass --metrics URL" in text
+
+
+async def test_status_fails_clearly_without_the_management_api(
+        make_settings: SettingsFactory) -> None:
+    settings = make_settings(management_url=f"http://127.0.0.1:{free_port()}")
+    try:
+        await status(settings, [])
+    except HutchError as exc:
+        assert "management API" in str(exc) and "not reachable" in str(exc)
+    else:
+        raise AssertionError("status must fail when the management API is unreachable")
+
+
+def test_format_status_flags_a_broken_cap_and_an_unserved_backend() -> None:
+    report = StatusReport(
+        vhost="/",
+        queues=[QueueStatus("llm.work.chat", "work", "chat", messages=7, ready=7, unacked=0,
+                            consumers=0, policy="llm.work.chat"),
+                QueueStatus("llm.triage", "triage", messages=0, consumers=2),
+                QueueStatus("llm.parked", "parked", messages=None, consumers=0)],
+        backends=[BackendStatus("a", "chat", 4, in_flight=8, capacity=8,
+                                holders=["http://w1/metrics", "http://w2/metrics"],
+                                state="closed"),
+                  BackendStatus("b", "chat", 4, in_flight=0, capacity=0)],
+        workers=[WorkerStatus("http://w1/metrics"), WorkerStatus("http://w2/metrics")])
+    text = format_status(report)
+    assert "backend a: 2 workers report its lease (expected one)" in text
+    assert "backend b: no worker holds its lease (nobody serves it)" in text
+    assert "parking lot llm.parked: unknown" in text
+    rows: dict[str, Any] = {line.split()[0]: line.split() for line in text.splitlines()
+                            if line and not line.startswith(("POOL", "BACKEND", "QUEUE"))}
+    assert rows["b"][-1] == "nobody"
+    assert rows["llm.triage"] == ["llm.triage", "triage", "0", "2"]
+
+
+def test_metrics_url_forms() -> None:
+    assert metrics_url("worker-1:9100") == "http://worker-1:9100/metrics"
+    assert metrics_url("http://w:9100") == "http://w:9100/metrics"
+    assert metrics_url("http://w:9100/") == "http://w:9100/metrics"
+    assert metrics_url("https://w/custom/path") == "https://w/custom/path"
