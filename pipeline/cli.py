@@ -13,6 +13,7 @@ import asyncio
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Literal
 
 from pipeline import mock_backend
 from pipeline.exceptions import ConfigError, HutchError, RequestFailed, TopologyError
@@ -224,6 +225,51 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_user(args: argparse.Namespace) -> int:
+    from topology.clients import (
+        add_client,
+        add_worker_user,
+        list_users,
+        remove_client,
+        remove_worker_user,
+    )
+
+    settings = _settings(args)
+    role: Literal["client", "worker"] = "client" if args.command == "client" else "worker"
+    if args.user_command == "list":
+        users = asyncio.run(list_users(settings, role))
+        for user in users:
+            perms = user.permissions
+            where = (f"configure {perms.configure}  write {perms.write}  read {perms.read}"
+                     if perms else f"(no permissions in vhost {settings.vhost!r})")
+            print(f"{user.name:<24} {where}")
+        if not users:
+            print(f"no Hutch {role} users")
+        return 0
+    if args.user_command == "remove":
+        remove = remove_client if role == "client" else remove_worker_user
+        asyncio.run(remove(settings, args.name))
+        print(f"{role} user {args.name!r} deleted (its connections were closed)")
+        return 0
+    password = sys.stdin.readline().rstrip("\r\n") if args.password_stdin else None
+    add = add_client if role == "client" else add_worker_user
+    created = asyncio.run(add(settings, args.name, password))
+    p = created.permissions
+    print(f"{role} user {created.name!r} created, vhost {settings.vhost!r}")
+    print(f"  permissions: configure {p.configure}  write {p.write}  read {p.read}")
+    if role == "client":
+        print(f"  reply queues: {settings.prefix}.reply.{created.name} or "
+              f"{settings.prefix}.reply.{created.name}.<suffix> "
+              f"(HutchClient(client_id='{created.name}') or '{created.name}.<suffix>')")
+    else:
+        print("  run every worker replica as this user; set require_user_id = true")
+    if password is None:
+        print(f"  password: {created.password}")
+    print(f"  amqp_url: {created.amqp_url}")
+    print("  (the password is shown only now: store it in your secret store)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hutch", description="Hutch: a RabbitMQ request queue for LLM backends.")
@@ -268,6 +314,25 @@ def build_parser() -> argparse.ArgumentParser:
                              "full URL); repeat for every replica")
     status.add_argument("--json", action="store_true", help="print the report as JSON")
     status.set_defaults(func=_cmd_status)
+
+    for command, role, text in (
+            ("client", "client", "manage per-application users (least permissions)"),
+            ("worker-user", "worker", "manage the workers' user (least permissions)")):
+        user_parser = sub.add_parser(command, help=text)
+        user_sub = user_parser.add_subparsers(dest="user_command", required=True)
+        add = user_sub.add_parser("add", help=f"create a {role} user; prints its password once")
+        config_arg(add)
+        add.add_argument("name", help="user name: letters, digits, '_' or '-' (no dots)")
+        add.add_argument("--password-stdin", action="store_true",
+                         help="read the password from stdin instead of generating one")
+        add.set_defaults(func=_cmd_user)
+        remove = user_sub.add_parser("remove", help=f"delete a {role} user")
+        config_arg(remove)
+        remove.add_argument("name")
+        remove.set_defaults(func=_cmd_user)
+        listing = user_sub.add_parser("list", help=f"the {role} users and their permissions")
+        config_arg(listing)
+        listing.set_defaults(func=_cmd_user)
 
     pool = sub.add_parser("pool", help="pause, resume or list pools")
     pool_sub = pool.add_subparsers(dest="pool_command", required=True)

@@ -78,8 +78,11 @@ class Reply:
         return str(value) if value is not None else None
 
 
-def _default_client_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+def _default_client_id(user: str) -> str:
+    """``<user>.<host>-<pid>-<random>``: under a per-client user (see ``hutch client
+    add``) the reply queue must be named after the user, and this stays unique."""
+    host = socket.gethostname().replace(".", "-")
+    return f"{user}.{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _failure_from(message: AbstractIncomingMessage) -> RequestFailed:
@@ -101,13 +104,13 @@ class HutchClient:
                  prefix: str = "llm", reply_queue_expires_s: int = 3600,
                  default_timeout_s: float = 120.0, reply_prefetch: int = 1000) -> None:
         self.amqp_url = amqp_url
-        self.client_id = client_id or _default_client_id()
+        self._user = unquote(urlsplit(amqp_url).username or "guest")
+        self.client_id = client_id or _default_client_id(self._user)
         self.names = Names(prefix)
         self.reply_queue_name = self.names.reply_queue(self.client_id)
         self._reply_queue_expires_ms = reply_queue_expires_s * 1000
         self._default_timeout_s = default_timeout_s
         self._reply_prefetch = reply_prefetch
-        self._user = unquote(urlsplit(amqp_url).username or "guest")
         self._pending: dict[str, asyncio.Future[AbstractIncomingMessage]] = {}
         self._sent: dict[str, tuple[float, float]] = {}  # id -> (monotonic sent, deadline s)
         self._orphans: OrderedDict[str, AbstractIncomingMessage] = OrderedDict()

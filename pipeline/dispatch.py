@@ -209,6 +209,12 @@ class Dispatcher:
     async def _process(self, message: AbstractIncomingMessage, backend: Backend,
                        health: BackendHealth, info: ReplyInfo, headers: Mapping[str, Any],
                        timestamp: float | None) -> None:
+        refusal = self._publisher.refusal(message)
+        if refusal is not None:
+            # reply_to is not the publisher's own reply queue: park it, answer nobody.
+            await self._publisher.fail(message, refusal, info)
+            await message.ack()
+            return
         checked = validate_request(
             message.body,
             content_type=message.content_type,

@@ -250,11 +250,12 @@ async def list_parked(settings: Settings, limit: int | None = None) -> list[Park
         return parked
 
 
-def _replay_message(message: AbstractIncomingMessage) -> aio_pika.Message:
+def _replay_message(message: AbstractIncomingMessage, user: str) -> aio_pika.Message:
     """The parked message as a fresh request: same body and identity, no expiration.
 
-    ``user_id`` is not set (the broker checks it against the replaying connection's user)
-    and neither is ``expiration``: the request gets a new chance, with no deadline.
+    ``user_id`` is the replaying operator's (the broker checks it against the connection);
+    the client's validated user travels in ``x-hutch-user``, which workers honour from
+    users listed in ``trusted_users``. No ``expiration``: a new chance, with no deadline.
     """
     return aio_pika.Message(
         message.body,
@@ -268,6 +269,7 @@ def _replay_message(message: AbstractIncomingMessage) -> aio_pika.Message:
         type=message.type,
         app_id=message.app_id,
         headers=replay_headers(message.headers or {}),
+        user_id=user,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
     )
 
@@ -311,8 +313,8 @@ async def replay(settings: Settings, reason: str | None = None,
                 async with channel.transaction():
                     # mandatory=False: an unknown model goes to the alternate exchange and
                     # is answered and re-parked like any other.
-                    await exchange.publish(_replay_message(message), routing_key=routing_key,
-                                           mandatory=False)
+                    await exchange.publish(_replay_message(message, settings.amqp_user),
+                                           routing_key=routing_key, mandatory=False)
                     await message.ack()
                 replayed += 1
         finally:

@@ -32,6 +32,7 @@ __all__ = [
     "H_RETRIES",
     "H_RETRY_TIER",
     "H_SENT_AT",
+    "H_USER",
     "ErrorCode",
     "ParkReason",
     "deadline_ms",
@@ -52,6 +53,11 @@ H_SENT_AT = "x-hutch-sent-at"  # publish time, epoch milliseconds (queue wait me
 # a headers exchange ignores x- headers when matching.
 H_RETRY_TIER = "hutch-retry-tier"
 H_RETRIES = "x-hutch-retries"  # trips through a retry tier so far
+# The client user a request was published by (its broker-validated ``user_id``). Set by
+# workers when they republish a request (retry tier, parking lot), which they must do as
+# themselves. Believed only when the message's own ``user_id`` is the worker's user (or a
+# trusted one): a client cannot set that user_id, so it cannot forge this header.
+H_USER = "x-hutch-user"
 
 # Reply headers.
 H_OUTCOME = "x-hutch-outcome"  # "ok" or "error"
@@ -97,6 +103,10 @@ class ParkReason(StrEnum):
     BACKEND_ERROR = "backend_error"
     REJECTED = "rejected"
     INTERNAL_ERROR = "internal_error"
+    #: ``reply_to`` is not a reply queue of the publishing user: nothing was sent to it.
+    FORGED_REPLY_TO = "forged_reply_to"
+    #: No ``user_id`` while the worker requires one (``require_user_id``): not answered.
+    NO_USER_ID = "no_user_id"
 
 
 #: The OpenAI ``error.type`` for each code.

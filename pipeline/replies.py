@@ -20,9 +20,10 @@ from aio_pika.exceptions import PublishError
 from pipeline import protocol as p
 from pipeline.log import get_logger
 from pipeline.metrics import Metrics
+from pipeline.settings import Settings
 from topology.names import Names
 
-__all__ = ["Failure", "Publisher", "ReplyInfo", "encodable"]
+__all__ = ["Failure", "Publisher", "ReplyGuard", "ReplyInfo", "encodable"]
 
 log = get_logger("hutch.replies")
 
@@ -71,13 +72,103 @@ def encodable(value: Any) -> Any:
     return value
 
 
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode(errors="replace")
+    return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class ReplyGuard:
+    """Who published a request, and whether its ``reply_to`` is theirs.
+
+    The broker validates ``user_id`` (a publisher can only set its own user), so it names
+    the client. A client user ``U`` owns the reply queues ``<prefix>.reply.U`` and
+    ``<prefix>.reply.U.<suffix>`` (the queues its permissions let it declare and read,
+    see topology.clients); a request naming any other queue is refused unanswered.
+
+    A worker republishes requests (retry tiers) as itself: it sets ``user_id`` to its own
+    user and carries the client in ``x-hutch-user``, which is believed only when
+    ``user_id`` is the worker's user or a trusted one. Those users' own requests are not
+    checked (a single-user setup, guest everywhere, keeps working).
+    """
+
+    names: Names
+    #: The user the worker publishes as: the ``user_id`` it sets on retries. None: unknown
+    #: (retries then carry no identity).
+    worker_user: str | None = None
+    trusted_users: frozenset[str] = frozenset()
+    require_user_id: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ReplyGuard:
+        return cls(Names(settings.prefix), settings.amqp_user,
+                   frozenset(settings.trusted_users), settings.require_user_id)
+
+    def _trusted(self, user: str) -> bool:
+        return user == self.worker_user or user in self.trusted_users
+
+    def client_user(self, user_id: str | None, headers: Mapping[str, Any]) -> str | None:
+        """The client a request comes from (validated by the broker), or None."""
+        if not user_id:
+            return None
+        if self._trusted(user_id):
+            on_behalf = _text(headers.get(p.H_USER))
+            if on_behalf:
+                return on_behalf
+        return user_id
+
+    def owns(self, user: str, reply_to: str) -> bool:
+        """True if ``reply_to`` is one of ``user``'s reply queues."""
+        own = self.names.reply_queue(user)
+        return reply_to == own or (reply_to.startswith(own + ".") and len(reply_to) > len(own) + 1)
+
+    def refusal(self, request: AbstractIncomingMessage) -> Failure | None:
+        """Why the worker must not answer this request's ``reply_to``, or None."""
+        user = self.client_user(request.user_id, request.headers or {})
+        code = p.ErrorCode.INVALID_REQUEST
+        if user is None:
+            if self.require_user_id:
+                return Failure(p.ParkReason.NO_USER_ID, code,
+                               "the request carries no user_id, which this worker requires "
+                               "(it proves which client's reply queue may be answered); "
+                               "nothing was sent to its reply_to")
+            return None
+        if self._trusted(user) or request.reply_to is None:
+            return None  # no reply_to at all is refused by validation as no_reply_to
+        if self.owns(user, request.reply_to):
+            return None
+        return Failure(p.ParkReason.FORGED_REPLY_TO, code,
+                       f"reply_to {request.reply_to!r} is not a reply queue of user "
+                       f"{user!r} (those are {self.names.reply_queue(user)!r} and "
+                       f"{self.names.reply_queue(user)!r}.<suffix>); nothing was sent to it")
+
+
 class Publisher:
     """Publishes replies and parked messages on one confirming channel."""
 
-    def __init__(self, channel: AbstractChannel, names: Names, metrics: Metrics) -> None:
+    def __init__(self, channel: AbstractChannel, names: Names, metrics: Metrics,
+                 guard: ReplyGuard | None = None) -> None:
         self._channel = channel
         self._names = names
         self._metrics = metrics
+        self.guard = guard or ReplyGuard(names)
+
+    def refusal(self, request: AbstractIncomingMessage) -> Failure | None:
+        """See :meth:`ReplyGuard.refusal`: a forged ``reply_to`` is never answered."""
+        return self.guard.refusal(request)
+
+    def _identity_headers(self, request: AbstractIncomingMessage,
+                          headers: Mapping[str, Any]) -> dict[str, Any]:
+        """``headers`` with ``x-hutch-user`` set to the request's validated client (or
+        removed: a client-set one must never be republished under the worker's user)."""
+        out = dict(headers)
+        user = self.guard.client_user(request.user_id, request.headers or {})
+        if user is None:
+            out.pop(p.H_USER, None)
+        else:
+            out[p.H_USER] = user
+        return out
 
     def valid_reply_to(self, reply_to: str | None) -> bool:
         """Replies go only to reply queues: never into a work queue or the parking lot,
@@ -111,6 +202,8 @@ class Publisher:
     async def _reply(self, request: AbstractIncomingMessage, body: bytes,
                      headers: dict[str, Any]) -> bool:
         assert request.reply_to is not None
+        if self.refusal(request) is not None:
+            raise RuntimeError("refusing to reply to a reply_to the publisher does not own")
         message = aio_pika.Message(
             body,
             content_type="application/json",
@@ -125,9 +218,12 @@ class Publisher:
                     delay_ms: int) -> None:
         """Publish the request to the retry tier of ``delay_ms``; when its TTL expires the
         broker dead-letters it back to the request exchange under its original model."""
-        headers = dict(headers)
+        headers = self._identity_headers(request, headers)
         headers[p.H_RETRY_TIER] = str(delay_ms)
         message = self._copy(request, headers)
+        if p.H_USER in headers and self.guard.worker_user is not None:
+            # The broker checks it: only this worker's user can vouch for x-hutch-user.
+            message.user_id = self.guard.worker_user
         try:
             exchange = await self._channel.get_exchange(self._names.retry_exchange, ensure=False)
             await exchange.publish(message, request.routing_key or "", mandatory=True)
@@ -157,7 +253,7 @@ class Publisher:
     async def park(self, request: AbstractIncomingMessage, failure: Failure,
                    info: ReplyInfo) -> None:
         """Copy the request into the parking lot with headers saying why it ended there."""
-        headers = dict(request.headers or {})
+        headers = self._identity_headers(request, request.headers or {})
         headers.update(info.headers())
         parked_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         headers.update({
@@ -180,8 +276,14 @@ class Publisher:
 
     async def fail(self, request: AbstractIncomingMessage, failure: Failure,
                    info: ReplyInfo) -> None:
-        """Answer the client (when there is a valid reply queue), then park the request."""
-        if self.valid_reply_to(request.reply_to) and request.correlation_id:
+        """Answer the client (when there is a valid reply queue that the publisher owns),
+        then park the request."""
+        refusal = self.refusal(request)
+        if refusal is not None and failure.reason is not refusal.reason:
+            # Dead letters and unknown models too: a forged reply_to is never answered.
+            refusal.message += f"; the request had also failed: {failure.message}"
+            failure = refusal
+        if refusal is None and self.valid_reply_to(request.reply_to) and request.correlation_id:
             delivered = await self.reply_error(request, failure, info)
             if not delivered:
                 failure.message += f" (reply queue {request.reply_to!r} does not exist)"

@@ -169,6 +169,13 @@ class Settings(BaseSettings):
     reply_queue_expires_s: int = Field(default=3600, ge=10)
     #: Prefetch of the dead-letter triage consumer (no backend behind it).
     triage_prefetch: int = Field(default=32, ge=1, le=10_000)
+    #: Refuse (park as ``no_user_id``, answer nothing) requests that carry no ``user_id``.
+    #: Off by default for single-user setups; turn it on with per-client users.
+    require_user_id: bool = False
+    #: Users, besides the worker's own (``amqp_url``'s), trusted to publish on a client's
+    #: behalf (``x-hutch-user``) and to reply anywhere: e.g. an operator replaying parked
+    #: requests. Everyone else may only name their own reply queues in ``reply_to``.
+    trusted_users: list[str] = Field(default_factory=list)
     pools: list[PoolSettings] = Field(default_factory=list)
 
     @classmethod
@@ -231,6 +238,11 @@ class Settings(BaseSettings):
         """The AMQP URL's vhost ("/" when the path is empty)."""
         path = urlsplit(self.amqp_url).path
         return unquote(path[1:]) if len(path) > 1 else "/"
+
+    @property
+    def amqp_user(self) -> str:
+        """The user ``amqp_url`` connects as (the ``user_id`` the broker accepts from it)."""
+        return unquote(urlsplit(self.amqp_url).username or "guest")
 
     def management_api(self) -> tuple[str, str, str]:
         """(base URL, user, password) of the management HTTP API."""

@@ -42,7 +42,7 @@ from pipeline.exceptions import TopologyError
 from pipeline.log import get_logger
 from pipeline.metrics import Metrics
 from pipeline.pause import is_paused
-from pipeline.replies import Publisher
+from pipeline.replies import Publisher, ReplyGuard
 from pipeline.settings import BackendSettings, PoolSettings, Settings
 from pipeline.triage import Triage
 from topology.names import Names
@@ -293,7 +293,8 @@ class Worker:
             await self._check_topology(connection)
             publish_channel = await connection.channel(publisher_confirms=True,
                                                        on_return_raises=True)
-            publisher = Publisher(publish_channel, self.names, self.metrics)
+            publisher = Publisher(publish_channel, self.names, self.metrics,
+                                  ReplyGuard.from_settings(self.settings))
             triage = Triage(publisher, self.names)
             self._triage = TrackedConsumer(await connection.channel(), self.names.triage_queue,
                                            self.settings.triage_prefetch, triage.handle)

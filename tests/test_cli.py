@@ -74,3 +74,25 @@ def test_bad_config_names_the_key(tmp_path: Path, hutch_env: dict[str, str]) -> 
     assert "Traceback" not in result.stderr
 
 
+
+
+async def test_client_user_commands(make_settings: SettingsFactory, tmp_path: Path,
+                                    hutch_env: dict[str, str], prefix: str) -> None:
+    """`hutch client add/list/remove`: the password is shown once, never in `list`."""
+    config = str(write_config(tmp_path / "hutch.toml", make_settings()))
+    name = f"app-{prefix}"
+    code, out, err = await run_hutch(["client", "add", "-c", config, name], hutch_env)
+    try:
+        assert code == 0, err
+        password = next(line.split(": ", 1)[1] for line in out.splitlines()
+                        if line.strip().startswith("password:"))
+        assert len(password) >= 24
+        code, out, _ = await run_hutch(["client", "list", "-c", config], hutch_env)
+        assert code == 0 and name in out and password not in out
+        code, _, err = await run_hutch(["client", "add", "-c", config, "bad.name"], hutch_env)
+        assert code == 2 and "Traceback" not in err
+    finally:
+        code, out, err = await run_hutch(["client", "remove", "-c", config, name], hutch_env)
+    assert code == 0, err
+    code, out, _ = await run_hutch(["client", "list", "-c", config], hutch_env)
+    assert name not in out

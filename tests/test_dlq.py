@@ -288,14 +288,15 @@ async def test_cancelled_replay_neither_duplicates_nor_drops(
         for nth in (1, 7, 30):  # from inside the transaction, before publish
             calls = 0
 
-            def cancel_at_nth(message: AbstractIncomingMessage, nth: int = nth) -> Any:
+            def cancel_at_nth(message: AbstractIncomingMessage, user: str,
+                              nth: int = nth) -> Any:
                 nonlocal calls
                 calls += 1
                 if calls == nth:
                     task = asyncio.current_task()
                     assert task is not None
                     task.cancel()
-                return real(message)
+                return real(message, user)
 
             monkeypatch.setattr(dlq, "_replay_message", cancel_at_nth)
             before = await settled()
