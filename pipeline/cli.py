@@ -19,6 +19,8 @@ from pipeline import mock_backend
 from pipeline.exceptions import ConfigError, HutchError, RequestFailed, TopologyError
 from pipeline.log import configure_logging
 from pipeline.settings import Settings, load_settings
+from topology import definitions as topology_definitions
+from topology import diff as topology_diff
 
 __all__ = ["main"]
 
@@ -291,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     apply = topo_sub.add_parser("apply", help="declare exchanges, queues, bindings, policies")
     config_arg(apply)
     apply.set_defaults(func=_cmd_topology_apply)
+    topology_definitions.add_cli(topo_sub, config_arg)
+    topology_diff.add_cli(topo_sub, config_arg)
 
     submit = sub.add_parser("submit", help="send one chat request and print the reply")
     config_arg(submit, required=False)

@@ -96,3 +96,20 @@ async def test_client_user_commands(make_settings: SettingsFactory, tmp_path: Pa
     assert code == 0, err
     code, out, _ = await run_hutch(["client", "list", "-c", config], hutch_env)
     assert name not in out
+
+
+async def test_topology_export_and_diff_commands(make_settings: SettingsFactory,
+                                                 tmp_path: Path,
+                                                 hutch_env: dict[str, str]) -> None:
+    settings = make_settings()
+    config = str(write_config(tmp_path / "hutch.toml", settings))
+    code, out, _ = await run_hutch(["topology", "diff", "-c", config], hutch_env)
+    assert code == 1 and "fixed by `hutch topology apply`" in out  # nothing applied yet
+    await apply_topology(settings)
+    code, out, err = await run_hutch(["topology", "diff", "-c", config], hutch_env)
+    assert code == 0, out + err
+    target = tmp_path / "definitions.json"
+    code, out, err = await run_hutch(["topology", "export", "-c", config, "-o", str(target)],
+                                     hutch_env)
+    assert code == 0, err
+    assert settings.prefix + ".requests" in target.read_text()

@@ -13,6 +13,10 @@ What is declared, and why each piece exists, follows the data::
 Queue arguments that can never change (``x-max-priority``) are declared; everything an
 operator may want to tune (dead-lettering, max length, overflow, TTL) is one policy per
 work queue, set through the management API.
+
+The topology is described once, by :func:`plan`: :func:`apply_topology` declares that
+description, ``topology.definitions`` exports it as a RabbitMQ definitions file and
+``topology.diff`` compares it with a live broker.
 """
 
 from __future__ import annotations
@@ -35,9 +39,15 @@ from topology.names import Names
 T = TypeVar("T")
 
 __all__ = [
+    "BindingSpec",
+    "ExchangeSpec",
+    "PolicySpec",
+    "QueueSpec",
+    "Topology",
     "TopologyReport",
     "apply_topology",
     "delete_topology",
+    "plan",
     "retry_delays",
     "retry_queue_arguments",
     "work_policy",
@@ -78,6 +88,126 @@ def work_policy(settings: Settings, pool: PoolSettings) -> dict[str, Any]:
         "priority": 0,
         "definition": definition,
     }
+
+
+# -- the one description of the topology ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExchangeSpec:
+    name: str
+    type: str  # direct | fanout | headers | topic
+    arguments: dict[str, Any] = field(default_factory=dict)
+    durable: bool = True
+    auto_delete: bool = False
+    internal: bool = False
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    durable: bool = True
+    auto_delete: bool = False
+
+
+@dataclass(frozen=True)
+class BindingSpec:
+    source: str
+    destination: str
+    routing_key: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    destination_type: str = "queue"
+
+    def key(self) -> tuple[str, str, str, str, str]:
+        """Identity of a binding (RabbitMQ's own: source, destination, key, arguments)."""
+        return (self.source, self.destination_type, self.destination, self.routing_key,
+                repr(sorted(self.arguments.items())))
+
+    def label(self) -> str:
+        """``src --key--> dst`` (headers: the matched headers; fanout: ``src -> dst``)."""
+        if self.arguments:
+            via = ",".join(f"{k}={v}" for k, v in sorted(self.arguments.items())
+                           if k != "x-match")
+        elif self.routing_key != self.destination:  # aio-pika's default key is the queue
+            via = self.routing_key
+        else:
+            return f"{self.source} -> {self.destination}"
+        return f"{self.source} --{via}--> {self.destination}"
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    name: str
+    pattern: str
+    apply_to: str
+    priority: int
+    definition: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Topology:
+    """Everything in one vhost that Hutch declares, as RabbitMQ describes it."""
+
+    vhost: str
+    exchanges: list[ExchangeSpec] = field(default_factory=list)
+    queues: list[QueueSpec] = field(default_factory=list)
+    bindings: list[BindingSpec] = field(default_factory=list)
+    policies: list[PolicySpec] = field(default_factory=list)
+    #: (exchange, queue) pairs whose bindings Hutch owns entirely: apply removes those not
+    #: in ``bindings`` (a model no longer in the config must stop routing to its old pool).
+    owned_routes: list[tuple[str, str]] = field(default_factory=list)
+
+    def exchange(self, name: str) -> ExchangeSpec | None:
+        return next((e for e in self.exchanges if e.name == name), None)
+
+    def queue(self, name: str) -> QueueSpec | None:
+        return next((q for q in self.queues if q.name == name), None)
+
+    def policy(self, name: str) -> PolicySpec | None:
+        return next((p for p in self.policies if p.name == name), None)
+
+
+def plan(settings: Settings) -> Topology:
+    """The topology the settings call for: the single source of apply, export and diff."""
+    names = Names(settings.prefix)
+    classic = {"x-queue-type": "classic"}
+    topo = Topology(vhost=settings.vhost)
+    topo.exchanges += [
+        ExchangeSpec(names.unrouted_exchange, "fanout"),
+        ExchangeSpec(names.requests_exchange, "direct",
+                     {"alternate-exchange": names.unrouted_exchange}),
+        ExchangeSpec(names.dead_letter_exchange, "fanout"),
+        ExchangeSpec(names.retry_exchange, "headers"),
+    ]
+    # Fanout and headers exchanges ignore the routing key: it is the queue's name, as
+    # aio-pika binds by default (brokers applied by earlier versions have exactly these).
+    topo.queues += [QueueSpec(names.triage_queue, dict(classic)),
+                    QueueSpec(names.parked_queue, dict(classic))]
+    topo.bindings += [
+        BindingSpec(names.unrouted_exchange, names.triage_queue, names.triage_queue),
+        BindingSpec(names.dead_letter_exchange, names.triage_queue, names.triage_queue),
+    ]
+    for delay in retry_delays(settings):
+        tier = names.retry_queue(delay)
+        topo.queues.append(QueueSpec(tier, retry_queue_arguments(settings, delay)))
+        topo.bindings.append(BindingSpec(names.retry_exchange, tier, tier,
+                                         {"x-match": "all", H_RETRY_TIER: str(delay)}))
+    for pool in settings.pools:
+        qname = names.work_queue(pool.name)
+        topo.queues.append(QueueSpec(qname, work_queue_arguments(settings)))
+        topo.bindings += [BindingSpec(names.requests_exchange, qname, model)
+                          for model in pool.models]
+        topo.owned_routes.append((names.requests_exchange, qname))
+        policy = work_policy(settings, pool)
+        topo.policies.append(PolicySpec(
+            names.work_policy(pool.name), pattern=policy["pattern"],
+            apply_to=policy["apply-to"], priority=policy["priority"],
+            definition=policy["definition"]))
+    return topo
+
+
+# -- declaring it ------------------------------------------------------------------------
 
 
 @dataclass
@@ -123,7 +253,7 @@ async def _declare(what: str, action: Awaitable[T]) -> T:
 
 async def apply_topology(settings: Settings) -> TopologyReport:
     """Declare exchanges, queues, bindings and policies; safe to run any number of times."""
-    names = Names(settings.prefix)
+    topo = plan(settings)
     report = TopologyReport()
     base, user, password = settings.management_api()
     try:
@@ -135,77 +265,61 @@ async def apply_topology(settings: Settings) -> TopologyReport:
     async with connection, ManagementAPI(base, user, password) as api:
         # Without the API the queues would be left without their policy: check it first.
         await api.check()
+        # Policies first: a work queue created below has its dead-lettering and limits
+        # from its first message on.
+        for policy in topo.policies:
+            await api.put_policy(topo.vhost, policy.name, pattern=policy.pattern,
+                                 definition=policy.definition, apply_to=policy.apply_to,
+                                 priority=policy.priority)
+            report.policies.append(policy.name)
+
         channel = await connection.channel()
-
-        async def exchange(name: str, kind: aio_pika.ExchangeType,
-                           arguments: dict[str, Any] | None = None) -> AbstractExchange:
-            result = await _declare(f"exchange {name!r}", channel.declare_exchange(
-                name, kind, durable=True, arguments=arguments))
-            report.exchanges.append(name)
-            return result
-
-        async def queue(name: str, arguments: dict[str, Any]) -> AbstractQueue:
-            result = await _declare(f"queue {name!r}", channel.declare_queue(
-                name, durable=True, arguments=arguments))
-            report.queues.append(name)
-            return result
-
-        unrouted = await exchange(names.unrouted_exchange, aio_pika.ExchangeType.FANOUT)
-        requests = await exchange(names.requests_exchange, aio_pika.ExchangeType.DIRECT,
-                                  {"alternate-exchange": names.unrouted_exchange})
-        dlx = await exchange(names.dead_letter_exchange, aio_pika.ExchangeType.FANOUT)
-
-        classic = {"x-queue-type": "classic"}
-        triage = await queue(names.triage_queue, classic)
-        await triage.bind(unrouted)
-        await triage.bind(dlx)
-        report.bindings += [f"{names.unrouted_exchange} -> {names.triage_queue}",
-                            f"{names.dead_letter_exchange} -> {names.triage_queue}"]
-        await queue(names.parked_queue, classic)
-
-        retry = await exchange(names.retry_exchange, aio_pika.ExchangeType.HEADERS)
-        for delay in retry_delays(settings):
-            tier = await queue(names.retry_queue(delay), retry_queue_arguments(settings, delay))
-            await tier.bind(retry, arguments={"x-match": "all", H_RETRY_TIER: str(delay)})
-            report.bindings.append(f"{names.retry_exchange} --{H_RETRY_TIER}={delay}--> "
-                                   f"{tier.name} --{delay} ms--> {names.requests_exchange}")
-
-        for pool in settings.pools:
-            qname = names.work_queue(pool.name)
-            work = await queue(qname, work_queue_arguments(settings))
-            for model in pool.models:
-                await work.bind(requests, routing_key=model)
-                report.bindings.append(f"{names.requests_exchange} --{model}--> {qname}")
-            # Models removed from the config must stop routing here.
-            for binding in await api.queue_bindings(settings.vhost, names.requests_exchange,
-                                                    qname):
-                key = binding.get("routing_key", "")
-                if key not in pool.models:
-                    await work.unbind(requests, routing_key=key)
-                    report.unbound.append(f"{names.requests_exchange} --{key}--> {qname}")
-            policy = work_policy(settings, pool)
-            await api.put_policy(settings.vhost, names.work_policy(pool.name),
-                                 pattern=policy["pattern"], definition=policy["definition"],
-                                 apply_to=policy["apply-to"], priority=policy["priority"])
-            report.policies.append(names.work_policy(pool.name))
+        exchanges: dict[str, AbstractExchange] = {}
+        queues: dict[str, AbstractQueue] = {}
+        for ex in topo.exchanges:
+            exchanges[ex.name] = await _declare(f"exchange {ex.name!r}", channel.declare_exchange(
+                ex.name, aio_pika.ExchangeType(ex.type), durable=ex.durable,
+                auto_delete=ex.auto_delete, internal=ex.internal,
+                arguments=ex.arguments or None))
+            report.exchanges.append(ex.name)
+        for q in topo.queues:
+            queues[q.name] = await _declare(f"queue {q.name!r}", channel.declare_queue(
+                q.name, durable=q.durable, auto_delete=q.auto_delete,
+                arguments=q.arguments or None))
+            report.queues.append(q.name)
+        for binding in topo.bindings:
+            assert binding.destination_type == "queue", binding
+            await _declare(f"binding {binding.label()}", queues[binding.destination].bind(
+                exchanges[binding.source], routing_key=binding.routing_key,
+                arguments=binding.arguments or None))
+            report.bindings.append(binding.label())
+        # Models removed from the config must stop routing to their old pool.
+        wanted = {b.key() for b in topo.bindings}
+        for source, destination in topo.owned_routes:
+            for live in await api.queue_bindings(topo.vhost, source, destination):
+                stale = BindingSpec(source, destination, live.get("routing_key", ""),
+                                    live.get("arguments") or {})
+                if stale.key() not in wanted:
+                    await _declare(f"unbinding {stale.label()}", queues[destination].unbind(
+                        exchanges[source], routing_key=stale.routing_key,
+                        arguments=stale.arguments or None))
+                    report.unbound.append(f"{source} --{stale.routing_key}--> {destination}")
     return report
 
 
 async def delete_topology(settings: Settings, reply_queues: list[str] | None = None) -> None:
     """Remove everything ``apply_topology`` declared, and the given clients' reply queues
     (the demo cleans up this way)."""
+    topo = plan(settings)
     names = Names(settings.prefix)
     base, user, password = settings.management_api()
     connection = await aio_pika.connect(settings.amqp_url, timeout=10)
     async with connection, ManagementAPI(base, user, password) as api:
         channel = await connection.channel()
-        for pool in settings.pools:
-            await api.delete_policy(settings.vhost, names.work_policy(pool.name))
-            await channel.queue_delete(names.work_queue(pool.name))
+        for policy in topo.policies:
+            await api.delete_policy(topo.vhost, policy.name)
         clients = [names.reply_queue(client) for client in reply_queues or []]
-        tiers = [names.retry_queue(delay) for delay in retry_delays(settings)]
-        for qname in (names.triage_queue, names.parked_queue, *tiers, *clients):
+        for qname in [q.name for q in topo.queues] + clients:
             await channel.queue_delete(qname)
-        for ename in (names.requests_exchange, names.unrouted_exchange,
-                      names.dead_letter_exchange, names.retry_exchange):
-            await channel.exchange_delete(ename)
+        for ex in topo.exchanges:
+            await channel.exchange_delete(ex.name)

@@ -101,7 +101,58 @@ class ManagementAPI:
             "GET", f"/bindings/{_q(vhost)}/e/{_q(exchange)}/q/{_q(queue)}", ok_missing=True)
         return list(result or [])
 
+    async def list_queues(self, vhost: str) -> list[dict[str, Any]]:
+        """Every queue of the vhost: name, arguments, durable, auto_delete, exclusive,
+        messages (absent until the broker has stats for a new queue), policy."""
+        result = await self._request(
+            "GET", f"/queues/{_q(vhost)}?columns=name,arguments,durable,auto_delete,"
+                   "exclusive,messages,policy")
+        return list(result or [])
+
+    async def list_exchanges(self, vhost: str) -> list[dict[str, Any]]:
+        """Every exchange of the vhost (the default and ``amq.*`` ones included)."""
+        result = await self._request(
+            "GET", f"/exchanges/{_q(vhost)}?columns=name,type,durable,auto_delete,internal,"
+                   "arguments")
+        return list(result or [])
+
+    async def list_bindings(self, vhost: str) -> list[dict[str, Any]]:
+        """Every binding of the vhost (the default exchange's implicit ones included:
+        their ``source`` is "")."""
+        result = await self._request("GET", f"/bindings/{_q(vhost)}")
+        return list(result or [])
+
+    async def list_policies(self, vhost: str) -> list[dict[str, Any]]:
+        result = await self._request("GET", f"/policies/{_q(vhost)}")
+        return list(result or [])
+
+    # -- definitions --------------------------------------------------------------------
+
+    async def get_definitions(self, vhost: str) -> dict[str, Any]:
+        """The vhost's definitions, in the format of a definitions file (needs the
+        ``administrator`` tag). Objects in this export do not name their vhost."""
+        result: dict[str, Any] = await self._request("GET", f"/definitions/{_q(vhost)}")
+        return result
+
+    async def import_definitions(self, definitions: dict[str, Any], vhost: str | None = None
+                                 ) -> None:
+        """Import a definitions file as the UI's "Import definitions" does: into ``vhost``
+        (the objects' own ``vhost`` keys are ignored; users and vhosts are not imported),
+        or, without ``vhost``, everything as a node does at boot (``administrator`` only)."""
+        path = "/definitions" if vhost is None else f"/definitions/{_q(vhost)}"
+        await self._request("POST", path, json=definitions)
+
     # -- vhosts and permissions (tests and `hutch client`) -------------------------------
+
+    async def list_vhosts(self) -> list[dict[str, Any]]:
+        """The vhosts this user may use (all of them for an administrator)."""
+        return list(await self._request("GET", "/vhosts?columns=name") or [])
+
+    async def get_vhost(self, vhost: str) -> dict[str, Any] | None:
+        """One vhost (``administrator`` only), None if it does not exist."""
+        result: dict[str, Any] | None = await self._request(
+            "GET", f"/vhosts/{_q(vhost)}", ok_missing=True)
+        return result
 
     async def create_vhost(self, vhost: str) -> None:
         await self._request("PUT", f"/vhosts/{_q(vhost)}", json={})
