@@ -239,8 +239,13 @@ def body(model: str = "mock-small", content: str = "hello") -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": content}]}
 
 
-async def drain_queue(channel: AbstractChannel, name: str) -> list[AbstractIncomingMessage]:
-    """Everything currently in a queue, by basic.get (acked)."""
+async def drain_queue(channel: AbstractChannel, name: str, *, at_least: int = 0,
+                      timeout: float = 10.0) -> list[AbstractIncomingMessage]:
+    """Everything in a queue, by basic.get (acked), once it holds ``at_least`` messages
+    (a failure is answered first and parked second: wait for the parked copy)."""
+    async with asyncio.timeout(timeout):
+        while await queue_depth(channel, name) < at_least:
+            await asyncio.sleep(0.05)
     queue = await channel.declare_queue(name, passive=True)
     out = []
     while (message := await queue.get(fail=False, no_ack=True)) is not None:
