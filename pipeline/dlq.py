@@ -36,6 +36,7 @@ from aio_pika.abc import (
 
 from pipeline import protocol as p
 from pipeline.exceptions import TopologyError
+from pipeline.replies import copy_message
 from pipeline.settings import Settings
 from topology.names import Names
 
@@ -257,21 +258,7 @@ def _replay_message(message: AbstractIncomingMessage, user: str) -> aio_pika.Mes
     the client's validated user travels in ``x-hutch-user``, which workers honour from
     users listed in ``trusted_users``. No ``expiration``: a new chance, with no deadline.
     """
-    return aio_pika.Message(
-        message.body,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        priority=message.priority,
-        type=message.type,
-        app_id=message.app_id,
-        headers=replay_headers(message.headers or {}),
-        user_id=user,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-    )
+    return copy_message(message, replay_headers(message.headers or {}), user_id=user)
 
 
 async def replay(settings: Settings, reason: str | None = None,

@@ -23,7 +23,7 @@ from pipeline.metrics import Metrics
 from pipeline.settings import Settings
 from topology.names import Names
 
-__all__ = ["Failure", "Publisher", "ReplyGuard", "ReplyInfo", "encodable"]
+__all__ = ["Failure", "Publisher", "ReplyGuard", "ReplyInfo", "copy_message", "encodable"]
 
 log = get_logger("hutch.replies")
 
@@ -144,6 +144,30 @@ class ReplyGuard:
                        f"{self.names.reply_queue(user)!r}.<suffix>); nothing was sent to it")
 
 
+def copy_message(request: AbstractIncomingMessage, headers: Mapping[str, Any], *,
+                 user_id: str | None = None) -> aio_pika.Message:
+    """The request as a new, persistent message (to park, retry or replay it).
+
+    ``expiration`` is dropped: it would expire where it does not belong. ``user_id`` is
+    the publisher's own or none: the broker only accepts the publishing connection's user.
+    """
+    return aio_pika.Message(
+        request.body,
+        content_type=request.content_type,
+        content_encoding=request.content_encoding,
+        correlation_id=request.correlation_id,
+        reply_to=request.reply_to,
+        message_id=request.message_id,
+        timestamp=request.timestamp,
+        priority=request.priority,
+        type=request.type,
+        app_id=request.app_id,
+        headers=encodable(headers),
+        user_id=user_id,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
 class Publisher:
     """Publishes replies and parked messages on one confirming channel."""
 
@@ -220,7 +244,7 @@ class Publisher:
         broker dead-letters it back to the request exchange under its original model."""
         headers = self._identity_headers(request, headers)
         headers[p.H_RETRY_TIER] = str(delay_ms)
-        message = self._copy(request, headers)
+        message = copy_message(request, headers)
         if p.H_USER in headers and self.guard.worker_user is not None:
             # The broker checks it: only this worker's user can vouch for x-hutch-user.
             message.user_id = self.guard.worker_user
@@ -230,25 +254,6 @@ class Publisher:
         except PublishError:
             raise RuntimeError(f"retry tier {self._names.retry_queue(delay_ms)!r} does not "
                                "exist; run `hutch topology apply`") from None
-
-    def _copy(self, request: AbstractIncomingMessage, headers: Mapping[str, Any]
-              ) -> aio_pika.Message:
-        """The request as a new message: ``expiration`` is dropped (it would expire where
-        it does not belong) and so is ``user_id`` (the broker only accepts the publishing
-        connection's own user)."""
-        return aio_pika.Message(
-            request.body,
-            content_type=request.content_type,
-            content_encoding=request.content_encoding,
-            correlation_id=request.correlation_id,
-            reply_to=request.reply_to,
-            message_id=request.message_id,
-            timestamp=request.timestamp,
-            priority=request.priority,
-            app_id=request.app_id,
-            headers=encodable(headers),
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
 
     async def park(self, request: AbstractIncomingMessage, failure: Failure,
                    info: ReplyInfo) -> None:
@@ -266,7 +271,7 @@ class Publisher:
         })
         # A replayed request (pipeline.dlq) that fails again keeps its first failure time.
         headers.setdefault(p.H_FIRST_FAILED_AT, parked_at)
-        message = self._copy(request, headers)
+        message = copy_message(request, headers)
         if not await self._publish(message, self._names.parked_queue):
             raise RuntimeError(f"parking lot {self._names.parked_queue!r} does not exist; "
                                "run `hutch topology apply`")
