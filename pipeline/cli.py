@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from pipeline import mock_backend
+from pipeline.bench import add_cli as add_bench_cli
 from pipeline.exceptions import ConfigError, HutchError, RequestFailed, TopologyError
 from pipeline.log import configure_logging
 from pipeline.settings import Settings, load_settings
@@ -349,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     pool_list = pool_sub.add_parser("list", help="each pool, running or paused")
     config_arg(pool_list)
     pool_list.set_defaults(func=_cmd_pool)
+
+    add_bench_cli(sub, config_arg)
 
     demo = sub.add_parser("demo", help="show priorities overtaking a saturated backlog")
     demo.add_argument("--low", type=int, default=60, help="low-priority requests (burst)")

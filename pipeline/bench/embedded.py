@@ -1,0 +1,82 @@
+"""An embedded Hutch: a mock backend and a worker in this process, under a prefix of its own.
+
+``hutch demo`` and ``hutch bench --embedded`` both need "a whole Hutch with only a broker":
+apply a topology under a unique prefix, start a mock backend and a worker, wait until the
+worker holds the backend's lease (before that nothing consumes the pool), and undo all of
+it afterwards. One context manager does this so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from pipeline.mock_backend import MockBackend, MockConfig
+from pipeline.settings import Settings, load_settings
+from pipeline.worker import Worker
+from topology.apply import apply_topology, delete_topology
+
+__all__ = ["Embedded", "embedded_hutch"]
+
+
+@dataclass
+class Embedded:
+    """What :func:`embedded_hutch` started. Add the ``client_id`` of every client used
+    against it to ``client_ids`` so their reply queues are deleted with the topology."""
+
+    settings: Settings
+    mock: MockBackend
+    worker: Worker
+    client_ids: list[str] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def embedded_hutch(amqp_url: str, *, models: Sequence[str], capacity: int = 4,
+                         latency_ms: float = 100.0, prefix: str | None = None,
+                         pool: str = "embedded", keep_topology: bool = False,
+                         lease_timeout_s: float = 15.0) -> AsyncIterator[Embedded]:
+    """Run a mock backend (``capacity`` slots x ``latency_ms``) and a worker serving
+    ``models`` on it, under ``prefix`` (default: unique to this process and call).
+
+    Yields once the worker holds the backend's lease. On exit the worker drains and
+    stops, the mock stops, and the topology (with the listed clients' reply queues) is
+    deleted unless ``keep_topology``.
+    """
+    prefix = prefix or f"hutch-bench-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    mock = MockBackend(MockConfig(latency_ms=latency_ms, capacity=capacity,
+                                  models=tuple(models)))
+    await mock.start()
+    settings = load_settings(
+        amqp_url=amqp_url, prefix=prefix, shutdown_grace_s=10,
+        pools=[{"name": pool, "models": list(models), "backends": [
+            {"name": f"{prefix}-mock", "url": mock.base_url, "max_concurrency": capacity,
+             "timeout_s": 30}]}])
+    worker = Worker(settings)
+    embedded = Embedded(settings, mock, worker)
+    worker_task: asyncio.Task[None] | None = None
+    applied = False
+    try:
+        await apply_topology(settings)
+        applied = True
+        worker_task = asyncio.create_task(worker.run())
+        async with asyncio.timeout(lease_timeout_s):
+            while not worker.held_backends():
+                if worker_task.done():
+                    worker_task.result()  # raise the worker's own error
+                await asyncio.sleep(0.05)
+        yield embedded
+    finally:
+        worker.stop()
+        if worker_task is not None:
+            try:
+                async with asyncio.timeout(15):
+                    await worker_task
+            except TimeoutError:
+                worker_task.cancel()
+        await mock.stop()
+        if applied and not keep_topology:
+            await delete_topology(settings, reply_queues=embedded.client_ids)
