@@ -15,13 +15,11 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from pipeline.bench.embedded import embedded_hutch
 from pipeline.client import HutchClient
 from pipeline.exceptions import RequestFailed
 from pipeline.log import configure_logging
-from pipeline.mock_backend import MockBackend, MockConfig
-from pipeline.settings import DEFAULT_AMQP_URL, load_settings
-from pipeline.worker import Worker
-from topology.apply import apply_topology, delete_topology
+from pipeline.settings import DEFAULT_AMQP_URL
 
 __all__ = ["DemoResult", "run_demo"]
 
@@ -69,28 +67,15 @@ async def run_demo(*, low: int = 60, high: int = 10, capacity: int = 4,
     configure_logging("WARNING")
     amqp_url = os.environ.get("HUTCH_AMQP_URL", DEFAULT_AMQP_URL)
     prefix = f"hutch-demo-{os.getpid()}"
-    mock = MockBackend(MockConfig(latency_ms=latency_ms, capacity=capacity, models=(MODEL,)))
-    await mock.start()
-    settings = load_settings(
-        amqp_url=amqp_url, prefix=prefix, shutdown_grace_s=10,
-        pools=[{"name": "demo", "models": [MODEL], "backends": [
-            {"name": f"{prefix}-mock", "url": mock.base_url, "max_concurrency": capacity,
-             "timeout_s": 30}]}])
-    print(f"broker {settings.redacted_amqp_url()}  vhost {settings.vhost!r}  prefix {prefix!r}")
     print(f"mock backend: {capacity} slots x {latency_ms:.0f} ms "
           f"= {capacity * 1000 / latency_ms:.0f} requests/s at most")
-    worker = Worker(settings)
-    worker_task: asyncio.Task[None] | None = None
-    applied = False
-    try:
-        await apply_topology(settings)
-        applied = True
-        worker_task = asyncio.create_task(worker.run())
-        async with asyncio.timeout(15):
-            while not worker.held_backends():
-                if worker_task.done():
-                    worker_task.result()
-                await asyncio.sleep(0.05)
+    async with embedded_hutch(amqp_url, models=[MODEL], capacity=capacity,
+                              latency_ms=latency_ms, prefix=prefix, pool="demo",
+                              keep_topology=keep) as embedded:
+        settings, mock = embedded.settings, embedded.mock
+        embedded.client_ids.append(f"{prefix}-client")
+        print(f"broker {settings.redacted_amqp_url()}  vhost {settings.vhost!r}  "
+              f"prefix {prefix!r}")
         async with HutchClient.from_settings(settings, client_id=f"{prefix}-client") as client:
             started = time.monotonic()
 
@@ -131,17 +116,6 @@ async def run_demo(*, low: int = 60, high: int = 10, capacity: int = 4,
                   "for one free backend slot, not behind the queue")
         else:
             print("high-priority requests did NOT overtake the backlog (too little load?)")
-        return 0 if not errors and overtook else 1
-    finally:
-        worker.stop()
-        if worker_task is not None:
-            try:
-                async with asyncio.timeout(15):
-                    await worker_task
-            except TimeoutError:
-                worker_task.cancel()
-        await mock.stop()
-        if applied and not keep:
-            await delete_topology(settings, reply_queues=[f"{prefix}-client"])
-        elif keep:
+        if keep:
             print(f"topology kept: queues {prefix}.* in vhost {settings.vhost!r}")
+        return 0 if not errors and overtook else 1
