@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-__all__ = ["BackendGate", "BreakerPolicy", "State"]
+__all__ = ["BackendGate", "BreakerPolicy", "LatencyFloor", "State"]
 
 
 @dataclass(frozen=True)
@@ -160,3 +161,24 @@ class BackendGate:
 
     def _is_open(self, now: float) -> bool:
         return self._open_until is not None and now < self._open_until
+
+
+class LatencyFloor:
+    """The fastest of a backend's last ``window`` successful calls.
+
+    Under overload the oldest requests reach the head of the queue with little time left.
+    Calling the backend for one that cannot finish wastes a slot for nothing (the call is
+    cut at the deadline) while fresher requests expire behind it: goodput collapses. A
+    request whose remaining time is below even the fastest recent call is answered
+    ``deadline_exceeded`` at once instead. The minimum, not a mean, so only requests that
+    certainly cannot make it are shed; 0 until a call has succeeded.
+    """
+
+    def __init__(self, window: int = 32) -> None:
+        self._recent: deque[float] = deque(maxlen=window)
+
+    def observe(self, elapsed_s: float) -> None:
+        self._recent.append(elapsed_s)
+
+    def seconds(self) -> float:
+        return min(self._recent, default=0.0)

@@ -117,7 +117,8 @@ class BackendHealth(Protocol):
     """What dispatch tells the worker about a backend after each call, and asks it."""
 
     def available(self) -> bool: ...
-    def success(self) -> None: ...
+    def fastest_s(self) -> float: ...
+    def success(self, elapsed_s: float) -> None: ...
     def failure(self) -> None: ...
     def throttled(self, retry_after_s: float | None) -> None: ...
 
@@ -280,10 +281,10 @@ class Dispatcher:
                  correlation_id=message.correlation_id, attempts=info.attempts,
                  delay_ms=retry.delay_ms, error=retry.error[:200])
 
-    def _deadline_failure(self) -> Failure:
+    def _deadline_failure(self, detail: str = "") -> Failure:
         return Failure(p.ParkReason.DEADLINE_EXCEEDED, p.ErrorCode.DEADLINE_EXCEEDED,
                        f"the request's deadline passed before a backend of pool "
-                       f"{self._pool.name!r} could answer it")
+                       f"{self._pool.name!r} could answer it{detail}")
 
     def _retry_delay(self, headers_retries: int) -> int | None:
         delays = self._pool.retry_delays_ms
@@ -317,6 +318,11 @@ class Dispatcher:
                     remaining = deadline.remaining()
                     if remaining is not None and remaining <= 0:
                         return self._deadline_failure()
+                    if remaining is not None and remaining < health.fastest_s():
+                        return self._deadline_failure(
+                            f"; {remaining * 1000:.0f} ms were left, less than the "
+                            f"{health.fastest_s() * 1000:.0f} ms of the backend's fastest "
+                            "recent answer")
                     try:
                         result = await backend.chat(message.body, timeout_s=remaining,
                                                     request_id=message.correlation_id)
@@ -325,13 +331,18 @@ class Dispatcher:
                         health.throttled(exc.retry_after_s)
                         raise
                     except RetryableError:
+                        if remaining is not None and deadline.passed():
+                            # The call was cut to the request's deadline: the request ran
+                            # out of time, the backend did not fail. Counting it would let
+                            # an overload open the circuit of a healthy backend.
+                            return self._deadline_failure()
                         self._metrics.backend_errors.labels(backend.name, "retryable").inc()
                         health.failure()
                         raise
                     except BackendCallError:
                         self._metrics.backend_errors.labels(backend.name, "terminal").inc()
                         raise
-                    health.success()
+                    health.success(result.elapsed_s)
                     self._metrics.backend_latency.labels(backend.name).observe(result.elapsed_s)
                     return result
         except ThrottledError:

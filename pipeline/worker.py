@@ -35,7 +35,7 @@ import httpx
 from aio_pika.abc import AbstractConnection
 
 from pipeline.backends import Backend
-from pipeline.breaker import BackendGate, BreakerPolicy
+from pipeline.breaker import BackendGate, BreakerPolicy, LatencyFloor
 from pipeline.consumer import TrackedConsumer
 from pipeline.dispatch import Dispatcher
 from pipeline.exceptions import TopologyError
@@ -71,6 +71,7 @@ class _BackendSlot:
         self.backend = backend
         self.gate = BackendGate(BreakerPolicy(failure_threshold=pool.breaker_failures,
                                               cooldown_s=pool.breaker_cooldown_s))
+        self.latency_floor = LatencyFloor()
         self.changed = asyncio.Event()
         self.consumer: TrackedConsumer | None = None
         self.held = False
@@ -86,7 +87,11 @@ class _BackendSlot:
     def available(self) -> bool:
         return not self.paused and self.gate.capacity(self.settings.max_concurrency) > 0
 
-    def success(self) -> None:
+    def fastest_s(self) -> float:
+        return self.latency_floor.seconds()
+
+    def success(self, elapsed_s: float) -> None:
+        self.latency_floor.observe(elapsed_s)
         self._report(self.gate.success)
 
     def failure(self) -> None:

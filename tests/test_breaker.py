@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from pipeline.breaker import BackendGate, BreakerPolicy, State
+from pipeline.breaker import BackendGate, BreakerPolicy, LatencyFloor, State
 
 
 class Clock:
@@ -226,3 +226,14 @@ def test_default_policy_and_real_clock() -> None:
 def test_policy_validation_names_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         BreakerPolicy(**{field: value})  # type: ignore[arg-type]
+
+
+def test_latency_floor_is_the_fastest_of_the_recent_window() -> None:
+    floor = LatencyFloor(window=3)
+    assert floor.seconds() == 0.0  # nothing known: shed nothing
+    for elapsed in (0.5, 0.2, 0.4):
+        floor.observe(elapsed)
+    assert floor.seconds() == 0.2
+    floor.observe(0.6)
+    floor.observe(0.7)  # 0.2 has left the window
+    assert floor.seconds() == 0.4

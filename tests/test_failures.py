@@ -18,8 +18,9 @@ from httpx_aiohttp import AiohttpTransport
 
 from pipeline import protocol as p
 from pipeline.client import HutchClient
-from pipeline.exceptions import BackendError
+from pipeline.exceptions import BackendError, DeadlineExceededError
 from pipeline.metrics import Metrics
+from pipeline.mock_backend import MockBackend, MockConfig
 from pipeline.settings import BackendSettings
 from tests.conftest import SettingsFactory, amqp, drain_queue, running_worker
 from topology.apply import apply_topology
@@ -141,6 +142,41 @@ async def test_deadline_bounds_the_retries(make_settings: SettingsFactory) -> No
             await client.chat(model="mock-small", messages=USER, timeout=2)
         assert time.monotonic() - started < 1.5
     assert broken.calls == 1
+
+
+async def test_running_out_of_time_is_not_a_backend_failure(
+        make_settings: SettingsFactory) -> None:
+    """Under overload requests reach a backend with little time left. A call cut at the
+    request's deadline must not count against the backend (a breaker threshold of 1 would
+    open on it), and once the backend's fastest answer is known, a request with less time
+    left than that is answered at once without calling it."""
+    async with MockBackend(MockConfig(latency_ms=300, capacity=2)) as slow:
+        settings = make_settings([("a", slow.base_url, 2)],
+                                 pool={"breaker_failures": 1, "attempts_per_delivery": 1})
+        metrics = Metrics()
+        backend = settings.pools[0].backends[0].name
+        sample = metrics.registry.get_sample_value
+        await apply_topology(settings)
+        async with running_worker(settings, metrics=metrics), \
+                HutchClient.from_settings(settings) as client:
+            with pytest.raises(DeadlineExceededError):  # cut at its deadline, mid-call
+                await client.chat(model="mock-small", messages=USER, timeout=0.15)
+            async with asyncio.timeout(5):
+                while slow.stats()["disconnected"] < 1:
+                    await asyncio.sleep(0.02)
+            assert sample("hutch_backend_state", {"backend": backend}) == 0  # closed
+            assert sample("hutch_backend_errors_total",
+                          {"backend": backend, "kind": "retryable"}) is None
+            await client.chat(model="mock-small", messages=USER, timeout=10)
+            served = slow.stats()["served"]
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceededError) as failed:
+                await client.chat(model="mock-small", messages=USER, timeout=0.2)
+            assert time.monotonic() - started < 0.2
+            assert "fastest recent answer" in failed.value.message
+            assert slow.stats()["served"] == served
+            assert slow.stats()["disconnected"] == 1  # never called
+    assert sample("hutch_requests_total", {"pool": "chat", "outcome": "deadline_exceeded"}) == 2
 
 
 async def test_429_sends_work_to_the_other_backend_and_is_not_a_failure(
