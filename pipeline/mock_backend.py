@@ -316,6 +316,15 @@ class MockBackend:
         self._max_concurrency = self._in_service
         self._max_in_flight = self._in_service + self._waiting
         self._served_ids: deque[str] = deque(maxlen=_SERVED_IDS_KEPT)
+        # Utilisation: slot-seconds in service, integrated at every change of in_service.
+        self._busy_slot_s = 0.0
+        self._busy_mark = time.monotonic()
+        self._stats_since = self._busy_mark
+
+    def _account_busy(self) -> None:
+        now = time.monotonic()
+        self._busy_slot_s += self._in_service * (now - self._busy_mark)
+        self._busy_mark = now
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -439,7 +448,12 @@ class MockBackend:
     # -- stats -----------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Counters and peaks, same JSON as ``GET /stats``."""
+        """Counters and peaks, same JSON as ``GET /stats``.
+
+        ``busy_slot_s`` (slot-seconds spent serving) and ``elapsed_s`` (seconds since start
+        or reset) give utilisation between two reads: delta busy / (capacity x delta
+        elapsed)."""
+        self._account_busy()
         return {
             "served": self._served,
             "errors": self._errors,
@@ -449,6 +463,8 @@ class MockBackend:
             "max_concurrency": self._max_concurrency,
             "max_in_flight": self._max_in_flight,
             "capacity": self.config.capacity,
+            "busy_slot_s": round(self._busy_slot_s, 6),
+            "elapsed_s": round(self._busy_mark - self._stats_since, 6),
             "latency_ms": self.config.latency_ms,
             "models": list(self.config.models),
             "served_ids": list(self._served_ids),
@@ -538,6 +554,7 @@ class MockBackend:
         finally:
             self._waiting -= 1
         try:
+            self._account_busy()
             self._in_service += 1
             self._max_concurrency = max(self._max_concurrency, self._in_service)
             try:
@@ -555,6 +572,7 @@ class MockBackend:
                     await asyncio.sleep(self.config.latency_ms / 1000.0)
                 return fault
             finally:
+                self._account_busy()
                 self._in_service -= 1
         finally:
             self._slots.release()

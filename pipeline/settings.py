@@ -9,6 +9,7 @@ that names the bad key (``pools.0.backends.1.max_concurrency: ...``), never a tr
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -28,6 +29,7 @@ __all__ = [
     "BackendSettings",
     "PoolSettings",
     "Settings",
+    "dump_toml",
     "load_settings",
 ]
 
@@ -323,3 +325,31 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         raise ConfigError(_format_errors(exc, source)) from None
     finally:
         _FILE_DATA.reset(token)
+
+
+def dump_toml(settings: Settings) -> str:
+    """The settings as a TOML file :func:`load_settings` reads back to equal settings.
+
+    For tools that start ``hutch`` processes (the benchmark scenarios, tests): a child
+    process gets exactly the configuration its parent validated. Includes the credentials
+    of ``amqp_url``: write it where only its owner can read it.
+    """
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(str(v), ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+    data = settings.model_dump(mode="json", exclude_none=True)
+    lines = [f"{k} = {value(v)}" for k, v in data.items() if k != "pools"]
+    for pool in data["pools"]:
+        lines += ["", "[[pools]]"]
+        lines += [f"{k} = {value(v)}" for k, v in pool.items() if k != "backends"]
+        for backend in pool["backends"]:
+            lines += ["", "[[pools.backends]]"]
+            lines += [f"{k} = {value(v)}" for k, v in backend.items()]
+    return "\n".join(lines) + "\n"

@@ -29,7 +29,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 
 from pipeline.client import HutchClient
 from pipeline.mock_backend import MockBackend, MockConfig
-from pipeline.settings import Settings, load_settings
+from pipeline.settings import Settings, dump_toml, load_settings
 from pipeline.worker import Worker
 from topology.apply import apply_topology
 
@@ -179,25 +179,7 @@ async def hutch(settings: Settings, *, worker: bool = True, **client_kwargs: Any
 
 def write_config(path: Path, settings: Settings) -> Path:
     """Write settings as a TOML file a `hutch` subprocess can read."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    data = settings.model_dump(exclude_none=True)
-    lines = [f"{k} = {value(v)}" for k, v in data.items() if k != "pools"]
-    for pool in data["pools"]:
-        lines += ["", "[[pools]]"]
-        lines += [f"{k} = {value(v)}" for k, v in pool.items() if k != "backends"]
-        for backend in pool["backends"]:
-            lines += ["", "[[pools.backends]]"]
-            lines += [f"{k} = {value(v)}" for k, v in backend.items()]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(dump_toml(settings))
     return path
 
 

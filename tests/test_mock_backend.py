@@ -174,8 +174,13 @@ async def test_capacity_holds() -> None:
         elapsed = time.monotonic() - started
         assert all(r.status_code == 200 for r in replies)
         stats = (await client.get(f"http://127.0.0.1:{mock.port}/stats")).json()
-        assert stats == mock.stats()
+        now = mock.stats()
+        assert {**stats, "elapsed_s": 0} == {**now, "elapsed_s": 0}
         assert stats["served"] == 6
+        # 6 requests x 200 ms of service: 1.2 slot-seconds busy, 2 slots over >= 0.6 s.
+        assert 1.19 <= stats["busy_slot_s"] <= 1.35
+        assert stats["elapsed_s"] >= elapsed - 0.05
+        assert stats["busy_slot_s"] / (2 * stats["elapsed_s"]) <= 1.0
         assert stats["max_concurrency"] == 2
         assert stats["max_in_flight"] == 6
         assert stats["in_service"] == stats["waiting"] == 0
@@ -230,7 +235,8 @@ async def test_reset(client: httpx.AsyncClient, mock: MockBackend) -> None:
     assert fresh["max_concurrency"] == fresh["max_in_flight"] == 0
     assert fresh["served_ids"] == []
     assert fresh["capacity"] == 4 and fresh["latency_ms"] == 10
-    assert fresh == mock.stats()
+    assert fresh["busy_slot_s"] == 0 and before["busy_slot_s"] > 0
+    assert {**fresh, "elapsed_s": 0} == {**mock.stats(), "elapsed_s": 0}
     await client.post("/chat/completions", json=_chat())
     mock.reset_stats()
     assert mock.stats()["served"] == 0

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from pipeline.exceptions import ConfigError
-from pipeline.settings import DEFAULT_AMQP_URL, BackendSettings, Settings, load_settings
+from pipeline.settings import DEFAULT_AMQP_URL, BackendSettings, Settings, dump_toml, load_settings
 
 # The shape of the issue's example configuration.
 EXAMPLE = """\
@@ -361,3 +361,15 @@ def test_no_api_key_env_means_no_key() -> None:
 def test_settings_class_reads_env_directly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HUTCH_PREFIX", "other")
     assert Settings().prefix == "other"
+
+
+def test_dump_toml_round_trips(tmp_path: Path) -> None:
+    settings = load_settings(
+        amqp_url='amqp://u:p"w@127.0.0.1:5672/v', prefix="rt", trusted_users=["ops"],
+        pools=[{"name": "chat", "models": ["m-ä", "m2"], "max_attempts": 2,
+                "retry_delays_ms": [100, 1000],
+                "backends": [{"name": "b", "url": "http://h:1/v1", "max_concurrency": 3,
+                              "timeout_s": 2.5, "api_key_env": "KEY"}]}])
+    path = tmp_path / "hutch.toml"
+    path.write_text(dump_toml(settings))
+    assert load_settings(path) == settings

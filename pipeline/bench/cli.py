@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
+import platform
 import random
 import sys
 from collections.abc import Callable, Sequence
@@ -28,13 +30,25 @@ from pipeline.bench.loadgen import (
     run_load,
     schedule,
 )
+from pipeline.bench.plots import plot_report
 from pipeline.bench.report import format_table, summarize
+from pipeline.bench.scenarios import SCENARIOS
 from pipeline.client import HutchClient
 from pipeline.exceptions import ConfigError
 from pipeline.log import configure_logging
 from pipeline.settings import Settings, load_settings
 
-__all__ = ["add_cli", "cmd_bench", "parse", "run_bench"]
+__all__ = [
+    "add_cli",
+    "cmd_bench",
+    "cmd_plot",
+    "cmd_scenario",
+    "machine",
+    "parse",
+    "run_bench",
+    "run_scenario",
+    "scenario_options",
+]
 
 
 def _positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
@@ -98,6 +112,126 @@ def add_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     bench.add_argument("--mock-latency-ms", type=_positive(float), default=50.0,
                        help="--embedded: mock service time in ms (default 50)")
     bench.set_defaults(func=cmd_bench)
+    _add_scenarios(bench.add_subparsers(dest="bench_command", metavar="{scenario,plot}",
+                                        title="more"), config_arg)
+
+
+def _option_type(default: Any) -> Callable[[str], Any]:
+    if isinstance(default, tuple):
+        return lambda text: tuple(float(x) for x in text.split(",") if x.strip())
+    if isinstance(default, bool):
+        raise TypeError("boolean scenario options are flags")
+    return _positive(type(default)) if isinstance(default, int | float) else str
+
+
+def _add_scenarios(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                   config_arg: Callable[[argparse.ArgumentParser], None]) -> None:
+    scenario = sub.add_parser(
+        "scenario", help="run a benchmark scenario: it starts its own mock, workers, clients",
+        description="Run one of issue 5's benchmark scenarios. Each starts what it needs "
+                    "(mock backend and worker processes under a prefix of its own, "
+                    "removed afterwards) and needs only a broker with the management "
+                    "plugin.")
+    names = scenario.add_subparsers(dest="scenario", required=True, metavar="NAME")
+    for item in SCENARIOS.values():
+        summary = item.summary.replace("%", "%%")  # argparse formats help with %
+        parser = names.add_parser(item.name, help=summary, description=summary)
+        config_arg(parser)
+        for action in parser._actions:
+            if action.dest == "config":
+                action.required = False
+        for f in dataclasses.fields(item.options):
+            flag = "--" + f.name.replace("_", "-")
+            if f.name == "progress":
+                parser.add_argument(flag, action="store_true",
+                                    help="progress line on a terminal")
+                continue
+            shown = ",".join(f"{x:g}" for x in f.default) if isinstance(
+                f.default, tuple) else f.default
+            parser.add_argument(flag, dest=f.name, type=_option_type(f.default),
+                                default=None, help=f"default {shown}")
+        parser.add_argument("--quick", action="store_true",
+                            help="a tiny run of the same code (smoke test, first look): "
+                                 + ", ".join(f"{k}={v}" for k, v in item.quick.items()))
+        parser.add_argument("--json", dest="json_path", metavar="FILE",
+                            help="write every figure to FILE as JSON")
+        parser.add_argument("--plot-dir", metavar="DIR",
+                            help="draw the scenario's PNG plots into DIR (needs matplotlib)")
+        parser.set_defaults(func=cmd_scenario)
+    plot = sub.add_parser("plot", help="redraw the plots of a scenario's --json file")
+    plot.add_argument("json_file", help="a file written by scenario --json")
+    plot.add_argument("--plot-dir", required=True, metavar="DIR")
+    plot.set_defaults(func=cmd_plot)
+
+
+def scenario_options(args: argparse.Namespace) -> Any:
+    """The options dataclass of ``args.scenario``: defaults, then --quick, then flags."""
+    item = SCENARIOS[args.scenario]
+    values: dict[str, Any] = dict(item.quick) if args.quick else {}
+    for f in dataclasses.fields(item.options):
+        given = getattr(args, f.name, None)
+        if given not in (None, False):
+            values[f.name] = given
+    return item.options(**values)
+
+
+async def run_scenario(args: argparse.Namespace, *, out: Any = None) -> dict[str, Any]:
+    """Run ``args.scenario`` and return its report (what ``--json`` writes)."""
+    out = out or sys.stdout
+    configure_logging("WARNING")
+    settings = load_settings(args.config) if args.config else load_settings()
+    item = SCENARIOS[args.scenario]
+    report = await item.run(settings.amqp_url, scenario_options(args), out)
+    report = {**report, "started_by": "hutch bench scenario " + item.name,
+              "quick": bool(args.quick), "machine": machine()}
+    if args.json_path:
+        _write_json(Path(args.json_path), report)
+        print(f"figures written to {args.json_path}", file=out)
+    if args.plot_dir:
+        for path in plot_report(report, Path(args.plot_dir)):
+            print(f"plot written to {path}", file=out)
+    return report
+
+
+def cmd_scenario(args: argparse.Namespace) -> int:
+    """``hutch bench scenario NAME``: 0 when it ran, whether or not targets were met
+    (the figures are the result; CI does not gate on them)."""
+    asyncio.run(run_scenario(args))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    report = json.loads(Path(args.json_file).read_text())
+    written = plot_report(report, Path(args.plot_dir))
+    if not written:
+        print(f"{args.json_file}: nothing to plot (no series or sweep)", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"plot written to {path}")
+    return 0
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on (they mean little without it)."""
+    info: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count(),
+                            "platform": platform.platform()}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["memory_gib"] = round(int(line.split()[1]) / 1024 / 1024, 1)
+                break
+    return info
+
+
+def _write_json(path: Path, report: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -174,11 +308,8 @@ async def run_bench(args: argparse.Namespace, *, out: Any = None) -> dict[str, A
     for line in format_table(summary, report["priorities"]):
         print(line, file=out)
     if args.json_path:
-        path = Path(args.json_path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(path)
-        print(f"figures written to {path}", file=out)
+        _write_json(Path(args.json_path), report)
+        print(f"figures written to {args.json_path}", file=out)
     return report
 
 

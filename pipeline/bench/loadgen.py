@@ -17,14 +17,14 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from pipeline.bench.report import RequestRecord
-from pipeline.client import HutchClient
 from pipeline.exceptions import ConfigError, RequestFailed
 
 __all__ = [
     "DEFAULT_CLASS_PRIORITIES",
+    "LoadClient",
     "LoadPlan",
     "PriorityClass",
     "Progress",
@@ -145,6 +145,23 @@ def build_prompt(index: int, words: int) -> str:
     return " ".join([f"bench-{index}", *(["lorem"] * max(0, words - 1))])
 
 
+class _Reply(Protocol):
+    @property
+    def queue_wait_ms(self) -> int | None: ...
+
+
+class LoadClient(Protocol):
+    """What the generator drives: :class:`~pipeline.client.HutchClient`, and the
+    benchmark's baselines (a direct HTTP call, a minimal aio-pika RPC), so every path is
+    measured by the same code. ``result`` raises :class:`RequestFailed` for an error
+    reply."""
+
+    async def submit(self, body: dict[str, Any], *, model: str, priority: int = 0,
+                     timeout: float = 60.0) -> str: ...
+
+    async def result(self, correlation_id: str) -> _Reply: ...
+
+
 @dataclass
 class LoadPlan:
     """Everything a run sends: when, to which model, with what priority and prompt size."""
@@ -210,7 +227,7 @@ class Progress:
             await asyncio.sleep(interval_s)
 
 
-async def run_load(clients: Sequence[HutchClient], plan: LoadPlan, *,
+async def run_load(clients: Sequence[LoadClient], plan: LoadPlan, *,
                    progress: Progress | None = None,
                    on_start: Callable[[], Awaitable[None]] | None = None,
                    ) -> tuple[list[RequestRecord], float]:

@@ -13,7 +13,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["PERCENTILES", "RequestRecord", "format_table", "percentile", "summarize"]
+__all__ = [
+    "PERCENTILES",
+    "RequestRecord",
+    "distribution",
+    "format_table",
+    "latency_series",
+    "percentile",
+    "summarize",
+]
 
 #: The percentiles reported for every latency figure (plus the maximum).
 PERCENTILES = (50.0, 95.0, 99.0)
@@ -53,7 +61,7 @@ def percentile(values: Sequence[float], p: float) -> float:
     return ordered[rank - 1]
 
 
-def _distribution(values: Sequence[float]) -> dict[str, float | None]:
+def distribution(values: Sequence[float]) -> dict[str, float | None]:
     """p50/p95/p99/max of ``values`` (None each when there are none)."""
     out: dict[str, float | None] = {}
     for p in PERCENTILES:
@@ -75,8 +83,8 @@ def _summary(records: Iterable[RequestRecord], elapsed_s: float) -> dict[str, An
         "errors": dict(sorted(errors.items())),
         "error_count": sum(errors.values()),
         "throughput_rps": len(answered) / elapsed_s if elapsed_s > 0 else 0.0,
-        "queue_wait_ms": _distribution(waits_ms),
-        "latency_ms": _distribution(latencies_ms),
+        "queue_wait_ms": distribution(waits_ms),
+        "latency_ms": distribution(latencies_ms),
     }
 
 
@@ -95,8 +103,36 @@ def summarize(records: Sequence[RequestRecord], elapsed_s: float,
         "classes": {name: _summary((r for r in records if r.priority_class == name),
                                    elapsed_s) for name in class_order},
         "total": _summary(records, elapsed_s),
-        "send_lag_ms": _distribution(lags_ms),
+        "send_lag_ms": distribution(lags_ms),
     }
+
+
+def latency_series(records: Sequence[RequestRecord], class_order: Sequence[str],
+                   window_s: float = 1.0) -> dict[str, list[dict[str, Any]]]:
+    """Per class, one point per ``window_s`` of intended send time: answered and failed
+    counts and the end-to-end p50/p95/p99/max (ms) of the requests sent in that window.
+
+    By send time, not completion time: a point says what a request sent at that moment
+    went through, which is what a caller of an overloaded system experiences.
+    """
+    if window_s <= 0:
+        raise ValueError(f"window_s must be positive, got {window_s}")
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name in class_order:
+        windows: dict[int, list[RequestRecord]] = {}
+        for record in records:
+            if record.priority_class == name and record.sent_s is not None:
+                windows.setdefault(int(record.intended_s // window_s), []).append(record)
+        points = []
+        for index in sorted(windows):
+            group = windows[index]
+            latencies = [r.latency_s * 1000 for r in group
+                         if r.error is None and r.latency_s is not None]
+            points.append({"t_s": index * window_s, "answered": len(latencies),
+                           "errors": sum(r.error is not None for r in group),
+                           **distribution(latencies)})
+        out[name] = points
+    return out
 
 
 def _ms(value: float | None) -> str:

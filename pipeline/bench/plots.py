@@ -1,0 +1,94 @@
+"""PNG plots of scenario reports (matplotlib, the ``bench`` extra).
+
+Drawn from the report dicts the scenarios return and write with ``--json``, so a plot can
+be redrawn from a saved run (``hutch bench plot FILE.json``) without running it again.
+matplotlib is imported on first use: the rest of ``hutch bench`` works without it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.exceptions import ConfigError
+
+__all__ = ["plot_latency_over_time", "plot_report", "plot_throughput"]
+
+_CLASS_COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple")
+_STYLES = {"p50": ":", "p95": "--", "p99": "-"}
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("plots need matplotlib: pip install 'hutch[bench]' (or run "
+                          "without --plot-dir)") from None
+    matplotlib.use("Agg")  # files only: no display on a server
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_latency_over_time(series: dict[str, list[dict[str, Any]]], path: Path, *,
+                           title: str, service_ms: float | None = None) -> Path:
+    """End-to-end p50/p95/p99 per priority class, by send time (log scale)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for colour, (name, points) in zip(_CLASS_COLOURS, series.items(), strict=False):
+        for key, style in _STYLES.items():
+            xs = [p["t_s"] for p in points if p[key] is not None]
+            ys = [p[key] for p in points if p[key] is not None]
+            ax.plot(xs, ys, style, color=colour, label=f"{name} {key}")
+    if service_ms is not None:
+        ax.axhline(service_ms, color="grey", linewidth=0.8)
+        ax.annotate(f"service time {service_ms:g} ms", (0, service_ms), color="grey",
+                    textcoords="offset points", xytext=(2, 3), fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("send time (s from start)")
+    ax.set_ylabel("end-to-end latency (ms, log)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_throughput(curves: dict[str, list[dict[str, Any]]], path: Path, *,
+                    title: str) -> Path:
+    """Achieved vs offered requests/s, one line per system, with the y = x diagonal."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    top = 0.0
+    for name, points in curves.items():
+        xs = [p["offered_rps"] for p in points]
+        ys = [p["achieved_rps"] for p in points]
+        ax.plot(xs, ys, "o-", label=name)
+        top = max(top, *xs, *ys)
+    ax.plot([0, top], [0, top], color="grey", linewidth=0.8, linestyle="--",
+            label="achieved = offered")
+    ax.set_xlabel("offered load (requests/s)")
+    ax.set_ylabel("achieved throughput (answers/s)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_report(report: dict[str, Any], directory: Path) -> list[Path]:
+    """The plots a scenario report has data for, written into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = report.get("scenario", "run")
+    written: list[Path] = []
+    if report.get("series"):
+        written.append(plot_latency_over_time(
+            report["series"], directory / f"{name}-latency.png",
+            title=report.get("title", name), service_ms=report.get("service_ms")))
+    if report.get("sweep"):
+        written.append(plot_throughput(report["sweep"], directory / f"{name}-throughput.png",
+                                       title=report.get("title", name)))
+    return written

@@ -1,0 +1,249 @@
+"""What a benchmark scenario runs besides the load: mock backends and workers as child
+processes, under a topology of their own.
+
+Child processes, not tasks in the benchmark's event loop: that is how Hutch runs, and a
+worker sharing a loop (and a core) with the load generator would measure the generator.
+Every child writes to a log file in the stack's directory (a pipe nobody reads would
+block it), is stopped with SIGTERM (then SIGKILL) when the stack closes, and the topology,
+reply queues included, is deleted, so an interrupted run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aio_pika
+import httpx
+
+from pipeline.exceptions import HutchError
+from pipeline.settings import Settings, dump_toml, load_settings
+from topology.apply import apply_topology, delete_topology
+from topology.names import Names
+
+__all__ = ["Child", "MockProcess", "Stack", "StackError"]
+
+_READY_TIMEOUT_S = 20.0
+
+
+class StackError(HutchError):
+    """A process of the scenario did not start (the message quotes its log)."""
+
+
+def _proc_status(pid: int, field: str) -> float | None:
+    """A ``/proc/<pid>/status`` memory field (VmRSS, VmHWM) in MiB; None if unreadable."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match[1]) / 1024 if match else None
+
+
+@dataclass
+class Child:
+    """One child process and its log file."""
+
+    name: str
+    process: asyncio.subprocess.Process
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def rss_mib(self) -> float | None:
+        """Resident memory now (Linux ``/proc``; None elsewhere or once it exited)."""
+        return _proc_status(self.pid, "VmRSS")
+
+    def peak_rss_mib(self) -> float | None:
+        """The kernel's high-water mark of resident memory (VmHWM) since the start."""
+        return _proc_status(self.pid, "VmHWM")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    async def wait_for_line(self, pattern: str, timeout_s: float = _READY_TIMEOUT_S
+                            ) -> re.Match[str]:
+        """Wait until the log has a line matching ``pattern``; fail early if it exits."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            text = self.log_path.read_text(errors="replace")
+            for line in text.splitlines():
+                match = regex.search(line)
+                if match:
+                    return match
+            if self.process.returncode is not None:
+                raise StackError(f"{self.name} exited with {self.process.returncode} before "
+                                 f"it was ready:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise StackError(f"{self.name} not ready after {timeout_s:g}s:\n"
+                                 f"{self.log_tail()}")
+            await asyncio.sleep(0.05)
+
+    async def stop(self, grace_s: float = 15.0) -> int:
+        """SIGTERM, wait up to ``grace_s`` (workers drain in-flight work), then SIGKILL."""
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(grace_s):
+                    await self.process.wait()
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.kill()
+                await self.process.wait()
+        assert self.process.returncode is not None
+        return self.process.returncode
+
+
+@dataclass
+class MockProcess(Child):
+    """A ``hutch mock-backend`` child: its ``url`` (``.../v1``) and its ``/stats``."""
+
+    url: str = ""
+
+    async def stats(self) -> dict[str, Any]:
+        stats_url = self.url.removesuffix("/v1") + "/stats"
+        async with httpx.AsyncClient(timeout=10) as http:
+            response = await http.get(stats_url)
+            response.raise_for_status()
+            data: dict[str, Any] = response.json()
+            return data
+
+    async def reset(self) -> None:
+        reset_url = self.url.removesuffix("/v1") + "/stats/reset"
+        async with httpx.AsyncClient(timeout=10) as http:
+            (await http.post(reset_url)).raise_for_status()
+
+
+class Stack:
+    """Children and a topology under ``prefix``, all undone on exit.
+
+    ``async with Stack(amqp_url) as stack:`` then :meth:`mock`, :meth:`settings`,
+    :meth:`apply`, :meth:`worker`, :meth:`wait_for_consumers`; the reply queues of the
+    client ids added to ``client_ids`` are deleted with the topology.
+    """
+
+    def __init__(self, amqp_url: str, *, prefix: str | None = None,
+                 keep_logs: bool = False) -> None:
+        self.amqp_url = amqp_url
+        self.prefix = prefix or f"hutch-bench-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.names = Names(self.prefix)
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
+        self.keep_logs = keep_logs
+        self.children: list[Child] = []
+        self.client_ids: list[str] = []
+        #: Further queues to delete on close (a baseline's work queue).
+        self.queues: list[str] = []
+        self._applied: list[Settings] = []
+
+    async def __aenter__(self) -> Stack:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        # Workers first (they drain into the mock), then the mocks.
+        for child in sorted(self.children, key=lambda c: isinstance(c, MockProcess)):
+            await child.stop()
+        self.children.clear()
+        for settings in self._applied:
+            with contextlib.suppress(Exception):
+                await delete_topology(settings, reply_queues=self.client_ids)
+        self._applied.clear()
+        if self.queues:
+            with contextlib.suppress(Exception):
+                connection = await aio_pika.connect(self.amqp_url, timeout=10)
+                async with connection:
+                    channel = await connection.channel()
+                    for queue in self.queues:
+                        await channel.queue_delete(queue)
+        self.queues.clear()
+        if not self.keep_logs:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    async def spawn(self, name: str, module: str, args: Sequence[str]) -> Child:
+        """Start ``python -m module args`` as a child logging to ``<dir>/<name>.log``."""
+        log_path = self.dir / f"{name}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HUTCH_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        with log_path.open("wb") as log:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", module, *args, stdin=asyncio.subprocess.DEVNULL,
+                stdout=log, stderr=asyncio.subprocess.STDOUT, env=env)
+        child = Child(name, process, log_path)
+        self.children.append(child)
+        return child
+
+    async def mock(self, *, capacity: int, latency_ms: float,
+                   models: Sequence[str] = ("mock-small",)) -> MockProcess:
+        """Start ``hutch mock-backend`` on a free port; return once it listens."""
+        name = f"mock-{sum(c.name.startswith('mock-') for c in self.children) + 1}"
+        child = await self.spawn(name, "pipeline.cli", [
+            "mock-backend", "--port", "0", "--capacity", str(capacity),
+            "--latency-ms", f"{latency_ms:g}", "--models", ",".join(models)])
+        mock = MockProcess(child.name, child.process, child.log_path)
+        self.children[self.children.index(child)] = mock
+        match = await mock.wait_for_line(r"listening on (\S+)")
+        mock.url = match[1]
+        return mock
+
+    def settings(self, pools: list[dict[str, Any]], **overrides: Any) -> Settings:
+        """Validated settings under this stack's prefix."""
+        return load_settings(amqp_url=self.amqp_url, prefix=self.prefix, pools=pools,
+                             **overrides)
+
+    async def apply(self, settings: Settings) -> None:
+        await apply_topology(settings)
+        self._applied.append(settings)
+
+    async def worker(self, settings: Settings, *, log_level: str = "WARNING") -> Child:
+        """Start ``hutch worker`` with these settings (written to a file only we read)."""
+        index = sum(c.name.startswith("worker-") for c in self.children) + 1
+        config = self.dir / f"worker-{index}.toml"
+        config.touch(mode=0o600)
+        config.write_text(dump_toml(settings))
+        return await self.spawn(f"worker-{index}", "pipeline.cli",
+                                ["worker", "-c", str(config), "--log-level", log_level])
+
+    async def wait_for_consumers(self, queue: str, count: int,
+                                 timeout_s: float = _READY_TIMEOUT_S) -> None:
+        """Wait until ``queue`` has ``count`` consumers: a worker consumes its pool's queue
+        only once it holds a backend's lease, so this is "ready to serve"."""
+        connection = await aio_pika.connect(self.amqp_url, timeout=10)
+        async with connection:
+            channel = await connection.channel()
+            deadline = time.monotonic() + timeout_s
+            while True:
+                declared = await channel.declare_queue(queue, passive=True)
+                consumers = declared.declaration_result.consumer_count or 0
+                if consumers >= count:
+                    return
+                for child in self.children:
+                    if child.process.returncode is not None:
+                        raise StackError(f"{child.name} exited with "
+                                         f"{child.process.returncode}:\n{child.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise StackError(f"{queue}: {consumers} consumer(s) after "
+                                     f"{timeout_s:g}s, expected {count}")
+                await asyncio.sleep(0.1)
