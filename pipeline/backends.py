@@ -25,6 +25,8 @@ from pipeline.settings import BackendSettings
 
 __all__ = ["Backend", "BackendResult", "parse_retry_after"]
 
+_CHAT_PATH = "/chat/completions"
+
 
 @dataclass(frozen=True)
 class BackendResult:
@@ -73,12 +75,22 @@ class Backend:
         self._api_key = api_key
         limits = httpx.Limits(max_connections=settings.max_concurrency,
                               max_keepalive_connections=settings.max_concurrency)
+        self._transport = transport or AiohttpTransport(limits=limits)
         self._http = httpx.AsyncClient(
             base_url=settings.url,
             headers=headers,
-            transport=transport or AiohttpTransport(limits=limits),
+            transport=self._transport,
             timeout=settings.timeout_s,
         )
+        # The hot path builds its request from these and hands it straight to the transport:
+        # the request is the one ``AsyncClient.post`` would build (same URL, headers and
+        # timeout), without the per-call URL merging, redirect, auth and cookie machinery
+        # that cost more than the aiohttp call itself (see tests/test_fastpath.py).
+        self._url = self._http.build_request("POST", _CHAT_PATH).url
+        self._headers = self._http.headers.raw
+        self._timeouts: dict[float, dict[str, float | None]] = {}
+        #: Whether a backend ever set a cookie (testing the jar itself costs a lock).
+        self._cookies = False
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -87,16 +99,37 @@ class Backend:
         """Error texts may echo what was sent (proxies repeat the key): never the key."""
         return message.replace(self._api_key, "***") if self._api_key else message
 
+    def _timeout(self, seconds: float) -> dict[str, float | None]:
+        """``httpx.Timeout(seconds).as_dict()``, kept for the configured timeout."""
+        timeouts = self._timeouts.get(seconds)
+        if timeouts is None:
+            timeouts = httpx.Timeout(seconds).as_dict()
+            if seconds == self.settings.timeout_s:
+                self._timeouts[seconds] = timeouts
+        return timeouts
+
     async def chat(self, body: bytes, *, timeout_s: float | None = None,
                    request_id: str | None = None) -> BackendResult:
         """POST ``/chat/completions``; ``timeout_s`` may shorten the configured timeout."""
         timeout = self.settings.timeout_s if timeout_s is None else min(
             timeout_s, self.settings.timeout_s)
-        headers = {"x-request-id": request_id} if request_id else None
+        headers = self._headers
+        if request_id:
+            # ascii, as httpx encodes a str header (a non-ascii id fails the same way)
+            headers = [*headers, (b"x-request-id", request_id.encode("ascii"))]
+        # Cookies, as the client would keep them: only if a backend set some (a sticky LB).
+        cookies = self._http.cookies if self._cookies else None
+        request = httpx.Request("POST", self._url, headers=headers, content=body,
+                                cookies=cookies,
+                                extensions={"timeout": self._timeout(timeout)})
         started = time.monotonic()
         try:
-            response = await self._http.post("/chat/completions", content=body,
-                                             headers=headers, timeout=timeout)
+            response = await self._transport.handle_async_request(request)
+            response.request = request  # as the client does (not every transport sets it)
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
         except httpx.HTTPError as exc:
             # httpx-aiohttp maps a refused connection to ConnectTimeout: look at the cause.
             refused = isinstance(exc.__cause__, aiohttp.ClientConnectorError)
@@ -106,6 +139,9 @@ class Backend:
             reason = exc.__cause__ if refused else exc
             raise RetryableError(self._redact(
                 f"backend {self.name} unreachable: {type(reason).__name__}: {reason}")) from None
+        if "set-cookie" in response.headers:
+            self._http.cookies.extract_cookies(response)
+            self._cookies = True
         elapsed = time.monotonic() - started
         status = response.status_code
         if status == 200:

@@ -176,7 +176,7 @@ class Dispatcher:
             info.queue_wait_ms = max(0, p.now_ms() - sent_at)
             self._metrics.queue_waited(self._pool.name, message.priority,
                                        info.queue_wait_ms / 1000)
-        in_flight = self._metrics.in_flight.labels(backend.name)
+        in_flight = self._metrics.child(self._metrics.in_flight, backend.name)
         in_flight.inc()
         try:
             await self._process(message, backend, health, info, headers, timestamp)
@@ -292,59 +292,80 @@ class Dispatcher:
             return None
         return delays[min(headers_retries, len(delays) - 1)]
 
+    async def _attempt(self, number: int, message: AbstractIncomingMessage, backend: Backend,
+                       health: BackendHealth, info: ReplyInfo, deadline: _Deadline,
+                       prior: int) -> BackendResult | Failure | _Requeue:
+        """One backend attempt (``number`` counts from 1 in this delivery)."""
+        info.attempts = prior + number
+        if number > 1 and not health.available():
+            # The circuit opened meanwhile: free the slot, let others serve.
+            info.attempts -= 1
+            return _Requeue()
+        remaining = deadline.remaining()
+        if remaining is not None and remaining <= 0:
+            return self._deadline_failure()
+        if remaining is not None and remaining < health.fastest_s():
+            return self._deadline_failure(
+                f"; {remaining * 1000:.0f} ms were left, less than the "
+                f"{health.fastest_s() * 1000:.0f} ms of the backend's fastest "
+                "recent answer")
+        try:
+            result = await backend.chat(message.body, timeout_s=remaining,
+                                        request_id=message.correlation_id)
+        except ThrottledError as exc:
+            self._metrics.backend_errors.labels(backend.name, "throttled").inc()
+            health.throttled(exc.retry_after_s)
+            raise
+        except RetryableError:
+            if remaining is not None and deadline.passed():
+                # The call was cut to the request's deadline: the request ran
+                # out of time, the backend did not fail. Counting it would let
+                # an overload open the circuit of a healthy backend.
+                return self._deadline_failure()
+            self._metrics.backend_errors.labels(backend.name, "retryable").inc()
+            health.failure()
+            raise
+        except BackendCallError:
+            self._metrics.backend_errors.labels(backend.name, "terminal").inc()
+            raise
+        health.success(result.elapsed_s)
+        self._metrics.child(self._metrics.backend_latency, backend.name).observe(
+            result.elapsed_s)
+        return result
+
     async def _call(self, message: AbstractIncomingMessage, backend: Backend,
                     health: BackendHealth, info: ReplyInfo, deadline: _Deadline,
                     prior: int) -> BackendResult | Failure | _Retry | _Requeue:
         """Call the backend: a few attempts here, on the slot this delivery holds; then
         a delayed retry tier, while attempts and the deadline allow; else a failure."""
         budget = max(1, min(self._pool.attempts_per_delivery, self._pool.max_attempts - prior))
-        retrying = AsyncRetrying(
-            stop=stop_any(stop_after_attempt(budget), _StopAtDeadline(deadline)),
-            wait=_wait,
-            # A 429 is not retried here: the backend asked for time, another may answer.
-            before_sleep=self._metrics.before_sleep(self._pool.name),
-            retry=retry_if_exception_type(RetryableError)
-            & retry_if_not_exception_type(ThrottledError),
-            reraise=True,
-        )
         try:
+            # The first attempt runs without tenacity (most calls need no other): if it
+            # fails in a way tenacity would retry, tenacity takes over from its outcome,
+            # so the retry decisions, waits and hooks are exactly the ones it would make.
+            try:
+                return await self._attempt(1, message, backend, health, info, deadline,
+                                           prior)
+            except RetryableError as exc:
+                if isinstance(exc, ThrottledError) or budget <= 1:
+                    raise  # what tenacity does: not retried here, or out of attempts
+                first_failure = exc
+            retrying = AsyncRetrying(
+                stop=stop_any(stop_after_attempt(budget), _StopAtDeadline(deadline)),
+                wait=_wait,
+                # A 429 is not retried here: the backend asked for time, another may answer.
+                before_sleep=self._metrics.before_sleep(self._pool.name),
+                retry=retry_if_exception_type(RetryableError)
+                & retry_if_not_exception_type(ThrottledError),
+                reraise=True,
+            )
             async for attempt in retrying:
                 with attempt:
-                    info.attempts = prior + attempt.retry_state.attempt_number
-                    if attempt.retry_state.attempt_number > 1 and not health.available():
-                        # The circuit opened meanwhile: free the slot, let others serve.
-                        info.attempts -= 1
-                        return _Requeue()
-                    remaining = deadline.remaining()
-                    if remaining is not None and remaining <= 0:
-                        return self._deadline_failure()
-                    if remaining is not None and remaining < health.fastest_s():
-                        return self._deadline_failure(
-                            f"; {remaining * 1000:.0f} ms were left, less than the "
-                            f"{health.fastest_s() * 1000:.0f} ms of the backend's fastest "
-                            "recent answer")
-                    try:
-                        result = await backend.chat(message.body, timeout_s=remaining,
-                                                    request_id=message.correlation_id)
-                    except ThrottledError as exc:
-                        self._metrics.backend_errors.labels(backend.name, "throttled").inc()
-                        health.throttled(exc.retry_after_s)
-                        raise
-                    except RetryableError:
-                        if remaining is not None and deadline.passed():
-                            # The call was cut to the request's deadline: the request ran
-                            # out of time, the backend did not fail. Counting it would let
-                            # an overload open the circuit of a healthy backend.
-                            return self._deadline_failure()
-                        self._metrics.backend_errors.labels(backend.name, "retryable").inc()
-                        health.failure()
-                        raise
-                    except BackendCallError:
-                        self._metrics.backend_errors.labels(backend.name, "terminal").inc()
-                        raise
-                    health.success(result.elapsed_s)
-                    self._metrics.backend_latency.labels(backend.name).observe(result.elapsed_s)
-                    return result
+                    number = attempt.retry_state.attempt_number
+                    if number == 1:
+                        raise first_failure  # the attempt above, as tenacity's first
+                    return await self._attempt(number, message, backend, health, info,
+                                               deadline, prior)
         except ThrottledError:
             info.attempts -= 1  # a 429 is not an attempt: the request was not served
             return _Requeue()

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from tenacity import RetryCallState
@@ -33,6 +33,8 @@ __all__ = [
     "retry_reason",
     "seconds_since_sent",
 ]
+
+_M = TypeVar("_M", Counter, Gauge, Histogram)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -125,6 +127,9 @@ class Metrics:
         self._models: set[str] = set()
         self._max_priority = _AMQP_MAX_PRIORITY
         self._configured = False
+        #: Labelled children by (family, label values): ``labels()`` takes a lock and
+        #: builds tuples on every call, and the hot path asks for the same few each time.
+        self._children: dict[tuple[int | str, ...], Any] = {}
         #: Every family, in the order the README lists them.
         self.catalog: list[MetricInfo] = []
         counter, gauge, histogram = self._counter, self._gauge, self._histogram
@@ -213,6 +218,14 @@ class Metrics:
                 for gauge in (self.in_flight, self.capacity, self.lease_held):
                     gauge.labels(backend.name)
 
+    def child(self, family: _M, *labels: str) -> _M:
+        """``family.labels(*labels)``, looked up once (families are never cleared)."""
+        key: tuple[int | str, ...] = (id(family), *labels)
+        found: _M | None = self._children.get(key)
+        if found is None:
+            found = self._children[key] = family.labels(*labels)
+        return found
+
     def pool_label(self, pool: str | None) -> str:
         return pool if pool in self._pools else NO_POOL
 
@@ -227,19 +240,19 @@ class Metrics:
 
     def queue_waited(self, pool: str, priority: int | None, seconds: float) -> None:
         """A delivery arrived ``seconds`` after its request was published."""
-        self.queue_wait.labels(self.pool_label(pool), self.priority_label(priority)
-                               ).observe(max(0.0, seconds))
+        self.child(self.queue_wait, self.pool_label(pool), self.priority_label(priority)
+                   ).observe(max(0.0, seconds))
 
     def request_done(self, pool: str, model: str | None, priority: int | None, outcome: str,
                      e2e_s: float | None = None) -> None:
         """A request reached its one final outcome (``ok``, or the reply's error code)."""
         pool_label = self.pool_label(pool)
         priority_label = self.priority_label(priority)
-        self.requests.labels(pool_label, outcome).inc()
-        self.request_outcomes.labels(pool_label, self.model_label(model), priority_label,
-                                     outcome).inc()
+        self.child(self.requests, pool_label, outcome).inc()
+        self.child(self.request_outcomes, pool_label, self.model_label(model), priority_label,
+                   outcome).inc()
         if e2e_s is not None:
-            self.end_to_end.labels(pool_label, priority_label).observe(max(0.0, e2e_s))
+            self.child(self.end_to_end, pool_label, priority_label).observe(max(0.0, e2e_s))
 
     def finished(self, pool: str, message: _Delivery, outcome: str) -> None:
         """:meth:`request_done` for a delivery: the model is its routing key (requests are
@@ -256,7 +269,7 @@ class Metrics:
         for kind, count in (("prompt", usage.prompt_tokens),
                             ("completion", usage.completion_tokens)):
             if count > 0:
-                self.tokens_used.labels(pool_label, model_label, kind).inc(count)
+                self.child(self.tokens_used, pool_label, model_label, kind).inc(count)
 
     def retried_in_process(self, pool: str, exc: BaseException | None) -> None:
         """Another attempt follows on the slot the delivery holds."""
