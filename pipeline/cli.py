@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Literal
 
-from pipeline import mock_backend
+from pipeline import eventloop, mock_backend
 from pipeline.bench import add_cli as add_bench_cli
 from pipeline.exceptions import ConfigError, HutchError, RequestFailed, TopologyError
 from pipeline.log import configure_logging
@@ -52,7 +52,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, worker.stop)
         await worker.run()
 
-    asyncio.run(run())
+    eventloop.run(run())
     return 0
 
 

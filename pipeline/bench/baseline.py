@@ -45,6 +45,7 @@ from aio_pika.abc import (
 from aio_pika.exceptions import DeliveryError, PublishError
 from httpx_aiohttp import AiohttpTransport
 
+from pipeline import eventloop
 from pipeline.exceptions import (
     BackendError,
     DeadlineExceededError,
@@ -363,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.prefetch < 1:
         print("--prefetch must be at least 1", file=sys.stderr)
         return 2
-    return asyncio.run(_serve(args))
+    return eventloop.run(_serve(args))  # the worker's loop: compare code, not loops
 
 
 if __name__ == "__main__":
