@@ -90,6 +90,7 @@ async def test_backlog_scenario(amqp_url: str, tmp_path: Path,
     assert 20 < rss["peak"] == max(rss["high_water_mark"], rss["max_sampled"])
     assert report["samples"] and report["samples"][0]["queue_depth"] <= 300
     assert "drained 300 of 300" in text
+    assert (tmp_path / "plots" / "backlog-drain.png").read_bytes().startswith(PNG)
 
 
 @pytest.mark.timeout(90)

@@ -30,7 +30,7 @@ from pipeline.bench.loadgen import (
     run_load,
     schedule,
 )
-from pipeline.bench.plots import plot_report
+from pipeline.bench.plots import plot_report, require_matplotlib
 from pipeline.bench.report import format_table, summarize
 from pipeline.bench.scenarios import SCENARIOS
 from pipeline.client import HutchClient
@@ -181,6 +181,8 @@ async def run_scenario(args: argparse.Namespace, *, out: Any = None) -> dict[str
     configure_logging("WARNING")
     settings = load_settings(args.config) if args.config else load_settings()
     item = SCENARIOS[args.scenario]
+    if args.plot_dir:
+        require_matplotlib()
     report = await item.run(settings.amqp_url, scenario_options(args), out)
     report = {**report, "started_by": "hutch bench scenario " + item.name,
               "quick": bool(args.quick), "machine": machine()}

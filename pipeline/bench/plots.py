@@ -12,7 +12,13 @@ from typing import Any
 
 from pipeline.exceptions import ConfigError
 
-__all__ = ["plot_latency_over_time", "plot_report", "plot_throughput"]
+__all__ = [
+    "plot_backlog",
+    "plot_latency_over_time",
+    "plot_report",
+    "plot_throughput",
+    "require_matplotlib",
+]
 
 _CLASS_COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple")
 _STYLES = {"p50": ":", "p95": "--", "p99": "-"}
@@ -27,6 +33,11 @@ def _pyplot() -> Any:
     matplotlib.use("Agg")  # files only: no display on a server
     import matplotlib.pyplot as plt
     return plt
+
+
+def require_matplotlib() -> None:
+    """Fail before a long run, not after it, when its plots could not be drawn."""
+    _pyplot()
 
 
 def plot_latency_over_time(series: dict[str, list[dict[str, Any]]], path: Path, *,
@@ -57,15 +68,23 @@ def plot_latency_over_time(series: dict[str, list[dict[str, Any]]], path: Path, 
 
 def plot_throughput(curves: dict[str, list[dict[str, Any]]], path: Path, *,
                     title: str) -> Path:
-    """Achieved vs offered requests/s, one line per system, with the y = x diagonal."""
+    """Left: achieved vs offered requests/s per system, with the y = x diagonal. Right:
+    p50 and p99 latency vs offered load (where the knee is)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, (ax, lat) = plt.subplots(1, 2, figsize=(13, 5))
     top = 0.0
-    for name, points in curves.items():
+    for colour, (name, points) in zip(_CLASS_COLOURS[1:] + _CLASS_COLOURS[:1],
+                                      curves.items(), strict=False):
         xs = [p["offered_rps"] for p in points]
         ys = [p["achieved_rps"] for p in points]
-        ax.plot(xs, ys, "o-", label=name)
+        ax.plot(xs, ys, "o-", color=colour, label=name)
         top = max(top, *xs, *ys)
+        for key, style in (("p50", ":"), ("p99", "-")):
+            shown = [(p["offered_rps"], p["latency_ms"][key]) for p in points
+                     if p.get("latency_ms", {}).get(key) is not None]
+            if shown:
+                lat.plot(*zip(*shown, strict=True), style, marker="o", markersize=3,
+                         color=colour, label=f"{name} {key}")
     ax.plot([0, top], [0, top], color="grey", linewidth=0.8, linestyle="--",
             label="achieved = offered")
     ax.set_xlabel("offered load (requests/s)")
@@ -73,6 +92,40 @@ def plot_throughput(curves: dict[str, list[dict[str, Any]]], path: Path, *,
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=9)
+    lat.set_yscale("log")
+    lat.set_xlabel("offered load (requests/s)")
+    lat.set_ylabel("end-to-end latency (ms, log)")
+    lat.set_title("Latency vs offered load")
+    lat.grid(True, which="both", alpha=0.3)
+    lat.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_backlog(samples: list[dict[str, Any]], path: Path, *, title: str,
+                 rss_limit_mib: float | None = None) -> Path:
+    """Queue depth (left axis) and the worker's RSS (right axis) while a backlog drains."""
+    plt = _pyplot()
+    fig, depth = plt.subplots(figsize=(9, 5))
+    ts = [s["t_s"] for s in samples]
+    depth.plot(ts, [s["queue_depth"] for s in samples], color="tab:blue", label="queued")
+    depth.set_xlabel("time since the worker started (s)")
+    depth.set_ylabel("requests queued", color="tab:blue")
+    depth.set_ylim(bottom=0)
+    rss = depth.twinx()
+    shown = [(s["t_s"], s["rss_mib"]) for s in samples if s["rss_mib"] is not None]
+    if shown:
+        rss.plot(*zip(*shown, strict=True), color="tab:red", label="worker RSS")
+    if rss_limit_mib is not None:
+        rss.axhline(rss_limit_mib, color="tab:red", linewidth=0.8, linestyle="--")
+        rss.annotate(f"target {rss_limit_mib:g} MiB", (0, rss_limit_mib), color="tab:red",
+                     textcoords="offset points", xytext=(2, -12), fontsize=8)
+        rss.set_ylim(0, rss_limit_mib * 1.1)
+    rss.set_ylabel("worker RSS (MiB)", color="tab:red")
+    depth.set_title(title)
+    depth.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -91,4 +144,9 @@ def plot_report(report: dict[str, Any], directory: Path) -> list[Path]:
     if report.get("sweep"):
         written.append(plot_throughput(report["sweep"], directory / f"{name}-throughput.png",
                                        title=report.get("title", name)))
+    if report.get("samples"):
+        written.append(plot_backlog(
+            report["samples"], directory / f"{name}-drain.png",
+            title=report.get("title", name),
+            rss_limit_mib=report.get("config", {}).get("rss_limit_mib")))
     return written

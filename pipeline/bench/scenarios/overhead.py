@@ -51,7 +51,7 @@ class OverheadOptions:
     concurrency: int = 64
     light_rps: float = 25.0
     light_s: float = 20.0
-    rates: tuple[float, ...] = (100, 200, 300, 400, 500, 600, 800, 1000)
+    rates: tuple[float, ...] = (100, 200, 400, 600, 800, 1000, 1200, 1400, 1700, 2000, 2500)
     step_s: float = 5.0
     warmup_s: float = 2.0
     seed: int = 1
