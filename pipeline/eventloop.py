@@ -1,9 +1,10 @@
-"""The event loop of long-running processes (worker, baseline): uvloop where installed.
+"""The event loop of long-running processes (``hutch worker``, the bench baseline).
 
-uvloop cut the worker's CPU per request by 7-10% in the benchmarks (BENCHMARKS.md); a
-worker is CPU-bound under load, so that is throughput. It is a dependency on Linux and
-macOS; elsewhere (Windows) asyncio's own loop is used. Not for ``hutch bench``: uvloop's
-``loop.time()`` ticks in whole milliseconds, too coarse for latencies of a few ms.
+``asyncio`` by default; ``uvloop`` (``pip install 'hutch[uvloop]'``, Linux and macOS) on
+request with ``--loop uvloop``. Measured on the overhead scenario (BENCHMARKS.md): uvloop
+cuts the worker's CPU per request by 7-10%, which raises the maximum throughput of a
+CPU-bound worker, but adds about 0.5 ms to the median latency at light load. LLM calls
+take seconds and a worker rarely runs CPU-bound, so the default keeps the lower latency.
 """
 
 from __future__ import annotations
@@ -12,24 +13,27 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["loop_name", "run"]
+from pipeline.exceptions import ConfigError
+
+__all__ = ["LOOPS", "run"]
 
 T = TypeVar("T")
 
+#: The ``--loop`` choices.
+LOOPS = ("asyncio", "uvloop")
 
-def run(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run(main)`` on uvloop if it is installed."""
+
+def run(main: Coroutine[Any, Any, T], loop: str = "asyncio") -> T:
+    """``asyncio.run(main)`` on the named event loop."""
+    if loop == "asyncio":
+        return asyncio.run(main)
+    if loop != "uvloop":
+        main.close()
+        raise ConfigError(f"--loop {loop!r}: expected one of {', '.join(LOOPS)}")
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(main)
+        main.close()
+        raise ConfigError("--loop uvloop: uvloop is not installed; "
+                          "pip install 'hutch[uvloop]'") from None
     return uvloop.run(main)
-
-
-def loop_name() -> str:
-    """``uvloop`` or ``asyncio``: what :func:`run` uses here (for logs and reports)."""
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return "asyncio"
-    return "uvloop"

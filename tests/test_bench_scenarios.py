@@ -147,7 +147,9 @@ def test_plots_are_drawn_from_a_saved_report(tmp_path: Path) -> None:
     report = {"scenario": "x", "series": {"high": [
         {"t_s": 0.0, "p50": 100.0, "p95": 120.0, "p99": 130.0},
         {"t_s": 1.0, "p50": None, "p95": None, "p99": None}]},
-        "sweep": {"hutch": [{"offered_rps": 100, "achieved_rps": 99.0}]}}
+        "sweep": {"hutch": [{"offered_rps": 100, "achieved_rps": 99.0}],
+                  "direct": [{"offered_rps": 100, "achieved_rps": 100.0,
+                              "latency_ms": {"p50": 1.0, "p99": 2.0}}]}}
     written = plot_report(report, tmp_path)
     assert [p.name for p in written] == ["x-latency.png", "x-throughput.png"]
     assert all(p.read_bytes().startswith(PNG) for p in written)

@@ -334,6 +334,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefetch", type=int, required=True)
     parser.add_argument("--timeout", type=float, default=30.0,
                         help="HTTP timeout per backend call, seconds (default 30)")
+    parser.add_argument("--loop", choices=eventloop.LOOPS, default="asyncio",
+                        help="event loop, as `hutch worker --loop` (default asyncio)")
     return parser
 
 
@@ -364,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.prefetch < 1:
         print("--prefetch must be at least 1", file=sys.stderr)
         return 2
-    return eventloop.run(_serve(args))  # the worker's loop: compare code, not loops
+    return eventloop.run(_serve(args), args.loop)  # as the worker's: compare code, not loops
 
 
 if __name__ == "__main__":

@@ -97,7 +97,8 @@ def plot_throughput(curves: dict[str, list[dict[str, Any]]], path: Path, *,
     lat.set_ylabel("end-to-end latency (ms, log)")
     lat.set_title("Latency vs offered load")
     lat.grid(True, which="both", alpha=0.3)
-    lat.legend(fontsize=8, ncol=3)
+    if lat.get_legend_handles_labels()[0]:  # a saved report may have no latencies
+        lat.legend(fontsize=8, ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

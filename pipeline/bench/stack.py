@@ -217,14 +217,16 @@ class Stack:
         await apply_topology(settings)
         self._applied.append(settings)
 
-    async def worker(self, settings: Settings, *, log_level: str = "WARNING") -> Child:
+    async def worker(self, settings: Settings, *, log_level: str = "WARNING",
+                     loop: str = "asyncio") -> Child:
         """Start ``hutch worker`` with these settings (written to a file only we read)."""
         index = sum(c.name.startswith("worker-") for c in self.children) + 1
         config = self.dir / f"worker-{index}.toml"
         config.touch(mode=0o600)
         config.write_text(dump_toml(settings))
         return await self.spawn(f"worker-{index}", "pipeline.cli",
-                                ["worker", "-c", str(config), "--log-level", log_level])
+                                ["worker", "-c", str(config), "--log-level", log_level,
+                                 "--loop", loop])
 
     async def wait_for_consumers(self, queue: str, count: int,
                                  timeout_s: float = _READY_TIMEOUT_S) -> None:

@@ -81,20 +81,21 @@ async def apply_hutch(stack: Stack, mock: MockProcess, *, capacity: int,
     return settings
 
 
-async def start_workers(stack: Stack, settings: Settings, count: int = 1) -> list[Child]:
+async def start_workers(stack: Stack, settings: Settings, count: int = 1, *,
+                        loop: str = "asyncio") -> list[Child]:
     """Start ``count`` worker processes; return once they all consume (each consumes the
     triage queue) and one of them holds the backend's lease (it consumes the pool's)."""
-    workers = [await stack.worker(settings) for _ in range(count)]
+    workers = [await stack.worker(settings, loop=loop) for _ in range(count)]
     await stack.wait_for_consumers(stack.names.triage_queue, count)
     await stack.wait_for_consumers(stack.names.work_queue("bench"), 1)
     return workers
 
 
 async def start_hutch(stack: Stack, mock: MockProcess, *, capacity: int, workers: int = 1,
-                      **pool: Any) -> Settings:
+                      loop: str = "asyncio", **pool: Any) -> Settings:
     """:func:`apply_hutch` then :func:`start_workers`."""
     settings = await apply_hutch(stack, mock, capacity=capacity, **pool)
-    await start_workers(stack, settings, workers)
+    await start_workers(stack, settings, workers, loop=loop)
     return settings
 
 

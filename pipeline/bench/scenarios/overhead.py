@@ -38,7 +38,8 @@ from pipeline.bench.scenarios.common import (
     targets_report,
 )
 from pipeline.bench.stack import Stack
-from pipeline.exceptions import BackendCallError, BackendError
+from pipeline.eventloop import LOOPS
+from pipeline.exceptions import BackendCallError, BackendError, ConfigError
 from pipeline.settings import BackendSettings
 
 __all__ = ["DirectClient", "OverheadOptions", "run"]
@@ -55,7 +56,13 @@ class OverheadOptions:
     step_s: float = 5.0
     warmup_s: float = 2.0
     seed: int = 1
+    #: The event loop of both workers (``hutch worker --loop``): asyncio or uvloop.
+    loop: str = "asyncio"
     progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.loop not in LOOPS:
+            raise ConfigError(f"--loop {self.loop!r}: expected one of {', '.join(LOOPS)}")
 
 
 @dataclass(frozen=True)
@@ -101,19 +108,20 @@ def _row(name: str, run_: LoadRun) -> dict[str, Any]:
 
 
 async def run(amqp_url: str, options: OverheadOptions, out: TextIO) -> dict[str, Any]:
-    print(f"overhead: instant mock, concurrency {options.concurrency}; light load "
+    print(f"overhead: instant mock, concurrency {options.concurrency}, {options.loop} "
+          f"workers; light load "
           f"{options.light_rps:g} req/s for {options.light_s:g} s, then offered "
           f"{', '.join(f'{r:g}' for r in options.rates)} req/s for {options.step_s:g} s each",
           file=out)
     async with Stack(amqp_url) as stack, contextlib.AsyncExitStack() as opened:
         mock = await stack.mock(capacity=max(256, 4 * options.concurrency), latency_ms=0)
         settings = await start_hutch(stack, mock, capacity=options.concurrency,
-                                     max_queue_length=1_000_000)
+                                     loop=options.loop, max_queue_length=1_000_000)
         queue = f"{stack.prefix}.baseline"
         stack.queues.append(queue)
         baseline = await stack.spawn("baseline", "pipeline.bench.baseline", [
             "--amqp-url", amqp_url, "--queue", queue, "--backend-url", mock.url,
-            "--prefetch", str(options.concurrency)])
+            "--prefetch", str(options.concurrency), "--loop", options.loop])
         await baseline.wait_for_line(READY_LINE)
         direct = DirectClient(mock.url, options.concurrency)
         opened.push_async_callback(direct.aclose)
