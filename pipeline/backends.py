@@ -88,7 +88,7 @@ class Backend:
         # that cost more than the aiohttp call itself (see tests/test_fastpath.py).
         self._url = self._http.build_request("POST", _CHAT_PATH).url
         self._headers = self._http.headers.raw
-        self._timeouts: dict[float, dict[str, float | None]] = {}
+        self._default_timeout = httpx.Timeout(settings.timeout_s).as_dict()
         #: Whether a backend ever set a cookie (testing the jar itself costs a lock).
         self._cookies = False
 
@@ -98,15 +98,6 @@ class Backend:
     def _redact(self, message: str) -> str:
         """Error texts may echo what was sent (proxies repeat the key): never the key."""
         return message.replace(self._api_key, "***") if self._api_key else message
-
-    def _timeout(self, seconds: float) -> dict[str, float | None]:
-        """``httpx.Timeout(seconds).as_dict()``, kept for the configured timeout."""
-        timeouts = self._timeouts.get(seconds)
-        if timeouts is None:
-            timeouts = httpx.Timeout(seconds).as_dict()
-            if seconds == self.settings.timeout_s:
-                self._timeouts[seconds] = timeouts
-        return timeouts
 
     async def chat(self, body: bytes, *, timeout_s: float | None = None,
                    request_id: str | None = None) -> BackendResult:
@@ -121,7 +112,9 @@ class Backend:
         cookies = self._http.cookies if self._cookies else None
         request = httpx.Request("POST", self._url, headers=headers, content=body,
                                 cookies=cookies,
-                                extensions={"timeout": self._timeout(timeout)})
+                                extensions={"timeout": self._default_timeout
+                                            if timeout == self.settings.timeout_s
+                                            else httpx.Timeout(timeout).as_dict()})
         started = time.monotonic()
         try:
             response = await self._transport.handle_async_request(request)

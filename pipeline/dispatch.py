@@ -304,11 +304,11 @@ class Dispatcher:
         remaining = deadline.remaining()
         if remaining is not None and remaining <= 0:
             return self._deadline_failure()
-        if remaining is not None and remaining < health.fastest_s():
+        fastest = health.fastest_s()
+        if remaining is not None and remaining < fastest:
             return self._deadline_failure(
-                f"; {remaining * 1000:.0f} ms were left, less than the "
-                f"{health.fastest_s() * 1000:.0f} ms of the backend's fastest "
-                "recent answer")
+                f"; {remaining * 1000:.0f} ms were left, less than the {fastest * 1000:.0f} "
+                "ms of the backend's fastest recent answer")
         try:
             result = await backend.chat(message.body, timeout_s=remaining,
                                         request_id=message.correlation_id)

@@ -204,10 +204,21 @@ class Publisher:
         return reply_to is not None and reply_to.startswith(prefix) and len(reply_to) > len(
             prefix)
 
-    async def _publish(self, message: aio_pika.Message, routing_key: str) -> bool:
-        """True if the broker accepted it, False if it was returned (no such queue)."""
+    async def _publish(self, body: bytes, properties: aiormq.spec.Basic.Properties,
+                       queue: str) -> bool:
+        """Publish to ``queue`` through the default exchange, mandatory, with a confirm.
+        True if the broker accepted it, False if it was returned (no such queue).
+
+        On the underlying channel with ready-made properties: a reply is one publish per
+        request, and building an ``aio_pika.Message`` (a lock check on every attribute
+        set) cost more than the publish itself."""
+        channel = self._channel
+        if channel.is_closed:
+            raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+        underlay = await channel.get_underlay_channel()
         try:
-            await self._channel.default_exchange.publish(message, routing_key, mandatory=True)
+            await underlay.basic_publish(body, exchange="", routing_key=queue,
+                                         properties=properties, mandatory=True)
         except PublishError:
             return False
         return True
@@ -231,10 +242,8 @@ class Publisher:
         assert request.reply_to is not None
         if self.refusal(request) is not None:
             raise RuntimeError("refusing to reply to a reply_to the publisher does not own")
-        # The properties aio_pika.Message(body, content_type="application/json",
-        # correlation_id=..., headers=..., delivery_mode=PERSISTENT, priority=...) would
-        # carry, published on the underlying channel: one per request, and the Message
-        # object (a lock check on every attribute set) cost more than the publish itself.
+        # What aio_pika.Message(body, content_type="application/json", correlation_id=...,
+        # headers=..., delivery_mode=PERSISTENT, priority=...).properties would be.
         properties = aiormq.spec.Basic.Properties(
             content_type="application/json",
             correlation_id=request.correlation_id,
@@ -242,16 +251,7 @@ class Publisher:
             headers=headers,
             priority=request.priority or 0,
         )
-        channel = self._channel
-        if channel.is_closed:
-            raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
-        underlay = await channel.get_underlay_channel()
-        try:
-            await underlay.basic_publish(body, exchange="", routing_key=request.reply_to,
-                                         properties=properties, mandatory=True)
-        except PublishError:
-            return False
-        return True
+        return await self._publish(body, properties, request.reply_to)
 
     async def retry(self, request: AbstractIncomingMessage, headers: dict[str, Any],
                     delay_ms: int) -> None:
@@ -287,7 +287,8 @@ class Publisher:
         # A replayed request (pipeline.dlq) that fails again keeps its first failure time.
         headers.setdefault(p.H_FIRST_FAILED_AT, parked_at)
         message = copy_message(request, headers)
-        if not await self._publish(message, self._names.parked_queue):
+        if not await self._publish(message.body, message.properties,
+                                   self._names.parked_queue):
             raise RuntimeError(f"parking lot {self._names.parked_queue!r} does not exist; "
                                "run `hutch topology apply`")
         self._metrics.parked.labels(str(failure.reason)).inc()

@@ -27,6 +27,7 @@ import httpx
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
+from pipeline.background import running
 from pipeline.client import HutchClient
 from pipeline.mock_backend import MockBackend, MockConfig
 from pipeline.settings import Settings, dump_toml, load_settings
@@ -146,22 +147,10 @@ async def mock() -> AsyncIterator[MockBackend]:
 async def running_worker(settings: Settings, **kwargs: Any) -> AsyncIterator[Worker]:
     """Run a worker in this event loop until the block ends; wait for all its leases."""
     worker = Worker(settings, **kwargs)
-    task = asyncio.create_task(worker.run())
     expected = {b.name for pool in settings.pools for b in pool.backends}
-    try:
-        async with asyncio.timeout(15):
-            while set(worker.held_backends()) != expected:
-                if task.done():
-                    task.result()  # raise the worker's error
-                await asyncio.sleep(0.05)
+    async with running(worker.run(), ready=lambda: set(worker.held_backends()) == expected,
+                       stop=worker.stop, stop_timeout_s=20):
         yield worker
-    finally:
-        worker.stop()
-        try:
-            async with asyncio.timeout(20):
-                await task
-        except TimeoutError:
-            task.cancel()
 
 
 @contextlib.asynccontextmanager

@@ -19,6 +19,7 @@ from typing import Any
 import aio_pika
 import pytest
 
+from pipeline.background import running
 from pipeline.bench.baseline import READY_LINE, BaselineClient, BaselineWorker
 from pipeline.bench.loadgen import LoadPlan, PriorityClass, run_load, schedule
 from pipeline.exceptions import RequestFailed
@@ -43,21 +44,9 @@ async def delete_queue(amqp_url: str, name: str) -> None:
 @contextlib.asynccontextmanager
 async def worker_running(worker: BaselineWorker) -> AsyncIterator[BaselineWorker]:
     """Run an in-process worker until the block ends; always stopped and awaited."""
-    task = asyncio.create_task(worker.run())
-    try:
-        async with asyncio.timeout(10):
-            while not worker.ready.is_set():
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.02)
+    async with running(worker.run(), ready=worker.ready.is_set, stop=worker.stop,
+                       ready_timeout_s=10):
         yield worker
-    finally:
-        worker.stop()
-        try:
-            async with asyncio.timeout(15):
-                await task
-        except TimeoutError:
-            task.cancel()
 
 
 async def test_fifty_concurrent_requests_are_answered_within_the_prefetch(

@@ -71,12 +71,9 @@ def add_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser],
         description="Send requests at a fixed rate (open loop) and report, per priority "
                     "class, counts, errors, throughput, queue wait and end-to-end latency "
                     "measured from each request's intended send time.")
-    config_arg(bench)
     # --embedded needs only a broker URL, which HUTCH_AMQP_URL can give: like `submit`,
     # the configuration file is optional here.
-    for action in bench._actions:
-        if action.dest == "config":
-            action.required = False
+    _optional_config(bench, config_arg)
     bench.add_argument("--rate", type=_positive(float), default=20.0,
                        help="requests per second (default 20)")
     bench.add_argument("--duration", type=_positive(float), default=10.0,
@@ -116,6 +113,15 @@ def add_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                                         title="more"), config_arg)
 
 
+def _optional_config(parser: argparse.ArgumentParser,
+                     config_arg: Callable[[argparse.ArgumentParser], None]) -> None:
+    """``--config`` as ``hutch`` defines it, but optional (settings from HUTCH_*)."""
+    config_arg(parser)
+    for action in parser._actions:
+        if action.dest == "config":
+            action.required = False
+
+
 def _option_type(default: Any) -> Callable[[str], Any]:
     if isinstance(default, tuple):
         return lambda text: tuple(float(x) for x in text.split(",") if x.strip())
@@ -136,10 +142,7 @@ def _add_scenarios(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     for item in SCENARIOS.values():
         summary = item.summary.replace("%", "%%")  # argparse formats help with %
         parser = names.add_parser(item.name, help=summary, description=summary)
-        config_arg(parser)
-        for action in parser._actions:
-            if action.dest == "config":
-                action.required = False
+        _optional_config(parser, config_arg)
         for f in dataclasses.fields(item.options):
             flag = "--" + f.name.replace("_", "-")
             if f.name == "progress":

@@ -8,13 +8,13 @@ it afterwards. One context manager does this so the two cannot drift apart.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+from pipeline.background import running
 from pipeline.mock_backend import MockBackend, MockConfig
 from pipeline.settings import Settings, load_settings
 from pipeline.worker import Worker
@@ -57,26 +57,14 @@ async def embedded_hutch(amqp_url: str, *, models: Sequence[str], capacity: int 
              "timeout_s": 30}]}])
     worker = Worker(settings)
     embedded = Embedded(settings, mock, worker)
-    worker_task: asyncio.Task[None] | None = None
     applied = False
     try:
         await apply_topology(settings)
         applied = True
-        worker_task = asyncio.create_task(worker.run())
-        async with asyncio.timeout(lease_timeout_s):
-            while not worker.held_backends():
-                if worker_task.done():
-                    worker_task.result()  # raise the worker's own error
-                await asyncio.sleep(0.05)
-        yield embedded
+        async with running(worker.run(), ready=lambda: bool(worker.held_backends()),
+                           stop=worker.stop, ready_timeout_s=lease_timeout_s):
+            yield embedded
     finally:
-        worker.stop()
-        if worker_task is not None:
-            try:
-                async with asyncio.timeout(15):
-                    await worker_task
-            except TimeoutError:
-                worker_task.cancel()
         await mock.stop()
         if applied and not keep_topology:
             await delete_topology(settings, reply_queues=embedded.client_ids)

@@ -20,11 +20,11 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import httpx
@@ -37,6 +37,8 @@ from topology.names import Names
 __all__ = ["Child", "MockProcess", "Stack", "StackError"]
 
 _READY_TIMEOUT_S = 20.0
+
+T = TypeVar("T")
 
 
 class StackError(HutchError):
@@ -51,6 +53,25 @@ def _proc_status(pid: int, field: str) -> float | None:
         return None
     match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
     return int(match[1]) / 1024 if match else None
+
+
+async def _wait_until(check: Callable[[], Awaitable[T | None]], children: Sequence[Child],
+                      what: str, timeout_s: float, interval_s: float) -> T:
+    """Poll ``check`` until it gives a value; fail at once if one of ``children`` exits
+    (quoting its log), or after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = await check()
+        if found is not None:
+            return found
+        for child in children:
+            if child.process.returncode is not None:
+                raise StackError(f"{child.name} exited with {child.process.returncode} "
+                                 f"before {what}:\n{child.log_tail()}")
+        if time.monotonic() > deadline:
+            tails = "".join(f"\n--- {c.name}:\n{c.log_tail(5)}" for c in children)
+            raise StackError(f"no {what} after {timeout_s:g}s{tails}")
+        await asyncio.sleep(interval_s)
 
 
 @dataclass
@@ -83,20 +104,12 @@ class Child:
                             ) -> re.Match[str]:
         """Wait until the log has a line matching ``pattern``; fail early if it exits."""
         regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            text = self.log_path.read_text(errors="replace")
-            for line in text.splitlines():
-                match = regex.search(line)
-                if match:
-                    return match
-            if self.process.returncode is not None:
-                raise StackError(f"{self.name} exited with {self.process.returncode} before "
-                                 f"it was ready:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise StackError(f"{self.name} not ready after {timeout_s:g}s:\n"
-                                 f"{self.log_tail()}")
-            await asyncio.sleep(0.05)
+
+        async def matched() -> re.Match[str] | None:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+            return next((m for m in map(regex.search, lines) if m), None)
+
+        return await _wait_until(matched, [self], f"{self.name} ready", timeout_s, 0.05)
 
     async def stop(self, grace_s: float = 15.0) -> int:
         """SIGTERM, wait up to ``grace_s`` (workers drain in-flight work), then SIGKILL."""
@@ -235,17 +248,10 @@ class Stack:
         connection = await aio_pika.connect(self.amqp_url, timeout=10)
         async with connection:
             channel = await connection.channel()
-            deadline = time.monotonic() + timeout_s
-            while True:
+
+            async def enough() -> bool | None:
                 declared = await channel.declare_queue(queue, passive=True)
-                consumers = declared.declaration_result.consumer_count or 0
-                if consumers >= count:
-                    return
-                for child in self.children:
-                    if child.process.returncode is not None:
-                        raise StackError(f"{child.name} exited with "
-                                         f"{child.process.returncode}:\n{child.log_tail()}")
-                if time.monotonic() > deadline:
-                    raise StackError(f"{queue}: {consumers} consumer(s) after "
-                                     f"{timeout_s:g}s, expected {count}")
-                await asyncio.sleep(0.1)
+                return (declared.declaration_result.consumer_count or 0) >= count or None
+
+            await _wait_until(enough, self.children, f"{count} consumer(s) on {queue}",
+                              timeout_s, 0.1)

@@ -30,6 +30,8 @@ from pipeline.settings import Settings
 
 __all__ = [
     "MODEL",
+    "BackendLoad",
+    "BackendLoadRun",
     "BackendWindow",
     "LoadRun",
     "Target",
@@ -39,6 +41,7 @@ __all__ = [
     "loaded_backend",
     "open_loop",
     "print_lines",
+    "run_backend_load",
     "sample_at",
     "start_hutch",
     "start_workers",
@@ -176,6 +179,74 @@ async def loaded_backend(mock: MockProcess, clients: Sequence[LoadClient], *, ra
     final = await mock.stats()
     return run_, BackendWindow(final, utilisation(first, last),
                                last["elapsed_s"] - first["elapsed_s"])
+
+
+@dataclass(frozen=True)
+class BackendLoad:
+    """An open-loop load of ``factor`` x the capacity of one mock backend (``capacity``
+    slots x ``service_ms``) for ``duration_s``, served by ``workers`` worker processes:
+    the common shape of the ``overload`` and ``globalcap`` scenarios, which subclass it
+    with their own defaults."""
+
+    capacity: int = 8
+    service_ms: float = 100.0
+    factor: float = 2.0
+    duration_s: float = 20.0
+    mix: str = "normal=1"
+    timeout_s: float = 60.0
+    workers: int = 1
+    connections: int = 1
+    seed: int = 1
+    progress: bool = False
+
+    @property
+    def capacity_rps(self) -> float:
+        return self.capacity * 1000 / self.service_ms
+
+    @property
+    def rate(self) -> float:
+        return self.factor * self.capacity_rps
+
+    def describe(self) -> str:
+        return (f"{self.workers} worker process(es), one backend of {self.capacity} slots x "
+                f"{self.service_ms:g} ms ({self.capacity_rps:g} req/s), offered "
+                f"{self.rate:g} req/s ({self.factor:g}x) for {self.duration_s:g} s, mix "
+                f"{self.mix}, timeout {self.timeout_s:g} s")
+
+    def config(self) -> dict[str, Any]:
+        return {**asdict(self), "offered_rps": self.rate, "capacity_rps": self.capacity_rps}
+
+
+@dataclass
+class BackendLoadRun:
+    """What :func:`run_backend_load` measured."""
+
+    load: LoadRun
+    backend: BackendWindow
+    #: Child processes (workers and mock) still running at the end: none crashed.
+    alive_at_end: int
+
+    def cap_target(self, capacity: int) -> Target:
+        peak = self.backend.stats["max_in_flight"]
+        return Target(f"backend never sees more than {capacity} in service",
+                      f"max in flight {peak}", peak <= capacity)
+
+
+async def run_backend_load(amqp_url: str, options: BackendLoad,
+                           **pool: Any) -> BackendLoadRun:
+    """Start the mock and the workers (``pool`` overrides pool settings), run the load,
+    and read the backend around it."""
+    async with Stack(amqp_url) as stack:
+        mock = await stack.mock(capacity=options.capacity, latency_ms=options.service_ms)
+        settings = await start_hutch(stack, mock, capacity=options.capacity,
+                                     workers=options.workers, **pool)
+        async with hutch_clients(stack, settings, options.connections) as clients:
+            run_, backend = await loaded_backend(
+                mock, clients, rate=options.rate, duration_s=options.duration_s,
+                mix=options.mix, timeout_s=options.timeout_s, seed=options.seed,
+                progress=options.progress)
+        alive = sum(child.process.returncode is None for child in stack.children)
+    return BackendLoadRun(run_, backend, alive)
 
 
 def utilisation(before: dict[str, Any], after: dict[str, Any]) -> float:

@@ -15,61 +15,39 @@ from typing import Any, TextIO
 
 from pipeline.bench.report import latency_series
 from pipeline.bench.scenarios.common import (
+    BackendLoad,
     Target,
     format_targets,
-    hutch_clients,
-    loaded_backend,
     print_lines,
-    start_hutch,
+    run_backend_load,
     targets_report,
 )
-from pipeline.bench.stack import Stack
 
 __all__ = ["OverloadOptions", "run"]
 
 
 @dataclass(frozen=True)
-class OverloadOptions:
-    capacity: int = 8
-    service_ms: float = 100.0
+class OverloadOptions(BackendLoad):
     factor: float = 3.0
     duration_s: float = 30.0
     mix: str = "high=0.1,low=0.9"
     timeout_s: float = 30.0
-    connections: int = 1
-    seed: int = 1
-    progress: bool = False
-
-    @property
-    def capacity_rps(self) -> float:
-        return self.capacity * 1000 / self.service_ms
 
 
 async def run(amqp_url: str, options: OverloadOptions, out: TextIO) -> dict[str, Any]:
-    rate = options.factor * options.capacity_rps
-    print(f"overload: mock {options.capacity} slots x {options.service_ms:g} ms "
-          f"({options.capacity_rps:g} req/s), offered {rate:g} req/s ({options.factor:g}x) "
-          f"for {options.duration_s:g} s, mix {options.mix}, timeout {options.timeout_s:g} s",
-          file=out)
-    async with Stack(amqp_url) as stack:
-        mock = await stack.mock(capacity=options.capacity, latency_ms=options.service_ms)
-        settings = await start_hutch(stack, mock, capacity=options.capacity)
-        async with hutch_clients(stack, settings, options.connections) as clients:
-            run_, backend = await loaded_backend(
-                mock, clients, rate=rate, duration_s=options.duration_s, mix=options.mix,
-                timeout_s=options.timeout_s, seed=options.seed, progress=options.progress)
-    classes = list(run_.priorities)
+    print(f"overload: {options.describe()}", file=out)
+    measured = await run_backend_load(amqp_url, options)
+    run_, backend = measured.load, measured.backend
     report: dict[str, Any] = {
         "scenario": "overload",
         "title": f"Priority under {options.factor:g}x overload: "
                  f"{options.capacity} slots x {options.service_ms:g} ms",
-        "config": {**options.__dict__, "offered_rps": rate,
-                   "capacity_rps": options.capacity_rps},
+        "config": options.config(),
         "service_ms": options.service_ms,
         **run_.summary,
         "priorities": run_.priorities,
         "backend": backend.figures(),
-        "series": latency_series(run_.records, classes),
+        "series": latency_series(run_.records, list(run_.priorities)),
     }
     high = run_.summary["classes"].get("high")
     targets = []
@@ -82,9 +60,7 @@ async def run(amqp_url: str, options: OverloadOptions, out: TextIO) -> dict[str,
             Target("zero high-priority errors", f"{high['error_count']} errors of "
                    f"{high['sent']}", high["error_count"] == 0 and high["sent"] > 0),
         ]
-    peak = backend.stats["max_in_flight"]
-    targets.append(Target(f"backend never above {options.capacity} in service",
-                          f"max in flight {peak}", peak <= options.capacity))
+    targets.append(measured.cap_target(options.capacity))
     report["targets"] = targets_report(targets)
     print_lines(run_.table(), out)
     print(backend.line(options.capacity), file=out)
