@@ -17,7 +17,7 @@ import time
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
-from pipeline.backends import Backend
+from pipeline.backends.http import Backend
 from pipeline.settings import BackendSettings
 
 BODY = b'{"model":"mock-small","messages":[{"role":"user","content":"hi"}]}'

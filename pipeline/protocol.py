@@ -44,7 +44,7 @@ __all__ = [
     "sent_at_ms",
 ]
 
-# Request headers (optional; set by pipeline.client, any client may set them).
+# Request headers (optional; set by pipeline.client.client, any client may set them).
 H_DEADLINE = "x-hutch-deadline"  # absolute deadline, epoch milliseconds
 H_SENT_AT = "x-hutch-sent-at"  # publish time, epoch milliseconds (queue wait metric)
 
@@ -74,7 +74,7 @@ H_ERROR_TYPE = "x-hutch-error-type"
 H_ERROR_MESSAGE = "x-hutch-error-message"
 H_PARKED_AT = "x-hutch-parked-at"
 H_ORIGINAL_ROUTING_KEY = "x-hutch-original-routing-key"
-# Kept across replays (see pipeline.dlq): when the request first failed, how often replayed.
+# Kept across replays (see pipeline.ops.dlq): when the request first failed, how often replayed.
 H_FIRST_FAILED_AT = "x-hutch-first-failed-at"  # UTC, ISO 8601, like x-hutch-parked-at
 H_REPLAYED = "x-hutch-replayed"  # times `hutch dlq replay` sent it back
 

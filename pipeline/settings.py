@@ -3,7 +3,7 @@
 Settings come from one TOML file; environment variables (``HUTCH_AMQP_URL``,
 ``HUTCH_MAX_PRIORITY``, ...; ``HUTCH_POOLS`` as a JSON list) override it, and values a
 program passes to :func:`load_settings` override both. Everything is validated
-once, at start, and an invalid value is reported as a :class:`~pipeline.exceptions.ConfigError`
+once, at start, and an invalid value is reported as a :class:`~pipeline.errors.ConfigError`
 that names the bad key (``pools.0.backends.1.max_concurrency: ...``), never a traceback.
 """
 
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from pipeline.exceptions import ConfigError
+from pipeline.errors import ConfigError
 
 __all__ = [
     "DEFAULT_AMQP_URL",

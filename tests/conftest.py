@@ -27,12 +27,12 @@ import httpx
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from pipeline.background import running
-from pipeline.client import HutchClient
-from pipeline.mock_backend import MockBackend, MockConfig
+from pipeline.broker.topology import apply_topology
+from pipeline.client.client import HutchClient
+from pipeline.runtime.background import running
 from pipeline.settings import Settings, dump_toml, load_settings
-from pipeline.worker import Worker
-from topology.apply import apply_topology
+from pipeline.testing.mock_backend import MockBackend, MockConfig
+from pipeline.worker.worker import Worker
 
 _HOW_TO_START = (
     "No RabbitMQ for the integration tests. Start one: `rabbitmq-server -detached` and "
@@ -180,7 +180,7 @@ def hutch_env() -> dict[str, str]:
     return env
 
 
-HUTCH = [sys.executable, "-m", "pipeline.cli"]
+HUTCH = [sys.executable, "-m", "pipeline.cli.main"]
 
 
 async def run_hutch(args: list[str], env: dict[str, str], timeout: float = 60

@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from pipeline.backends import Backend, BackendResult, parse_retry_after
-from pipeline.exceptions import (
+from pipeline.backends.http import Backend, BackendResult, parse_retry_after
+from pipeline.errors import (
     BackendCallError,
     ConfigError,
     RetryableError,

@@ -1,4 +1,4 @@
-"""pipeline.background.running: ready, failing early, stopping, cancelling an overrun."""
+"""pipeline.runtime.background.running: ready, failing early, stopping, cancelling an overrun."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from pipeline.background import running
+from pipeline.runtime.background import running
 
 
 async def test_enters_when_ready_and_stops_on_exit() -> None:

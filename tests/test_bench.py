@@ -20,7 +20,7 @@ from pipeline.bench import (
     schedule,
 )
 from pipeline.bench.cli import parse
-from pipeline.exceptions import ConfigError
+from pipeline.errors import ConfigError
 
 
 def test_constant_schedule_is_evenly_spaced() -> None:

@@ -19,11 +19,11 @@ from typing import Any
 import aio_pika
 import pytest
 
-from pipeline.background import running
 from pipeline.bench.baseline import READY_LINE, BaselineClient, BaselineWorker
 from pipeline.bench.loadgen import LoadPlan, PriorityClass, run_load, schedule
-from pipeline.exceptions import RequestFailed
-from pipeline.mock_backend import MockBackend, MockConfig
+from pipeline.errors import RequestFailed
+from pipeline.runtime.background import running
+from pipeline.testing.mock_backend import MockBackend, MockConfig
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from pipeline.breaker import BackendGate, BreakerPolicy, LatencyFloor, State
+from pipeline.backends.breaker import BackendGate, BreakerPolicy, LatencyFloor, State
 
 
 class Clock:

@@ -10,12 +10,12 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from pipeline.client import HutchClient
-from pipeline.mock_backend import MockBackend, MockConfig
+from pipeline.broker.names import Names
+from pipeline.broker.topology import apply_topology
+from pipeline.client.client import HutchClient
+from pipeline.testing.mock_backend import MockBackend, MockConfig
 from tests.conftest import SettingsFactory
 from tests.test_replicas import wait_for_holder, worker_processes
-from topology.apply import apply_topology
-from topology.names import Names
 
 pytestmark = pytest.mark.slow
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import httpx
 
-from pipeline.mock_backend import MockBackend, MockConfig
+from pipeline.broker.topology import apply_topology
 from pipeline.settings import Settings
+from pipeline.testing.mock_backend import MockBackend, MockConfig
 from tests.conftest import HUTCH, SettingsFactory, run_hutch, running_worker, write_config
-from topology.apply import apply_topology
 
 
 async def test_submit_prints_the_reply_and_errors(make_settings: SettingsFactory,

@@ -27,10 +27,10 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from pipeline.cli import build_parser
-from pipeline.metrics import Metrics
+from pipeline.broker.names import Names
+from pipeline.cli.main import build_parser
+from pipeline.observe.metrics import Metrics
 from pipeline.settings import Settings, load_settings
-from topology.names import Names
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"

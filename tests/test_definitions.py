@@ -19,11 +19,13 @@ import aio_pika
 import httpx
 import pytest
 
+from pipeline.broker.management import ManagementAPI
+from pipeline.broker.names import Names
+from pipeline.broker.topology import apply_topology, plan
 from pipeline.settings import Settings
 from tests.conftest import SettingsFactory, write_config
 from topology import definitions as definitions_mod
 from topology import diff as diff_mod
-from topology.apply import apply_topology, plan
 from topology.definitions import (
     export_definitions,
     parse_definitions,
@@ -31,8 +33,6 @@ from topology.definitions import (
     write_definitions,
 )
 from topology.diff import DiffLine, compare_topology, diff_topology, format_diff
-from topology.management import ManagementAPI
-from topology.names import Names
 
 KINDS = ("exchanges", "queues", "bindings", "policies")
 

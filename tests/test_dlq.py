@@ -17,12 +17,14 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from pipeline import dlq
 from pipeline import protocol as p
-from pipeline.client import HutchClient
-from pipeline.exceptions import BackendError, TopologyError
-from pipeline.mock_backend import MockBackend, MockConfig
+from pipeline.broker.names import Names
+from pipeline.broker.topology import apply_topology
+from pipeline.client.client import HutchClient
+from pipeline.errors import BackendError, TopologyError
+from pipeline.ops import dlq
 from pipeline.settings import Settings
+from pipeline.testing.mock_backend import MockBackend, MockConfig
 from tests.conftest import (
     HUTCH,
     SettingsFactory,
@@ -33,8 +35,6 @@ from tests.conftest import (
     running_worker,
     write_config,
 )
-from topology.apply import apply_topology
-from topology.names import Names
 
 DOWN = "http://127.0.0.1:9/v1"  # nothing listens on the discard port: connection refused
 

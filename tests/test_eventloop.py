@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from pipeline import eventloop
-from pipeline.exceptions import ConfigError
+from pipeline.errors import ConfigError
+from pipeline.runtime import eventloop
 
 
 async def _loop_module() -> str:

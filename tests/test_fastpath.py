@@ -16,9 +16,9 @@ import aiormq
 import httpx
 import pytest
 
-from pipeline.backends import Backend
-from pipeline.exceptions import RetryableError
-from pipeline.metrics import Metrics
+from pipeline.backends.http import Backend
+from pipeline.errors import RetryableError
+from pipeline.observe.metrics import Metrics
 from pipeline.settings import BackendSettings
 
 COMPLETION = (b'{"id":"c1","object":"chat.completion","created":1,"model":"m",'

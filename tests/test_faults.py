@@ -8,13 +8,13 @@ import socket
 from collections import Counter
 
 from pipeline import protocol as p
-from pipeline.client import HutchClient, Reply
-from pipeline.exceptions import RequestFailed
-from pipeline.metrics import Metrics
-from pipeline.mock_backend import MockBackend, MockConfig
+from pipeline.broker.names import Names
+from pipeline.broker.topology import apply_topology
+from pipeline.client.client import HutchClient, Reply
+from pipeline.errors import RequestFailed
+from pipeline.observe.metrics import Metrics
+from pipeline.testing.mock_backend import MockBackend, MockConfig
 from tests.conftest import SettingsFactory, amqp, drain_queue, running_worker
-from topology.apply import apply_topology
-from topology.names import Names
 
 MAX_ATTEMPTS = 4
 KNOWN_CODES = {"backend_error", "deadline_exceeded"}

@@ -15,7 +15,7 @@ code; nothing was ever sent to a forged ``reply_to``; the work and triage queues
 only the requests meant for the backend reached it.
 
 The expected outcome of each message is derived from the order in which the worker checks
-a request (``pipeline.dispatch.validate_request``; the alternate exchange catches unknown
+a request (``pipeline.dispatch.dispatcher.validate_request``; the alternate exchange catches unknown
 models before any check): see :func:`_expect`.
 """
 
@@ -42,11 +42,11 @@ import httpx
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from pipeline import protocol as p
-from pipeline.client import HutchClient
-from pipeline.mock_backend import MockBackend, MockConfig
+from pipeline.broker.names import Names
+from pipeline.broker.topology import apply_topology
+from pipeline.client.client import HutchClient
+from pipeline.testing.mock_backend import MockBackend, MockConfig
 from tests.conftest import SettingsFactory, amqp, queue_depth, running_worker
-from topology.apply import apply_topology
-from topology.names import Names
 
 SEED = int(os.environ.get("HUTCH_FUZZ_SEED", "1009"))
 N_MALFORMED = 1200

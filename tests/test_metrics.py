@@ -28,14 +28,20 @@ import yaml
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
 
 from pipeline import protocol as p
-from pipeline.backends import Backend
-from pipeline.client import HutchClient
-from pipeline.exceptions import BackendCallError, RetryableError, UnknownModelError
-from pipeline.metrics import NO_POOL, UNKNOWN_MODEL, Metrics, retry_reason, seconds_since_sent
+from pipeline.backends.http import Backend
+from pipeline.broker.topology import apply_topology
+from pipeline.client.client import HutchClient
+from pipeline.errors import BackendCallError, RetryableError, UnknownModelError
 from pipeline.models import Usage
+from pipeline.observe.metrics import (
+    NO_POOL,
+    UNKNOWN_MODEL,
+    Metrics,
+    retry_reason,
+    seconds_since_sent,
+)
 from pipeline.settings import BackendSettings, load_settings
 from tests.conftest import SettingsFactory, running_worker
-from topology.apply import apply_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "hutch.json"
@@ -459,7 +465,7 @@ class ScriptedBackend:
 
 
 async def test_a_worker_fills_the_metrics(make_settings: SettingsFactory) -> None:
-    """Needs the call sites of pipeline.metrics in dispatch, replies and worker."""
+    """Needs the call sites of pipeline.observe.metrics in dispatch, replies and worker."""
     backend = ScriptedBackend(fail={1, 3, 4})
     settings = make_settings([("b1", "http://127.0.0.1:9/v1", 1)], pool={
         "attempts_per_delivery": 2, "retry_delays_ms": [200], "max_attempts": 5})

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from pipeline.client import HutchClient
-from pipeline.metrics import Metrics
-from pipeline.mock_backend import MockBackend
+from pipeline.broker.names import Names
+from pipeline.broker.topology import apply_topology
+from pipeline.client.client import HutchClient
+from pipeline.observe.metrics import Metrics
+from pipeline.testing.mock_backend import MockBackend
 from tests.conftest import (
     SettingsFactory,
     amqp,
@@ -16,8 +18,6 @@ from tests.conftest import (
     running_worker,
     write_config,
 )
-from topology.apply import apply_topology
-from topology.names import Names
 
 
 async def test_paused_pool_keeps_requests_queued_until_resumed(

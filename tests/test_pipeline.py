@@ -12,9 +12,11 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from pipeline import protocol as p
-from pipeline.exceptions import BackendError, DeadlineExceededError, QueueFullError
-from pipeline.metrics import Metrics
-from pipeline.mock_backend import MockBackend, MockConfig
+from pipeline.broker.names import Names
+from pipeline.broker.topology import apply_topology
+from pipeline.errors import BackendError, DeadlineExceededError, QueueFullError
+from pipeline.observe.metrics import Metrics
+from pipeline.testing.mock_backend import MockBackend, MockConfig
 from tests.conftest import (
     SettingsFactory,
     amqp,
@@ -25,8 +27,6 @@ from tests.conftest import (
     running_worker,
     wait_for,
 )
-from topology.apply import apply_topology
-from topology.names import Names
 
 USER = [{"role": "user", "content": "hello"}]
 
@@ -164,7 +164,7 @@ async def test_bad_inputs_are_answered_and_parked_while_valid_requests_flow(
     await apply_topology(settings)
     async with running_worker(settings, metrics=metrics), \
             amqp(settings.amqp_url) as conn:
-        from pipeline.client import HutchClient
+        from pipeline.client.client import HutchClient
 
         channel = await conn.channel(publisher_confirms=True)
         raw_reply_queue = names.reply_queue("raw-" + settings.prefix)
@@ -248,7 +248,7 @@ async def _has(answers: dict[str, Any], n: int) -> bool:
 
 async def test_client_raises_typed_errors(make_settings: SettingsFactory,
                                           mock: MockBackend) -> None:
-    from pipeline.exceptions import InvalidRequestError, RequestFailed, UnknownModelError
+    from pipeline.errors import InvalidRequestError, RequestFailed, UnknownModelError
 
     settings = make_settings([("b1", mock.base_url, 4)])
     async with hutch(settings) as client:
@@ -274,7 +274,7 @@ async def test_a_worker_bug_is_answered_and_parked_not_stalled(
     and the slot is free again for the next request."""
     import httpx
 
-    from pipeline.exceptions import RequestFailed
+    from pipeline.errors import RequestFailed
 
     calls = 0
 
@@ -291,7 +291,7 @@ async def test_a_worker_bug_is_answered_and_parked_not_stalled(
     names = Names(settings.prefix)
     await apply_topology(settings)
     async with running_worker(settings, transport_factory=lambda _: httpx.MockTransport(handler)):
-        from pipeline.client import HutchClient
+        from pipeline.client.client import HutchClient
 
         async with HutchClient.from_settings(settings) as client:
             with pytest.raises(RequestFailed) as failed:
@@ -335,7 +335,7 @@ async def test_binary_header_values_do_not_stop_parking(
             headers={"x-junk": _RawLongString(b"\xff\xfe"),  # type: ignore[dict-item]
                      "nested": {"k": _RawLongString(b"\xff")}}),
             routing_key="mock-small")
-        from pipeline.exceptions import InvalidRequestError
+        from pipeline.errors import InvalidRequestError
 
         with pytest.raises(InvalidRequestError):
             await client.result("binary", timeout=10)

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from pipeline import exceptions as e
+from pipeline import errors as e
 from pipeline import protocol as p
+from pipeline.broker.names import Names
 from pipeline.models import ErrorReply
-from topology.names import Names
 
 # -- deadline_ms ----------------------------------------------------------------------
 

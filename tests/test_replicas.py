@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipeline.mock_backend import MockBackend, MockConfig
+from pipeline.broker.topology import apply_topology
 from pipeline.settings import Settings
+from pipeline.testing.mock_backend import MockBackend, MockConfig
 from tests.conftest import HUTCH, SettingsFactory, write_config
-from topology.apply import apply_topology
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +90,7 @@ async def test_cap_holds_across_three_workers_and_survives_kill(
     """Three workers, one backend capped at 4: the backend never sees more than 4 at once,
     and when the worker serving it is killed (-9) another takes over and every request is
     answered exactly once."""
-    from pipeline.client import HutchClient
+    from pipeline.client.client import HutchClient
 
     # The mock could serve 100 at once: only Hutch's cap limits what it sees.
     async with MockBackend(MockConfig(latency_ms=50, capacity=100)) as mock:
@@ -128,7 +128,7 @@ async def test_cap_holds_across_three_workers_and_survives_kill(
 
 async def test_sigterm_finishes_in_flight_requests_then_exits(
         make_settings: SettingsFactory, tmp_path: Path, hutch_env: dict[str, str]) -> None:
-    from pipeline.client import HutchClient
+    from pipeline.client.client import HutchClient
 
     async with MockBackend(MockConfig(latency_ms=800, capacity=4)) as mock:
         settings = make_settings([("b1", mock.base_url, 4)])
@@ -157,7 +157,7 @@ async def test_leases_spread_over_replicas(make_settings: SettingsFactory, tmp_p
                                            hutch_env: dict[str, str]) -> None:
     """Four backends, two workers started one after the other: the first takes all four
     leases, then gives two up to the second (and the cap holds throughout)."""
-    from pipeline.client import HutchClient
+    from pipeline.client.client import HutchClient
 
     async with MockBackend(MockConfig(latency_ms=20, capacity=100)) as mock:
         settings = make_settings([(f"b{i}", mock.base_url, 2) for i in range(4)],

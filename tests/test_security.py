@@ -35,15 +35,16 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from pipeline import protocol as p
-from pipeline.client import HutchClient
-from pipeline.exceptions import BackendError, ConfigError, UnknownModelError
-from pipeline.log import configure_logging
-from pipeline.metrics import Metrics
-from pipeline.mock_backend import MockBackend, MockConfig
-from pipeline.replies import ReplyGuard
+from pipeline.broker.names import Names
+from pipeline.broker.topology import apply_topology
+from pipeline.client.client import HutchClient
+from pipeline.errors import BackendError, ConfigError, UnknownModelError
+from pipeline.observe.log import configure_logging
+from pipeline.observe.metrics import Metrics
 from pipeline.settings import Settings
+from pipeline.settle.publisher import ReplyGuard
+from pipeline.testing.mock_backend import MockBackend, MockConfig
 from tests.conftest import SettingsFactory, body, drain_queue, queue_depth, running_worker
-from topology.apply import apply_topology
 from topology.clients import (
     CLIENT_TAG,
     WORKER_TAG,
@@ -57,7 +58,6 @@ from topology.clients import (
     remove_worker_user,
     worker_permissions,
 )
-from topology.names import Names
 
 # -- fixtures ---------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.exceptions import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.settings import DEFAULT_AMQP_URL, BackendSettings, Settings, dump_toml, load_settings
 
 # The shape of the example configuration.

@@ -18,12 +18,12 @@ import aio_pika
 import httpx
 from aio_pika.abc import AbstractChannel
 
-from pipeline.client import HutchClient
-from pipeline.exceptions import HutchError
-from pipeline.metrics import Metrics
-from pipeline.pause import pause_pool
-from pipeline.settings import BackendSettings, Settings
-from pipeline.status import (
+from pipeline.broker.names import Names
+from pipeline.broker.topology import apply_topology
+from pipeline.client.client import HutchClient
+from pipeline.errors import HutchError
+from pipeline.observe.metrics import Metrics
+from pipeline.ops.status import (
     BackendStatus,
     QueueStatus,
     StatusReport,
@@ -32,9 +32,9 @@ from pipeline.status import (
     metrics_url,
     status,
 )
+from pipeline.settings import BackendSettings, Settings
+from pipeline.worker.pause import pause_pool
 from tests.conftest import SettingsFactory, amqp, queue_depth, running_worker, wait_for
-from topology.apply import apply_topology
-from topology.names import Names
 
 USER = [{"role": "user", "content": "hello"}]
 

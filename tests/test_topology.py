@@ -11,12 +11,12 @@ import aio_pika
 import pytest
 from pamqp.commands import Basic
 
-from pipeline.exceptions import TopologyError
+from pipeline.broker.management import ManagementAPI
+from pipeline.broker.names import Names
+from pipeline.broker.topology import apply_topology, work_policy, work_queue_arguments
+from pipeline.errors import TopologyError
 from pipeline.settings import Settings
 from tests.conftest import SettingsFactory, run_hutch, write_config
-from topology.apply import apply_topology, work_policy, work_queue_arguments
-from topology.management import ManagementAPI
-from topology.names import Names
 
 
 @pytest.fixture

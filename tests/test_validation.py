@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 
 from pipeline import protocol as p
-from pipeline.dispatch import validate_request
+from pipeline.broker.names import Names
+from pipeline.dispatch.dispatcher import validate_request
 from pipeline.models import ChatRequest
-from pipeline.replies import Failure
 from pipeline.settings import BackendSettings, PoolSettings
-from pipeline.triage import triage_failure
-from topology.names import Names
+from pipeline.settle.publisher import Failure
+from pipeline.worker.triage import triage_failure
 
 POOL = PoolSettings(name="chat", models=["mock-small", "mock-large"],
                     backends=[BackendSettings(name="b1", url="http://127.0.0.1:9/v1",

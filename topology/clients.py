@@ -29,7 +29,7 @@ declare and read only those, so it can never read another client's replies, and 
 publish only to the request exchange (not to the default exchange: no writing into work
 queues, the parking lot or other clients' reply queues). Workers answer a request only
 into a reply queue of the user that published it (its broker-validated ``user_id``, see
-:class:`pipeline.replies.ReplyGuard`). User names therefore contain no dot: ``A``'s
+:class:`pipeline.settle.publisher.ReplyGuard`). User names therefore contain no dot: ``A``'s
 pattern must not reach another user's queues.
 
 Users get a tag saying their role (``hutch-client``, ``hutch-worker``) and no management
@@ -50,10 +50,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
-from pipeline.exceptions import ConfigError, HutchError
+from pipeline.broker.management import ManagementAPI
+from pipeline.broker.names import Names
+from pipeline.errors import ConfigError, HutchError
 from pipeline.settings import Settings
-from topology.management import ManagementAPI
-from topology.names import Names
 
 __all__ = [
     "CLIENT_TAG",

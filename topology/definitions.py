@@ -1,6 +1,6 @@
 """Export the topology as a RabbitMQ definitions file, and read such files back.
 
-``hutch topology export`` writes what :func:`topology.apply.plan` describes (the same
+``hutch topology export`` writes what :func:`pipeline.broker.topology.plan` describes (the same
 description ``hutch topology apply`` declares) in RabbitMQ's definitions format: the file
 a node imports at boot (``definitions.local.path``) and the management UI imports under
 Overview -> Import definitions (``POST /api/definitions/<vhost>``)::
@@ -34,9 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.exceptions import ConfigError
+from pipeline.broker.topology import (
+    BindingSpec,
+    ExchangeSpec,
+    PolicySpec,
+    QueueSpec,
+    Topology,
+    plan,
+)
+from pipeline.errors import ConfigError
 from pipeline.settings import Settings, load_settings
-from topology.apply import BindingSpec, ExchangeSpec, PolicySpec, QueueSpec, Topology, plan
 
 __all__ = [
     "SHA256",

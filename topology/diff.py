@@ -1,6 +1,6 @@
 """Compare the configured topology with a live broker: ``hutch topology diff``.
 
-The configured side is :func:`topology.apply.plan` (what ``apply`` declares and ``export``
+The configured side is :func:`pipeline.broker.topology.plan` (what ``apply`` declares and ``export``
 writes); the live side is read through the management API. Each difference says whether
 ``hutch topology apply`` fixes it, whether the object must be deleted and re-created (a
 queue's arguments never change in place: its messages would be lost), or whether it is
@@ -22,12 +22,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from pipeline.exceptions import TopologyError
+from pipeline.broker.management import ManagementAPI
+from pipeline.broker.names import Names
+from pipeline.broker.topology import PolicySpec, Topology, plan
+from pipeline.errors import TopologyError
 from pipeline.settings import Settings, load_settings
-from topology.apply import PolicySpec, Topology, plan
 from topology.definitions import parse_definitions
-from topology.management import ManagementAPI
-from topology.names import Names
 
 __all__ = [
     "DiffLine",

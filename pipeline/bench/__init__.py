@@ -2,14 +2,13 @@
 
 - :mod:`pipeline.bench.loadgen`: send schedules, priority mixes, the open-loop runner;
 - :mod:`pipeline.bench.report`: percentiles, summaries, the table;
-- :mod:`pipeline.bench.embedded`: a mock backend and a worker in-process (``--embedded``);
+- :mod:`pipeline.testing.embedded`: a mock backend and a worker in-process (``--embedded``);
 - :mod:`pipeline.bench.cli`: the ``bench`` subcommand (:func:`add_cli`).
 """
 
 from __future__ import annotations
 
 from pipeline.bench.cli import add_cli, cmd_bench, run_bench
-from pipeline.bench.embedded import Embedded, embedded_hutch
 from pipeline.bench.loadgen import (
     PriorityClass,
     assign_classes,
@@ -17,6 +16,7 @@ from pipeline.bench.loadgen import (
     schedule,
 )
 from pipeline.bench.report import percentile, summarize
+from pipeline.testing.embedded import Embedded, embedded_hutch
 
 __all__ = [
     "Embedded",

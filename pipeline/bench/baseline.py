@@ -45,13 +45,13 @@ from aio_pika.abc import (
 from aio_pika.exceptions import DeliveryError, PublishError
 from httpx_aiohttp import AiohttpTransport
 
-from pipeline import eventloop
-from pipeline.exceptions import (
+from pipeline.errors import (
     BackendError,
     DeadlineExceededError,
     QueueFullError,
     RequestFailed,
 )
+from pipeline.runtime import eventloop
 
 __all__ = [
     "READY_LINE",
@@ -64,7 +64,7 @@ __all__ = [
 
 #: Printed on stdout once the worker consumes: a parent process waits for this line.
 READY_LINE = "baseline worker ready"
-#: Hutch's work queues are classic priority queues (topology.apply); so is the baseline's.
+#: Hutch's work queues are classic priority queues (pipeline.broker.topology); so is the baseline's.
 WORK_QUEUE_ARGUMENTS: dict[str, Any] = {"x-max-priority": 9}
 #: The reply header that marks a failed call; its value is the error text.
 ERROR_HEADER = "error"
@@ -114,7 +114,7 @@ class BaselineWorker:
     async def run(self) -> None:
         """Serve until :meth:`stop`; raises ``ConnectionError`` if the broker goes away
         (no reconnects: a benchmark run that lost its broker is void anyway)."""
-        # Same client as pipeline.backends.Backend: transport, pool limits, timeout.
+        # Same client as pipeline.backends.http.Backend: transport, pool limits, timeout.
         limits = httpx.Limits(max_connections=self.prefetch,
                               max_keepalive_connections=self.prefetch)
         self._http = httpx.AsyncClient(

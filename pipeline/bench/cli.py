@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench.embedded import embedded_hutch
 from pipeline.bench.loadgen import (
     LoadPlan,
     Progress,
@@ -33,10 +32,11 @@ from pipeline.bench.loadgen import (
 from pipeline.bench.plots import plot_report, require_matplotlib
 from pipeline.bench.report import format_table, summarize
 from pipeline.bench.scenarios import SCENARIOS
-from pipeline.client import HutchClient
-from pipeline.exceptions import ConfigError
-from pipeline.log import configure_logging
+from pipeline.client.client import HutchClient
+from pipeline.errors import ConfigError
+from pipeline.observe.log import configure_logging
 from pipeline.settings import Settings, load_settings
+from pipeline.testing.embedded import embedded_hutch
 
 __all__ = [
     "add_cli",

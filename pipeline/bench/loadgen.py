@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
 from pipeline.bench.report import RequestRecord
-from pipeline.exceptions import ConfigError, RequestFailed
+from pipeline.errors import ConfigError, RequestFailed
 
 __all__ = [
     "DEFAULT_CLASS_PRIORITIES",
@@ -151,7 +151,7 @@ class _Reply(Protocol):
 
 
 class LoadClient(Protocol):
-    """What the generator drives: :class:`~pipeline.client.HutchClient`, and the
+    """What the generator drives: :class:`~pipeline.client.client.HutchClient`, and the
     benchmark's baselines (a direct HTTP call, a minimal aio-pika RPC), so every path is
     measured by the same code. ``result`` raises :class:`RequestFailed` for an error
     reply."""

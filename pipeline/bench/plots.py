@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.exceptions import ConfigError
+from pipeline.errors import ConfigError
 
 __all__ = [
     "plot_backlog",

@@ -29,10 +29,10 @@ from typing import Any, TypeVar
 import aio_pika
 import httpx
 
-from pipeline.exceptions import HutchError
+from pipeline.broker.names import Names
+from pipeline.broker.topology import apply_topology, delete_topology
+from pipeline.errors import HutchError
 from pipeline.settings import Settings, dump_toml, load_settings
-from topology.apply import apply_topology, delete_topology
-from topology.names import Names
 
 __all__ = ["Child", "MockProcess", "Stack", "StackError"]
 
@@ -212,7 +212,7 @@ class Stack:
                    models: Sequence[str] = ("mock-small",)) -> MockProcess:
         """Start ``hutch mock-backend`` on a free port; return once it listens."""
         name = f"mock-{sum(c.name.startswith('mock-') for c in self.children) + 1}"
-        child = await self.spawn(name, "pipeline.cli", [
+        child = await self.spawn(name, "pipeline.cli.main", [
             "mock-backend", "--port", "0", "--capacity", str(capacity),
             "--latency-ms", f"{latency_ms:g}", "--models", ",".join(models)])
         mock = MockProcess(child.name, child.process, child.log_path)
@@ -237,7 +237,7 @@ class Stack:
         config = self.dir / f"worker-{index}.toml"
         config.touch(mode=0o600)
         config.write_text(dump_toml(settings))
-        return await self.spawn(f"worker-{index}", "pipeline.cli",
+        return await self.spawn(f"worker-{index}", "pipeline.cli.main",
                                 ["worker", "-c", str(config), "--log-level", log_level,
                                  "--loop", loop])
 

@@ -28,7 +28,7 @@ from pipeline.bench.scenarios.common import (
     targets_report,
 )
 from pipeline.bench.stack import Child, Stack
-from pipeline.exceptions import RequestFailed
+from pipeline.errors import RequestFailed
 
 __all__ = ["BacklogOptions", "run"]
 

@@ -25,7 +25,7 @@ from pipeline.bench.loadgen import (
 )
 from pipeline.bench.report import RequestRecord, format_table, summarize
 from pipeline.bench.stack import Child, MockProcess, Stack
-from pipeline.client import HutchClient
+from pipeline.client.client import HutchClient
 from pipeline.settings import Settings
 
 __all__ = [

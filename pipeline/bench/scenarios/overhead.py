@@ -3,7 +3,7 @@
 Three ways to make the same HTTP call to an instant mock backend, in one run on one broker:
 
 * ``direct``: the benchmark calls the mock itself, with Hutch's own HTTP client
-  (:class:`~pipeline.backends.Backend`): the floor;
+  (:class:`~pipeline.backends.http.Backend`): the floor;
 * ``baseline``: a minimal hand-written aio-pika RPC (:mod:`pipeline.bench.baseline`):
   publish, consume, the same call, reply; what any queue in front of a backend costs;
 * ``hutch``: the full path (client, exchange, priority queue, worker, dispatch, reply).
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from pipeline.backends import Backend
+from pipeline.backends.http import Backend
 from pipeline.bench.baseline import READY_LINE, BaselineClient
 from pipeline.bench.loadgen import LoadClient
 from pipeline.bench.scenarios.common import (
@@ -38,8 +38,8 @@ from pipeline.bench.scenarios.common import (
     targets_report,
 )
 from pipeline.bench.stack import Stack
-from pipeline.eventloop import LOOPS
-from pipeline.exceptions import BackendCallError, BackendError, ConfigError
+from pipeline.errors import BackendCallError, BackendError, ConfigError
+from pipeline.runtime.eventloop import LOOPS
 from pipeline.settings import BackendSettings
 
 __all__ = ["DirectClient", "OverheadOptions", "run"]

@@ -15,9 +15,9 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
 from pipeline import protocol as p
-from pipeline.log import get_logger
-from pipeline.replies import Failure, Publisher, ReplyInfo
-from topology.names import Names
+from pipeline.broker.names import Names
+from pipeline.observe.log import get_logger
+from pipeline.settle.publisher import Failure, Publisher, ReplyInfo
 
 __all__ = ["Triage", "triage_failure"]
 

@@ -1,7 +1,7 @@
 """Calling one OpenAI-compatible backend over HTTP.
 
 A :class:`Backend` sends a chat request and either returns the completion or raises one
-of the worker-side errors of :mod:`pipeline.exceptions`, classified once here:
+of the worker-side errors of :mod:`pipeline.errors`, classified once here:
 connection failures, timeouts, 408 and 5xx are retryable, 429 is throttling, any other
 4xx is terminal. It speaks through httpx's API on an aiohttp transport: httpx's default
 transport costs about 8x in throughput on this path (see the design brief), and tests
@@ -19,7 +19,7 @@ import httpx
 from httpx_aiohttp import AiohttpTransport
 from pydantic import ValidationError
 
-from pipeline.exceptions import RetryableError, TerminalError, ThrottledError
+from pipeline.errors import RetryableError, TerminalError, ThrottledError
 from pipeline.models import ChatCompletion
 from pipeline.settings import BackendSettings
 

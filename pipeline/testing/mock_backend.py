@@ -738,7 +738,8 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     _parser = argparse.ArgumentParser(
-        prog="python -m pipeline.mock_backend", description="Mock OpenAI-compatible LLM backend."
+        prog="python -m pipeline.testing.mock_backend",
+        description="Mock OpenAI-compatible LLM backend.",
     )
     add_arguments(_parser)
     sys.exit(run_from_args(_parser.parse_args()))

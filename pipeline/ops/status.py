@@ -19,10 +19,10 @@ from urllib.parse import urlsplit
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.exceptions import HutchError, TopologyError
+from pipeline.broker.management import ManagementAPI
+from pipeline.broker.names import Names
+from pipeline.errors import HutchError, TopologyError
 from pipeline.settings import Settings
-from topology.management import ManagementAPI
-from topology.names import Names
 
 __all__ = [
     "BackendStatus",
@@ -35,7 +35,7 @@ __all__ = [
     "status",
 ]
 
-#: ``hutch_backend_state`` values (see pipeline.metrics).
+#: ``hutch_backend_state`` values (see pipeline.observe.metrics).
 STATE_NAMES = {0: "closed", 1: "half_open", 2: "open", 3: "throttled"}
 
 _BACKEND_GAUGES = ("hutch_backend_in_flight", "hutch_backend_capacity",

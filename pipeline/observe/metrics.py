@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from tenacity import RetryCallState
 
 from pipeline import protocol as p
-from pipeline.exceptions import BackendCallError, ThrottledError
+from pipeline.errors import BackendCallError, ThrottledError
 from pipeline.models import Usage
 from pipeline.settings import Settings
 
@@ -79,7 +79,7 @@ def retry_reason(exc: BaseException | None) -> str:
         return "other"
     status = exc.status
     if status is None:
-        # pipeline.backends words these two; see tests/test_metrics.py, which keeps them in step.
+        # pipeline.backends.http words these two (tests/test_metrics.py keeps them in step).
         return "timeout" if "timed out" in exc.message else "unreachable"
     if status == 200:
         return "invalid_completion"

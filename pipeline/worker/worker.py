@@ -34,18 +34,18 @@ import aiormq
 import httpx
 from aio_pika.abc import AbstractConnection
 
-from pipeline.backends import Backend
-from pipeline.breaker import BackendGate, BreakerPolicy, LatencyFloor
-from pipeline.consumer import TrackedConsumer
-from pipeline.dispatch import Dispatcher
-from pipeline.exceptions import TopologyError
-from pipeline.log import get_logger
-from pipeline.metrics import Metrics
-from pipeline.pause import is_paused
-from pipeline.replies import Publisher, ReplyGuard
+from pipeline.backends.breaker import BackendGate, BreakerPolicy, LatencyFloor
+from pipeline.backends.http import Backend
+from pipeline.broker.names import Names
+from pipeline.dispatch.dispatcher import Dispatcher
+from pipeline.errors import TopologyError
+from pipeline.observe.log import get_logger
+from pipeline.observe.metrics import Metrics
 from pipeline.settings import BackendSettings, PoolSettings, Settings
-from pipeline.triage import Triage
-from topology.names import Names
+from pipeline.settle.publisher import Publisher, ReplyGuard
+from pipeline.worker.consumer import TrackedConsumer
+from pipeline.worker.pause import is_paused
+from pipeline.worker.triage import Triage
 
 __all__ = ["Worker"]
 
@@ -57,7 +57,7 @@ _AMQP_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, asyncio.T
 class _BackendSlot:
     """One backend: its HTTP client, its health, its lease and (while leased) its consumer.
 
-    It is the :class:`~pipeline.dispatch.BackendHealth` its requests report to. The
+    It is the :class:`~pipeline.dispatch.dispatcher.BackendHealth` its requests report to. The
     consumer's prefetch follows the gate: the backend's ``max_concurrency`` while healthy,
     1 while a circuit probe is due, none at all while the circuit is open or a 429 asked
     for time, so no request waits on a backend that cannot serve it.
@@ -77,7 +77,7 @@ class _BackendSlot:
         self.held = False
         #: Set by the rebalancer: finish in-flight work, free the lease, stay away a while.
         self.releasing = False
-        #: The pool is paused (see pipeline.pause): consume nothing, hand requests back.
+        #: The pool is paused (see pipeline.worker.pause): consume nothing, hand requests back.
         self.paused = False
         self._state_metric = worker.metrics.backend_state.labels(settings.name)
         self._state_metric.set(self.gate.state_code)

@@ -15,11 +15,11 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from pipeline.bench.embedded import embedded_hutch
-from pipeline.client import HutchClient
-from pipeline.exceptions import RequestFailed
-from pipeline.log import configure_logging
+from pipeline.client.client import HutchClient
+from pipeline.errors import RequestFailed
+from pipeline.observe.log import configure_logging
 from pipeline.settings import DEFAULT_AMQP_URL
+from pipeline.testing.embedded import embedded_hutch
 
 __all__ = ["DemoResult", "run_demo"]
 

@@ -14,11 +14,11 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from pipeline.background import running
-from pipeline.mock_backend import MockBackend, MockConfig
+from pipeline.broker.topology import apply_topology, delete_topology
+from pipeline.runtime.background import running
 from pipeline.settings import Settings, load_settings
-from pipeline.worker import Worker
-from topology.apply import apply_topology, delete_topology
+from pipeline.testing.mock_backend import MockBackend, MockConfig
+from pipeline.worker.worker import Worker
 
 __all__ = ["Embedded", "embedded_hutch"]
 

@@ -29,13 +29,13 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from pipeline import protocol as p
-from pipeline.backends import Backend, BackendResult
-from pipeline.exceptions import BackendCallError, RetryableError, ThrottledError
-from pipeline.log import get_logger
-from pipeline.metrics import Metrics, retry_reason
+from pipeline.backends.http import Backend, BackendResult
+from pipeline.errors import BackendCallError, RetryableError, ThrottledError
 from pipeline.models import ChatRequest
-from pipeline.replies import Failure, Publisher, ReplyInfo
+from pipeline.observe.log import get_logger
+from pipeline.observe.metrics import Metrics, retry_reason
 from pipeline.settings import PoolSettings, Settings
+from pipeline.settle.publisher import Failure, Publisher, ReplyInfo
 
 __all__ = ["BackendHealth", "Dispatcher", "validate_request"]
 

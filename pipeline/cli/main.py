@@ -15,11 +15,12 @@ import sys
 from collections.abc import Sequence
 from typing import Literal
 
-from pipeline import eventloop, mock_backend
 from pipeline.bench import add_cli as add_bench_cli
-from pipeline.exceptions import ConfigError, HutchError, RequestFailed, TopologyError
-from pipeline.log import configure_logging
+from pipeline.errors import ConfigError, HutchError, RequestFailed, TopologyError
+from pipeline.observe.log import configure_logging
+from pipeline.runtime import eventloop
 from pipeline.settings import Settings, load_settings
+from pipeline.testing import mock_backend
 from topology import definitions as topology_definitions
 from topology import diff as topology_diff
 
@@ -34,8 +35,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from pipeline.metrics import Metrics
-    from pipeline.worker import Worker
+    from pipeline.observe.metrics import Metrics
+    from pipeline.worker.worker import Worker
 
     settings = _settings(args)
     if not settings.pools:
@@ -57,7 +58,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_topology_apply(args: argparse.Namespace) -> int:
-    from topology.apply import apply_topology
+    from pipeline.broker.topology import apply_topology
 
     settings = _settings(args)
     report = asyncio.run(apply_topology(settings))
@@ -68,7 +69,7 @@ def _cmd_topology_apply(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from pipeline.client import HutchClient
+    from pipeline.client.client import HutchClient
 
     settings = load_settings(args.config) if args.config else load_settings()
 
@@ -100,7 +101,7 @@ def _cmd_mock_backend(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.ops.demo import run_demo
 
     return asyncio.run(run_demo(low=args.low, high=args.high, capacity=args.capacity,
                                 latency_ms=args.latency_ms, keep=args.keep_topology))
@@ -116,8 +117,8 @@ def _cmd_dlq_list(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from pipeline.dlq import list_parked, parked_count
-    from topology.names import Names
+    from pipeline.broker.names import Names
+    from pipeline.ops.dlq import list_parked, parked_count
 
     settings = _settings(args)
     queue = Names(settings.prefix).parked_queue
@@ -147,7 +148,7 @@ def _cmd_dlq_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_dlq_replay(args: argparse.Namespace) -> int:
-    from pipeline.dlq import replay
+    from pipeline.ops.dlq import replay
 
     settings = _settings(args)
     result = asyncio.run(replay(settings, reason=args.reason, limit=args.limit))
@@ -157,8 +158,8 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_dlq_purge(args: argparse.Namespace) -> int:
-    from pipeline.dlq import parked_count, purge
-    from topology.names import Names
+    from pipeline.broker.names import Names
+    from pipeline.ops.dlq import parked_count, purge
 
     settings = _settings(args)
     queue = Names(settings.prefix).parked_queue
@@ -192,7 +193,7 @@ def _non_negative(value: str) -> int:
 
 
 def _cmd_pool(args: argparse.Namespace) -> int:
-    from pipeline.pause import pause_pool, paused_pools, resume_pool
+    from pipeline.worker.pause import pause_pool, paused_pools, resume_pool
 
     settings = _settings(args)
     if args.pool_command == "list":
@@ -220,7 +221,7 @@ def _cmd_pool(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.status import format_status, status
+    from pipeline.ops.status import format_status, status
 
     settings = _settings(args)
     report = asyncio.run(status(settings, args.metrics))

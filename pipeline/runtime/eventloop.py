@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from pipeline.exceptions import ConfigError
+from pipeline.errors import ConfigError
 
 __all__ = ["LOOPS", "run"]
 

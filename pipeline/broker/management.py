@@ -2,7 +2,7 @@
 
 Policies (dead-lettering, queue limits, TTLs) can only be set over this API or
 ``rabbitmqctl``; Hutch uses the API so the same code works against a remote broker.
-Every failure becomes a :class:`~pipeline.exceptions.TopologyError` that says what to do.
+Every failure becomes a :class:`~pipeline.errors.TopologyError` that says what to do.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import httpx
 
-from pipeline.exceptions import TopologyError
+from pipeline.errors import TopologyError
 
 __all__ = ["ManagementAPI"]
 

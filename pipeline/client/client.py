@@ -35,16 +35,16 @@ from aio_pika.exceptions import DeliveryError
 from pydantic import ValidationError
 
 from pipeline import protocol as p
-from pipeline.exceptions import (
+from pipeline.broker.names import Names
+from pipeline.errors import (
     DeadlineExceededError,
     QueueFullError,
     RequestFailed,
     error_for_code,
 )
-from pipeline.log import get_logger
 from pipeline.models import ChatCompletion, ChatMessage, ErrorReply
+from pipeline.observe.log import get_logger
 from pipeline.settings import DEFAULT_AMQP_URL, Settings
-from topology.names import Names
 
 __all__ = ["HutchClient", "Reply"]
 

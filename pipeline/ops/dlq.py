@@ -1,7 +1,7 @@
 """The parking lot, operated: list, replay and purge parked requests (``hutch dlq``).
 
 Every terminal failure ends in ``<prefix>.parked`` with headers saying why (see
-:meth:`pipeline.replies.Publisher.park`). This module is what an operator does with them:
+:meth:`pipeline.settle.publisher.Publisher.park`). This module is what an operator does with them:
 
 * :func:`list_parked` **peeks**: it takes messages with ``basic.get`` and manual ack, reads
   them, and closes the channel without acking. The broker requeues them, and a classic
@@ -35,10 +35,10 @@ from aio_pika.abc import (
 )
 
 from pipeline import protocol as p
-from pipeline.exceptions import TopologyError
-from pipeline.replies import copy_message
+from pipeline.broker.names import Names
+from pipeline.errors import TopologyError
 from pipeline.settings import Settings
-from topology.names import Names
+from pipeline.settle.publisher import copy_message
 
 __all__ = [
     "ParkedMessage",

@@ -30,11 +30,11 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractExchange, AbstractQueue
 
-from pipeline.exceptions import TopologyError
+from pipeline.broker.management import ManagementAPI
+from pipeline.broker.names import Names
+from pipeline.errors import TopologyError
 from pipeline.protocol import H_RETRY_TIER
 from pipeline.settings import PoolSettings, Settings
-from topology.management import ManagementAPI
-from topology.names import Names
 
 T = TypeVar("T")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import aio_pika
 import aiormq
 
+from pipeline.broker.names import Names
 from pipeline.settings import Settings
-from topology.names import Names
 
 __all__ = ["is_paused", "pause_pool", "paused_pools", "resume_pool"]
 

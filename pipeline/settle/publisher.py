@@ -19,10 +19,10 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aio_pika.exceptions import PublishError
 
 from pipeline import protocol as p
-from pipeline.log import get_logger
-from pipeline.metrics import Metrics
+from pipeline.broker.names import Names
+from pipeline.observe.log import get_logger
+from pipeline.observe.metrics import Metrics
 from pipeline.settings import Settings
-from topology.names import Names
 
 __all__ = ["Failure", "Publisher", "ReplyGuard", "ReplyInfo", "copy_message", "encodable"]
 
@@ -284,7 +284,7 @@ class Publisher:
             p.H_PARKED_AT: parked_at,
             p.H_ORIGINAL_ROUTING_KEY: request.routing_key or "",
         })
-        # A replayed request (pipeline.dlq) that fails again keeps its first failure time.
+        # A replayed request (pipeline.ops.dlq) that fails again keeps its first failure time.
         headers.setdefault(p.H_FIRST_FAILED_AT, parked_at)
         message = copy_message(request, headers)
         if not await self._publish(message.body, message.properties,
