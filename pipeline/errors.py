@@ -1,15 +1,28 @@
 """Every error Hutch raises, in one hierarchy.
 
-Three families, by who must act::
+Three families, by who must act: the operator (config, topology, its commands), the
+worker, the client::
 
     HutchError
     ├── ConfigError              bad settings: the operator fixes the file or environment
     ├── TopologyError            the broker disagrees with the config (changed arguments,
     │                            management API unreachable): the operator decides
-    ├── BackendCallError         worker side: one call to an HTTP backend failed
-    │   ├── RetryableError       transient (connection, timeout, 5xx, 408): try again
-    │   │   └── ThrottledError   429: the backend asked us to wait (retry_after_s)
-    │   └── TerminalError        the backend refused the request itself (other 4xx)
+    ├── OperationError           an operator's command cannot do what it was asked
+    │   ├── StatusError          status: the management API is unreachable or refuses
+    │   ├── UserError            client/worker-user: the user exists, or is not Hutch's
+    │   └── StackError           bench scenario: a process it started did not come up
+    ├── BackendCallError         worker side: one call to an HTTP backend failed; .reason
+    │   ├── RetryableError       transient: the same request may succeed if tried again
+    │   │   ├── BackendUnreachableError    no connection: refused, DNS, TLS     unreachable
+    │   │   │   └── BackendConnectTimeoutError  no connection in time       connect_timeout
+    │   │   ├── BackendDisconnectedError   closed or reset mid-request         disconnected
+    │   │   ├── BackendTimeoutError        no byte for the read timeout             timeout
+    │   │   ├── RetryableStatusError       HTTP 408 or 5xx                    http_<status>
+    │   │   ├── BackendProtocolError       malformed HTTP response         invalid_response
+    │   │   │   └── InvalidCompletionError HTTP 200, body no completion  invalid_completion
+    │   │   └── ThrottledError             429: wait retry_after_s                throttled
+    │   └── TerminalError        the backend refused the request itself
+    │       └── TerminalStatusError        HTTP 4xx other than 408 and 429            other
     └── RequestFailed            client side: the request ended in an error reply
         ├── QueueFullError       the pool's queue is at its limit (publish was nacked)
         ├── UnknownModelError    no pool serves the model
@@ -20,24 +33,42 @@ Three families, by who must act::
 A :class:`RequestFailed` carries the OpenAI-shaped error of the reply (``code``, ``type``,
 ``message``); :func:`error_for_code` maps a reply's code to its class, so a caller can catch
 exactly the failures it can handle.
+
+A :class:`BackendCallError`'s ``reason`` (right column above) is a bounded metric label:
+``unreachable``, ``connect_timeout``, ``disconnected``, ``timeout``, ``invalid_response``,
+``invalid_completion``, ``throttled``, ``http_<status>`` (408, 500-599), else ``other``.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 __all__ = [
     "BackendCallError",
+    "BackendConnectTimeoutError",
+    "BackendDisconnectedError",
     "BackendError",
+    "BackendProtocolError",
+    "BackendTimeoutError",
+    "BackendUnreachableError",
     "ConfigError",
     "DeadlineExceededError",
     "HutchError",
+    "InvalidCompletionError",
     "InvalidRequestError",
+    "OperationError",
     "QueueFullError",
     "RequestFailed",
     "RetryableError",
+    "RetryableStatusError",
+    "StackError",
+    "StatusError",
     "TerminalError",
+    "TerminalStatusError",
     "ThrottledError",
     "TopologyError",
     "UnknownModelError",
+    "UserError",
     "error_for_code",
 ]
 
@@ -54,24 +85,100 @@ class TopologyError(HutchError):
     """The broker's topology cannot be made to match the configuration."""
 
 
+# -- operator tools: status, users, benchmarks ------------------------------------------
+
+
+class OperationError(HutchError):
+    """An operator's command cannot do what it was asked; the message says why."""
+
+
+class StatusError(OperationError):
+    """``hutch status`` cannot read the broker (management API unreachable or refusing)."""
+
+
+class UserError(OperationError):
+    """A user cannot be added or removed (it exists, or it is not a Hutch user)."""
+
+
+class StackError(OperationError):
+    """A process a benchmark scenario started did not come up (the message quotes its log)."""
+
+
 # -- worker side: calling a backend ----------------------------------------------------
 
 
 class BackendCallError(HutchError):
     """One HTTP call to a backend failed."""
 
+    #: The class's metric label; None: derived from ``status`` (see :attr:`reason`).
+    kind: ClassVar[str | None] = None
+
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
+
+    @property
+    def reason(self) -> str:
+        """A bounded metric label for why the call failed (``http_503``, ``timeout``...)."""
+        if self.kind is not None:
+            return self.kind
+        status = self.status
+        if status == 200:
+            return "invalid_completion"
+        if status is not None and (status == 408 or 500 <= status <= 599):
+            return f"http_{status}"
+        return "other"
 
 
 class RetryableError(BackendCallError):
     """A transient failure: the same request may succeed if tried again."""
 
 
+class BackendUnreachableError(RetryableError):
+    """No connection (refused, DNS, TLS handshake): the request never reached the backend."""
+
+    kind = "unreachable"
+
+
+class BackendConnectTimeoutError(BackendUnreachableError):
+    """No connection within the connect timeout: the request never reached the backend."""
+
+    kind = "connect_timeout"
+
+
+class BackendDisconnectedError(RetryableError):
+    """The backend closed or reset the connection mid-request: it may have started on it."""
+
+    kind = "disconnected"
+
+
+class BackendTimeoutError(RetryableError):
+    """No byte from the backend for the read timeout (before the headers or mid-body)."""
+
+    kind = "timeout"
+
+
+class RetryableStatusError(RetryableError):
+    """HTTP 408 or 5xx: the backend failed this time; ``reason`` is ``http_<status>``."""
+
+
+class BackendProtocolError(RetryableError):
+    """The backend's response is not valid HTTP (status line, headers or framing)."""
+
+    kind = "invalid_response"
+
+
+class InvalidCompletionError(BackendProtocolError):
+    """HTTP 200 whose body is not a chat completion."""
+
+    kind = "invalid_completion"
+
+
 class ThrottledError(RetryableError):
     """HTTP 429: the backend is saturated or rate-limited; honour ``retry_after_s``."""
+
+    kind = "throttled"
 
     def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(message, status=429)
@@ -80,6 +187,10 @@ class ThrottledError(RetryableError):
 
 class TerminalError(BackendCallError):
     """The backend rejected this request; trying again cannot help."""
+
+
+class TerminalStatusError(TerminalError):
+    """HTTP 4xx other than 408 and 429 (``reason`` ``other``: never retried)."""
 
 
 # -- client side: the error reply of a request ----------------------------------------

@@ -11,15 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bench import (
-    PriorityClass,
-    assign_classes,
-    parse_priority_mix,
-    percentile,
-    run_bench,
-    schedule,
-)
-from pipeline.bench.cli import parse
+from pipeline.bench.cli import parse, run_bench
+from pipeline.bench.loadgen import PriorityClass, assign_classes, parse_priority_mix, schedule
+from pipeline.bench.report import percentile
 from pipeline.errors import ConfigError
 
 

@@ -23,7 +23,7 @@ from pipeline.bench.baseline import READY_LINE, BaselineClient, BaselineWorker
 from pipeline.bench.loadgen import LoadPlan, PriorityClass, run_load, schedule
 from pipeline.errors import RequestFailed
 from pipeline.runtime.background import running
-from pipeline.testing.mock_backend import MockBackend, MockConfig
+from pipeline.testing.mock import MockBackend, MockConfig
 
 pytestmark = pytest.mark.timeout(60)
 

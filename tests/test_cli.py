@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import ast
+import json
+import re
 import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import httpx
 
+import pipeline
+from pipeline import errors
 from pipeline.broker.topology import apply_topology
+from pipeline.cli.main import build_parser
 from pipeline.settings import Settings
-from pipeline.testing.mock_backend import MockBackend, MockConfig
+from pipeline.testing.mock import MockBackend, MockConfig
 from tests.conftest import HUTCH, SettingsFactory, run_hutch, running_worker, write_config
 
 
@@ -113,3 +121,89 @@ async def test_topology_export_and_diff_commands(make_settings: SettingsFactory,
                                      hutch_env)
     assert code == 0, err
     assert settings.prefix + ".requests" in target.read_text()
+
+
+# -- the CLI's shape: fast help, every command, one-way imports ----------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Loaded only when a command runs, never by `hutch --help` (nor by `import pipeline.cli`).
+HEAVY = ("pipeline.bench.", "pipeline.testing", "pipeline.worker", "pipeline.client",
+         "aio_pika", "aiormq", "httpx", "aiohttp", "matplotlib", "pydantic", "topology.")
+#: The bench package's light registration, the exception to ``pipeline.bench.``.
+BENCH_REGISTRATION = "pipeline.bench.commands"
+
+_HELP_PROBE = """
+import contextlib, io, json, sys
+import pipeline.cli
+from pipeline.cli.main import main
+out = io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+    main(["--help"])
+print(json.dumps({"help": out.getvalue(), "modules": sorted(sys.modules)}))
+"""
+
+
+def _readme_commands() -> set[str]:
+    """The commands of the README's command table: the word after each `hutch `."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("| Command | What it does |"):]
+    table = table[:table.index("\n\n")]
+    return set(re.findall(r"`hutch ([a-z-]+)", table))
+
+
+def test_help_lists_every_command_and_imports_nothing_heavy(hutch_env: dict[str, str]
+                                                            ) -> None:
+    result = subprocess.run([sys.executable, "-c", _HELP_PROBE], env=hutch_env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=30, check=True)
+    probe = json.loads(result.stdout)
+    heavy = [m for m in probe["modules"]
+             if m.startswith(HEAVY) and m != BENCH_REGISTRATION and m != "topology.commands"]
+    assert heavy == [], f"`hutch --help` imported {heavy}"
+    listed = set(re.findall(r"^    ([a-z-]+)", probe["help"], re.MULTILINE))
+    commands = {"worker", "submit", "mock-backend", "status", "pool", "bench", "demo", "dlq",
+                "topology", "client", "worker-user"}
+    assert listed == commands == _readme_commands(), probe["help"]
+
+
+def test_lazily_filled_commands_parse_their_options() -> None:
+    """mock-backend's and the scenarios' options are added once the command is chosen."""
+    mock = build_parser().parse_args(["mock-backend", "--port", "0", "--fail-rate", "0.5"])
+    assert (mock.command, mock.port, mock.fail_rate, mock.host) == (
+        "mock-backend", 0, 0.5, "127.0.0.1")
+    scenario = build_parser().parse_args(["bench", "scenario", "overload", "--quick"])
+    assert (scenario.bench_command, scenario.scenario, scenario.quick) == (
+        "scenario", "overload", True)
+    plot = build_parser().parse_args(["bench", "plot", "f.json", "--plot-dir", "d"])
+    assert (plot.json_file, plot.plot_dir) == ("f.json", "d")
+
+
+def test_pipeline_never_imports_topology() -> None:
+    """Imports go one way: topology -> pipeline (topology's commands reach the CLI through
+    the hutch.commands entry point)."""
+    found = []
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.relative_to(ROOT)}:{node.lineno}: {name}" for name in names
+                      if name == "topology" or name.startswith("topology.")]
+    assert found == []
+
+
+def test_package_exports_the_public_api_lazily(hutch_env: dict[str, str]) -> None:
+    probe = ("import sys, pipeline; print(sorted(m for m in sys.modules "
+             "if m.startswith(('pipeline.', 'pydantic', 'aio_pika'))))")
+    result = subprocess.run([sys.executable, "-c", probe], env=hutch_env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=30, check=True)
+    assert result.stdout.strip() == "['pipeline.errors']"
+    from pipeline.client.client import HutchClient
+    from pipeline.settings import Settings, load_settings
+
+    assert (pipeline.HutchClient, pipeline.Settings, pipeline.load_settings) == (
+        HutchClient, Settings, load_settings)
+    assert set(errors.__all__) <= set(pipeline.__all__)
+    assert all(getattr(pipeline, name) is getattr(errors, name) for name in errors.__all__)
+    assert (ROOT / "pipeline" / "py.typed").is_file()
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "py.typed" in package_data["package-data"]["pipeline"]

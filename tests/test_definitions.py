@@ -22,10 +22,11 @@ import pytest
 from pipeline.broker.management import ManagementAPI
 from pipeline.broker.names import Names
 from pipeline.broker.topology import apply_topology, plan
+from pipeline.cli.common import add_subcommands
 from pipeline.settings import Settings
 from tests.conftest import SettingsFactory, write_config
 from topology import definitions as definitions_mod
-from topology import diff as diff_mod
+from topology.commands import register
 from topology.definitions import (
     export_definitions,
     parse_definitions,
@@ -59,16 +60,11 @@ def hutch_objects(document: dict[str, Any], prefix: str) -> dict[str, list[dict[
 
 
 def cli(argv: list[str]) -> int:
-    """The export and diff commands, as cli.py's `topology` group wires them."""
-    parser = argparse.ArgumentParser(prog="hutch topology")
-    sub = parser.add_subparsers(required=True)
-
-    def config_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", "-c", required=True)
-
-    definitions_mod.add_cli(sub, config_arg)
-    diff_mod.add_cli(sub, config_arg)
-    args = parser.parse_args(argv)
+    """`hutch topology ...` in this process, as topology/commands.py registers it (errors
+    propagate: no `main` turning them into exit codes)."""
+    parser = argparse.ArgumentParser(prog="hutch")
+    register(add_subcommands(parser, dest="command", required=True))
+    args = parser.parse_args(["topology", *argv])
     code: int = args.func(args)
     return code
 
@@ -173,7 +169,7 @@ async def test_export_matches_what_apply_declared(make_settings: SettingsFactory
     want, got = hutch_objects(exported, prefix), hutch_objects(live, prefix)
     for kind in KINDS:
         assert got[kind] == want[kind], kind
-    assert len(got["queues"]) == 6 and len(got["bindings"]) == 7
+    assert len(got["queues"]) == 7 and len(got["bindings"]) == 7
 
 
 async def test_exported_file_imports_into_a_fresh_vhost(make_settings: SettingsFactory,
@@ -246,7 +242,7 @@ def test_cli_export(make_settings: SettingsFactory, tmp_path: Path,
     out = tmp_path / "definitions.json"
     assert cli(["export", "-c", str(config), "-o", str(out)]) == 0
     assert json.loads(out.read_text()) == export_definitions(settings).definitions
-    assert f"wrote {out}: vhost {settings.vhost!r}, 4 exchanges, 6 queues" in (
+    assert f"wrote {out}: vhost {settings.vhost!r}, 4 exchanges, 7 queues" in (
         capsys.readouterr().out)
     assert cli(["export", "-c", str(config)]) == 0
     assert json.loads(capsys.readouterr().out) == export_definitions(settings).definitions

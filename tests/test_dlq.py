@@ -24,7 +24,7 @@ from pipeline.client.client import HutchClient
 from pipeline.errors import BackendError, TopologyError
 from pipeline.ops import dlq
 from pipeline.settings import Settings
-from pipeline.testing.mock_backend import MockBackend, MockConfig
+from pipeline.testing.mock import MockBackend, MockConfig
 from tests.conftest import (
     HUTCH,
     SettingsFactory,
@@ -120,12 +120,15 @@ async def test_failures_parked_listed_replayed_and_answered(
                     await client.chat(model="mock-small", timeout=20,
                                       messages=[{"role": "user", "content": f"fail {i}"}])
             exchange = await channel.get_exchange(names.requests_exchange)
-            for cid, payload, key in [("not-json", b"{nope", "mock-small"),
-                                      ("unknown-model", b'{"model": "gpt-17"}', "gpt-17")]:
+            # One at a time: the work queue and triage are different consumers, so two
+            # published together could be parked in either order.
+            for parked, (cid, payload, key) in enumerate(
+                    [("not-json", b"{nope", "mock-small"),
+                     ("unknown-model", b'{"model": "gpt-17"}', "gpt-17")], start=4):
                 await exchange.publish(aio_pika.Message(
                     payload, correlation_id=cid, reply_to=reply_queue,
                     content_type="application/json"), routing_key=key)
-            await wait_depth(channel, names.parked_queue, 5)
+                await wait_depth(channel, names.parked_queue, parked)
         assert await queue_depth(channel, reply_queue) == 0  # the client took its 5 error replies
 
         # list: everything, oldest first, nothing consumed, nothing reordered.

@@ -14,9 +14,9 @@ from typing import Any
 
 import httpx
 import pytest
-from httpx_aiohttp import AiohttpTransport
 
 from pipeline import protocol as p
+from pipeline.backends.transport import AiohttpTransport
 from pipeline.broker.names import Names
 from pipeline.broker.topology import apply_topology
 from pipeline.client.client import HutchClient

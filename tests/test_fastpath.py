@@ -1,7 +1,8 @@
 """The hot path's shortcuts send exactly what the slower, general paths would send.
 
 * :meth:`Backend.chat` hands its request straight to the transport instead of going
-  through ``AsyncClient.post``: same URL, headers (in order), body and timeouts.
+  through ``AsyncClient.post``: same URL, headers (in order), body and timeouts; so does
+  :meth:`Backend.stream`, and Hutch's aiohttp transport puts exactly that on the wire.
 * A reply is published with hand-built AMQP properties instead of an ``aio_pika.Message``:
   the same properties.
 * The dispatcher makes the first backend attempt without tenacity: retries after it
@@ -11,13 +12,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aio_pika
 import aiormq
 import httpx
 import pytest
 
 from pipeline.backends.http import Backend
-from pipeline.errors import RetryableError
+from pipeline.errors import BackendTimeoutError
 from pipeline.observe.metrics import Metrics
 from pipeline.settings import BackendSettings
 
@@ -89,10 +92,63 @@ async def test_backend_transport_errors_stay_retryable() -> None:
 
     backend = _backend(httpx.MockTransport(handle))
     try:
-        with pytest.raises(RetryableError, match=r"timed out after 30\.0s"):
+        with pytest.raises(BackendTimeoutError, match=r"timed out after 30\.0s"):
             await backend.chat(BODY)
     finally:
         await backend.aclose()
+
+
+async def test_stream_sends_the_request_chat_sends() -> None:
+    seen: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=COMPLETION)
+
+    backend = _backend(httpx.MockTransport(handle))
+    try:
+        await backend.chat(BODY, timeout_s=3, request_id="r-1")
+        async with backend.stream(BODY, timeout_s=3, request_id="r-1") as answer:
+            assert b"".join([part async for part in answer.aiter_bytes()]) == COMPLETION
+        chat, stream = seen
+        assert (chat.method, chat.url, chat.headers.raw, chat.content) == (
+            stream.method, stream.url, stream.headers.raw, stream.content)
+        assert chat.extensions["timeout"] == stream.extensions["timeout"]
+    finally:
+        await backend.aclose()
+
+
+async def test_aiohttp_transport_sends_the_request_httpx_would() -> None:
+    """On the wire: the method, path, body and every header of the httpx request, once."""
+    heads: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        heads.append(head + await reader.readexactly(len(BODY)))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(COMPLETION)
+                     + COMPLETION)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = BackendSettings(name="b", url=f"http://127.0.0.1:{port}/v1",
+                               max_concurrency=1, timeout_s=5)
+    backend = Backend(settings)
+    try:
+        await backend.chat(BODY, request_id="corr-1")
+        expected = backend._http.build_request("POST", "/chat/completions", content=BODY,
+                                               headers={"x-request-id": "corr-1"})
+    finally:
+        await backend.aclose()
+        server.close()
+    head, _, body = heads[0].partition(b"\r\n\r\n")
+    request_line, *lines = head.decode().split("\r\n")
+    assert request_line == "POST /v1/chat/completions HTTP/1.1"
+    sent = sorted((name.lower(), value.strip()) for name, _, value in
+                  (line.partition(":") for line in lines))
+    assert sent == sorted(expected.headers.multi_items())
+    assert body == BODY
 
 
 def test_reply_properties_match_aio_pika_message() -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,23 +24,24 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
 
 from pipeline import protocol as p
 from pipeline.backends.http import Backend
 from pipeline.broker.topology import apply_topology
 from pipeline.client.client import HutchClient
-from pipeline.errors import BackendCallError, RetryableError, UnknownModelError
-from pipeline.models import Usage
-from pipeline.observe.metrics import (
-    NO_POOL,
-    UNKNOWN_MODEL,
-    Metrics,
-    retry_reason,
-    seconds_since_sent,
+from pipeline.errors import (
+    BackendCallError,
+    RetryableError,
+    ThrottledError,
+    UnknownModelError,
 )
+from pipeline.models import Usage
+from pipeline.observe.hooks import Settlement
+from pipeline.observe.metrics import NO_POOL, UNKNOWN_MODEL, Metrics, MetricsHook
+from pipeline.outcome import Failed, Failure, RetryLater
 from pipeline.settings import BackendSettings, load_settings
 from tests.conftest import SettingsFactory, running_worker
+from tests.fakes import delivery as fake_delivery
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "hutch.json"
@@ -312,16 +312,9 @@ def test_labels_are_bounded_by_the_configuration() -> None:
             assert sample(name, {"backend": backend}) == 0
 
 
-@dataclass
-class FakeDelivery:
-    routing_key: str | None
-    priority: int | None
-    headers: Mapping[str, Any] | None
-    timestamp: datetime | None = None
-
-
-def test_request_done_and_finished() -> None:
+def test_request_done_and_the_settled_hook() -> None:
     metrics = Metrics(settings=_settings())
+    hook = MetricsHook(metrics)
     sample = metrics.registry.get_sample_value
     metrics.request_done("chat", "small", 3, "ok", 0.2)
     metrics.request_done("chat", "forged", 99, "ok")
@@ -334,19 +327,27 @@ def test_request_done_and_finished() -> None:
     assert sample("hutch_end_to_end_seconds_sum", {"pool": "chat", "priority": "3"}) == 0.2
 
     sent = p.now_ms() - 1500
-    delivery = FakeDelivery("large", 1, {p.H_SENT_AT: sent})
-    assert 1.4 < (seconds_since_sent(delivery) or 0) < 5
-    metrics.finished("chat", delivery, "deadline_exceeded")
+    late = fake_delivery(routing_key="large", priority=1, headers={p.H_SENT_AT: sent})
+    assert 1.4 < (late.seconds_since_sent() or 0) < 5
+    hook.received(late)
+    assert sample("hutch_backend_in_flight", {"backend": "b1"}) == 1
+    assert sample("hutch_queue_wait_seconds_count", {"pool": "chat", "priority": "1"}) == 1
+    failure = Failure(p.ParkReason.DEADLINE_EXCEEDED, p.ErrorCode.DEADLINE_EXCEEDED, "late")
+    hook.settled(late, Failed(failure),
+                 Settlement("deadline_exceeded", p.ParkReason.DEADLINE_EXCEEDED, "late"))
+    assert sample("hutch_backend_in_flight", {"backend": "b1"}) == 0
     assert sample("hutch_request_outcomes_total", {
         "pool": "chat", "model": "large", "priority": "1",
         "outcome": "deadline_exceeded"}) == 1
+    assert sample("hutch_parked_total", {"reason": "deadline_exceeded"}) == 1
     assert 1.4 < (sample("hutch_end_to_end_seconds_sum", {"pool": "chat", "priority": "1"})
                   or 0) < 5
     # The AMQP timestamp stands in for x-hutch-sent-at; neither: no e2e observation.
-    stamped = FakeDelivery("small", None, None, datetime.fromtimestamp(sent / 1000, UTC))
-    assert 1.4 < (seconds_since_sent(stamped) or 0) < 5
-    assert seconds_since_sent(FakeDelivery("small", 0, {})) is None
-    metrics.finished("-", FakeDelivery("what-the-client-typed", None, {}), "unknown_model")
+    stamped = fake_delivery(timestamp=datetime.fromtimestamp(sent / 1000, UTC))
+    assert 1.4 < (stamped.seconds_since_sent() or 0) < 5
+    assert fake_delivery().seconds_since_sent() is None
+    typed = fake_delivery(pool="-", routing_key="what-the-client-typed", priority=None)
+    hook.settled(typed, Failed(failure), Settlement("unknown_model"))
     assert sample("hutch_request_outcomes_total", {
         "pool": NO_POOL, "model": UNKNOWN_MODEL, "priority": "0",
         "outcome": "unknown_model"}) == 1
@@ -399,35 +400,45 @@ async def test_retry_reasons_follow_the_backends_errors() -> None:
         "other": status(400),
     }
     for reason, handler in cases.items():
-        assert retry_reason(await _backend_error(handler)) == reason
-    assert retry_reason(None) == "other" and retry_reason(ValueError()) == "other"
+        error = await _backend_error(handler)
+        assert error.reason == reason, (reason, error)
 
 
-async def test_in_process_and_tier_retries_are_counted_by_reason() -> None:
+def test_in_process_and_tier_retries_are_counted_by_reason() -> None:
     metrics = Metrics(settings=_settings())
+    hook = MetricsHook(metrics)
     sample = metrics.registry.get_sample_value
-    calls = 0
-    async for attempt in AsyncRetrying(
-            stop=stop_after_attempt(3), wait=wait_none(), reraise=True,
-            retry=retry_if_exception_type(RetryableError),
-            before_sleep=metrics.before_sleep("chat")):
-        with attempt:
-            calls += 1
-            if calls < 3:
-                raise RetryableError("backend b answered HTTP 502", status=502)
+    d = fake_delivery()
+    for _ in range(2):
+        hook.retrying(d, RetryableError("backend b answered HTTP 502", status=502))
     assert sample("hutch_retries_by_reason_total",
                   {"pool": "chat", "stage": "in_process", "reason": "http_502"}) == 2
-    metrics.retried_tier("chat", 1000, "timeout")
+    hook.settled(d, RetryLater(1000, "slow", "timeout"), Settlement())
     assert sample("hutch_retries_total", {"pool": "chat", "tier": "1000"}) == 1
     assert sample("hutch_retries_by_reason_total",
                   {"pool": "chat", "stage": "tier", "reason": "timeout"}) == 1
+    assert sample("hutch_requests_total", {"pool": "chat", "outcome": "ok"}) is None
+
+
+def test_backend_calls_are_counted_by_kind_and_deadline_cuts_are_not_errors() -> None:
+    metrics = Metrics(settings=_settings())
+    hook = MetricsHook(metrics)
+    sample = metrics.registry.get_sample_value
+    d = fake_delivery()
+    hook.call_ended(d, "ok", 0.1, None)
+    hook.call_ended(d, "throttled", 0.1, ThrottledError("429"))
+    hook.call_ended(d, "deadline", 0.1, RetryableError("cut"))
+    assert sample("hutch_backend_latency_seconds_count", {"backend": "b1"}) == 1
+    assert sample("hutch_backend_errors_total", {"backend": "b1", "kind": "throttled"}) == 1
+    assert sample("hutch_backend_errors_total", {"backend": "b1", "kind": "retryable"}) is None
 
 
 async def test_serve_exports_every_metric_over_http() -> None:
     metrics = Metrics(settings=_settings())
     metrics.request_done("chat", "small", 1, "ok", 0.1)
     metrics.tokens("chat", "small", Usage(prompt_tokens=1, completion_tokens=1))
-    metrics.retried_tier("chat", 1000, "http_500")
+    MetricsHook(metrics).settled(fake_delivery(), RetryLater(1000, "x", "http_500"),
+                                 Settlement())
     metrics.queue_waited("chat", 1, 0.1)
     metrics.backend_latency.labels("b1").observe(0.1)
     metrics.backend_errors.labels("b1", "retryable").inc()

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pipeline.testing.mock_backend import MockBackend, MockConfig, add_arguments, run_from_args
+from pipeline.testing.mock import MockBackend, MockConfig, add_arguments, run_from_args
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -276,7 +276,7 @@ async def _spawn(*args: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "pipeline.testing.mock_backend",
+        "pipeline.testing.mock",
         *args,
         cwd=REPO_ROOT,
         env=env,

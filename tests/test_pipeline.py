@@ -16,7 +16,7 @@ from pipeline.broker.names import Names
 from pipeline.broker.topology import apply_topology
 from pipeline.errors import BackendError, DeadlineExceededError, QueueFullError
 from pipeline.observe.metrics import Metrics
-from pipeline.testing.mock_backend import MockBackend, MockConfig
+from pipeline.testing.mock import MockBackend, MockConfig
 from tests.conftest import (
     SettingsFactory,
     amqp,

@@ -38,18 +38,17 @@ from pipeline import protocol as p
 from pipeline.broker.names import Names
 from pipeline.broker.topology import apply_topology
 from pipeline.client.client import HutchClient
-from pipeline.errors import BackendError, ConfigError, UnknownModelError
+from pipeline.errors import BackendError, ConfigError, UnknownModelError, UserError
 from pipeline.observe.log import configure_logging
 from pipeline.observe.metrics import Metrics
 from pipeline.settings import Settings
-from pipeline.settle.publisher import ReplyGuard
+from pipeline.settle.guard import ReplyGuard
 from pipeline.testing.mock_backend import MockBackend, MockConfig
 from tests.conftest import SettingsFactory, body, drain_queue, queue_depth, running_worker
 from topology.clients import (
     CLIENT_TAG,
     WORKER_TAG,
     NewUser,
-    UserError,
     add_client,
     add_worker_user,
     client_permissions,
@@ -150,7 +149,7 @@ def test_permission_patterns() -> None:
     assert worker.as_json() == {
         "configure": r"^llm\.lease\..+$",
         "write": r"^(amq\.default|llm\.retry)$",
-        "read": r"^(llm\.work\..+|llm\.triage)$",
+        "read": r"^(llm\.work\..+|llm\.triage|llm\.workers)$",
     }
     # Prefix characters that mean something in a regex are escaped.
     assert client_permissions(Names("a-b.c"), "x").write == r"^a\-b\.c\.requests$"
@@ -174,6 +173,11 @@ def _request(user_id: str | None, reply_to: str | None,
                 SimpleNamespace(user_id=user_id, reply_to=reply_to, headers=headers or {}))
 
 
+def _refusal(guard: ReplyGuard, request: AbstractIncomingMessage) -> Any:
+    return guard.refusal(guard.client_user(request.user_id, request.headers or {}),
+                         request.reply_to)
+
+
 def test_reply_guard_rules() -> None:
     guard = ReplyGuard(Names("llm"), worker_user="worker", trusted_users=frozenset({"ops"}))
     ok = [
@@ -185,7 +189,7 @@ def test_reply_guard_rules() -> None:
         _request("ops", "llm.reply.app", {p.H_USER: b"app"}),  # an operator's replay
     ]
     for request in ok:
-        assert guard.refusal(request) is None, request
+        assert _refusal(guard, request) is None, request
     forged = [
         _request("app", "llm.reply.other"),
         _request("app", "llm.reply.appx"),  # a name that merely starts like app's
@@ -195,10 +199,10 @@ def test_reply_guard_rules() -> None:
         _request("worker", "llm.reply.other", {p.H_USER: "app"}),
     ]
     for request in forged:
-        failure = guard.refusal(request)
+        failure = _refusal(guard, request)
         assert failure is not None and failure.reason is p.ParkReason.FORGED_REPLY_TO, request
     strict = ReplyGuard(Names("llm"), worker_user="worker", require_user_id=True)
-    failure = strict.refusal(_request(None, "llm.reply.app"))
+    failure = _refusal(strict, _request(None, "llm.reply.app"))
     assert failure is not None and failure.reason is p.ParkReason.NO_USER_ID
     assert guard.client_user("app", {p.H_USER: "other"}) == "app"
     assert guard.client_user("worker", {p.H_USER: "app"}) == "app"

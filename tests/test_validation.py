@@ -9,10 +9,10 @@ import pytest
 
 from pipeline import protocol as p
 from pipeline.broker.names import Names
-from pipeline.dispatch.dispatcher import validate_request
+from pipeline.dispatch.decide import validate_request
 from pipeline.models import ChatRequest
+from pipeline.outcome import Failure
 from pipeline.settings import BackendSettings, PoolSettings
-from pipeline.settle.publisher import Failure
 from pipeline.worker.triage import triage_failure
 
 POOL = PoolSettings(name="chat", models=["mock-small", "mock-large"],

@@ -52,7 +52,7 @@ from urllib.parse import quote, urlsplit
 
 from pipeline.broker.management import ManagementAPI
 from pipeline.broker.names import Names
-from pipeline.errors import ConfigError, HutchError
+from pipeline.errors import ConfigError, UserError
 from pipeline.settings import Settings
 
 __all__ = [
@@ -61,7 +61,6 @@ __all__ = [
     "HutchUser",
     "NewUser",
     "Permissions",
-    "UserError",
     "add_client",
     "add_worker_user",
     "client_permissions",
@@ -80,10 +79,6 @@ _TAGS: dict[Role, str] = {"client": CLIENT_TAG, "worker": WORKER_TAG}
 #: No dot: a client's reply queue pattern ``<prefix>.reply.NAME(.suffix)`` must not
 #: cover ``<prefix>.reply.NAME.other``, the queue of a user named ``NAME.other``.
 _USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
-
-
-class UserError(HutchError):
-    """A user cannot be added or removed (it exists, or it is not a Hutch user)."""
 
 
 @dataclass(frozen=True)
@@ -133,12 +128,13 @@ def client_permissions(names: Names, user: str) -> Permissions:
 
 
 def worker_permissions(names: Names) -> Permissions:
-    """Configure lease queues; write to the default and retry exchanges; read the work
-    and triage queues."""
+    """Configure lease queues; write to the default and retry exchanges; read the work,
+    triage and presence queues."""
     return Permissions(
         configure=f"^{_esc(names.lease_queue(''))}.+$",
         write=f"^(amq\\.default|{_esc(names.retry_exchange)})$",
-        read=f"^({_esc(names.work_queue(''))}.+|{_esc(names.triage_queue)})$",
+        read=f"^({_esc(names.work_queue(''))}.+|{_esc(names.triage_queue)}"
+             f"|{_esc(names.workers_queue)})$",
     )
 
 

@@ -21,7 +21,6 @@ through the API ignores it). Passwords are never written: a user is exported onl
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import json
@@ -29,7 +28,6 @@ import os
 import secrets
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,13 +41,11 @@ from pipeline.broker.topology import (
     plan,
 )
 from pipeline.errors import ConfigError
-from pipeline.settings import Settings, load_settings
+from pipeline.settings import Settings
 
 __all__ = [
     "SHA256",
     "Exported",
-    "add_cli",
-    "cmd_export",
     "export_definitions",
     "parse_definitions",
     "rabbit_password_hash",
@@ -211,31 +207,3 @@ def write_definitions(definitions: dict[str, Any], path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-# -- CLI: hutch topology export -----------------------------------------------------------
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
-    exported = export_definitions(settings)
-    for note in exported.notes:
-        print(f"hutch: topology export: {note}", file=sys.stderr)
-    write_definitions(exported.definitions, args.output)
-    if args.output != "-":
-        d = exported.definitions
-        print(f"wrote {args.output}: vhost {settings.vhost!r}, {len(d['exchanges'])} "
-              f"exchanges, {len(d['queues'])} queues, {len(d['bindings'])} bindings, "
-              f"{len(d['policies'])} policies, {len(d['users'])} users")
-    return 0
-
-
-def add_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser],
-            config_arg: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Add ``export`` to the ``hutch topology`` subcommands."""
-    export = sub.add_parser(
-        "export", help="write the topology as a RabbitMQ definitions file (no broker needed)")
-    config_arg(export)
-    export.add_argument("--output", "-o", default="-", metavar="FILE",
-                        help="where to write the JSON (default: stdout)")
-    export.set_defaults(func=cmd_export)

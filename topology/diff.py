@@ -13,26 +13,22 @@ create at run time (``<prefix>.reply.*``, ``<prefix>.lease.*``, ``<prefix>.pause
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import re
-import sys
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pipeline.broker.management import ManagementAPI
 from pipeline.broker.names import Names
 from pipeline.broker.topology import PolicySpec, Topology, plan
 from pipeline.errors import TopologyError
-from pipeline.settings import Settings, load_settings
+from pipeline.settings import Settings
 from topology.definitions import parse_definitions
 
 __all__ = [
     "DiffLine",
-    "add_cli",
-    "cmd_diff",
     "compare_topology",
     "diff_topology",
     "format_diff",
@@ -97,105 +93,129 @@ def _messages(count: int | None) -> str:
 def compare_topology(want: Topology, live: Topology, prefix: str,
                      messages: Mapping[str, int] | None = None) -> list[DiffLine]:
     """Every difference between ``want`` (the plan) and ``live`` (the broker's vhost)."""
-    names = Names(prefix)
-    messages = messages or {}
-    runtime = (names.reply_queue(""), names.lease_queue(""), names.pause_queue(""))
+    compare = _Comparison(want, live, prefix, messages or {})
+    exchanges, managed_ex = compare.exchanges()
+    queues, managed_q = compare.queues()
+    return [*exchanges, *queues, *compare.bindings(managed_ex, managed_q),
+            *compare.policies()]
 
-    def ours(name: str) -> bool:
-        return name.startswith(f"{prefix}.")
 
-    out: list[DiffLine] = []
+@dataclass(frozen=True)
+class _Comparison:
+    """One comparison, kind by kind; ``ours``: the broker objects Hutch manages."""
 
-    # -- exchanges
-    live_ex = {e.name: e for e in live.exchanges}
-    for e in want.exchanges:
-        got = live_ex.get(e.name)
-        if got is None:
-            out.append(DiffLine("missing", "exchange", e.name, "apply", "apply declares it"))
-            continue
-        changes = _changes({"type": got.type, "durable": got.durable,
-                            "auto_delete": got.auto_delete, "internal": got.internal},
-                           {"type": e.type, "durable": e.durable,
-                            "auto_delete": e.auto_delete, "internal": e.internal})
-        changes += _changes(got.arguments, e.arguments)
-        if changes:
+    want: Topology
+    live: Topology
+    prefix: str
+    messages: Mapping[str, int]
+
+    def ours(self, name: str) -> bool:
+        return name.startswith(f"{self.prefix}.")
+
+    def exchanges(self) -> tuple[list[DiffLine], set[str]]:
+        """The exchanges' differences, and the exchange names Hutch manages."""
+        out: list[DiffLine] = []
+        live_ex = {e.name: e for e in self.live.exchanges}
+        for e in self.want.exchanges:
+            got = live_ex.get(e.name)
+            if got is None:
+                out.append(DiffLine("missing", "exchange", e.name, "apply", "apply declares it"))
+                continue
+            changes = _changes({"type": got.type, "durable": got.durable,
+                                "auto_delete": got.auto_delete, "internal": got.internal},
+                               {"type": e.type, "durable": e.durable,
+                                "auto_delete": e.auto_delete, "internal": e.internal})
+            changes += _changes(got.arguments, e.arguments)
+            if changes:
+                out.append(DiffLine(
+                    "changed", "exchange", e.name, "recreate",
+                    "needs delete + re-create: the broker cannot change an exchange in "
+                    "place; apply then re-creates its bindings (publishes in between fail)",
+                    tuple(changes)))
+        wanted = {e.name for e in self.want.exchanges}
+        for name in sorted(set(live_ex) - wanted):
+            if self.ours(name):
+                out.append(DiffLine("extra", "exchange", name, "manual",
+                                    "not in the config; apply leaves it: delete it by hand"))
+        return out, wanted | {n for n in live_ex if self.ours(n)}
+
+    def queues(self) -> tuple[list[DiffLine], set[str]]:
+        """The queues' differences, and the queue names Hutch manages (not the queues its
+        processes make at run time: replies, leases, pause flags)."""
+        names = Names(self.prefix)
+        runtime = (names.reply_queue(""), names.lease_queue(""), names.pause_queue(""))
+        out: list[DiffLine] = []
+        live_q = {q.name: q for q in self.live.queues}
+        for q in self.want.queues:
+            got = live_q.get(q.name)
+            if got is None:
+                out.append(DiffLine("missing", "queue", q.name, "apply", "apply declares it"))
+                continue
+            changes = _changes({"durable": got.durable, "auto_delete": got.auto_delete},
+                               {"durable": q.durable, "auto_delete": q.auto_delete})
+            changes += _changes(_queue_arguments(got.arguments), _queue_arguments(q.arguments))
+            if changes:
+                count = self.messages.get(q.name)
+                out.append(DiffLine(
+                    "changed", "queue", q.name, "recreate",
+                    "needs delete + re-create: messages would be lost" + _messages(count)
+                    + "; or keep the broker's value in the config",
+                    tuple(changes), count))
+        wanted = {q.name for q in self.want.queues}
+        managed = wanted | {n for n in live_q if self.ours(n) and not n.startswith(runtime)}
+        for name in sorted(managed - wanted):
+            count = self.messages.get(name)
             out.append(DiffLine(
-                "changed", "exchange", e.name, "recreate",
-                "needs delete + re-create: the broker cannot change an exchange in place; "
-                "apply then re-creates its bindings (publishes in between fail)",
-                tuple(changes)))
-    managed_ex = {e.name for e in want.exchanges} | {n for n in live_ex if ours(n)}
-    for name in sorted(set(live_ex) - {e.name for e in want.exchanges}):
-        if ours(name):
-            out.append(DiffLine("extra", "exchange", name, "manual",
+                "extra", "queue", name, "manual",
+                "not in the config; apply leaves it: delete it by hand once drained"
+                + _messages(count), messages=count))
+        return out, managed
+
+    def bindings(self, managed_ex: set[str], managed_q: set[str]) -> list[DiffLine]:
+        """The bindings' differences (the default exchange's implicit ones are nobody's)."""
+        out: list[DiffLine] = []
+        wanted = {b.key(): b for b in self.want.bindings}
+        live_b = {b.key(): b for b in self.live.bindings
+                  if b.source and (b.source in managed_ex or (
+                      b.destination_type == "queue" and b.destination in managed_q))}
+        owned = set(self.want.owned_routes)
+        for key, b in wanted.items():
+            if key not in live_b:
+                out.append(DiffLine("missing", "binding", b.label(), "apply", "apply binds it"))
+        for key in sorted(set(live_b) - set(wanted)):
+            b = live_b[key]
+            if (b.source, b.destination) in owned:
+                out.append(DiffLine("extra", "binding", b.label(), "apply",
+                                    "not in the config: apply removes it"))
+            else:
+                out.append(DiffLine("extra", "binding", b.label(), "manual",
+                                    "not in the config; apply leaves it: unbind it by hand, "
+                                    "it still routes messages here"))
+        return out
+
+    def policies(self) -> list[DiffLine]:
+        """The policies' differences, then the other policies that can shadow Hutch's."""
+        out: list[DiffLine] = []
+        live_p = {p.name: p for p in self.live.policies}
+        for p in self.want.policies:
+            got = live_p.get(p.name)
+            if got is None:
+                out.append(DiffLine("missing", "policy", p.name, "apply", "apply sets it"))
+                continue
+            changes = _changes({"pattern": got.pattern, "apply-to": got.apply_to,
+                                "priority": got.priority},
+                               {"pattern": p.pattern, "apply-to": p.apply_to,
+                                "priority": p.priority})
+            changes += _changes(got.definition, p.definition)
+            if changes:
+                out.append(DiffLine("changed", "policy", p.name, "apply",
+                                    "apply sets the config's values", tuple(changes)))
+        wanted = {p.name for p in self.want.policies}
+        for name in sorted(n for n in live_p if self.ours(n) and n not in wanted):
+            out.append(DiffLine("extra", "policy", name, "manual",
                                 "not in the config; apply leaves it: delete it by hand"))
-
-    # -- queues
-    live_q = {q.name: q for q in live.queues}
-    for q in want.queues:
-        gotq = live_q.get(q.name)
-        if gotq is None:
-            out.append(DiffLine("missing", "queue", q.name, "apply", "apply declares it"))
-            continue
-        changes = _changes({"durable": gotq.durable, "auto_delete": gotq.auto_delete},
-                           {"durable": q.durable, "auto_delete": q.auto_delete})
-        changes += _changes(_queue_arguments(gotq.arguments), _queue_arguments(q.arguments))
-        if changes:
-            count = messages.get(q.name)
-            out.append(DiffLine(
-                "changed", "queue", q.name, "recreate",
-                "needs delete + re-create: messages would be lost" + _messages(count)
-                + "; or keep the broker's value in the config",
-                tuple(changes), count))
-    wanted_q = {q.name for q in want.queues}
-    managed_q = wanted_q | {n for n in live_q if ours(n) and not n.startswith(runtime)}
-    for name in sorted(managed_q - wanted_q):
-        count = messages.get(name)
-        out.append(DiffLine(
-            "extra", "queue", name, "manual",
-            "not in the config; apply leaves it: delete it by hand once drained"
-            + _messages(count), messages=count))
-
-    # -- bindings (the default exchange's implicit ones are nobody's)
-    wanted_b = {b.key(): b for b in want.bindings}
-    live_b = {b.key(): b for b in live.bindings
-              if b.source and (b.source in managed_ex or (
-                  b.destination_type == "queue" and b.destination in managed_q))}
-    owned = set(want.owned_routes)
-    for key, b in wanted_b.items():
-        if key not in live_b:
-            out.append(DiffLine("missing", "binding", b.label(), "apply", "apply binds it"))
-    for key in sorted(set(live_b) - set(wanted_b)):
-        b = live_b[key]
-        if (b.source, b.destination) in owned:
-            out.append(DiffLine("extra", "binding", b.label(), "apply",
-                                "not in the config: apply removes it"))
-        else:
-            out.append(DiffLine("extra", "binding", b.label(), "manual",
-                                "not in the config; apply leaves it: unbind it by hand, "
-                                "it still routes messages here"))
-
-    # -- policies
-    live_p = {p.name: p for p in live.policies}
-    for p in want.policies:
-        gotp = live_p.get(p.name)
-        if gotp is None:
-            out.append(DiffLine("missing", "policy", p.name, "apply", "apply sets it"))
-            continue
-        changes = _changes({"pattern": gotp.pattern, "apply-to": gotp.apply_to,
-                            "priority": gotp.priority},
-                           {"pattern": p.pattern, "apply-to": p.apply_to,
-                            "priority": p.priority})
-        changes += _changes(gotp.definition, p.definition)
-        if changes:
-            out.append(DiffLine("changed", "policy", p.name, "apply",
-                                "apply sets the config's values", tuple(changes)))
-    wanted_p = {p.name for p in want.policies}
-    for name in sorted(n for n in live_p if ours(n) and n not in wanted_p):
-        out.append(DiffLine("extra", "policy", name, "manual",
-                            "not in the config; apply leaves it: delete it by hand"))
-    out += _shadowing(want, (p for p in live.policies if p.name not in wanted_p))
-    return out
+        return out + _shadowing(self.want, (p for p in self.live.policies
+                                            if p.name not in wanted))
 
 
 def _matches(policy: PolicySpec, queue: str) -> bool:
@@ -266,33 +286,3 @@ def format_diff(lines: list[DiffLine], *, vhost: str) -> str:
     count = len(lines)
     out.append(f"{count} difference{'' if count == 1 else 's'}: {', '.join(parts)}")
     return "\n".join(out)
-
-
-# -- CLI: hutch topology diff ------------------------------------------------------------
-
-#: Exit codes, as diff(1): 0 the same, 1 different, 2 trouble (broker unreachable, ...).
-EXIT_SAME, EXIT_DIFFERENT, EXIT_TROUBLE = 0, 1, 2
-
-
-def cmd_diff(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
-    try:
-        lines = asyncio.run(diff_topology(settings))
-    except TopologyError as exc:
-        print(f"hutch: topology: {exc}", file=sys.stderr)
-        return EXIT_TROUBLE
-    if args.json:
-        print(json.dumps([asdict(line) for line in lines], indent=2))
-    else:
-        print(format_diff(lines, vhost=settings.vhost))
-    return EXIT_DIFFERENT if lines else EXIT_SAME
-
-
-def add_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser],
-            config_arg: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Add ``diff`` to the ``hutch topology`` subcommands."""
-    diff = sub.add_parser(
-        "diff", help="compare the config with the live broker (exit 1 when they differ)")
-    config_arg(diff)
-    diff.add_argument("--json", action="store_true", help="print the differences as JSON")
-    diff.set_defaults(func=cmd_diff)

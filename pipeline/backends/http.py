@@ -1,31 +1,62 @@
 """Calling one OpenAI-compatible backend over HTTP.
 
 A :class:`Backend` sends a chat request and either returns the completion or raises one
-of the worker-side errors of :mod:`pipeline.errors`, classified once here:
-connection failures, timeouts, 408 and 5xx are retryable, 429 is throttling, any other
-4xx is terminal. It speaks through httpx's API on an aiohttp transport: httpx's default
-transport costs about 8x in throughput on this path (see the design brief), and tests
-swap in ``httpx.MockTransport`` through the same seam.
+of the typed worker-side errors of :mod:`pipeline.errors`, classified once, here, from
+httpx's public exception types and the HTTP status (never from a message's text):
+
+* no connection (refused, DNS, TLS): ``BackendUnreachableError``; not in time:
+  ``BackendConnectTimeoutError``;
+* the connection closed or reset mid-request: ``BackendDisconnectedError``;
+* no byte for the read timeout: ``BackendTimeoutError``;
+* a malformed response: ``BackendProtocolError``; HTTP 200 without a completion:
+  ``InvalidCompletionError``;
+* 408 and 5xx: ``RetryableStatusError``; 429: ``ThrottledError``; any other status:
+  ``TerminalStatusError``.
+
+:meth:`Backend.chat` reads the whole answer; :meth:`Backend.stream` opens it for reading
+as it arrives (server-sent events) and closes the connection when left early. Both share
+one request builder and one error mapping. The transport is Hutch's own over aiohttp
+(:mod:`pipeline.backends.transport`): httpx's default transport costs about 8x in
+throughput on this path; tests swap in ``httpx.MockTransport`` through the same seam.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
-import aiohttp
 import httpx
-from httpx_aiohttp import AiohttpTransport
 from pydantic import ValidationError
 
-from pipeline.errors import RetryableError, TerminalError, ThrottledError
+from pipeline.backends.transport import AiohttpTransport
+from pipeline.errors import (
+    BackendCallError,
+    BackendConnectTimeoutError,
+    BackendDisconnectedError,
+    BackendProtocolError,
+    BackendTimeoutError,
+    BackendUnreachableError,
+    InvalidCompletionError,
+    RetryableError,
+    RetryableStatusError,
+    TerminalStatusError,
+    ThrottledError,
+)
 from pipeline.models import ChatCompletion
 from pipeline.settings import BackendSettings
 
-__all__ = ["Backend", "BackendResult", "parse_retry_after"]
+__all__ = ["Backend", "BackendResult", "BackendStream", "parse_retry_after"]
 
 _CHAT_PATH = "/chat/completions"
+_T = TypeVar("_T")
+#: httpx's errors of a connection that broke after the request went out.
+_DROPPED = (httpx.ReadError, httpx.WriteError, httpx.CloseError)
+#: ... and of a response that is not valid HTTP (or whose encoding is broken).
+_MALFORMED = (httpx.ProtocolError, httpx.DecodingError)
 
 
 @dataclass(frozen=True)
@@ -59,6 +90,39 @@ def _error_message(response: httpx.Response) -> str:
     except (ValueError, KeyError, TypeError):
         pass
     return response.text[:500] or response.reason_phrase
+
+
+class BackendStream:
+    """A 200 response being read as it arrives, inside :meth:`Backend.stream`.
+
+    Reading raises the same typed errors as :meth:`Backend.chat` (a connection dropped
+    mid-body is ``BackendDisconnectedError``, a stall ``BackendTimeoutError``).
+    """
+
+    def __init__(self, response: httpx.Response,
+                 failure: Callable[[httpx.HTTPError], BackendCallError]) -> None:
+        self.response = response
+        self._failure = failure
+
+    @property
+    def headers(self) -> httpx.Headers:
+        return self.response.headers
+
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        """The body's bytes, as they arrive."""
+        return self._typed(self.response.aiter_bytes())
+
+    def aiter_lines(self) -> AsyncIterator[str]:
+        """The body's lines (without line endings), as they arrive: SSE's ``data:`` lines."""
+        return self._typed(self.response.aiter_lines())
+
+    async def _typed(self, items: AsyncIterator[_T]) -> AsyncIterator[_T]:
+        """``items``, with httpx's failures raised as Hutch's typed errors."""
+        try:
+            async for item in items:
+                yield item
+        except httpx.HTTPError as exc:
+            raise self._failure(exc) from None
 
 
 class Backend:
@@ -101,56 +165,107 @@ class Backend:
 
     async def chat(self, body: bytes, *, timeout_s: float | None = None,
                    request_id: str | None = None) -> BackendResult:
-        """POST ``/chat/completions``; ``timeout_s`` may shorten the configured timeout."""
+        """POST ``/chat/completions`` and read the completion; ``timeout_s`` may shorten the
+        configured timeout."""
+        started = time.monotonic()
+        response, timeout = await self._open(body, timeout_s, request_id)
+        content = await self._read(response, timeout)
+        elapsed = time.monotonic() - started
+        try:
+            completion = ChatCompletion.model_validate_json(content)
+        except ValidationError as exc:
+            raise InvalidCompletionError(
+                f"backend {self.name} returned an invalid completion: "
+                f"{exc.errors()[0]['msg']}", status=200) from None
+        return BackendResult(content, completion, elapsed)
+
+    @asynccontextmanager
+    async def stream(self, body: bytes, *, timeout_s: float | None = None,
+                     request_id: str | None = None) -> AsyncIterator[BackendStream]:
+        """POST ``/chat/completions`` and read the answer as it arrives::
+
+            async with backend.stream(body, timeout_s=30) as answer:
+                async for line in answer.aiter_lines():
+                    ...
+
+        A status other than 200 raises on entry, before the body is read. ``timeout_s``
+        bounds the wait for each byte (the gap between chunks), not the whole stream.
+        Leaving the block before the end closes the connection: the server sees the
+        client go away and can stop generating.
+        """
+        response, timeout = await self._open(body, timeout_s, request_id)
+        try:
+            yield BackendStream(response, lambda exc: self._failure(exc, timeout))
+        finally:
+            await response.aclose()
+
+    async def _open(self, body: bytes, timeout_s: float | None,
+                    request_id: str | None) -> tuple[httpx.Response, float]:
+        """Send the request; return the 200 response, unread, and the call's timeout.
+        Any other status is read and raised as its typed error."""
         timeout = self.settings.timeout_s if timeout_s is None else min(
             timeout_s, self.settings.timeout_s)
+        request = self._request(body, timeout, request_id)
+        try:
+            response = await self._transport.handle_async_request(request)
+        except httpx.HTTPError as exc:
+            raise self._failure(exc, timeout) from None
+        response.request = request  # as the client does (not every transport sets it)
+        if "set-cookie" in response.headers:
+            self._http.cookies.extract_cookies(response)
+            self._cookies = True
+        if response.status_code != 200:
+            await self._read(response, timeout)
+            raise self._status_error(response)
+        return response, timeout
+
+    def _request(self, body: bytes, timeout: float, request_id: str | None) -> httpx.Request:
+        """The request ``AsyncClient.post`` would build, built directly (the hot path)."""
         headers = self._headers
         if request_id:
             # ascii, as httpx encodes a str header (a non-ascii id fails the same way)
             headers = [*headers, (b"x-request-id", request_id.encode("ascii"))]
         # Cookies, as the client would keep them: only if a backend set some (a sticky LB).
         cookies = self._http.cookies if self._cookies else None
-        request = httpx.Request("POST", self._url, headers=headers, content=body,
-                                cookies=cookies,
-                                extensions={"timeout": self._default_timeout
-                                            if timeout == self.settings.timeout_s
-                                            else httpx.Timeout(timeout).as_dict()})
-        started = time.monotonic()
+        extensions: dict[str, Any] = {"timeout": self._default_timeout
+                                      if timeout == self.settings.timeout_s
+                                      else httpx.Timeout(timeout).as_dict()}
+        return httpx.Request("POST", self._url, headers=headers, content=body,
+                             cookies=cookies, extensions=extensions)
+
+    async def _read(self, response: httpx.Response, timeout: float) -> bytes:
+        """The whole body, then the response closed; failures typed."""
         try:
-            response = await self._transport.handle_async_request(request)
-            response.request = request  # as the client does (not every transport sets it)
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
+            return await response.aread()
         except httpx.HTTPError as exc:
-            # httpx-aiohttp maps a refused connection to ConnectTimeout: look at the cause.
-            refused = isinstance(exc.__cause__, aiohttp.ClientConnectorError)
-            if isinstance(exc, httpx.TimeoutException) and not refused:
-                raise RetryableError(
-                    f"backend {self.name} timed out after {timeout:.1f}s") from None
-            reason = exc.__cause__ if refused else exc
-            raise RetryableError(self._redact(
-                f"backend {self.name} unreachable: {type(reason).__name__}: {reason}")) from None
-        if "set-cookie" in response.headers:
-            self._http.cookies.extract_cookies(response)
-            self._cookies = True
-        elapsed = time.monotonic() - started
+            raise self._failure(exc, timeout) from None
+        finally:
+            await response.aclose()
+
+    def _failure(self, exc: httpx.HTTPError, timeout: float) -> RetryableError:
+        """The typed error of a failed exchange, by httpx's exception type alone."""
+        if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+            return BackendConnectTimeoutError(
+                f"backend {self.name} timed out connecting after {timeout:.1f}s")
+        if isinstance(exc, httpx.TimeoutException):
+            return BackendTimeoutError(f"backend {self.name} timed out after {timeout:.1f}s")
+        detail = self._redact(f"{type(exc).__name__}: {exc}")[:500]
+        if isinstance(exc, _DROPPED):
+            return BackendDisconnectedError(
+                f"backend {self.name} dropped the connection: {detail}")
+        if isinstance(exc, _MALFORMED):
+            return BackendProtocolError(
+                f"backend {self.name} sent a malformed response: {detail}")
+        return BackendUnreachableError(f"backend {self.name} unreachable: {detail}")
+
+    def _status_error(self, response: httpx.Response) -> BackendCallError:
+        """The typed error of a read response whose status is not 200."""
         status = response.status_code
-        if status == 200:
-            try:
-                completion = ChatCompletion.model_validate_json(response.content)
-            except ValidationError as exc:
-                raise RetryableError(
-                    f"backend {self.name} returned an invalid completion: "
-                    f"{exc.errors()[0]['msg']}", status=status) from None
-            return BackendResult(response.content, completion, elapsed)
         message = self._redact(
             f"backend {self.name} answered HTTP {status}: {_error_message(response)}")
         if status == 429:
-            raise ThrottledError(
+            return ThrottledError(
                 message, retry_after_s=parse_retry_after(response.headers.get("retry-after")))
         if status == 408 or status >= 500:
-            raise RetryableError(message, status=status)
-        raise TerminalError(message, status=status)
-
+            return RetryableStatusError(message, status=status)
+        return TerminalStatusError(message, status=status)

@@ -43,8 +43,8 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
 )
 from aio_pika.exceptions import DeliveryError, PublishError
-from httpx_aiohttp import AiohttpTransport
 
+from pipeline.backends.transport import AiohttpTransport
 from pipeline.errors import (
     BackendError,
     DeadlineExceededError,

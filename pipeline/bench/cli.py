@@ -1,8 +1,7 @@
-"""``hutch bench``: argument parsing and the run, for the ``hutch`` entry point.
+"""``hutch bench``: the runs behind the command line of :mod:`pipeline.bench.commands`.
 
-Lives in the bench package (not ``pipeline/cli.py``) so the benchmark's options evolve with
-the benchmark; ``pipeline/cli.py`` only calls :func:`add_cli`, as it does for
-``topology diff``.
+``cmd_bench``, ``cmd_scenario`` and ``cmd_plot`` are what the commands call; ``run_bench``
+and ``run_scenario`` return the report, for tests and scripts.
 """
 
 from __future__ import annotations
@@ -17,10 +16,11 @@ import os
 import platform
 import random
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.bench.commands import register
 from pipeline.bench.loadgen import (
     LoadPlan,
     Progress,
@@ -32,6 +32,7 @@ from pipeline.bench.loadgen import (
 from pipeline.bench.plots import plot_report, require_matplotlib
 from pipeline.bench.report import format_table, summarize
 from pipeline.bench.scenarios import SCENARIOS
+from pipeline.cli.common import add_subcommands
 from pipeline.client.client import HutchClient
 from pipeline.errors import ConfigError
 from pipeline.observe.log import configure_logging
@@ -39,7 +40,6 @@ from pipeline.settings import Settings, load_settings
 from pipeline.testing.embedded import embedded_hutch
 
 __all__ = [
-    "add_cli",
     "cmd_bench",
     "cmd_plot",
     "cmd_scenario",
@@ -49,122 +49,6 @@ __all__ = [
     "run_scenario",
     "scenario_options",
 ]
-
-
-def _positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-        return value
-    return parse
-
-
-def add_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser],
-            config_arg: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Add ``bench`` to the ``hutch`` subcommands."""
-    bench = sub.add_parser(
-        "bench", help="open-loop load: requests at a set rate, latency per priority class",
-        description="Send requests at a fixed rate (open loop) and report, per priority "
-                    "class, counts, errors, throughput, queue wait and end-to-end latency "
-                    "measured from each request's intended send time.")
-    # --embedded needs only a broker URL, which HUTCH_AMQP_URL can give: like `submit`,
-    # the configuration file is optional here.
-    _optional_config(bench, config_arg)
-    bench.add_argument("--rate", type=_positive(float), default=20.0,
-                       help="requests per second (default 20)")
-    bench.add_argument("--duration", type=_positive(float), default=10.0,
-                       help="seconds of sending (default 10)")
-    bench.add_argument("--arrival", choices=("constant", "poisson"), default="poisson",
-                       help="send times: evenly spaced, or a Poisson process (default)")
-    bench.add_argument("--seed", type=int, default=None,
-                       help="seed of the Poisson gaps, class order and random models")
-    bench.add_argument("--models", "--model", "-m", dest="models", default="mock-small",
-                       help="comma-separated models (default mock-small)")
-    bench.add_argument("--model-choice", choices=("round-robin", "random"),
-                       default="round-robin", help="how each request picks its model")
-    bench.add_argument("--priority-mix", default="high=0.1,low=0.9",
-                       help="class shares: NAME=SHARE (high=9, medium/normal=5, low=0) or "
-                            "NAME:PRIORITY=SHARE, comma-separated, adding up to 1 "
-                            "(default high=0.1,low=0.9)")
-    bench.add_argument("--prompt-words", type=_positive(int), default=16,
-                       help="words per prompt (default 16)")
-    bench.add_argument("--max-tokens", type=_positive(int), default=None)
-    bench.add_argument("--timeout", type=_positive(float), default=60.0,
-                       help="each request's deadline in seconds (default 60)")
-    bench.add_argument("--connections", type=_positive(int), default=1,
-                       help="client connections; requests are spread over them (default 1)")
-    bench.add_argument("--json", dest="json_path", metavar="FILE", default=None,
-                       help="write every figure and the configuration to FILE as JSON")
-    bench.add_argument("--no-progress", action="store_true",
-                       help="no progress line (it is off anyway when stderr is no TTY)")
-    bench.add_argument("--embedded", action="store_true",
-                       help="start a mock backend and a worker in this process under a "
-                            "prefix of their own (needs only a broker)")
-    bench.add_argument("--mock-capacity", type=_positive(int), default=8,
-                       help="--embedded: mock backend slots (default 8)")
-    bench.add_argument("--mock-latency-ms", type=_positive(float), default=50.0,
-                       help="--embedded: mock service time in ms (default 50)")
-    bench.set_defaults(func=cmd_bench)
-    _add_scenarios(bench.add_subparsers(dest="bench_command", metavar="{scenario,plot}",
-                                        title="more"), config_arg)
-
-
-def _optional_config(parser: argparse.ArgumentParser,
-                     config_arg: Callable[[argparse.ArgumentParser], None]) -> None:
-    """``--config`` as ``hutch`` defines it, but optional (settings from HUTCH_*)."""
-    config_arg(parser)
-    for action in parser._actions:
-        if action.dest == "config":
-            action.required = False
-
-
-def _option_type(default: Any) -> Callable[[str], Any]:
-    if isinstance(default, tuple):
-        return lambda text: tuple(float(x) for x in text.split(",") if x.strip())
-    if isinstance(default, bool):
-        raise TypeError("boolean scenario options are flags")
-    return _positive(type(default)) if isinstance(default, int | float) else str
-
-
-def _add_scenarios(sub: argparse._SubParsersAction[argparse.ArgumentParser],
-                   config_arg: Callable[[argparse.ArgumentParser], None]) -> None:
-    scenario = sub.add_parser(
-        "scenario", help="run a benchmark scenario: it starts its own mock, workers, clients",
-        description="Run one of issue 5's benchmark scenarios. Each starts what it needs "
-                    "(mock backend and worker processes under a prefix of its own, "
-                    "removed afterwards) and needs only a broker with the management "
-                    "plugin.")
-    names = scenario.add_subparsers(dest="scenario", required=True, metavar="NAME")
-    for item in SCENARIOS.values():
-        summary = item.summary.replace("%", "%%")  # argparse formats help with %
-        parser = names.add_parser(item.name, help=summary, description=summary)
-        _optional_config(parser, config_arg)
-        for f in dataclasses.fields(item.options):
-            flag = "--" + f.name.replace("_", "-")
-            if f.name == "progress":
-                parser.add_argument(flag, action="store_true",
-                                    help="progress line on a terminal")
-                continue
-            shown = ",".join(f"{x:g}" for x in f.default) if isinstance(
-                f.default, tuple) else f.default
-            parser.add_argument(flag, dest=f.name, type=_option_type(f.default),
-                                default=None, help=f"default {shown}")
-        parser.add_argument("--quick", action="store_true",
-                            help="a tiny run of the same code (smoke test, first look): "
-                                 + ", ".join(f"{k}={v}" for k, v in item.quick.items()))
-        parser.add_argument("--json", dest="json_path", metavar="FILE",
-                            help="write every figure to FILE as JSON")
-        parser.add_argument("--plot-dir", metavar="DIR",
-                            help="draw the scenario's PNG plots into DIR (needs matplotlib)")
-        parser.set_defaults(func=cmd_scenario)
-    plot = sub.add_parser("plot", help="redraw the plots of a scenario's --json file")
-    plot.add_argument("json_file", help="a file written by scenario --json")
-    plot.add_argument("--plot-dir", required=True, metavar="DIR")
-    plot.set_defaults(func=cmd_plot)
 
 
 def scenario_options(args: argparse.Namespace) -> Any:
@@ -321,10 +205,5 @@ async def run_bench(args: argparse.Namespace, *, out: Any = None) -> dict[str, A
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     """Parse ``hutch bench`` arguments without the full ``hutch`` parser (tests, scripts)."""
     parser = argparse.ArgumentParser(prog="hutch")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def config_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", "-c", required=True, help="TOML configuration file")
-
-    add_cli(sub, config_arg)
+    register(add_subcommands(parser, dest="command", required=True))
     return parser.parse_args(["bench", *argv])

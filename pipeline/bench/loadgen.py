@@ -227,6 +227,70 @@ class Progress:
             await asyncio.sleep(interval_s)
 
 
+class _Run:
+    """One run's shared state: the clock, the clients and the progress display."""
+
+    def __init__(self, clients: Sequence[LoadClient], plan: LoadPlan,
+                 progress: Progress | None) -> None:
+        self.clients = clients
+        self.plan = plan
+        self.progress = progress
+        self.loop = asyncio.get_running_loop()
+        self.start = self.loop.time()
+        self.last_done = self.start
+
+    async def fire(self, record: RequestRecord) -> None:
+        """Send one request, wait for its answer, and fill in its record."""
+        client = self.clients[record.index % len(self.clients)]
+        record.sent_s = self.loop.time() - self.start
+        if self.progress is not None:
+            self.progress.sent += 1
+        try:
+            cid = await client.submit(self.plan.body(record.index), model=record.model,
+                                      priority=record.priority, timeout=self.plan.timeout_s)
+            reply = await client.result(cid)
+        except RequestFailed as exc:
+            record.error = exc.code
+        except asyncio.CancelledError:
+            record.error = "cancelled"
+            raise
+        except Exception as exc:  # a benchmark reports failures, it does not stop on them
+            record.error = type(exc).__name__
+        else:
+            record.queue_wait_ms = reply.queue_wait_ms
+        self._done(record)
+
+    def _done(self, record: RequestRecord) -> None:
+        now = self.loop.time()
+        record.done_s = now - self.start
+        self.last_done = max(self.last_done, now)
+        if record.error is None:
+            record.latency_s = record.done_s - record.intended_s
+        if self.progress is not None:
+            if record.error is None:
+                self.progress.answered += 1
+            else:
+                self.progress.errors += 1
+
+    async def send_all(self, records: list[RequestRecord],
+                       tasks: list[asyncio.Task[None]]) -> None:
+        """Spawn each request at its intended time, then wait for all (bounded)."""
+        for record in records:
+            delay = self.start + record.intended_s - self.loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(self.fire(record)))
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=self.plan.timeout_s + 10)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for record in records:
+            if record.sent_s is not None and record.done_s is None:
+                record.error = "cancelled"
+
+
 async def run_load(clients: Sequence[LoadClient], plan: LoadPlan, *,
                    progress: Progress | None = None,
                    on_start: Callable[[], Awaitable[None]] | None = None,
@@ -244,56 +308,11 @@ async def run_load(clients: Sequence[LoadClient], plan: LoadPlan, *,
                for i, (t, c) in enumerate(zip(plan.times, plan.classes, strict=True))]
     if on_start is not None:
         await on_start()
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    last_done = start
-
-    async def fire(record: RequestRecord) -> None:
-        nonlocal last_done
-        client = clients[record.index % len(clients)]
-        record.sent_s = loop.time() - start
-        if progress is not None:
-            progress.sent += 1
-        try:
-            cid = await client.submit(plan.body(record.index), model=record.model,
-                                      priority=record.priority, timeout=plan.timeout_s)
-            reply = await client.result(cid)
-        except RequestFailed as exc:
-            record.error = exc.code
-        except asyncio.CancelledError:
-            record.error = "cancelled"
-            raise
-        except Exception as exc:  # a benchmark reports failures, it does not stop on them
-            record.error = type(exc).__name__
-        else:
-            record.queue_wait_ms = reply.queue_wait_ms
-        now = loop.time()
-        record.done_s = now - start
-        last_done = max(last_done, now)
-        if record.error is None:
-            record.latency_s = record.done_s - record.intended_s
-        if progress is not None:
-            if record.error is None:
-                progress.answered += 1
-            else:
-                progress.errors += 1
-
+    run = _Run(clients, plan, progress)
     progress_task = asyncio.create_task(progress.run()) if progress is not None else None
     tasks: list[asyncio.Task[None]] = []
     try:
-        for record in records:
-            delay = start + record.intended_s - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(fire(record)))
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=plan.timeout_s + 10)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            for record in records:
-                if record.sent_s is not None and record.done_s is None:
-                    record.error = "cancelled"
+        await run.send_all(records, tasks)
     finally:
         for task in tasks:  # interrupted (Ctrl-C): leave nothing running
             if not task.done():
@@ -303,4 +322,4 @@ async def run_load(clients: Sequence[LoadClient], plan: LoadPlan, *,
             await asyncio.gather(progress_task, return_exceptions=True)
         if progress is not None:
             progress.close()
-    return records, max(last_done - start, 1e-9)
+    return records, max(run.last_done - run.start, 1e-9)

@@ -31,18 +31,14 @@ import httpx
 
 from pipeline.broker.names import Names
 from pipeline.broker.topology import apply_topology, delete_topology
-from pipeline.errors import HutchError
+from pipeline.errors import StackError
 from pipeline.settings import Settings, dump_toml, load_settings
 
-__all__ = ["Child", "MockProcess", "Stack", "StackError"]
+__all__ = ["Child", "MockProcess", "Stack"]
 
 _READY_TIMEOUT_S = 20.0
 
 T = TypeVar("T")
-
-
-class StackError(HutchError):
-    """A process of the scenario did not start (the message quotes its log)."""
 
 
 def _proc_status(pid: int, field: str) -> float | None:

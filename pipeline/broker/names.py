@@ -41,6 +41,12 @@ class Names:
         return f"{self.prefix}.parked"
 
     @property
+    def workers_queue(self) -> str:
+        """Presence: every worker consumes it once and nothing is published to it, so its
+        consumer count is the number of live workers (their fair share of the leases)."""
+        return f"{self.prefix}.workers"
+
+    @property
     def retry_exchange(self) -> str:
         """Headers exchange in front of the retry tiers (routes on x-hutch-retry-tier, so
         the routing key can stay the model and route the request back when it expires)."""

@@ -9,6 +9,7 @@ What is declared, and why each piece exists, follows the data::
     worker: transient failure --> <p>.retry (headers) --> <p>.retry.<delay>ms
         --TTL expires--> <p>.requests (same model, same priority: any backend may take it)
     worker: <p>.triage --error reply, then--> <p>.parked (the parking lot)
+    every worker consumes <p>.workers once (presence: its consumer count = live workers)
 
 Queue arguments that can never change (``x-max-priority``) are declared; everything an
 operator may want to tune (dead-lettering, max length, overflow, TTL) is one policy per
@@ -183,7 +184,8 @@ def plan(settings: Settings) -> Topology:
     # Fanout and headers exchanges ignore the routing key: it is the queue's name, as
     # aio-pika binds by default (brokers applied by earlier versions have exactly these).
     topo.queues += [QueueSpec(names.triage_queue, dict(classic)),
-                    QueueSpec(names.parked_queue, dict(classic))]
+                    QueueSpec(names.parked_queue, dict(classic)),
+                    QueueSpec(names.workers_queue, dict(classic))]  # presence, never published to
     topo.bindings += [
         BindingSpec(names.unrouted_exchange, names.triage_queue, names.triage_queue),
         BindingSpec(names.dead_letter_exchange, names.triage_queue, names.triage_queue),

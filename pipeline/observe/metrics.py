@@ -11,17 +11,17 @@ secret. The helper methods do this normalising, so call sites stay one line each
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from tenacity import RetryCallState
 
-from pipeline import protocol as p
-from pipeline.errors import BackendCallError, ThrottledError
+from pipeline.delivery import Delivery
+from pipeline.errors import BackendCallError
 from pipeline.models import Usage
+from pipeline.observe.hooks import DeliveryHook, Settlement
+from pipeline.outcome import Completed, Outcome, RetryLater
 from pipeline.settings import Settings
 
 __all__ = [
@@ -29,9 +29,8 @@ __all__ = [
     "UNKNOWN_MODEL",
     "MetricInfo",
     "Metrics",
+    "MetricsHook",
     "MetricsServer",
-    "retry_reason",
-    "seconds_since_sent",
 ]
 
 _M = TypeVar("_M", Counter, Gauge, Histogram)
@@ -44,48 +43,6 @@ NO_POOL = "-"
 UNKNOWN_MODEL = "unknown"
 #: Highest priority label before :meth:`Metrics.configure` (AMQP's own maximum).
 _AMQP_MAX_PRIORITY = 255
-
-
-class _Delivery(Protocol):
-    """What :meth:`Metrics.finished` reads from a delivery (an aio-pika incoming message)."""
-
-    @property
-    def routing_key(self) -> str | None: ...
-    @property
-    def priority(self) -> int | None: ...
-    @property
-    def headers(self) -> Mapping[str, Any] | None: ...
-    @property
-    def timestamp(self) -> datetime | None: ...
-
-
-def seconds_since_sent(message: _Delivery, now_ms: int | None = None) -> float | None:
-    """Seconds since the request was published (``x-hutch-sent-at``, else the AMQP
-    timestamp), or None when it carries neither; never negative (clocks differ)."""
-    timestamp = message.timestamp.timestamp() if message.timestamp else None
-    sent = p.sent_at_ms(message.headers or {}, timestamp)
-    if sent is None:
-        return None
-    return max(0, (p.now_ms() if now_ms is None else now_ms) - sent) / 1000
-
-
-def retry_reason(exc: BaseException | None) -> str:
-    """Why a backend call is retried, as a bounded label: ``timeout``, ``unreachable``,
-    ``invalid_completion`` (HTTP 200 with a body that is no completion), ``throttled``,
-    ``http_408`` or ``http_5xx`` codes (``http_500`` .. ``http_599``), else ``other``."""
-    if isinstance(exc, ThrottledError):
-        return "throttled"
-    if not isinstance(exc, BackendCallError):
-        return "other"
-    status = exc.status
-    if status is None:
-        # pipeline.backends.http words these two (tests/test_metrics.py keeps them in step).
-        return "timeout" if "timed out" in exc.message else "unreachable"
-    if status == 200:
-        return "invalid_completion"
-    if status == 408 or 500 <= status <= 599:
-        return f"http_{status}"
-    return "other"
 
 
 @dataclass(frozen=True)
@@ -132,7 +89,7 @@ class Metrics:
         self._children: dict[tuple[int | str, ...], Any] = {}
         #: Every family, in the order the README lists them.
         self.catalog: list[MetricInfo] = []
-        counter, gauge, histogram = self._counter, self._gauge, self._histogram
+        counter, histogram = self._counter, self._histogram
         # -- requests ----------------------------------------------------------------------
         self.requests = counter(
             "hutch_requests", "Requests finished, by pool and outcome "
@@ -151,6 +108,13 @@ class Metrics:
         self.tokens_used = counter(
             "hutch_tokens", "Tokens of successful completions, from their usage, by pool, "
             "model and kind (prompt, completion).", ["pool", "model", "kind"])
+        self._backend_families()
+        if settings is not None:
+            self.configure(settings)
+
+    def _backend_families(self) -> None:
+        """The per-backend and retry families (split out of __init__ for length)."""
+        counter, gauge, histogram = self._counter, self._gauge, self._histogram
         # -- backends ----------------------------------------------------------------------
         self.backend_latency = histogram(
             "hutch_backend_latency_seconds", "Duration of successful backend calls.",
@@ -181,8 +145,6 @@ class Metrics:
             ["pool", "stage", "reason"])
         self.parked = counter(
             "hutch_parked", "Messages moved to the parking lot, by reason.", ["reason"])
-        if settings is not None:
-            self.configure(settings)
 
     def _record(self, name: str, kind: str, help_text: str, labels: list[str]) -> None:
         exported = name + "_total" if kind == "counter" else name
@@ -254,13 +216,6 @@ class Metrics:
         if e2e_s is not None:
             self.child(self.end_to_end, pool_label, priority_label).observe(max(0.0, e2e_s))
 
-    def finished(self, pool: str, message: _Delivery, outcome: str) -> None:
-        """:meth:`request_done` for a delivery: the model is its routing key (requests are
-        routed by model; retries and dead letters keep it), the priority and publish time
-        are its own. Call it once the reply (or the final outcome) is published."""
-        self.request_done(pool, message.routing_key, message.priority, outcome,
-                          seconds_since_sent(message))
-
     def tokens(self, pool: str, model: str | None, usage: Usage | None) -> None:
         """Count a completion's prompt and completion tokens (nothing if it has no usage)."""
         if usage is None:
@@ -270,27 +225,6 @@ class Metrics:
                             ("completion", usage.completion_tokens)):
             if count > 0:
                 self.child(self.tokens_used, pool_label, model_label, kind).inc(count)
-
-    def retried_in_process(self, pool: str, exc: BaseException | None) -> None:
-        """Another attempt follows on the slot the delivery holds."""
-        self.retries_by_reason.labels(self.pool_label(pool), "in_process",
-                                      retry_reason(exc)).inc()
-
-    def before_sleep(self, pool: str) -> Callable[[RetryCallState], None]:
-        """A tenacity ``before_sleep`` hook: counts each in-process retry by its reason."""
-
-        def hook(state: RetryCallState) -> None:
-            outcome = state.outcome
-            self.retried_in_process(pool, outcome.exception() if outcome is not None else None)
-
-        return hook
-
-    def retried_tier(self, pool: str, tier_ms: int, reason: str) -> None:
-        """The request went to the retry tier of ``tier_ms`` (``reason``: :func:`retry_reason`
-        of the failure that sent it there)."""
-        pool_label = self.pool_label(pool)
-        self.retries.labels(pool_label, str(tier_ms)).inc()
-        self.retries_by_reason.labels(pool_label, "tier", reason).inc()
 
     # -- export ------------------------------------------------------------------------------
 
@@ -308,3 +242,47 @@ class Metrics:
             server.server_close()
 
         return MetricsServer(int(server.server_port), shutdown, thread)
+
+
+class MetricsHook(DeliveryHook):
+    """The delivery hook that keeps the request, backend and retry metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def received(self, delivery: Delivery) -> None:
+        if delivery.backend is None:
+            return  # triage: no backend slot, no queue wait of a work queue
+        m = self._m
+        m.child(m.in_flight, delivery.backend).inc()
+        if delivery.queue_wait_ms is not None:
+            m.queue_waited(delivery.pool, delivery.priority, delivery.queue_wait_ms / 1000)
+
+    def call_ended(self, delivery: Delivery, kind: str, elapsed_s: float,
+                   error: BackendCallError | None) -> None:
+        m, backend = self._m, delivery.backend or ""
+        if kind == "ok":
+            m.child(m.backend_latency, backend).observe(elapsed_s)
+        elif kind != "deadline":
+            m.child(m.backend_errors, backend, kind).inc()
+
+    def retrying(self, delivery: Delivery, error: BackendCallError) -> None:
+        m = self._m
+        m.child(m.retries_by_reason, m.pool_label(delivery.pool), "in_process",
+                error.reason).inc()
+
+    def settled(self, delivery: Delivery, outcome: Outcome, settlement: Settlement) -> None:
+        m = self._m
+        if delivery.backend is not None:
+            m.child(m.in_flight, delivery.backend).dec()
+        if isinstance(outcome, Completed):
+            m.tokens(delivery.pool, delivery.model, outcome.usage)
+        elif isinstance(outcome, RetryLater):
+            pool_label = m.pool_label(delivery.pool)
+            m.child(m.retries, pool_label, str(outcome.delay_ms)).inc()
+            m.child(m.retries_by_reason, pool_label, "tier", outcome.reason).inc()
+        if settlement.label is not None:
+            m.request_done(delivery.pool, delivery.model, delivery.priority, settlement.label,
+                           delivery.seconds_since_sent())
+        if settlement.parked is not None:
+            m.child(m.parked, str(settlement.parked)).inc()

@@ -21,13 +21,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.broker.management import ManagementAPI
 from pipeline.broker.names import Names
-from pipeline.errors import HutchError, TopologyError
+from pipeline.errors import StatusError, TopologyError
 from pipeline.settings import Settings
 
 __all__ = [
     "BackendStatus",
     "QueueStatus",
-    "StatusError",
     "StatusReport",
     "WorkerStatus",
     "format_status",
@@ -40,10 +39,6 @@ STATE_NAMES = {0: "closed", 1: "half_open", 2: "open", 3: "throttled"}
 
 _BACKEND_GAUGES = ("hutch_backend_in_flight", "hutch_backend_capacity",
                    "hutch_backend_lease_held", "hutch_backend_state")
-
-
-class StatusError(HutchError):
-    """The status could not be read (the management API is unreachable or refuses)."""
 
 
 @dataclass

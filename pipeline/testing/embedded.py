@@ -17,10 +17,13 @@ from dataclasses import dataclass, field
 from pipeline.broker.topology import apply_topology, delete_topology
 from pipeline.runtime.background import running
 from pipeline.settings import Settings, load_settings
-from pipeline.testing.mock_backend import MockBackend, MockConfig
+from pipeline.testing.mock import MockBackend, MockConfig
 from pipeline.worker.worker import Worker
 
 __all__ = ["Embedded", "embedded_hutch"]
+
+#: How long the worker may take to hold the mock's lease (connect, declare, consume).
+_LEASE_TIMEOUT_S = 15.0
 
 
 @dataclass
@@ -38,7 +41,7 @@ class Embedded:
 async def embedded_hutch(amqp_url: str, *, models: Sequence[str], capacity: int = 4,
                          latency_ms: float = 100.0, prefix: str | None = None,
                          pool: str = "embedded", keep_topology: bool = False,
-                         lease_timeout_s: float = 15.0) -> AsyncIterator[Embedded]:
+                         ) -> AsyncIterator[Embedded]:
     """Run a mock backend (``capacity`` slots x ``latency_ms``) and a worker serving
     ``models`` on it, under ``prefix`` (default: unique to this process and call).
 
@@ -62,7 +65,7 @@ async def embedded_hutch(amqp_url: str, *, models: Sequence[str], capacity: int 
         await apply_topology(settings)
         applied = True
         async with running(worker.run(), ready=lambda: bool(worker.held_backends()),
-                           stop=worker.stop, ready_timeout_s=lease_timeout_s):
+                           stop=worker.stop, ready_timeout_s=_LEASE_TIMEOUT_S):
             yield embedded
     finally:
         await mock.stop()

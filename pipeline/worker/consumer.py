@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-__all__ = ["TrackedConsumer"]
+__all__ = ["Handler", "TrackedConsumer"]
 
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 

@@ -16,12 +16,11 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from pipeline import protocol as p
 from pipeline.broker.names import Names
-from pipeline.observe.log import get_logger
-from pipeline.settle.publisher import Failure, Publisher, ReplyInfo
+from pipeline.delivery import Delivery, ReplyPolicy
+from pipeline.outcome import Failed, Failure
+from pipeline.settle.settler import Settler
 
 __all__ = ["Triage", "triage_failure"]
-
-log = get_logger("hutch.triage")
 
 _CODE = {
     p.ParkReason.UNKNOWN_MODEL: p.ErrorCode.UNKNOWN_MODEL,
@@ -71,16 +70,19 @@ def triage_failure(headers: Mapping[str, Any], routing_key: str | None,
 class Triage:
     """Consumes the triage queue: one error reply, then the parking lot, then ack."""
 
-    def __init__(self, publisher: Publisher, names: Names) -> None:
-        self._publisher = publisher
+    def __init__(self, settler: Settler, policy: ReplyPolicy, names: Names) -> None:
+        self._settler = settler
+        self._policy = policy
         self._names = names
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         failure, pool = triage_failure(message.headers or {}, message.routing_key, self._names,
                                        message.exchange)
+        # No backend attempt was made in this delivery: its reply says 0 attempts.
+        delivery = Delivery.parse(message, pool=pool, backend=None, policy=self._policy,
+                                  max_attempts=0)
+        delivery.queue_wait_ms = None
         try:
-            await self._publisher.fail(message, failure, ReplyInfo(pool=pool))
-            await message.ack()
+            await self._settler.settle(delivery, Failed(failure))
         except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
-            log.warning("triage.unacked", correlation_id=message.correlation_id,
-                        error=repr(exc))
+            self._settler.abandoned(delivery, exc)

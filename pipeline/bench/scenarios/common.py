@@ -34,6 +34,7 @@ __all__ = [
     "BackendLoadRun",
     "BackendWindow",
     "LoadRun",
+    "LoadShape",
     "Target",
     "apply_hutch",
     "format_targets",
@@ -129,16 +130,26 @@ class LoadRun:
         return format_table(self.summary, self.priorities)
 
 
-async def open_loop(clients: Sequence[LoadClient], *, rate: float, duration_s: float,
-                    mix: str = "normal=1", timeout_s: float = 60.0,
-                    arrival: str = "poisson", seed: int | None = 1,
-                    progress: bool = False) -> LoadRun:
+@dataclass(frozen=True)
+class LoadShape:
+    """How an open-loop load sends: rate, duration, priority mix, deadlines, arrivals."""
+
+    rate: float
+    duration_s: float
+    mix: str = "normal=1"
+    timeout_s: float = 60.0
+    arrival: str = "poisson"
+    seed: int | None = 1
+    progress: bool = False
+
+
+async def open_loop(clients: Sequence[LoadClient], shape: LoadShape) -> LoadRun:
     """Run one open-loop load on ``clients`` and summarise it."""
-    classes = parse_priority_mix(mix)
-    times = schedule(rate, duration_s, arrival=arrival, seed=seed)
-    plan = LoadPlan(times=times, classes=assign_classes(len(times), classes, seed=seed),
-                    models=[MODEL] * len(times), timeout_s=timeout_s)
-    bar = Progress(len(times), duration_s, enabled=progress)
+    classes = parse_priority_mix(shape.mix)
+    times = schedule(shape.rate, shape.duration_s, arrival=shape.arrival, seed=shape.seed)
+    plan = LoadPlan(times=times, classes=assign_classes(len(times), classes, seed=shape.seed),
+                    models=[MODEL] * len(times), timeout_s=shape.timeout_s)
+    bar = Progress(len(times), shape.duration_s, enabled=shape.progress)
     records, elapsed = await run_load(clients, plan, progress=bar)
     return LoadRun(records, elapsed, summarize(records, elapsed, [c.name for c in classes]),
                    {c.name: c.priority for c in classes})
@@ -164,17 +175,17 @@ class BackendWindow:
             "utilisation": self.utilisation, "window_s": self.window_s}
 
 
-async def loaded_backend(mock: MockProcess, clients: Sequence[LoadClient], *, rate: float,
-                         duration_s: float, **load: Any) -> tuple[LoadRun, BackendWindow]:
+async def loaded_backend(mock: MockProcess, clients: Sequence[LoadClient], shape: LoadShape
+                         ) -> tuple[LoadRun, BackendWindow]:
     """:func:`open_loop` on a freshly reset mock, reading its stats around the run.
 
     The first second (a quarter of short runs) is left out of the utilisation: the queue
     is still filling. The backlog keeps the backend busy until sending ends."""
     await mock.reset()
-    warm_s = min(1.0, duration_s / 4)
+    warm_s = min(1.0, shape.duration_s / 4)
     before = asyncio.create_task(sample_at(mock, warm_s))
-    after = asyncio.create_task(sample_at(mock, duration_s))
-    run_ = await open_loop(clients, rate=rate, duration_s=duration_s, **load)
+    after = asyncio.create_task(sample_at(mock, shape.duration_s))
+    run_ = await open_loop(clients, shape)
     first, last = await before, await after
     final = await mock.stats()
     return run_, BackendWindow(final, utilisation(first, last),
@@ -216,6 +227,11 @@ class BackendLoad:
     def config(self) -> dict[str, Any]:
         return {**asdict(self), "offered_rps": self.rate, "capacity_rps": self.capacity_rps}
 
+    def shape(self) -> LoadShape:
+        """The open-loop load these options offer."""
+        return LoadShape(rate=self.rate, duration_s=self.duration_s, mix=self.mix,
+                         timeout_s=self.timeout_s, seed=self.seed, progress=self.progress)
+
 
 @dataclass
 class BackendLoadRun:
@@ -241,10 +257,7 @@ async def run_backend_load(amqp_url: str, options: BackendLoad,
         settings = await start_hutch(stack, mock, capacity=options.capacity,
                                      workers=options.workers, **pool)
         async with hutch_clients(stack, settings, options.connections) as clients:
-            run_, backend = await loaded_backend(
-                mock, clients, rate=options.rate, duration_s=options.duration_s,
-                mix=options.mix, timeout_s=options.timeout_s, seed=options.seed,
-                progress=options.progress)
+            run_, backend = await loaded_backend(mock, clients, options.shape())
         alive = sum(child.process.returncode is None for child in stack.children)
     return BackendLoadRun(run_, backend, alive)
 

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -29,6 +29,7 @@ from pipeline.bench.baseline import READY_LINE, BaselineClient
 from pipeline.bench.loadgen import LoadClient
 from pipeline.bench.scenarios.common import (
     LoadRun,
+    LoadShape,
     Target,
     format_targets,
     hutch_clients,
@@ -107,52 +108,83 @@ def _row(name: str, run_: LoadRun) -> dict[str, Any]:
             "latency_ms": total["latency_ms"]}
 
 
+_Load = Callable[[str, float, float], Awaitable[LoadRun]]
+
+
+async def _start_systems(stack: Stack, opened: contextlib.AsyncExitStack, amqp_url: str,
+                         options: OverheadOptions) -> dict[str, Sequence[LoadClient]]:
+    """Start the mock, Hutch and the baseline worker; one client per system."""
+    mock = await stack.mock(capacity=max(256, 4 * options.concurrency), latency_ms=0)
+    settings = await start_hutch(stack, mock, capacity=options.concurrency,
+                                 loop=options.loop, max_queue_length=1_000_000)
+    queue = f"{stack.prefix}.baseline"
+    stack.queues.append(queue)
+    baseline = await stack.spawn("baseline", "pipeline.bench.baseline", [
+        "--amqp-url", amqp_url, "--queue", queue, "--backend-url", mock.url,
+        "--prefetch", str(options.concurrency), "--loop", options.loop])
+    await baseline.wait_for_line(READY_LINE)
+    direct = DirectClient(mock.url, options.concurrency)
+    opened.push_async_callback(direct.aclose)
+    baseline_client = await opened.enter_async_context(BaselineClient(amqp_url, queue))
+    (hutch,) = await opened.enter_async_context(hutch_clients(stack, settings, 1))
+    return {"direct": [direct], "baseline": [baseline_client], "hutch": [hutch]}
+
+
+async def _sweep(load: _Load, name: str, options: OverheadOptions, out: TextIO
+                 ) -> list[dict[str, Any]]:
+    """Offer rising rates to one system until it saturates."""
+    rows: list[dict[str, Any]] = []
+    for rate in options.rates:
+        row = _row(name, await load(name, rate, options.step_s))
+        row["offered_rps"] = rate
+        rows.append(row)
+        print(f"  {name:8s} offered {rate:6g}/s  achieved {row['achieved_rps']:7.1f}/s"
+              f"  errors {row['errors']}  p50 {row['latency_ms']['p50'] or 0:7.1f} ms"
+              f"  p99 {row['latency_ms']['p99'] or 0:8.1f} ms", file=out, flush=True)
+        if row["errors"] or row["achieved_rps"] < 0.9 * rate:
+            break  # saturated: higher offers only grow the backlog
+        await asyncio.sleep(0.5)
+    return rows
+
+
+async def _measure(amqp_url: str, options: OverheadOptions, out: TextIO
+                   ) -> tuple[dict[str, LoadRun], dict[str, list[dict[str, Any]]]]:
+    """The light-load runs and the throughput sweep of every system."""
+    async with Stack(amqp_url) as stack, contextlib.AsyncExitStack() as opened:
+        clients = await _start_systems(stack, opened, amqp_url, options)
+
+        async def load(name: str, rate: float, duration_s: float) -> LoadRun:
+            return await open_loop(clients[name], LoadShape(
+                rate=rate, duration_s=duration_s, arrival="constant", seed=options.seed,
+                progress=options.progress))
+
+        for name in SYSTEMS:  # connection pools, caches, the broker's queue processes
+            await load(name, options.light_rps, options.warmup_s)
+        light = {name: await load(name, options.light_rps, options.light_s)
+                 for name in SYSTEMS}
+        sweep = {name: await _sweep(load, name, options, out) for name in SYSTEMS}
+    return light, sweep
+
+
+def _targets(best: dict[str, float], ratio: float, added: dict[str, float]) -> list[Target]:
+    return [
+        Target("Hutch throughput >= 0.6x the aio-pika baseline",
+               f"{best['hutch']:.0f} vs {best['baseline']:.0f} req/s = {ratio:.2f}x",
+               ratio >= 0.6),
+        Target("added latency p50 < 2 ms (light load)",
+               f"{added.get('p50', float('nan')):.2f} ms", added.get("p50", 99) < 2),
+        Target("added latency p99 < 10 ms (light load)",
+               f"{added.get('p99', float('nan')):.2f} ms", added.get("p99", 99) < 10),
+    ]
+
+
 async def run(amqp_url: str, options: OverheadOptions, out: TextIO) -> dict[str, Any]:
     print(f"overhead: instant mock, concurrency {options.concurrency}, {options.loop} "
           f"workers; light load "
           f"{options.light_rps:g} req/s for {options.light_s:g} s, then offered "
           f"{', '.join(f'{r:g}' for r in options.rates)} req/s for {options.step_s:g} s each",
           file=out)
-    async with Stack(amqp_url) as stack, contextlib.AsyncExitStack() as opened:
-        mock = await stack.mock(capacity=max(256, 4 * options.concurrency), latency_ms=0)
-        settings = await start_hutch(stack, mock, capacity=options.concurrency,
-                                     loop=options.loop, max_queue_length=1_000_000)
-        queue = f"{stack.prefix}.baseline"
-        stack.queues.append(queue)
-        baseline = await stack.spawn("baseline", "pipeline.bench.baseline", [
-            "--amqp-url", amqp_url, "--queue", queue, "--backend-url", mock.url,
-            "--prefetch", str(options.concurrency), "--loop", options.loop])
-        await baseline.wait_for_line(READY_LINE)
-        direct = DirectClient(mock.url, options.concurrency)
-        opened.push_async_callback(direct.aclose)
-        baseline_client = await opened.enter_async_context(BaselineClient(amqp_url, queue))
-        (hutch,) = await opened.enter_async_context(hutch_clients(stack, settings, 1))
-        clients: dict[str, Sequence[LoadClient]] = {
-            "direct": [direct], "baseline": [baseline_client], "hutch": [hutch]}
-
-        async def load(name: str, rate: float, duration_s: float) -> LoadRun:
-            return await open_loop(clients[name], rate=rate, duration_s=duration_s,
-                                   arrival="constant", seed=options.seed,
-                                   progress=options.progress)
-
-        for name in SYSTEMS:  # connection pools, caches, the broker's queue processes
-            await load(name, options.light_rps, options.warmup_s)
-        light = {name: await load(name, options.light_rps, options.light_s)
-                 for name in SYSTEMS}
-        sweep: dict[str, list[dict[str, Any]]] = {}
-        for name in SYSTEMS:
-            sweep[name] = []
-            for rate in options.rates:
-                row = _row(name, await load(name, rate, options.step_s))
-                row["offered_rps"] = rate
-                sweep[name].append(row)
-                print(f"  {name:8s} offered {rate:6g}/s  achieved {row['achieved_rps']:7.1f}/s"
-                      f"  errors {row['errors']}  p50 {row['latency_ms']['p50'] or 0:7.1f} ms"
-                      f"  p99 {row['latency_ms']['p99'] or 0:8.1f} ms", file=out, flush=True)
-                if row["errors"] or row["achieved_rps"] < 0.9 * rate:
-                    break  # saturated: higher offers only grow the backlog
-                await asyncio.sleep(0.5)
-
+    light, sweep = await _measure(amqp_url, options, out)
     light_ms = {name: run_.summary["total"]["latency_ms"] for name, run_ in light.items()}
     best = {name: max((r["achieved_rps"] for r in rows if not r["errors"]), default=0.0)
             for name, rows in sweep.items()}
@@ -160,6 +192,7 @@ async def run(amqp_url: str, options: OverheadOptions, out: TextIO) -> dict[str,
     added = {k: light_ms["hutch"][k] - light_ms["direct"][k] for k in ("p50", "p99")
              if light_ms["hutch"][k] is not None and light_ms["direct"][k] is not None}
     light_errors = {name: run_.summary["total"]["error_count"] for name, run_ in light.items()}
+    targets = _targets(best, ratio, added)
     report: dict[str, Any] = {
         "scenario": "overhead",
         "title": "Throughput vs offered load (instant mock backend)",
@@ -171,17 +204,8 @@ async def run(amqp_url: str, options: OverheadOptions, out: TextIO) -> dict[str,
         "sweep": sweep,
         "max_sustained_rps": best,
         "hutch_to_baseline": ratio,
+        "targets": targets_report(targets),
     }
-    targets = [
-        Target("Hutch throughput >= 0.6x the aio-pika baseline",
-               f"{best['hutch']:.0f} vs {best['baseline']:.0f} req/s = {ratio:.2f}x",
-               ratio >= 0.6),
-        Target("added latency p50 < 2 ms (light load)",
-               f"{added.get('p50', float('nan')):.2f} ms", added.get("p50", 99) < 2),
-        Target("added latency p99 < 10 ms (light load)",
-               f"{added.get('p99', float('nan')):.2f} ms", added.get("p99", 99) < 10),
-    ]
-    report["targets"] = targets_report(targets)
     print(f"light load, {options.light_rps:g} req/s (ms):", file=out)
     for name in SYSTEMS:
         d = light_ms[name]

@@ -1,0 +1,54 @@
+"""``hutch worker``: run a worker (consume pools, call backends) until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.cli.common import Subparsers, add_config, settings_of
+from pipeline.runtime.eventloop import LOOPS
+
+__all__ = ["register", "run"]
+
+
+def register(sub: Subparsers) -> None:
+    """Add ``worker``."""
+    worker = sub.add_parser("worker", help="run a worker: consume pools, call backends")
+    add_config(worker)
+    worker.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics on this port")
+    worker.add_argument("--log-level", default="INFO")
+    worker.add_argument("--loop", choices=LOOPS, default="asyncio",
+                        help="event loop: asyncio (default) or uvloop (pip install "
+                             "'hutch[uvloop]'; less CPU per request, slightly more latency "
+                             "at light load: see BENCHMARKS.md)")
+    worker.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the worker from the settings and run it on the chosen event loop."""
+    import asyncio
+    import signal
+
+    from pipeline.errors import ConfigError
+    from pipeline.observe.log import configure_logging
+    from pipeline.observe.metrics import Metrics
+    from pipeline.runtime import eventloop
+    from pipeline.worker.worker import Worker
+
+    loaded = settings_of(args)
+    if not loaded.pools:
+        raise ConfigError(f"{args.config}: no [[pools]] defined: the worker has nothing to do")
+    configure_logging(args.log_level)
+    metrics = Metrics()
+    if args.metrics_port is not None:
+        metrics.serve(args.metrics_port)
+    worker = Worker(loaded, metrics=metrics)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        await worker.run()
+
+    eventloop.run(main(), args.loop)
+    return 0

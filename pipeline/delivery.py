@@ -1,0 +1,150 @@
+"""The delivery context: one request delivery, parsed once, carried through every stage.
+
+A delivery from a work queue (or the triage queue) is read here exactly once: its routing
+facts, its client (as the broker validated it), whether its ``reply_to`` may be answered,
+its deadline, send time and attempt counters. Dispatch decides on it, the backend call
+updates its progress (attempts, timings), the settler answers from it, and the delivery
+hooks observe it. Nothing downstream parses headers again.
+
+Later stages add to it (the tenant, a cancel handle, a stream sink), not to parameter lists.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from pipeline import protocol as p
+from pipeline.models import ChatRequest
+from pipeline.outcome import Failure
+
+__all__ = ["Delivery", "ReplyPolicy", "count_header"]
+
+#: Retry-tier trips are counted up to this; a client-set header cannot make it unbounded.
+_MAX_RETRIES_COUNTED = 1000
+
+
+class ReplyPolicy(Protocol):
+    """Who sent a request and whether its ``reply_to`` may be answered
+    (:class:`pipeline.settle.guard.ReplyGuard`)."""
+
+    def client_user(self, user_id: str | None, headers: Mapping[str, Any]) -> str | None: ...
+
+    def refusal(self, user: str | None, reply_to: str | None) -> Failure | None: ...
+
+    def valid_reply_to(self, reply_to: str | None) -> bool: ...
+
+
+def count_header(headers: Mapping[str, Any], name: str, high: int) -> int:
+    """A counter header set by an earlier delivery (attempts, retries). A client can set
+    it too, so anything outside 0..high counts as 0 or high: never unlimited retries."""
+    value = p.int_header(headers, name, low=-(2**63), high=2**63 - 1)
+    return 0 if value is None else max(0, min(value, high))
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One delivery and what is known about it; built by :meth:`parse`."""
+
+    message: AbstractIncomingMessage
+    #: The pool it belongs to (``-`` for what no pool serves) and the backend serving it.
+    pool: str
+    backend: str | None
+    headers: Mapping[str, Any]
+    #: The client user, validated by the broker (``user_id``, or ``x-hutch-user`` when a
+    #: trusted user republished it); None if it carries no identity.
+    client: str | None
+    #: Why its ``reply_to`` must not be answered (a forged one), or None.
+    refusal: Failure | None
+    #: ``reply_to`` names a reply queue (never a work queue or the parking lot).
+    reply_to_ok: bool
+    deadline_ms: int | None
+    sent_at_ms: int | None
+    #: Backend attempts made by earlier deliveries of this request (``x-hutch-attempts``).
+    prior_attempts: int
+    #: Trips through a retry tier so far (``x-hutch-retries``).
+    retries: int
+    #: Attempts so far, earlier deliveries included; the reply's ``x-hutch-attempts``.
+    attempts: int = 0
+    queue_wait_ms: int | None = None
+    backend_ms: int | None = None
+    #: The validated request body, once dispatch has checked it.
+    request: ChatRequest | None = None
+    received_at: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def parse(cls, message: AbstractIncomingMessage, *, pool: str, backend: str | None,
+              policy: ReplyPolicy, max_attempts: int) -> Delivery:
+        """Read everything the later stages need from ``message``, once."""
+        headers = message.headers or {}
+        timestamp = message.timestamp.timestamp() if message.timestamp else None
+        expiration = message.expiration
+        expiration_s = float(expiration) if isinstance(expiration, int | float) else None
+        client = policy.client_user(message.user_id, headers)
+        refusal = policy.refusal(client, message.reply_to)
+        prior = count_header(headers, p.H_ATTEMPTS, max_attempts)
+        sent_at = p.sent_at_ms(headers, timestamp)
+        return cls(
+            message=message, pool=pool, backend=backend, headers=headers, client=client,
+            refusal=refusal,
+            reply_to_ok=policy.valid_reply_to(message.reply_to),
+            deadline_ms=p.deadline_ms(headers, expiration_s, timestamp),
+            sent_at_ms=sent_at,
+            prior_attempts=prior,
+            retries=count_header(headers, p.H_RETRIES, _MAX_RETRIES_COUNTED),
+            attempts=prior,
+            queue_wait_ms=None if sent_at is None else max(0, p.now_ms() - sent_at),
+        )
+
+    # -- facts read by several stages -------------------------------------------------------
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self.message.correlation_id
+
+    @property
+    def reply_to(self) -> str | None:
+        return self.message.reply_to
+
+    @property
+    def answerable(self) -> bool:
+        """An answer can be sent: not refused, a reply queue, a correlation id."""
+        return self.refusal is None and self.reply_to_ok and bool(self.correlation_id)
+
+    @property
+    def priority(self) -> int:
+        return self.message.priority or 0
+
+    @property
+    def model(self) -> str | None:
+        """The routing key: requests are routed by model; retries and dead letters keep it."""
+        return self.message.routing_key
+
+    def remaining_s(self) -> float | None:
+        """Seconds until the deadline (negative once past), None without a deadline."""
+        return None if self.deadline_ms is None else self.deadline_ms / 1000 - time.time()
+
+    def deadline_passed(self) -> bool:
+        remaining = self.remaining_s()
+        return remaining is not None and remaining <= 0
+
+    def seconds_since_sent(self) -> float | None:
+        """Seconds since the request was first published, None if unknown."""
+        if self.sent_at_ms is None:
+            return None
+        return max(0, p.now_ms() - self.sent_at_ms) / 1000
+
+    def reply_headers(self) -> dict[str, Any]:
+        """Timings and routing facts every reply and parked copy carries."""
+        headers: dict[str, Any] = {p.H_POOL: self.pool, p.H_ATTEMPTS: self.attempts}
+        if self.backend is not None:
+            headers[p.H_BACKEND] = self.backend
+        if self.queue_wait_ms is not None:
+            headers[p.H_QUEUE_WAIT_MS] = self.queue_wait_ms
+        if self.backend_ms is not None:
+            headers[p.H_BACKEND_MS] = self.backend_ms
+        return headers

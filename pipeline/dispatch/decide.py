@@ -1,0 +1,175 @@
+"""The dispatcher's decisions, as pure functions over the delivery context.
+
+Everything a delivery can end in is decided here and returned as a value of
+:mod:`pipeline.outcome` (or :class:`TryAgain`): validate the request, check its deadline,
+classify a failed backend attempt, retry it in place, send it through a retry tier, hand it
+back, or fail it for good. Nothing here touches the broker, the backend or the clock's
+side effects, so every row of the README's failure table has a unit test
+(tests/test_decide.py); :mod:`pipeline.dispatch.dispatcher` only runs the steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from pipeline import protocol as p
+from pipeline.delivery import Delivery
+from pipeline.errors import BackendCallError, RetryableError, ThrottledError
+from pipeline.models import ChatRequest
+from pipeline.outcome import Failed, Failure, Outcome, Requeue, RetryLater
+from pipeline.settings import PoolSettings
+
+__all__ = [
+    "TryAgain",
+    "admit",
+    "after_failure",
+    "attempt_kind",
+    "before_attempt",
+    "deadline_failure",
+    "validate_request",
+]
+
+_JSON_TYPES = ("application/json",)
+
+
+@dataclass(frozen=True, slots=True)
+class TryAgain:
+    """Try the backend again on the slot this delivery holds, after ``sleep_s``."""
+
+    sleep_s: float
+
+
+def _content_type_ok(content_type: str | None) -> bool:
+    if not content_type:
+        return True  # many AMQP clients leave it unset; the body decides
+    return content_type.split(";")[0].strip().lower() in _JSON_TYPES
+
+
+def _parse_body(body: bytes) -> ChatRequest | Failure:
+    bad = p.ErrorCode.INVALID_REQUEST
+    try:
+        return ChatRequest.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] in ("json_invalid", "json_type"):
+            return Failure(p.ParkReason.INVALID_JSON, bad,
+                           f"the request body is not valid JSON: {first['msg']}")
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        return Failure(p.ParkReason.INVALID_REQUEST, bad,
+                       f"not a valid chat completions request: {where}: {first['msg']}")
+
+
+def validate_request(body: bytes, *, content_type: str | None, reply_to_ok: bool,
+                     correlation_id: str | None, pool: PoolSettings,
+                     max_body_bytes: int) -> ChatRequest | Failure:
+    """Check a request before it may take a backend's time."""
+    bad = p.ErrorCode.INVALID_REQUEST
+    if not reply_to_ok:
+        return Failure(p.ParkReason.NO_REPLY_TO, bad,
+                       "the request has no usable reply_to (it must name the client's reply "
+                       "queue); nobody can be answered, so it was parked")
+    if not correlation_id:
+        return Failure(p.ParkReason.INVALID_REQUEST, bad,
+                       "the request has no correlation_id; its reply could not be matched")
+    if len(body) > max_body_bytes:
+        return Failure(p.ParkReason.TOO_LARGE, bad,
+                       f"the request body is {len(body)} bytes; the limit is {max_body_bytes}")
+    if not _content_type_ok(content_type):
+        return Failure(p.ParkReason.INVALID_REQUEST, bad,
+                       f"content_type {content_type!r} is not application/json")
+    request = _parse_body(body)
+    if isinstance(request, Failure):
+        return request
+    if request.model not in pool.models:
+        return Failure(p.ParkReason.INVALID_REQUEST, bad,
+                       f"model {request.model!r} in the body is not served by pool "
+                       f"{pool.name!r} (it serves {', '.join(pool.models)})")
+    if request.stream:
+        return Failure(p.ParkReason.INVALID_REQUEST, bad,
+                       "streaming (\"stream\": true) is not supported yet; send the request "
+                       "without it")
+    return request
+
+
+def deadline_failure(pool: str, detail: str = "") -> Failure:
+    return Failure(p.ParkReason.DEADLINE_EXCEEDED, p.ErrorCode.DEADLINE_EXCEEDED,
+                   f"the request's deadline passed before a backend of pool {pool!r} could "
+                   f"answer it{detail}")
+
+
+def admit(delivery: Delivery, pool: PoolSettings, *, max_body_bytes: int,
+          available: bool) -> Outcome | ChatRequest:
+    """May this delivery take a backend slot? The request if so, else its outcome."""
+    if delivery.refusal is not None:
+        # reply_to is not the publisher's own reply queue: park it, answer nobody.
+        return Failed(delivery.refusal)
+    message = delivery.message
+    checked = validate_request(message.body, content_type=message.content_type,
+                               reply_to_ok=delivery.reply_to_ok,
+                               correlation_id=delivery.correlation_id, pool=pool,
+                               max_body_bytes=max_body_bytes)
+    if isinstance(checked, Failure):
+        return Failed(checked)
+    if delivery.deadline_passed():
+        return Failed(deadline_failure(pool.name))
+    if not available:
+        # Throttled, circuit open or paused, and the consumer is being cancelled: hand it
+        # back so another backend (or this one, later) takes it.
+        return Requeue("backend unavailable")
+    return checked
+
+
+def before_attempt(delivery: Delivery, number: int, *, available: bool,
+                   fastest_s: float) -> Outcome | None:
+    """Whether attempt ``number`` (from 1, in this delivery) may start; None if it may."""
+    if number > 1 and not available:
+        return Requeue("the circuit opened meanwhile")  # free the slot, let others serve
+    remaining = delivery.remaining_s()
+    if remaining is None:
+        return None
+    if remaining <= 0:
+        return Failed(deadline_failure(delivery.pool))
+    if remaining < fastest_s:
+        return Failed(deadline_failure(
+            delivery.pool, f"; {remaining * 1000:.0f} ms were left, less than the "
+            f"{fastest_s * 1000:.0f} ms of the backend's fastest recent answer"))
+    return None
+
+
+def attempt_kind(delivery: Delivery, error: BackendCallError) -> str:
+    """How a failed attempt counts: ``throttled`` (429), ``deadline`` (a call cut at the
+    request's deadline: the request ran out of time, the backend did not fail -- counting it
+    would let an overload open the circuit of a healthy backend), ``retryable``, or
+    ``terminal``."""
+    if isinstance(error, ThrottledError):
+        return "throttled"
+    if isinstance(error, RetryableError):
+        return "deadline" if delivery.deadline_passed() else "retryable"
+    return "terminal"
+
+
+def after_failure(delivery: Delivery, error: BackendCallError, kind: str, number: int,
+                  pool: PoolSettings, backoff_s: float) -> TryAgain | Outcome:
+    """What follows failed attempt ``number``: another try on this slot, a retry tier, a
+    hand-back, or a terminal failure."""
+    if kind == "throttled":
+        # Not retried on this backend: it asked for time, another may answer.
+        return Requeue("throttled")
+    if kind == "deadline" or delivery.deadline_passed():
+        return Failed(deadline_failure(delivery.pool))
+    retryable = kind == "retryable"
+    budget = max(1, min(pool.attempts_per_delivery, pool.max_attempts - delivery.prior_attempts))
+    remaining = delivery.remaining_s()
+    if retryable and number < budget and (remaining is None or remaining > backoff_s):
+        return TryAgain(backoff_s)
+    if retryable and delivery.attempts < pool.max_attempts and pool.retry_delays_ms:
+        delays = pool.retry_delays_ms
+        delay = delays[min(delivery.retries, len(delays) - 1)]
+        if remaining is None or remaining * 1000 > delay:
+            return RetryLater(delay, error.message, error.reason)
+    plural = "s" if delivery.attempts != 1 else ""
+    extra = {"status": error.status} if error.status is not None else {}
+    return Failed(Failure(p.ParkReason.BACKEND_ERROR, p.ErrorCode.BACKEND_ERROR,
+                          f"{error.message} (after {delivery.attempts} attempt{plural})", extra))

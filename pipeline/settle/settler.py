@@ -1,0 +1,167 @@
+"""The settler: the one place an Outcome becomes broker actions.
+
+Each outcome of :mod:`pipeline.outcome` is carried out here, in the order that keeps the
+promises of the README: publish (with confirms) what the request ends in -- its reply, its
+parked copy, or its trip through a retry tier -- and only then ack; or hand it back
+(nack + requeue); or, when the channel is gone, leave it to the broker. The delivery hooks
+hear of it once, with what was done (:class:`~pipeline.observe.hooks.Settlement`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import aio_pika
+import aiormq
+
+from pipeline import protocol as p
+from pipeline.broker.names import Names
+from pipeline.delivery import Delivery
+from pipeline.errors import TopologyError
+from pipeline.observe.hooks import DeliveryHook, Settlement
+from pipeline.outcome import (
+    Abandoned,
+    Completed,
+    Failed,
+    Failure,
+    Outcome,
+    Requeue,
+    RetryLater,
+)
+from pipeline.settle.publisher import Publisher, copy_message
+
+__all__ = ["Settler"]
+
+_PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
+
+
+class Settler:
+    """Carries out outcomes on one confirming :class:`Publisher`."""
+
+    def __init__(self, publisher: Publisher, names: Names, hooks: DeliveryHook, *,
+                 worker_user: str | None = None) -> None:
+        self._publisher = publisher
+        self._names = names
+        self._hooks = hooks
+        #: The ``user_id`` retries are published with, vouching for ``x-hutch-user``.
+        self._worker_user = worker_user
+
+    async def settle(self, delivery: Delivery, outcome: Outcome) -> None:
+        """Carry ``outcome`` out for ``delivery``; the hooks hear of it once. AMQP errors
+        propagate (the caller turns them into :class:`Abandoned`)."""
+        settlement = Settlement()
+        if isinstance(outcome, Completed):
+            settlement = await self._complete(delivery, outcome)
+            await delivery.message.ack()
+        elif isinstance(outcome, Failed):
+            settlement = await self._fail(delivery, outcome.failure)
+            await delivery.message.ack()
+        elif isinstance(outcome, RetryLater):
+            await self._retry(delivery, outcome.delay_ms)
+            await delivery.message.ack()
+        elif isinstance(outcome, Requeue):
+            await delivery.message.nack(requeue=True)
+        self._hooks.settled(delivery, outcome, settlement)
+
+    def abandoned(self, delivery: Delivery, error: BaseException) -> None:
+        """The channel or connection died: nothing to do but tell the hooks."""
+        self._hooks.settled(delivery, Abandoned(repr(error)), Settlement())
+
+    # -- the outcomes -----------------------------------------------------------------------
+
+    async def _complete(self, delivery: Delivery, outcome: Completed) -> Settlement:
+        delivery.backend_ms = int(outcome.elapsed_s * 1000)
+        headers = delivery.reply_headers()
+        headers[p.H_OUTCOME] = "ok"
+        if await self._reply(delivery, outcome.body, headers):
+            return Settlement("ok")
+        failure = Failure(p.ParkReason.NO_REPLY_TO, p.ErrorCode.BACKEND_ERROR,
+                          f"the completion could not be delivered: reply queue "
+                          f"{delivery.reply_to!r} does not exist")
+        await self._park(delivery, failure)
+        return Settlement("undeliverable", failure.reason, failure.message)
+
+    async def _fail(self, delivery: Delivery, failure: Failure) -> Settlement:
+        """Answer the client when someone may be answered, then park the request."""
+        refusal = delivery.refusal
+        if refusal is not None and failure.reason is not refusal.reason:
+            # Dead letters and unknown models too: a forged reply_to is never answered.
+            failure = Failure(refusal.reason, refusal.code,
+                              f"{refusal.message}; the request had also failed: "
+                              f"{failure.message}", refusal.extra)
+        if delivery.answerable:
+            headers = delivery.reply_headers()
+            headers[p.H_OUTCOME] = "error"
+            headers[p.H_ERROR_CODE] = str(failure.code)
+            body = p.error_body(failure.code, failure.message, **failure.extra)
+            if not await self._reply(delivery, body, headers):
+                failure = Failure(failure.reason, failure.code,
+                                  f"{failure.message} (reply queue {delivery.reply_to!r} "
+                                  "does not exist)", failure.extra)
+        await self._park(delivery, failure)
+        return Settlement(str(failure.code), failure.reason, failure.message)
+
+    async def _reply(self, delivery: Delivery, body: bytes, headers: dict[str, Any]) -> bool:
+        assert delivery.reply_to is not None and delivery.refusal is None
+        # What aio_pika.Message(body, content_type="application/json", correlation_id=...,
+        # headers=..., delivery_mode=PERSISTENT, priority=...).properties would be.
+        properties = aiormq.spec.Basic.Properties(
+            content_type="application/json",
+            correlation_id=delivery.correlation_id,
+            delivery_mode=_PERSISTENT,
+            headers=headers,
+            priority=delivery.priority,
+        )
+        return await self._publisher.publish(body, properties, routing_key=delivery.reply_to)
+
+    def _identity_headers(self, delivery: Delivery) -> dict[str, Any]:
+        """The request's headers with ``x-hutch-user`` set to its validated client (or
+        removed: a client-set one must never be republished under the worker's user)."""
+        out = dict(delivery.headers)
+        if delivery.client is None:
+            out.pop(p.H_USER, None)
+        else:
+            out[p.H_USER] = delivery.client
+        return out
+
+    async def _park(self, delivery: Delivery, failure: Failure) -> None:
+        """Copy the request into the parking lot with headers saying why it ended there."""
+        headers = self._identity_headers(delivery)
+        headers.update(delivery.reply_headers())
+        parked_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        headers.update({
+            p.H_REASON: str(failure.reason),
+            p.H_ERROR_CODE: str(failure.code),
+            p.H_ERROR_TYPE: p.error_type(failure.code),
+            p.H_ERROR_MESSAGE: failure.message[:1000],
+            p.H_PARKED_AT: parked_at,
+            p.H_ORIGINAL_ROUTING_KEY: delivery.model or "",
+        })
+        # A replayed request (pipeline.ops.dlq) that fails again keeps its first failure time.
+        headers.setdefault(p.H_FIRST_FAILED_AT, parked_at)
+        message = copy_message(delivery.message, headers)
+        queue = self._names.parked_queue
+        if not await self._publisher.publish(message.body, message.properties,
+                                             routing_key=queue):
+            raise TopologyError(f"parking lot {queue!r} does not exist; run "
+                                "`hutch topology apply`")
+
+    async def _retry(self, delivery: Delivery, delay_ms: int) -> None:
+        """Publish the request to the retry tier of ``delay_ms``; when its TTL expires the
+        broker dead-letters it back to the request exchange under its original model."""
+        headers = self._identity_headers(delivery)
+        headers[p.H_ATTEMPTS] = delivery.attempts
+        headers[p.H_RETRIES] = delivery.retries + 1
+        if delivery.deadline_ms is not None:
+            headers[p.H_DEADLINE] = delivery.deadline_ms  # survives; expiration does not
+        headers[p.H_RETRY_TIER] = str(delay_ms)
+        vouch = p.H_USER in headers and self._worker_user is not None
+        # The broker checks user_id: only this worker's user can vouch for x-hutch-user.
+        message = copy_message(delivery.message, headers,
+                               user_id=self._worker_user if vouch else None)
+        if not await self._publisher.publish(message.body, message.properties,
+                                             routing_key=delivery.model or "",
+                                             exchange=self._names.retry_exchange):
+            raise TopologyError(f"retry tier {self._names.retry_queue(delay_ms)!r} does not "
+                                "exist; run `hutch topology apply`")

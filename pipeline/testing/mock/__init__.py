@@ -1,0 +1,63 @@
+"""A mock OpenAI-compatible LLM backend with a hard concurrency cap and fault injection.
+
+Hutch's demo, tests and benchmarks need a backend that behaves like a real one where it
+matters to a request queue (fixed capacity, fixed latency, OpenAI request/response shapes)
+while being deterministic and observable: ``GET /stats`` shows how many requests were ever
+open at once, so a benchmark can prove that callers never exceeded a backend cap.
+
+Failure tests need a backend that fails the way real ones do. The mock injects, on
+request (none by default; see :class:`MockConfig`):
+
+- **errors**: ``fail_rate`` (a random fraction) or ``fail_first`` (the first N requests,
+  deterministic) answered with ``fail_status`` (500) and an OpenAI error body, after
+  holding a slot for the latency like a real busy server;
+- **throttling**: ``throttle_rate`` answered ``429`` with ``Retry-After: retry_after_s``
+  at once, without taking a slot (a real server throttles at the door);
+- **hangs**: ``hang_rate`` requests hold their slot for ``hang_s`` (an hour by default)
+  before answering, to provoke client timeouts;
+- **connection refused**: stop the mock; ``start()`` again rebinds the same port.
+
+Faults can be replaced at runtime with ``POST /faults`` (``{}`` clears them, a test can
+"fix" a backend mid-run), read with ``GET /faults``, or set in-process with
+:meth:`MockBackend.set_faults`. ``seed`` makes the random choices repeatable.
+
+One concept per module, in the order a request meets them: :mod:`.config` (what the
+mock is told), :mod:`.chat` (the OpenAI shapes), :mod:`.faults` (which requests fail),
+:mod:`.stats` (what it counts), :mod:`.server` (the HTTP server), :mod:`.options` and
+:mod:`.cli` (the process). The server and the process are imported on first use, so a
+CLI that only registers :func:`add_arguments` does not import aiohttp.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from pipeline.testing.mock.config import FAULT_FIELDS, MockConfig
+from pipeline.testing.mock.options import add_arguments
+
+if TYPE_CHECKING:
+    from pipeline.testing.mock.cli import run_from_args, serve
+    from pipeline.testing.mock.server import MockBackend
+
+__all__ = [
+    "FAULT_FIELDS",
+    "MockBackend",
+    "MockConfig",
+    "add_arguments",
+    "run_from_args",
+    "serve",
+]
+
+_LAZY = {
+    "MockBackend": "pipeline.testing.mock.server",
+    "run_from_args": "pipeline.testing.mock.cli",
+    "serve": "pipeline.testing.mock.cli",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the server and the process runner on first use (they need aiohttp)."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,81 @@
+"""The mock backend's command-line options, shared by ``hutch mock-backend`` and
+``python -m pipeline.testing.mock``.
+
+Kept apart from the server so a CLI can register the options without importing aiohttp.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.testing.mock.config import FAULT_FIELDS, MockConfig
+
+__all__ = ["add_arguments", "config_from_args"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the mock backend's options to ``parser``."""
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=8001, help="port to bind, 0 = any free (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--latency-ms", type=float, default=50.0, help="latency per request (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--capacity", type=int, default=4, help="requests served at once (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--models",
+        default="mock-small,mock-large",
+        help="comma-separated model names (default: %(default)s)",
+    )
+    _add_fault_arguments(parser.add_argument_group(
+        "fault injection", "none by default; change them at runtime with POST /faults"
+    ))
+
+
+def _add_fault_arguments(faults: argparse._ArgumentGroup) -> None:
+    faults.add_argument(
+        "--fail-rate", type=float, default=0.0,
+        help="fraction of requests answered with --fail-status (default: %(default)s)",
+    )
+    faults.add_argument(
+        "--fail-status", type=int, default=500,
+        help="HTTP status of injected failures, 400..599 (default: %(default)s)",
+    )
+    faults.add_argument(
+        "--fail-first", type=int, default=0,
+        help="the first N requests fail with --fail-status (default: %(default)s)",
+    )
+    faults.add_argument(
+        "--throttle-rate", type=float, default=0.0,
+        help="fraction of requests answered 429 with Retry-After (default: %(default)s)",
+    )
+    faults.add_argument(
+        "--retry-after", type=float, default=1.0, dest="retry_after_s",
+        help="Retry-After seconds of throttled requests (default: %(default)s)",
+    )
+    faults.add_argument(
+        "--hang-rate", type=float, default=0.0,
+        help="fraction of requests that hold their slot for --hang-s (default: %(default)s)",
+    )
+    faults.add_argument(
+        "--hang-s", type=float, default=3600.0,
+        help="how long a hanging request hangs before answering (default: %(default)s)",
+    )
+    faults.add_argument(
+        "--seed", type=int, default=None,
+        help="seed of the random fault choices (default: unpredictable)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> MockConfig:
+    """The configuration the options ask for; raises ValueError on a bad one."""
+    models = tuple(name.strip() for name in str(args.models).split(",") if name.strip())
+    # Fault options may be absent from a namespace built by another parser.
+    faults = {name: getattr(args, name) for name in FAULT_FIELDS if hasattr(args, name)}
+    return MockConfig(latency_ms=args.latency_ms, capacity=args.capacity, models=models,
+                      **faults)

@@ -1,0 +1,311 @@
+"""The mock backend's HTTP server: an OpenAI-compatible endpoint with a hard slot cap.
+
+Requests wait FIFO for one of ``capacity`` slots and hold it for the latency, like a busy
+inference server; faults are decided by :mod:`~pipeline.testing.mock.faults` and counted
+by :mod:`~pipeline.testing.mock.stats`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, Self
+
+from aiohttp import web
+
+from pipeline.testing.mock.chat import (
+    RequestError,
+    completion,
+    error_response,
+    parse_chat_request,
+    retry_after_header,
+)
+from pipeline.testing.mock.config import MockConfig
+from pipeline.testing.mock.faults import Fault, FaultDice
+from pipeline.testing.mock.stats import Counters
+
+__all__ = ["MockBackend"]
+
+# Waiting/sleeping handlers are cancelled on shutdown; a short drain keeps SIGTERM prompt.
+_SHUTDOWN_TIMEOUT_S = 2.0
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _drop_connection(request: web.Request) -> None:
+    """Close a request's connection; aiohttp then cancels its handler."""
+    if request.transport is not None:
+        request.transport.close()
+
+
+class MockBackend:
+    """An in-process mock backend; use ``async with`` or ``start()``/``stop()``.
+
+    ``stop()`` then ``start()`` restarts it on the same port (its counters and faults are
+    kept): while it is stopped, callers get "connection refused", like a crashed backend.
+    """
+
+    def __init__(self, config: MockConfig, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.config = config
+        self.host = host
+        self._requested_port = port
+        self._runner: web.AppRunner | None = None
+        self._port: int | None = None
+        self._slots = asyncio.Semaphore(config.capacity)
+        # Requests hanging now (a fault): stop() drops their connections at once.
+        self._hanging: dict[int, web.Request] = {}
+        self._stopping = False
+        # Requests (by id) answered with an injected fault, until the middleware saw them.
+        self._faulted: set[int] = set()
+        # Never reset: completion ids stay unique across stats resets.
+        self._next_id = 0
+        self._dice = FaultDice(config)
+        self._counters = Counters()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind and start serving; with port 0 the OS picks a free port (see ``port``).
+
+        After ``stop()``, ``start()`` binds the port of the first start again, so the
+        URL callers were given stays valid (a backend restart).
+        """
+        if self._runner is not None:
+            raise RuntimeError("mock backend already started")
+        # Created here so the semaphore belongs to the loop that serves the requests.
+        self._slots = asyncio.Semaphore(self.config.capacity)
+        runner = web.AppRunner(
+            self._build_app(),
+            access_log=None,
+            # Like real servers, abandon work for clients that went away.
+            handler_cancellation=True,
+            shutdown_timeout=_SHUTDOWN_TIMEOUT_S,
+        )
+        await runner.setup()
+        try:
+            port = self._port if self._port is not None else self._requested_port
+            site = web.TCPSite(runner, self.host, port)
+            await site.start()
+            # With a hostname that resolves to several addresses and port 0, each socket
+            # may get a different port; the first one is reported. Prefer literal IPs.
+            self._port = int(runner.addresses[0][1])
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+
+    async def stop(self) -> None:
+        """Stop serving; safe to call twice or before ``start()``.
+
+        Requests in service get a short grace period; hanging ones (a fault) lose their
+        connection at once, as when a stuck server is killed. The port is kept for a
+        later ``start()``; until then connections to it are refused.
+        """
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        self._stopping = True
+        try:
+            for request in list(self._hanging.values()):
+                _drop_connection(request)
+            await runner.cleanup()
+        finally:
+            self._stopping = False
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def running(self) -> bool:
+        """True between ``start()`` and ``stop()``."""
+        return self._runner is not None
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (known after the first ``start()``, kept after stop)."""
+        if self._port is None:
+            raise RuntimeError("mock backend is not started")
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        """OpenAI-style base URL, ending in ``/v1``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    # -- faults and stats ------------------------------------------------------------------
+
+    def set_faults(self, **fields: Any) -> dict[str, Any]:
+        """Replace the faults with ``fields`` (names in ``FAULT_FIELDS``); no fields clears
+        them all. Returns the faults now in force. Raises ValueError on bad input, leaving
+        the current faults unchanged.
+
+        Takes effect for the next decisions: a request that waits for a slot is judged by
+        the faults in force when it gets one; a request already hanging keeps hanging.
+        """
+        self.config = self.config.with_faults(**fields)
+        self._dice = FaultDice(self.config)
+        return self.config.faults()
+
+    def faults(self) -> dict[str, Any]:
+        """The faults in force, same JSON as ``GET /faults``."""
+        return self.config.faults()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and peaks, same JSON as ``GET /stats``.
+
+        ``busy_slot_s`` (slot-seconds spent serving) and ``elapsed_s`` (seconds since start
+        or reset) give utilisation between two reads: delta busy / (capacity x delta
+        elapsed)."""
+        return {**self._counters.snapshot(), "capacity": self.config.capacity,
+                "latency_ms": self.config.latency_ms, "models": list(self.config.models)}
+
+    def reset_stats(self) -> None:
+        """Zero counters between runs; config, faults and requests currently open are kept."""
+        self._counters.reset()
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    def _build_app(self) -> web.Application:
+        @web.middleware
+        async def openai_errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
+            # Router errors (unknown path, wrong method) get the OpenAI shape and are counted.
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                code = "not_found" if exc.status == 404 else "invalid_request"
+                response = error_response(exc.status, code, exc.reason)
+            # Injected faults have counters of their own: "errors" are bad requests.
+            faulted = id(request) in self._faulted
+            self._faulted.discard(id(request))
+            if 400 <= response.status < 500 and not faulted:
+                self._counters.errors += 1
+            return response
+
+        app = web.Application(middlewares=[openai_errors])
+        app.router.add_post("/v1/chat/completions", self._handle_chat)
+        app.router.add_get("/v1/models", self._handle_models)
+        app.router.add_get("/stats", self._handle_stats)
+        app.router.add_post("/stats/reset", self._handle_stats_reset)
+        app.router.add_get("/faults", self._handle_faults_get)
+        app.router.add_post("/faults", self._handle_faults_set)
+        return app
+
+    async def _handle_chat(self, request: web.Request) -> web.Response:
+        try:
+            chat = parse_chat_request(await request.json(), self.config.models)
+        except ValueError:
+            return error_response(400, "invalid_request", "request body is not valid JSON")
+        except RequestError as exc:
+            return error_response(exc.status, exc.code, exc.message)
+        if self._dice.throttle_now():
+            return self._throttled(request)
+        try:
+            fault = await self._occupy_slot(request)
+        except asyncio.CancelledError:
+            self._counters.disconnected += 1
+            raise
+        if fault is Fault.FAIL:
+            return self._failed(request)
+        self._next_id += 1
+        response = completion(chat, f"chatcmpl-mock-{self._next_id}")
+        self._counters.served += 1
+        headers = {}
+        request_id = request.headers.get("X-Request-Id")
+        if request_id is not None:
+            self._counters.served_ids.append(request_id)
+            headers["X-Request-Id"] = request_id
+        return web.json_response(response, headers=headers)
+
+    def _throttled(self, request: web.Request) -> web.Response:
+        self._faulted.add(id(request))
+        self._counters.throttled += 1
+        retry_after = self.config.retry_after_s
+        return error_response(
+            429, "rate_limit_exceeded",
+            f"mock backend: injected throttling; retry after {retry_after:g}s",
+            type_="requests", headers={"Retry-After": retry_after_header(retry_after)},
+        )
+
+    def _failed(self, request: web.Request) -> web.Response:
+        self._faulted.add(id(request))
+        self._counters.failed += 1
+        status = self.config.fail_status
+        return error_response(
+            status, "mock_fault", f"mock backend: injected failure (HTTP {status})",
+            type_="server_error" if status >= 500 else "invalid_request_error",
+        )
+
+    async def _occupy_slot(self, request: web.Request) -> Fault:
+        """Wait FIFO for a slot, then hold it for the latency (or a hang); counters survive
+        cancellation. Returns the fault decided once the slot was taken."""
+        self._counters.start_waiting()
+        try:
+            await self._slots.acquire()
+        finally:
+            self._counters.stop_waiting()
+        try:
+            self._counters.enter_service()
+            try:
+                fault = self._dice.in_slot()
+                if fault is Fault.HANG:
+                    await self._hang(request)
+                else:
+                    await asyncio.sleep(self.config.latency_ms / 1000.0)
+                return fault
+            finally:
+                self._counters.leave_service()
+        finally:
+            self._slots.release()
+
+    async def _hang(self, request: web.Request) -> None:
+        self._counters.hung += 1
+        self._hanging[id(request)] = request
+        if self._stopping:  # got its slot during stop(): drop it like the rest
+            _drop_connection(request)
+        try:
+            await asyncio.sleep(self.config.hang_s)
+        finally:
+            self._hanging.pop(id(request), None)
+
+    async def _handle_models(self, request: web.Request) -> web.Response:
+        data = [{"id": m, "object": "model", "owned_by": "hutch-mock"} for m in self.config.models]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _handle_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats())
+
+    async def _handle_stats_reset(self, request: web.Request) -> web.Response:
+        self.reset_stats()
+        return web.json_response(self.stats())
+
+    async def _handle_faults_get(self, request: web.Request) -> web.Response:
+        return web.json_response(self.faults())
+
+    async def _handle_faults_set(self, request: web.Request) -> web.Response:
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            return error_response(400, "invalid_request", "request body is not valid JSON")
+        if not isinstance(body, dict):
+            return error_response(
+                400, "invalid_request",
+                "request body must be a JSON object of fault fields ({} clears all faults)",
+            )
+        try:
+            return web.json_response(self.set_faults(**body))
+        except ValueError as exc:
+            return error_response(400, "invalid_request", str(exc))

@@ -1,0 +1,46 @@
+"""What a worker session runs for its deliveries, wired once per connection.
+
+One confirming publisher, the settler on top of it, the delivery hooks (metrics and
+logging first, then any the caller adds), the triage handler and one dispatcher per pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from aio_pika.abc import AbstractChannel
+
+from pipeline.broker.names import Names
+from pipeline.dispatch.dispatcher import Dispatcher
+from pipeline.observe.hooks import DeliveryHook, Hooks, LoggingHook
+from pipeline.observe.metrics import Metrics, MetricsHook
+from pipeline.settings import Settings
+from pipeline.settle.guard import ReplyGuard
+from pipeline.settle.publisher import Publisher
+from pipeline.settle.settler import Settler
+from pipeline.worker.triage import Triage
+
+__all__ = ["Handlers"]
+
+
+@dataclass(frozen=True)
+class Handlers:
+    """The triage handler and the dispatcher of each pool, sharing one settler."""
+
+    triage: Triage
+    dispatchers: dict[str, Dispatcher]
+
+    @classmethod
+    def build(cls, settings: Settings, channel: AbstractChannel, metrics: Metrics,
+              extra_hooks: Sequence[DeliveryHook] = ()) -> Handlers:
+        """``channel`` must have publisher confirms and ``on_return_raises`` on."""
+        names = Names(settings.prefix)
+        guard = ReplyGuard.from_settings(settings)
+        hooks = Hooks(MetricsHook(metrics), LoggingHook(), *extra_hooks)
+        settler = Settler(Publisher(channel), names, hooks, worker_user=guard.worker_user)
+        return cls(
+            triage=Triage(settler, guard, names),
+            dispatchers={pool.name: Dispatcher(settings, pool, settler, guard, hooks)
+                         for pool in settings.pools},
+        )

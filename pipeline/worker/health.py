@@ -1,0 +1,111 @@
+"""A backend's health as this worker sees it: what dispatch reports, what the prefetch reads.
+
+Dispatch reports each call's outcome here (the
+:class:`~pipeline.dispatch.dispatcher.BackendHealth` protocol) and asks whether the backend
+may take a request at all. The prefetch controller (:mod:`pipeline.worker.capacity`) asks
+how many requests it may hold: the gate's answer (``max_concurrency`` while healthy, 1 for
+a circuit probe, 0 while open or throttled), or 0 while the operator paused the pool. Both
+kinds of change wake the controller through :attr:`BackendHealthReporter.changed`, so it
+never polls. No I/O here: it is tested with a fake clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol
+
+from pipeline.backends.breaker import BackendGate, LatencyFloor
+from pipeline.observe.log import get_logger
+
+__all__ = ["BackendHealthReporter", "Level"]
+
+log = get_logger("hutch.worker")
+
+
+class Level(Protocol):
+    """A gauge with its labels applied (prometheus-client's, or a test's fake)."""
+
+    def set(self, value: float) -> None: ...
+
+
+class BackendHealthReporter:
+    """One backend's gate, latency floor and pause flag; signals every change."""
+
+    def __init__(self, backend: str, max_concurrency: int, gate: BackendGate,
+                 state_gauge: Level) -> None:
+        self.backend = backend
+        self.max_concurrency = max_concurrency
+        self.gate = gate
+        self.latency_floor = LatencyFloor()
+        #: Set on a gate state change or a pause/resume: the prefetch may have to change.
+        self.changed = asyncio.Event()
+        self._paused = False
+        self._state_gauge = state_gauge
+        self._state_gauge.set(gate.state_code)
+
+    # -- BackendHealth (what dispatch reports and asks) ---------------------------------
+
+    def available(self) -> bool:
+        return self.allowed() > 0
+
+    def fastest_s(self) -> float:
+        return self.latency_floor.seconds()
+
+    def success(self, elapsed_s: float) -> None:
+        self.latency_floor.observe(elapsed_s)
+        self._report(self.gate.success)
+
+    def failure(self) -> None:
+        self._report(self.gate.failure)
+
+    def throttled(self, retry_after_s: float | None) -> None:
+        self._report(lambda: self.gate.throttled(retry_after_s))
+
+    # -- commands (the worker follows the pool's pause flag) ---------------------------
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self) -> bool:
+        """The pool is paused: take nothing. True if this changed anything."""
+        return self._set_paused(True)
+
+    def resume(self) -> bool:
+        """The pool is resumed: the gate decides again. True if this changed anything."""
+        return self._set_paused(False)
+
+    # -- what the prefetch controller reads --------------------------------------------
+
+    def allowed(self) -> int:
+        """The prefetch the backend may have now: 0 while paused, else the gate's."""
+        return 0 if self._paused else self.gate.capacity(self.max_concurrency)
+
+    def reopens_in(self) -> float | None:
+        """Seconds until the gate lets requests through again by the clock alone (an open
+        circuit's cooldown or a throttle ending); None when no timer is due (serving, or
+        paused: only a resume changes that)."""
+        if self._paused or self.allowed() > 0:
+            return None
+        return self.gate.available_in()
+
+    def describe(self) -> str:
+        return str(self.gate.state)
+
+    def _set_paused(self, paused: bool) -> bool:
+        if self._paused == paused:
+            return False
+        self._paused = paused
+        self.changed.set()
+        return True
+
+    def _report(self, update: Callable[[], None]) -> None:
+        before = self.gate.state
+        update()
+        after = self.gate.state
+        self._state_gauge.set(self.gate.state_code)
+        if after != before:
+            log.warning("backend.state", backend=self.backend, before=str(before),
+                        after=str(after), available_in_s=round(self.gate.available_in(), 3))
+            self.changed.set()

@@ -1,0 +1,153 @@
+"""The dispatcher's decisions, one test per row of the README's failure table that a
+worker decides (no broker: these are pure functions over the delivery context)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import protocol as p
+from pipeline.dispatch import decide
+from pipeline.errors import BackendCallError, RetryableError, TerminalError, ThrottledError
+from pipeline.models import ChatRequest
+from pipeline.outcome import Failed, Requeue, RetryLater
+from pipeline.settings import PoolSettings
+from tests.fakes import chat_body, delivery
+
+POOL = PoolSettings.model_validate({
+    "name": "chat", "models": ["small"], "max_attempts": 5, "attempts_per_delivery": 2,
+    "retry_delays_ms": [1000, 5000],
+    "backends": [{"name": "b1", "url": "http://127.0.0.1:1/v1", "max_concurrency": 2}],
+})
+
+
+def admit(**fields: object) -> object:
+    available = bool(fields.pop("available", True))
+    return decide.admit(delivery(**fields), POOL, max_body_bytes=1000, available=available)
+
+
+def failed_reason(outcome: object) -> p.ParkReason:
+    assert isinstance(outcome, Failed), outcome
+    return outcome.failure.reason
+
+
+# -- admission ---------------------------------------------------------------------------
+
+
+def test_a_valid_request_is_admitted() -> None:
+    assert isinstance(admit(), ChatRequest)
+
+
+@pytest.mark.parametrize(("fields", "reason"), [
+    ({"body": b"{not json"}, p.ParkReason.INVALID_JSON),
+    ({"body": chat_body(messages=[])}, p.ParkReason.INVALID_REQUEST),
+    ({"body": chat_body("large")}, p.ParkReason.INVALID_REQUEST),
+    ({"body": chat_body(stream=True)}, p.ParkReason.INVALID_REQUEST),
+    ({"body": chat_body(pad="x" * 2000)}, p.ParkReason.TOO_LARGE),
+    ({"content_type": "text/plain"}, p.ParkReason.INVALID_REQUEST),
+    ({"correlation_id": None}, p.ParkReason.INVALID_REQUEST),
+    ({"reply_to": None}, p.ParkReason.NO_REPLY_TO),
+    ({"reply_to": "llm.work.chat"}, p.ParkReason.NO_REPLY_TO),
+    ({"user_id": "app", "reply_to": "llm.reply.other"}, p.ParkReason.FORGED_REPLY_TO),
+    ({"deadline_in_s": -1}, p.ParkReason.DEADLINE_EXCEEDED),
+])
+def test_malformed_forged_or_late_requests_fail_before_any_backend(
+        fields: dict[str, object], reason: p.ParkReason) -> None:
+    assert failed_reason(admit(**fields)) is reason
+
+
+def test_a_forged_reply_to_is_not_answerable() -> None:
+    d = delivery(user_id="app", reply_to="llm.reply.other")
+    assert d.refusal is not None and not d.answerable
+    assert delivery(user_id="app", reply_to="llm.reply.app.7").answerable
+
+
+def test_an_unavailable_backend_hands_the_request_back() -> None:
+    assert isinstance(admit(available=False), Requeue)
+
+
+# -- before an attempt ---------------------------------------------------------------------
+
+
+def test_before_attempt() -> None:
+    assert decide.before_attempt(delivery(), 1, available=True, fastest_s=0.5) is None
+    assert isinstance(decide.before_attempt(delivery(), 2, available=False, fastest_s=0),
+                      Requeue)
+    late = decide.before_attempt(delivery(deadline_in_s=-0.1), 1, available=True,
+                                 fastest_s=0)
+    assert failed_reason(late) is p.ParkReason.DEADLINE_EXCEEDED
+    short = decide.before_attempt(delivery(deadline_in_s=0.2), 1, available=True,
+                                  fastest_s=1.0)
+    assert failed_reason(short) is p.ParkReason.DEADLINE_EXCEEDED
+    assert isinstance(short, Failed) and "fastest recent answer" in short.failure.message
+
+
+# -- after a failed attempt ------------------------------------------------------------------
+
+
+def after(error: BackendCallError, number: int = 1, backoff: float = 0.1,
+          **fields: object) -> object:
+    d = delivery(**fields)  # type: ignore[arg-type]
+    d.attempts = d.prior_attempts + number
+    kind = decide.attempt_kind(d, error)
+    return decide.after_failure(d, error, kind, number, POOL, backoff)
+
+
+def test_attempt_kinds() -> None:
+    assert decide.attempt_kind(delivery(), ThrottledError("429")) == "throttled"
+    assert decide.attempt_kind(delivery(), RetryableError("500", status=500)) == "retryable"
+    assert decide.attempt_kind(delivery(), TerminalError("400", status=400)) == "terminal"
+    assert decide.attempt_kind(delivery(deadline_in_s=-0.01),
+                               RetryableError("timed out")) == "deadline"
+
+
+def test_a_429_goes_back_to_the_queue() -> None:
+    assert isinstance(after(ThrottledError("429", retry_after_s=2)), Requeue)
+
+
+def test_a_transient_failure_is_retried_in_place_first() -> None:
+    step = after(RetryableError("boom", status=503), number=1, backoff=0.25)
+    assert step == decide.TryAgain(0.25)
+
+
+def test_then_through_a_retry_tier_by_trip_count() -> None:
+    step = after(RetryableError("boom", status=503), number=2)
+    assert isinstance(step, RetryLater) and step.delay_ms == 1000
+    again = after(RetryableError("boom", status=503), number=2, retries=5)
+    assert isinstance(again, RetryLater) and again.delay_ms == 5000  # the last tier repeats
+
+
+def test_attempts_are_capped_across_deliveries() -> None:
+    step = after(RetryableError("boom", status=502), number=1, attempts=4)
+    assert isinstance(step, Failed)
+    assert step.failure.code is p.ErrorCode.BACKEND_ERROR
+    assert step.failure.extra == {"status": 502}
+    assert "after 5 attempts" in step.failure.message
+
+
+def test_no_retry_when_it_cannot_fit_before_the_deadline() -> None:
+    step = after(RetryableError("boom", status=500), number=2, deadline_in_s=0.5)
+    assert isinstance(step, Failed) and step.failure.code is p.ErrorCode.BACKEND_ERROR
+    in_place = after(RetryableError("boom", status=500), number=1, backoff=2.0,
+                     deadline_in_s=0.5)
+    assert isinstance(in_place, Failed)
+
+
+def test_a_call_cut_at_the_deadline_is_a_deadline_failure() -> None:
+    step = after(RetryableError("timed out"), deadline_in_s=-0.01)
+    assert failed_reason(step) is p.ParkReason.DEADLINE_EXCEEDED
+
+
+def test_other_4xx_is_terminal_at_once() -> None:
+    step = after(TerminalError("bad request", status=400), number=1)
+    assert isinstance(step, Failed) and step.failure.extra == {"status": 400}
+    assert step.failure.reason is p.ParkReason.BACKEND_ERROR
+    assert step.failure.message.endswith("(after 1 attempt)")
+
+
+def test_without_retry_tiers_a_transient_failure_ends_after_the_in_place_budget() -> None:
+    pool = POOL.model_copy(update={"retry_delays_ms": []})
+    d = delivery()
+    d.attempts = 2
+    error = RetryableError("boom", status=500)
+    step = decide.after_failure(d, error, "retryable", 2, pool, 0.1)
+    assert isinstance(step, Failed)

@@ -1,0 +1,101 @@
+"""The files of examples/ run against the real broker, and the README shows them verbatim.
+
+Each example runs as its user would run it: a separate Python process whose only
+configuration is ``HUTCH_AMQP_URL`` and ``HUTCH_PREFIX``, against a topology and a worker
+(with the mock backend) of this test's own. The README embeds each file in the fenced
+block after an ``<!-- example: examples/NAME.py -->`` marker, and that block must equal
+the file, so the README's code cannot rot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.broker.topology import apply_topology, delete_topology
+from pipeline.settings import Settings
+from pipeline.testing.mock import MockBackend
+from tests.conftest import SettingsFactory, running_worker
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+README = ROOT / "README.md"
+#: The client id every example uses: its reply queue is removed after the test.
+CLIENT_ID = "my-app-1"
+RUN_TIMEOUT_S = 60
+
+_MARKED_BLOCK = re.compile(
+    r"<!-- example: (?P<path>examples/[\w.-]+\.py) -->\n+```python\n(?P<code>.*?)```",
+    re.DOTALL)
+
+#: What each example prints when it works (a regex per line, in order).
+EXPECTED = {
+    "raw_aio_pika.py": [r"mock reply to: hello"],
+    "client_chat.py": [r"mock reply to: hello"],
+    "client_request.py": [r"mock reply to: hi",
+                          r"backend t\w+-b1, queued \d+ ms, \d+ ms in all"],
+    "client_concurrent.py": [r"25 answers; the last one: mock reply to: question 24"],
+}
+
+
+def _readme_blocks() -> dict[str, str]:
+    return {m["path"]: m["code"] for m in _MARKED_BLOCK.finditer(README.read_text())}
+
+
+def test_every_example_is_tested_and_shown_in_the_readme() -> None:
+    files = {path.name for path in EXAMPLES.glob("*.py")}
+    assert files == set(EXPECTED), "list each example's expected output in EXPECTED"
+    assert set(_readme_blocks()) == {f"examples/{name}" for name in files}
+
+
+@pytest.mark.parametrize("path", sorted(_readme_blocks()))
+def test_readme_block_is_the_file(path: str) -> None:
+    assert _readme_blocks()[path] == (ROOT / path).read_text(), (
+        f"README's block after '<!-- example: {path} -->' differs from {path}; "
+        "copy the file into the README")
+
+
+@pytest.fixture
+async def served(make_settings: SettingsFactory, mock: MockBackend
+                 ) -> AsyncIterator[Settings]:
+    """A topology under this test's prefix and a worker on the mock; removed afterwards."""
+    settings = make_settings([("b1", mock.base_url, 4)])
+    await apply_topology(settings)
+    try:
+        async with running_worker(settings):
+            yield settings
+    finally:
+        await delete_topology(settings, reply_queues=[CLIENT_ID])
+
+
+async def _run(script: Path, env: dict[str, str]) -> tuple[int, str, str]:
+    """Run one example in its own interpreter; always reaped, killed if it overruns."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), env=env, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        async with asyncio.timeout(RUN_TIMEOUT_S):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+async def test_example_runs(name: str, served: Settings, hutch_env: dict[str, str]) -> None:
+    env = dict(hutch_env, HUTCH_AMQP_URL=served.amqp_url, HUTCH_PREFIX=served.prefix)
+    code, out, err = await _run(EXAMPLES / name, env)
+    assert code == 0, f"{name} exited {code}\nstdout:\n{out}\nstderr:\n{err}"
+    lines = out.splitlines()
+    assert len(lines) == len(EXPECTED[name]), out
+    for line, pattern in zip(lines, EXPECTED[name], strict=True):
+        assert re.fullmatch(pattern, line), f"{name}: {line!r} !~ {pattern!r}"
