@@ -22,7 +22,7 @@ from pipeline import protocol as p
 from pipeline.models import ChatRequest
 from pipeline.outcome import Failure
 
-__all__ = ["Delivery", "ReplyPolicy", "count_header"]
+__all__ = ["Delivery", "ReplyPolicy", "StreamProgress", "count_header"]
 
 #: Retry-tier trips are counted up to this; a client-set header cannot make it unbounded.
 _MAX_RETRIES_COUNTED = 1000
@@ -44,6 +44,16 @@ def count_header(headers: Mapping[str, Any], name: str, high: int) -> int:
     it too, so anything outside 0..high counts as 0 or high: never unlimited retries."""
     value = p.int_header(headers, name, low=-(2**63), high=2**63 - 1)
     return 0 if value is None else max(0, min(value, high))
+
+
+@dataclass(slots=True)
+class StreamProgress:
+    """What a streaming attempt has sent: its stream id, chunk messages and characters."""
+
+    stream_id: str
+    messages: int = 0
+    chunks: int = 0
+    content_chars: int = 0
 
 
 @dataclass(slots=True)
@@ -74,6 +84,10 @@ class Delivery:
     backend_ms: int | None = None
     #: The validated request body, once dispatch has checked it.
     request: ChatRequest | None = None
+    #: A streaming request's progress, once its first chunk message went out.
+    stream: StreamProgress | None = None
+    #: Set when a valid cancel for this request arrived while it was at the backend.
+    cancel_requested: bool = False
     received_at: float = field(default_factory=time.monotonic)
 
     @classmethod
@@ -141,6 +155,8 @@ class Delivery:
     def reply_headers(self) -> dict[str, Any]:
         """Timings and routing facts every reply and parked copy carries."""
         headers: dict[str, Any] = {p.H_POOL: self.pool, p.H_ATTEMPTS: self.attempts}
+        if self.stream is not None:
+            headers[p.H_STREAM_ID] = self.stream.stream_id
         if self.backend is not None:
             headers[p.H_BACKEND] = self.backend
         if self.queue_wait_ms is not None:

@@ -5,6 +5,11 @@ worker, the client::
 
     HutchError
     ├── ConfigError              bad settings: the operator fixes the file or environment
+    ├── BrokerConnectionError    no AMQP connection (pipeline.broker.connection says why)
+    │   ├── BrokerUnreachableError   no TCP connection: a worker retries (a ConnectionError)
+    │   ├── BrokerAuthError          the broker refused the user's credentials
+    │   ├── BrokerAccessError        the vhost does not exist or the user may not use it
+    │   └── BrokerTLSError           the TLS handshake failed (certificate, CA, client cert)
     ├── TopologyError            the broker disagrees with the config (changed arguments,
     │                            management API unreachable): the operator decides
     ├── OperationError           an operator's command cannot do what it was asked
@@ -28,7 +33,9 @@ worker, the client::
         ├── UnknownModelError    no pool serves the model
         ├── DeadlineExceededError the request's deadline passed before an answer
         ├── InvalidRequestError  the request itself is malformed or too large
-        └── BackendError         the backend failed or refused, after retries
+        ├── BackendError         the backend failed or refused, after retries
+        │   └── StreamInterruptedError  a stream ended or restarted after chunks were sent
+        └── RequestCancelledError       the request was cancelled by its owner or an operator
 
 A :class:`RequestFailed` carries the OpenAI-shaped error of the reply (``code``, ``type``,
 ``message``); :func:`error_for_code` maps a reply's code to its class, so a caller can catch
@@ -51,6 +58,11 @@ __all__ = [
     "BackendProtocolError",
     "BackendTimeoutError",
     "BackendUnreachableError",
+    "BrokerAccessError",
+    "BrokerAuthError",
+    "BrokerConnectionError",
+    "BrokerTLSError",
+    "BrokerUnreachableError",
     "ConfigError",
     "DeadlineExceededError",
     "HutchError",
@@ -58,11 +70,13 @@ __all__ = [
     "InvalidRequestError",
     "OperationError",
     "QueueFullError",
+    "RequestCancelledError",
     "RequestFailed",
     "RetryableError",
     "RetryableStatusError",
     "StackError",
     "StatusError",
+    "StreamInterruptedError",
     "TerminalError",
     "TerminalStatusError",
     "ThrottledError",
@@ -83,6 +97,31 @@ class ConfigError(HutchError):
 
 class TopologyError(HutchError):
     """The broker's topology cannot be made to match the configuration."""
+
+
+# -- the AMQP connection ------------------------------------------------------------------
+
+
+class BrokerConnectionError(HutchError):
+    """No AMQP connection could be opened; the message says why and what to do."""
+
+
+class BrokerUnreachableError(BrokerConnectionError, ConnectionError):
+    """No connection to the broker's address (refused, unknown host, timeout): the one
+    connection failure that retrying can cure, so it is also a :class:`ConnectionError`."""
+
+
+class BrokerAuthError(BrokerConnectionError):
+    """The broker refused the credentials: retrying cannot help."""
+
+
+class BrokerAccessError(BrokerConnectionError):
+    """The vhost does not exist or the user has no access to it: retrying cannot help."""
+
+
+class BrokerTLSError(BrokerConnectionError):
+    """The TLS handshake failed (untrusted or wrong certificate, client certificate
+    missing or refused): retrying cannot help."""
 
 
 # -- operator tools: status, users, benchmarks ------------------------------------------
@@ -231,6 +270,29 @@ class BackendError(RequestFailed):
     code = "backend_error"
 
 
+class RequestCancelledError(RequestFailed):
+    """The request was cancelled (by its owner or an operator) before it finished."""
+
+    code = "cancelled"
+
+
+class StreamInterruptedError(BackendError):
+    """A stream ended early after chunks were sent (the backend failed or went silent
+    mid-stream), or restarted: a worker died mid-stream and the request is being streamed
+    again from the start (``restarted``). ``chunks_sent`` and ``content_chars_sent`` say
+    how much of the interrupted stream was sent."""
+
+    code = "stream_interrupted"
+
+    def __init__(self, message: str, *, code: str | None = None, type: str | None = None,
+                 status: int | None = None, chunks_sent: int = 0,
+                 content_chars_sent: int = 0, restarted: bool = False) -> None:
+        super().__init__(message, code=code, type=type, status=status)
+        self.chunks_sent = chunks_sent
+        self.content_chars_sent = content_chars_sent
+        self.restarted = restarted
+
+
 _BY_CODE: dict[str, type[RequestFailed]] = {
     cls.code: cls
     for cls in (
@@ -239,6 +301,8 @@ _BY_CODE: dict[str, type[RequestFailed]] = {
         DeadlineExceededError,
         InvalidRequestError,
         BackendError,
+        RequestCancelledError,
+        StreamInterruptedError,
     )
 }
 

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 __all__ = [
     "ChatCompletion",
+    "ChatCompletionChunk",
     "ChatMessage",
     "ChatRequest",
     "Choice",
+    "ChunkChoice",
+    "ChunkDelta",
     "ErrorDetail",
     "ErrorReply",
+    "StreamOptions",
     "Usage",
 ]
 
@@ -31,12 +35,20 @@ class ChatMessage(_Open):
     content: str | list[Any] | None = None
 
 
+class StreamOptions(_Open):
+    """``stream_options``: only ``include_usage`` is read (strictly a boolean)."""
+
+    include_usage: StrictBool = False
+
+
 class ChatRequest(_Open):
     """An OpenAI ``/v1/chat/completions`` request body."""
 
     model: str = Field(min_length=1, max_length=255)
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
+    #: Strict: ``"stream": "yes"`` is a client bug to refuse, not a truthy string.
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
 
@@ -61,6 +73,28 @@ class ChatCompletion(_Open):
     created: int = 0
     model: str
     choices: list[Choice]
+    usage: Usage | None = None
+
+
+class ChunkDelta(_Open):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChunkChoice(_Open):
+    index: int = 0
+    delta: ChunkDelta = Field(default_factory=ChunkDelta)
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Open):
+    """An OpenAI ``chat.completion.chunk`` object, one event of a stream."""
+
+    id: str = ""
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = 0
+    model: str = ""
+    choices: list[ChunkChoice] = Field(default_factory=list)
     usage: Usage | None = None
 
 

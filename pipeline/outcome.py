@@ -10,6 +10,7 @@ a decision into replies, parked copies, retry-tier publishes, acks and nacks
     ├── Failed       terminal: error reply (when someone may be answered), park, ack
     ├── RetryLater   transient: through the retry tier of ``delay_ms``, ack
     ├── Requeue      this backend cannot take it now (429, circuit, pause): nack + requeue
+    ├── Cancelled    its owner cancelled it, or its client is gone: answer, ack, not parked
     └── Abandoned    the channel or connection is gone: no ack; the broker redelivers
 """
 
@@ -23,6 +24,7 @@ from pipeline.models import Usage
 
 __all__ = [
     "Abandoned",
+    "Cancelled",
     "Completed",
     "Failed",
     "Failure",
@@ -76,10 +78,19 @@ class Requeue:
 
 
 @dataclass(frozen=True, slots=True)
+class Cancelled:
+    """Cancelled before it finished: ``queued`` (never reached a backend), ``in_flight``
+    (the backend call was aborted) or ``client_gone`` (its reply queue vanished mid-stream:
+    nobody is left to answer). Not a failure: never parked."""
+
+    stage: str
+
+
+@dataclass(frozen=True, slots=True)
 class Abandoned:
     """Nothing can be settled (the channel or connection died): the broker redelivers."""
 
     error: str
 
 
-Outcome = Completed | Failed | RetryLater | Requeue | Abandoned
+Outcome = Completed | Failed | RetryLater | Requeue | Cancelled | Abandoned

@@ -22,6 +22,7 @@ __all__ = [
     "H_ERROR_MESSAGE",
     "H_ERROR_TYPE",
     "H_FIRST_FAILED_AT",
+    "H_KIND",
     "H_ORIGINAL_ROUTING_KEY",
     "H_OUTCOME",
     "H_PARKED_AT",
@@ -32,7 +33,11 @@ __all__ = [
     "H_RETRIES",
     "H_RETRY_TIER",
     "H_SENT_AT",
+    "H_SEQ",
+    "H_STREAM_ID",
     "H_USER",
+    "KIND_CHUNK",
+    "KIND_FINAL",
     "ErrorCode",
     "ParkReason",
     "deadline_ms",
@@ -68,6 +73,14 @@ H_ATTEMPTS = "x-hutch-attempts"
 H_BACKEND = "x-hutch-backend"
 H_POOL = "x-hutch-pool"
 
+# Streaming replies (see the README's "Streaming replies"): every message of a stream, and
+# every final reply, says which it is; chunks are numbered within their stream id.
+H_KIND = "x-hutch-kind"  # "chunk" or "final"
+H_STREAM_ID = "x-hutch-stream-id"  # a fresh id per attempt at streaming the request
+H_SEQ = "x-hutch-seq"  # chunk: its number from 0; final: how many chunks were sent
+KIND_CHUNK = "chunk"
+KIND_FINAL = "final"
+
 # Parking-lot headers (in addition to H_POOL, H_BACKEND, H_ATTEMPTS, H_ERROR_CODE).
 H_REASON = "x-hutch-reason"
 H_ERROR_TYPE = "x-hutch-error-type"
@@ -88,6 +101,10 @@ class ErrorCode(StrEnum):
     INVALID_REQUEST = "invalid_request"
     BACKEND_ERROR = "backend_error"
     INTERNAL_ERROR = "internal_error"
+    #: The request's owner (or an operator) cancelled it; not a failure, never parked.
+    CANCELLED = "cancelled"
+    #: A stream failed after chunks were sent; the error says how much was sent.
+    STREAM_INTERRUPTED = "stream_interrupted"
 
 
 class ParkReason(StrEnum):
@@ -107,6 +124,8 @@ class ParkReason(StrEnum):
     FORGED_REPLY_TO = "forged_reply_to"
     #: No ``user_id`` while the worker requires one (``require_user_id``): not answered.
     NO_USER_ID = "no_user_id"
+    #: A stream failed after chunks were sent (the client got ``stream_interrupted``).
+    STREAM_INTERRUPTED = "stream_interrupted"
 
 
 #: The OpenAI ``error.type`` for each code.
@@ -117,6 +136,8 @@ _ERROR_TYPE = {
     ErrorCode.INVALID_REQUEST: "invalid_request_error",
     ErrorCode.BACKEND_ERROR: "api_error",
     ErrorCode.INTERNAL_ERROR: "api_error",
+    ErrorCode.CANCELLED: "invalid_request_error",
+    ErrorCode.STREAM_INTERRUPTED: "api_error",
 }
 
 

@@ -55,6 +55,10 @@ class BackendSettings(_Strict):
     timeout_s: float = Field(default=60.0, gt=0, lt=CONSUMER_TIMEOUT_S)
     #: Name of the environment variable holding the API key; the key itself is never stored.
     api_key_env: str | None = None
+    #: Pass the request's priority to a backend that schedules by it (vLLM with
+    #: ``--scheduling-policy priority``): its body gets ``"priority": max_priority - p``
+    #: (lower is served earlier there, the opposite of AMQP), unless it already has one.
+    send_priority: bool = False
 
     @field_validator("url")
     @classmethod
@@ -178,6 +182,15 @@ class Settings(BaseSettings):
     #: behalf (``x-hutch-user``) and to reply anywhere: e.g. an operator replaying parked
     #: requests. Everyone else may only name their own reply queues in ``reply_to``.
     trusted_users: list[str] = Field(default_factory=list)
+    #: Streaming: the first chunk goes out at once; later chunk messages at most every
+    #: ``stream_window_ms``, or as soon as ``stream_max_chunks`` chunks wait.
+    stream_window_ms: int = Field(default=25, ge=0, le=10_000)
+    stream_max_chunks: int = Field(default=64, ge=1, le=100_000)
+    #: After a stream's first chunk, the longest gap between two chunks.
+    stream_idle_timeout_s: float = Field(default=30.0, gt=0, lt=CONSUMER_TIMEOUT_S)
+    #: Cancelled request ids are remembered this long, at most ``cancel_max_ids`` of them.
+    cancel_ttl_s: float = Field(default=600.0, gt=0, le=86_400)
+    cancel_max_ids: int = Field(default=100_000, ge=100, le=10_000_000)
     pools: list[PoolSettings] = Field(default_factory=list)
 
     @classmethod

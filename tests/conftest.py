@@ -31,7 +31,7 @@ from pipeline.broker.topology import apply_topology
 from pipeline.client.client import HutchClient
 from pipeline.runtime.background import running
 from pipeline.settings import Settings, dump_toml, load_settings
-from pipeline.testing.mock_backend import MockBackend, MockConfig
+from pipeline.testing.mock import MockBackend, MockConfig
 from pipeline.worker.worker import Worker
 
 _HOW_TO_START = (

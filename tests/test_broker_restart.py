@@ -13,7 +13,7 @@ import pytest
 from pipeline.broker.names import Names
 from pipeline.broker.topology import apply_topology
 from pipeline.client.client import HutchClient
-from pipeline.testing.mock_backend import MockBackend, MockConfig
+from pipeline.testing.mock import MockBackend, MockConfig
 from tests.conftest import SettingsFactory
 from tests.test_replicas import wait_for_holder, worker_processes
 

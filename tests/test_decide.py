@@ -41,7 +41,7 @@ def test_a_valid_request_is_admitted() -> None:
     ({"body": b"{not json"}, p.ParkReason.INVALID_JSON),
     ({"body": chat_body(messages=[])}, p.ParkReason.INVALID_REQUEST),
     ({"body": chat_body("large")}, p.ParkReason.INVALID_REQUEST),
-    ({"body": chat_body(stream=True)}, p.ParkReason.INVALID_REQUEST),
+    ({"body": chat_body(stream="true")}, p.ParkReason.INVALID_REQUEST),
     ({"body": chat_body(pad="x" * 2000)}, p.ParkReason.TOO_LARGE),
     ({"content_type": "text/plain"}, p.ParkReason.INVALID_REQUEST),
     ({"correlation_id": None}, p.ParkReason.INVALID_REQUEST),

@@ -242,7 +242,7 @@ def test_cli_export(make_settings: SettingsFactory, tmp_path: Path,
     out = tmp_path / "definitions.json"
     assert cli(["export", "-c", str(config), "-o", str(out)]) == 0
     assert json.loads(out.read_text()) == export_definitions(settings).definitions
-    assert f"wrote {out}: vhost {settings.vhost!r}, 4 exchanges, 7 queues" in (
+    assert f"wrote {out}: vhost {settings.vhost!r}, 5 exchanges, 7 queues" in (
         capsys.readouterr().out)
     assert cli(["export", "-c", str(config)]) == 0
     assert json.loads(capsys.readouterr().out) == export_definitions(settings).definitions

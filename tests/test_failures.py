@@ -23,7 +23,7 @@ from pipeline.client.client import HutchClient
 from pipeline.errors import BackendError, DeadlineExceededError
 from pipeline.observe.metrics import Metrics
 from pipeline.settings import BackendSettings
-from pipeline.testing.mock_backend import MockBackend, MockConfig
+from pipeline.testing.mock import MockBackend, MockConfig
 from tests.conftest import SettingsFactory, amqp, drain_queue, running_worker
 
 USER = [{"role": "user", "content": "hello"}]
@@ -249,7 +249,7 @@ async def test_a_client_that_comes_back_gets_its_pending_replies(
         make_settings: SettingsFactory) -> None:
     """Replies published while a client was away wait in its durable reply queue; a
     client with the same client_id claims them by correlation id."""
-    from pipeline.testing.mock_backend import MockBackend, MockConfig
+    from pipeline.testing.mock import MockBackend, MockConfig
 
     async with MockBackend(MockConfig(latency_ms=200, capacity=4)) as mock:
         settings = make_settings([("b1", mock.base_url, 4)])

@@ -13,7 +13,7 @@ from pipeline.broker.topology import apply_topology
 from pipeline.client.client import HutchClient, Reply
 from pipeline.errors import RequestFailed
 from pipeline.observe.metrics import Metrics
-from pipeline.testing.mock_backend import MockBackend, MockConfig
+from pipeline.testing.mock import MockBackend, MockConfig
 from tests.conftest import SettingsFactory, amqp, drain_queue, running_worker
 
 MAX_ATTEMPTS = 4

@@ -29,6 +29,7 @@ from pipeline import protocol as p
 from pipeline.backends.http import Backend
 from pipeline.broker.topology import apply_topology
 from pipeline.client.client import HutchClient
+from pipeline.delivery import StreamProgress
 from pipeline.errors import (
     BackendCallError,
     RetryableError,
@@ -38,7 +39,7 @@ from pipeline.errors import (
 from pipeline.models import Usage
 from pipeline.observe.hooks import Settlement
 from pipeline.observe.metrics import NO_POOL, UNKNOWN_MODEL, Metrics, MetricsHook
-from pipeline.outcome import Failed, Failure, RetryLater
+from pipeline.outcome import Cancelled, Failed, Failure, RetryLater
 from pipeline.settings import BackendSettings, load_settings
 from tests.conftest import SettingsFactory, running_worker
 from tests.fakes import delivery as fake_delivery
@@ -444,6 +445,10 @@ async def test_serve_exports_every_metric_over_http() -> None:
     metrics.backend_errors.labels("b1", "retryable").inc()
     metrics.backend_state.labels("b1").set(0)
     metrics.parked.labels("invalid_json").inc()
+    streamed = fake_delivery()
+    streamed.stream = StreamProgress("s1", messages=2, chunks=9, content_chars=30)
+    MetricsHook(metrics).first_chunk(streamed)
+    MetricsHook(metrics).settled(streamed, Cancelled("in_flight"), Settlement("cancelled"))
     server = metrics.serve(0, addr="127.0.0.1")
     try:
         async with httpx.AsyncClient() as http:

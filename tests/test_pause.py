@@ -9,7 +9,7 @@ from pipeline.broker.names import Names
 from pipeline.broker.topology import apply_topology
 from pipeline.client.client import HutchClient
 from pipeline.observe.metrics import Metrics
-from pipeline.testing.mock_backend import MockBackend
+from pipeline.testing.mock import MockBackend
 from tests.conftest import (
     SettingsFactory,
     amqp,

@@ -257,7 +257,7 @@ async def test_client_raises_typed_errors(make_settings: SettingsFactory,
         with pytest.raises(InvalidRequestError) as invalid:
             await client.chat(model="mock-small", messages=[], timeout=10)
         with pytest.raises(InvalidRequestError) as streaming:
-            await client.chat(model="mock-small", messages=USER, stream=True, timeout=10)
+            await client.chat(model="mock-small", messages=USER, stream="yes", timeout=10)
         # Still serving after the failures.
         ok = await client.chat(model="mock-small", messages=USER, timeout=10)
     assert isinstance(unknown.value, RequestFailed) and "gpt-17" in unknown.value.message

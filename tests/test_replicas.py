@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.broker.topology import apply_topology
 from pipeline.settings import Settings
-from pipeline.testing.mock_backend import MockBackend, MockConfig
+from pipeline.testing.mock import MockBackend, MockConfig
 from tests.conftest import HUTCH, SettingsFactory, write_config
 
 pytestmark = pytest.mark.slow

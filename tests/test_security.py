@@ -43,7 +43,7 @@ from pipeline.observe.log import configure_logging
 from pipeline.observe.metrics import Metrics
 from pipeline.settings import Settings
 from pipeline.settle.guard import ReplyGuard
-from pipeline.testing.mock_backend import MockBackend, MockConfig
+from pipeline.testing.mock import MockBackend, MockConfig
 from tests.conftest import SettingsFactory, body, drain_queue, queue_depth, running_worker
 from topology.clients import (
     CLIENT_TAG,
@@ -142,17 +142,18 @@ def test_permission_patterns() -> None:
     client = client_permissions(names, "billing")
     assert client.as_json() == {
         "configure": r"^llm\.reply\.billing(\..+)?$",
-        "write": r"^llm\.requests$",
+        "write": r"^(llm\.requests|llm\.cancel)$",
         "read": r"^llm\.reply\.billing(\..+)?$",
     }
     worker = worker_permissions(names)
     assert worker.as_json() == {
-        "configure": r"^llm\.lease\..+$",
-        "write": r"^(amq\.default|llm\.retry)$",
-        "read": r"^(llm\.work\..+|llm\.triage|llm\.workers)$",
+        "configure": r"^(llm\.lease\..+|llm\.cancel\..+)$",
+        "write": r"^(amq\.default|llm\.retry|llm\.cancel\..+)$",
+        "read": r"^(llm\.work\..+|llm\.triage|llm\.workers|llm\.cancel|llm\.cancel\..+)$",
     }
     # Prefix characters that mean something in a regex are escaped.
-    assert client_permissions(Names("a-b.c"), "x").write == r"^a\-b\.c\.requests$"
+    assert client_permissions(Names("a-b.c"), "x").write == (
+        r"^(a\-b\.c\.requests|a\-b\.c\.cancel)$")
 
 
 async def test_user_names_and_passwords_are_checked(make_settings: SettingsFactory) -> None:

@@ -59,7 +59,8 @@ async def test_apply_twice_is_idempotent(make_settings: SettingsFactory,
     assert set(second.queues) == {names.triage_queue, names.parked_queue,
                                   names.workers_queue, names.work_queue("chat"), *tiers}
     assert set(second.exchanges) == {names.requests_exchange, names.unrouted_exchange,
-                                     names.dead_letter_exchange, names.retry_exchange}
+                                     names.dead_letter_exchange, names.retry_exchange,
+                                     names.cancel_exchange}
     for delay in (1000, 5000, 30000):
         tier = await api.get_queue(settings.vhost, names.retry_queue(delay))
         assert tier is not None

@@ -142,11 +142,15 @@ def test_model_of_another_pool() -> None:
     assert "mock-small" in result.message
 
 
-def test_stream_true_is_refused() -> None:
-    result = failure(body(stream=True))
-    assert result.reason is p.ParkReason.INVALID_REQUEST
-    assert "stream" in result.message
-    assert isinstance(check(body(stream=False)), ChatRequest)
+def test_stream_must_be_a_boolean_and_its_options_an_object() -> None:
+    for bad in ({"stream": "true"}, {"stream": 1}, {"stream": True, "stream_options": 5},
+                {"stream": True, "stream_options": {"include_usage": "yes"}}):
+        result = failure(body(**bad))
+        assert result.reason is p.ParkReason.INVALID_REQUEST
+        assert "stream" in result.message, bad
+    for good in ({"stream": False}, {"stream": True},
+                 {"stream": True, "stream_options": {"include_usage": True}}):
+        assert isinstance(check(body(**good)), ChatRequest)
 
 
 # -- triage_failure ------------------------------------------------------------------

@@ -121,20 +121,25 @@ def _esc(name: str) -> str:
 
 
 def client_permissions(names: Names, user: str) -> Permissions:
-    """Configure and read its own reply queues; write to the request exchange only."""
+    """Configure and read its own reply queues; write to the request and cancel exchanges
+    only (the broker checks each message's user_id: a cancel names its sender)."""
     replies = f"^{_esc(names.reply_queue(user))}(\\..+)?$"
-    return Permissions(configure=replies, write=f"^{_esc(names.requests_exchange)}$",
-                       read=replies)
+    return Permissions(
+        configure=replies,
+        write=f"^({_esc(names.requests_exchange)}|{_esc(names.cancel_exchange)})$",
+        read=replies)
 
 
 def worker_permissions(names: Names) -> Permissions:
-    """Configure lease queues; write to the default and retry exchanges; read the work,
-    triage and presence queues."""
+    """Configure lease queues and its own cancel queue; write to the default and retry
+    exchanges (and bind its cancel queue); read the work, triage and presence queues, the
+    cancel exchange and its cancel queue."""
+    cancels = f"{_esc(names.cancel_queue(''))}.+"
     return Permissions(
-        configure=f"^{_esc(names.lease_queue(''))}.+$",
-        write=f"^(amq\\.default|{_esc(names.retry_exchange)})$",
+        configure=f"^({_esc(names.lease_queue(''))}.+|{cancels})$",
+        write=f"^(amq\\.default|{_esc(names.retry_exchange)}|{cancels})$",
         read=f"^({_esc(names.work_queue(''))}.+|{_esc(names.triage_queue)}"
-             f"|{_esc(names.workers_queue)})$",
+             f"|{_esc(names.workers_queue)}|{_esc(names.cancel_exchange)}|{cancels})$",
     )
 
 

@@ -47,6 +47,15 @@ class Names:
         return f"{self.prefix}.workers"
 
     @property
+    def cancel_exchange(self) -> str:
+        """Fanout exchange of cancels: every worker binds an exclusive queue to it."""
+        return f"{self.prefix}.cancel"
+
+    def cancel_queue(self, worker: str) -> str:
+        """One worker's exclusive queue of cancels (``worker``: a unique id per process)."""
+        return f"{self.prefix}.cancel.{worker}"
+
+    @property
     def retry_exchange(self) -> str:
         """Headers exchange in front of the retry tiers (routes on x-hutch-retry-tier, so
         the routing key can stay the model and route the request back when it expires)."""

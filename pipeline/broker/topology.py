@@ -180,6 +180,8 @@ def plan(settings: Settings) -> Topology:
                      {"alternate-exchange": names.unrouted_exchange}),
         ExchangeSpec(names.dead_letter_exchange, "fanout"),
         ExchangeSpec(names.retry_exchange, "headers"),
+        # Cancels: every worker binds an exclusive queue of its own (pipeline.dispatch.cancels).
+        ExchangeSpec(names.cancel_exchange, "fanout"),
     ]
     # Fanout and headers exchanges ignore the routing key: it is the queue's name, as
     # aio-pika binds by default (brokers applied by earlier versions have exactly these).

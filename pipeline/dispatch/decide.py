@@ -18,7 +18,7 @@ from pipeline import protocol as p
 from pipeline.delivery import Delivery
 from pipeline.errors import BackendCallError, RetryableError, ThrottledError
 from pipeline.models import ChatRequest
-from pipeline.outcome import Failed, Failure, Outcome, Requeue, RetryLater
+from pipeline.outcome import Cancelled, Failed, Failure, Outcome, Requeue, RetryLater
 from pipeline.settings import PoolSettings
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "attempt_kind",
     "before_attempt",
     "deadline_failure",
+    "stream_interrupted",
     "validate_request",
 ]
 
@@ -86,10 +87,6 @@ def validate_request(body: bytes, *, content_type: str | None, reply_to_ok: bool
         return Failure(p.ParkReason.INVALID_REQUEST, bad,
                        f"model {request.model!r} in the body is not served by pool "
                        f"{pool.name!r} (it serves {', '.join(pool.models)})")
-    if request.stream:
-        return Failure(p.ParkReason.INVALID_REQUEST, bad,
-                       "streaming (\"stream\": true) is not supported yet; send the request "
-                       "without it")
     return request
 
 
@@ -99,12 +96,25 @@ def deadline_failure(pool: str, detail: str = "") -> Failure:
                    f"answer it{detail}")
 
 
+def stream_interrupted(delivery: Delivery, error: BackendCallError) -> Failure:
+    """A stream that failed after chunks went out: the client has part of an answer, so
+    it cannot be retried invisibly; the error says how much was sent."""
+    sent = delivery.stream
+    chunks, chars = (sent.chunks, sent.content_chars) if sent is not None else (0, 0)
+    return Failure(p.ParkReason.STREAM_INTERRUPTED, p.ErrorCode.STREAM_INTERRUPTED,
+                   f"the stream was interrupted after {chunks} chunks ({chars} characters "
+                   f"of content): {error.message}",
+                   {"chunks_sent": chunks, "content_chars_sent": chars})
+
+
 def admit(delivery: Delivery, pool: PoolSettings, *, max_body_bytes: int,
-          available: bool) -> Outcome | ChatRequest:
+          available: bool, cancelled: bool = False) -> Outcome | ChatRequest:
     """May this delivery take a backend slot? The request if so, else its outcome."""
     if delivery.refusal is not None:
         # reply_to is not the publisher's own reply queue: park it, answer nobody.
         return Failed(delivery.refusal)
+    if cancelled:
+        return Cancelled("queued")
     message = delivery.message
     checked = validate_request(message.body, content_type=message.content_type,
                                reply_to_ok=delivery.reply_to_ok,
@@ -146,7 +156,9 @@ def attempt_kind(delivery: Delivery, error: BackendCallError) -> str:
     if isinstance(error, ThrottledError):
         return "throttled"
     if isinstance(error, RetryableError):
-        return "deadline" if delivery.deadline_passed() else "retryable"
+        # A stream under way is past its start deadline by design: its failure counts.
+        cut = delivery.stream is None and delivery.deadline_passed()
+        return "deadline" if cut else "retryable"
     return "terminal"
 
 
@@ -157,6 +169,8 @@ def after_failure(delivery: Delivery, error: BackendCallError, kind: str, number
     if kind == "throttled":
         # Not retried on this backend: it asked for time, another may answer.
         return Requeue("throttled")
+    if delivery.stream is not None:
+        return Failed(stream_interrupted(delivery, error))
     if kind == "deadline" or delivery.deadline_passed():
         return Failed(deadline_failure(delivery.pool))
     retryable = kind == "retryable"

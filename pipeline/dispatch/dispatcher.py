@@ -11,7 +11,9 @@ and tells the backend's health and the delivery hooks what happened.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import aiormq
@@ -22,15 +24,18 @@ from pipeline import protocol as p
 from pipeline.backends.http import Backend
 from pipeline.delivery import Delivery, ReplyPolicy
 from pipeline.dispatch import decide
+from pipeline.dispatch.cancels import CancelRegistry
+from pipeline.dispatch.streaming import stream_attempt
 from pipeline.errors import BackendCallError, ThrottledError
 from pipeline.models import ChatRequest
 from pipeline.observe.hooks import DeliveryHook
 from pipeline.observe.log import get_logger
-from pipeline.outcome import Completed, Failed, Failure, Outcome
-from pipeline.settings import PoolSettings, Settings
+from pipeline.outcome import Cancelled, Completed, Failed, Failure, Outcome
+from pipeline.settings import BackendSettings, PoolSettings, Settings
 from pipeline.settle.settler import Settler
+from pipeline.settle.stream import ReplyQueueGone
 
-__all__ = ["BackendHealth", "Dispatcher", "backoff_s"]
+__all__ = ["BackendHealth", "Dispatcher", "backend_body", "backoff_s"]
 
 log = get_logger("hutch.dispatch")
 
@@ -44,6 +49,20 @@ def backoff_s(attempt_number: int) -> float:
     state = RetryCallState(_RETRYING, None, (), {})
     state.attempt_number = attempt_number
     return float(_BACKOFF(state))
+
+
+def backend_body(delivery: Delivery, backend: BackendSettings, max_priority: int) -> bytes:
+    """The request body as the backend gets it: as the client wrote it, unless the backend
+    schedules by priority (``send_priority``): then with vLLM's ``priority`` field, lower
+    served earlier, the opposite of AMQP (a client's own ``priority`` is kept)."""
+    body = delivery.message.body
+    if not backend.send_priority:
+        return body
+    request = json.loads(body)
+    if isinstance(request, dict) and "priority" not in request:
+        request["priority"] = max_priority - min(delivery.priority, max_priority)
+        return json.dumps(request, separators=(",", ":")).encode()
+    return body
 
 
 class BackendHealth(Protocol):
@@ -60,12 +79,13 @@ class Dispatcher:
     """Handles the deliveries of one pool, on whichever backend's consumer they arrive."""
 
     def __init__(self, settings: Settings, pool: PoolSettings, settler: Settler,
-                 policy: ReplyPolicy, hooks: DeliveryHook) -> None:
+                 policy: ReplyPolicy, hooks: DeliveryHook, cancels: CancelRegistry) -> None:
         self._settings = settings
         self._pool = pool
         self._settler = settler
         self._policy = policy
         self._hooks = hooks
+        self._cancels = cancels
 
     async def handle(self, message: AbstractIncomingMessage, backend: Backend,
                      health: BackendHealth) -> None:
@@ -104,14 +124,45 @@ class Dispatcher:
                    health: BackendHealth) -> Outcome:
         admitted = decide.admit(delivery, self._pool,
                                 max_body_bytes=self._settings.max_body_bytes,
-                                available=health.available())
+                                available=health.available(),
+                                cancelled=self._cancels.is_cancelled(delivery))
         if not isinstance(admitted, ChatRequest):
             return admitted
         delivery.request = admitted
-        return await self._call(delivery, backend, health)
+        body = backend_body(delivery, backend.settings, self._settings.max_priority)
+        try:
+            async with self._cancels.at_backend(delivery):
+                if admitted.stream:
+                    return await self._stream(delivery, backend, health, body)
+                return await self._call(delivery, health,
+                                        lambda: self._chat(delivery, backend, body))
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not delivery.cancel_requested or task is None:
+                raise  # the worker is stopping or lost its connection
+            task.uncancel()
+            return Cancelled("in_flight")
+        except ReplyQueueGone:
+            return Cancelled("client_gone")
 
-    async def _call(self, delivery: Delivery, backend: Backend,
-                    health: BackendHealth) -> Outcome:
+    async def _stream(self, delivery: Delivery, backend: Backend, health: BackendHealth,
+                      body: bytes) -> Outcome:
+        sink = self._settler.stream_sink(delivery)
+        try:
+            return await self._call(delivery, health, lambda: stream_attempt(
+                delivery, backend, body, sink,
+                idle_timeout_s=self._settings.stream_idle_timeout_s, hooks=self._hooks))
+        finally:
+            await sink.close()
+
+    @staticmethod
+    async def _chat(delivery: Delivery, backend: Backend, body: bytes) -> Completed:
+        result = await backend.chat(body, timeout_s=delivery.remaining_s(),
+                                    request_id=delivery.correlation_id)
+        return Completed(result.body, result.completion.usage, result.elapsed_s)
+
+    async def _call(self, delivery: Delivery, health: BackendHealth,
+                    attempt: Callable[[], Awaitable[Completed]]) -> Outcome:
         """Attempts on the slot this delivery holds, until one decides the outcome."""
         number = 0
         while True:
@@ -124,9 +175,7 @@ class Dispatcher:
             self._hooks.call_started(delivery)
             started = time.monotonic()
             try:
-                result = await backend.chat(delivery.message.body,
-                                            timeout_s=delivery.remaining_s(),
-                                            request_id=delivery.correlation_id)
+                completed = await attempt()
             except BackendCallError as error:
                 step = self._failed(delivery, error, number, health,
                                     time.monotonic() - started)
@@ -135,9 +184,9 @@ class Dispatcher:
                 self._hooks.retrying(delivery, error)
                 await asyncio.sleep(step.sleep_s)
                 continue
-            health.success(result.elapsed_s)
-            self._hooks.call_ended(delivery, "ok", result.elapsed_s, None)
-            return Completed(result.body, result.completion.usage, result.elapsed_s)
+            health.success(completed.elapsed_s)
+            self._hooks.call_ended(delivery, "ok", completed.elapsed_s, None)
+            return completed
 
     def _failed(self, delivery: Delivery, error: BackendCallError, number: int,
                 health: BackendHealth, elapsed_s: float) -> decide.TryAgain | Outcome:

@@ -8,6 +8,7 @@ The dispatcher and the settler call these events and know nothing of who listens
                                              "retryable", "terminal" or "deadline" (the
                                              call was cut at the request's deadline: the
                                              request ran out of time, not the backend)
+    first_chunk(delivery)                    a stream's first chunk message went out
     retrying(delivery, error)                another attempt follows on the same slot
     settled(delivery, outcome, settlement)   the outcome was carried out (or abandoned)
 
@@ -56,6 +57,9 @@ class DeliveryHook:
                    error: BackendCallError | None) -> None:
         """A backend attempt ended (see the module docstring for ``kind``)."""
 
+    def first_chunk(self, delivery: Delivery) -> None:
+        """A stream's first chunk message was published (time to first token)."""
+
     def retrying(self, delivery: Delivery, error: BackendCallError) -> None:
         """Another attempt follows on the slot this delivery holds."""
 
@@ -85,6 +89,9 @@ class Hooks(DeliveryHook):
     def call_ended(self, delivery: Delivery, kind: str, elapsed_s: float,
                    error: BackendCallError | None) -> None:
         self._emit("call_ended", delivery, kind, elapsed_s, error)
+
+    def first_chunk(self, delivery: Delivery) -> None:
+        self._emit("first_chunk", delivery)
 
     def retrying(self, delivery: Delivery, error: BackendCallError) -> None:
         self._emit("retrying", delivery, error)

@@ -11,6 +11,7 @@ secret. The helper methods do this normalising, so call sites stay one line each
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -21,7 +22,7 @@ from pipeline.delivery import Delivery
 from pipeline.errors import BackendCallError
 from pipeline.models import Usage
 from pipeline.observe.hooks import DeliveryHook, Settlement
-from pipeline.outcome import Completed, Outcome, RetryLater
+from pipeline.outcome import Cancelled, Completed, Outcome, RetryLater
 from pipeline.settings import Settings
 
 __all__ = [
@@ -109,6 +110,7 @@ class Metrics:
             "hutch_tokens", "Tokens of successful completions, from their usage, by pool, "
             "model and kind (prompt, completion).", ["pool", "model", "kind"])
         self._backend_families()
+        self._stream_families()
         if settings is not None:
             self.configure(settings)
 
@@ -145,6 +147,24 @@ class Metrics:
             ["pool", "stage", "reason"])
         self.parked = counter(
             "hutch_parked", "Messages moved to the parking lot, by reason.", ["reason"])
+
+    def _stream_families(self) -> None:
+        """Streaming and cancellation."""
+        self.time_to_first_token = self._histogram(
+            "hutch_time_to_first_token_seconds", "Time from publish to a stream's first "
+            "chunk message going out, by pool and priority.", ["pool", "priority"])
+        self.streams_in_flight = self._gauge(
+            "hutch_streams_in_flight", "Streams this worker is relaying now.", ["pool"])
+        self.stream_chunks = self._counter(
+            "hutch_stream_chunks", "chat.completion.chunk objects relayed (about one per "
+            "token).", ["pool"])
+        self.stream_messages = self._counter(
+            "hutch_stream_messages", "Chunk messages published (chunks coalesced per "
+            "window).", ["pool"])
+        self.cancels = self._counter(
+            "hutch_cancels", "Requests cancelled, by stage: queued (never reached a "
+            "backend), in_flight (the call was aborted), client_gone (its reply queue "
+            "vanished mid-stream).", ["pool", "stage"])
 
     def _record(self, name: str, kind: str, help_text: str, labels: list[str]) -> None:
         exported = name + "_total" if kind == "counter" else name
@@ -266,6 +286,16 @@ class MetricsHook(DeliveryHook):
         elif kind != "deadline":
             m.child(m.backend_errors, backend, kind).inc()
 
+    def first_chunk(self, delivery: Delivery) -> None:
+        m = self._m
+        pool = m.pool_label(delivery.pool)
+        m.child(m.streams_in_flight, pool).inc()
+        since = delivery.seconds_since_sent()
+        if since is None:
+            since = time.monotonic() - delivery.received_at
+        m.child(m.time_to_first_token, pool, m.priority_label(delivery.priority)
+                ).observe(since)
+
     def retrying(self, delivery: Delivery, error: BackendCallError) -> None:
         m = self._m
         m.child(m.retries_by_reason, m.pool_label(delivery.pool), "in_process",
@@ -275,6 +305,13 @@ class MetricsHook(DeliveryHook):
         m = self._m
         if delivery.backend is not None:
             m.child(m.in_flight, delivery.backend).dec()
+        if delivery.stream is not None:
+            pool = m.pool_label(delivery.pool)
+            m.child(m.streams_in_flight, pool).dec()
+            m.child(m.stream_chunks, pool).inc(delivery.stream.chunks)
+            m.child(m.stream_messages, pool).inc(delivery.stream.messages)
+        if isinstance(outcome, Cancelled):
+            m.child(m.cancels, m.pool_label(delivery.pool), outcome.stage).inc()
         if isinstance(outcome, Completed):
             m.tokens(delivery.pool, delivery.model, outcome.usage)
         elif isinstance(outcome, RetryLater):

@@ -22,6 +22,7 @@ from pipeline.errors import TopologyError
 from pipeline.observe.hooks import DeliveryHook, Settlement
 from pipeline.outcome import (
     Abandoned,
+    Cancelled,
     Completed,
     Failed,
     Failure,
@@ -30,6 +31,7 @@ from pipeline.outcome import (
     RetryLater,
 )
 from pipeline.settle.publisher import Publisher, copy_message
+from pipeline.settle.stream import StreamSink
 
 __all__ = ["Settler"]
 
@@ -40,12 +42,20 @@ class Settler:
     """Carries out outcomes on one confirming :class:`Publisher`."""
 
     def __init__(self, publisher: Publisher, names: Names, hooks: DeliveryHook, *,
-                 worker_user: str | None = None) -> None:
+                 worker_user: str | None = None, stream_window_s: float = 0.025,
+                 stream_max_chunks: int = 64) -> None:
         self._publisher = publisher
         self._names = names
         self._hooks = hooks
         #: The ``user_id`` retries are published with, vouching for ``x-hutch-user``.
         self._worker_user = worker_user
+        self._stream_window_s = stream_window_s
+        self._stream_max_chunks = stream_max_chunks
+
+    def stream_sink(self, delivery: Delivery) -> StreamSink:
+        """Where a streaming delivery's chunks go, before its final message."""
+        return StreamSink(self._publisher, delivery, window_s=self._stream_window_s,
+                          max_chunks=self._stream_max_chunks)
 
     async def settle(self, delivery: Delivery, outcome: Outcome) -> None:
         """Carry ``outcome`` out for ``delivery``; the hooks hear of it once. AMQP errors
@@ -59,6 +69,9 @@ class Settler:
             await delivery.message.ack()
         elif isinstance(outcome, RetryLater):
             await self._retry(delivery, outcome.delay_ms)
+            await delivery.message.ack()
+        elif isinstance(outcome, Cancelled):
+            settlement = await self._cancel(delivery, outcome)
             await delivery.message.ack()
         elif isinstance(outcome, Requeue):
             await delivery.message.nack(requeue=True)
@@ -82,6 +95,24 @@ class Settler:
         await self._park(delivery, failure)
         return Settlement("undeliverable", failure.reason, failure.message)
 
+    async def _cancel(self, delivery: Delivery, outcome: Cancelled) -> Settlement:
+        """Answer ``cancelled`` (unless the client is gone); a cancel is not a failure:
+        nothing is parked."""
+        if delivery.answerable and outcome.stage != "client_gone":
+            where = ("before it reached a backend" if outcome.stage == "queued"
+                     else "while at a backend; the backend call was aborted")
+            await self._reply_error(delivery, p.ErrorCode.CANCELLED,
+                                    f"the request was cancelled {where}")
+        return Settlement(str(p.ErrorCode.CANCELLED))
+
+    async def _reply_error(self, delivery: Delivery, code: p.ErrorCode, message: str,
+                           extra: dict[str, Any] | None = None) -> bool:
+        headers = delivery.reply_headers()
+        headers[p.H_OUTCOME] = "error"
+        headers[p.H_ERROR_CODE] = str(code)
+        return await self._reply(delivery, p.error_body(code, message, **(extra or {})),
+                                 headers)
+
     async def _fail(self, delivery: Delivery, failure: Failure) -> Settlement:
         """Answer the client when someone may be answered, then park the request."""
         refusal = delivery.refusal
@@ -91,11 +122,8 @@ class Settler:
                               f"{refusal.message}; the request had also failed: "
                               f"{failure.message}", refusal.extra)
         if delivery.answerable:
-            headers = delivery.reply_headers()
-            headers[p.H_OUTCOME] = "error"
-            headers[p.H_ERROR_CODE] = str(failure.code)
-            body = p.error_body(failure.code, failure.message, **failure.extra)
-            if not await self._reply(delivery, body, headers):
+            if not await self._reply_error(delivery, failure.code, failure.message,
+                                           failure.extra):
                 failure = Failure(failure.reason, failure.code,
                                   f"{failure.message} (reply queue {delivery.reply_to!r} "
                                   "does not exist)", failure.extra)
@@ -103,7 +131,11 @@ class Settler:
         return Settlement(str(failure.code), failure.reason, failure.message)
 
     async def _reply(self, delivery: Delivery, body: bytes, headers: dict[str, Any]) -> bool:
+        """The final message of a request (the only one, unless it streamed)."""
         assert delivery.reply_to is not None and delivery.refusal is None
+        headers[p.H_KIND] = p.KIND_FINAL
+        if delivery.stream is not None:
+            headers[p.H_SEQ] = delivery.stream.messages
         # What aio_pika.Message(body, content_type="application/json", correlation_id=...,
         # headers=..., delivery_mode=PERSISTENT, priority=...).properties would be.
         properties = aiormq.spec.Basic.Properties(

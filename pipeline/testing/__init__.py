@@ -2,6 +2,5 @@
 
 - :mod:`pipeline.testing.mock`: an OpenAI-compatible mock backend with a hard slot cap
   and fault injection (``hutch mock-backend``);
-- :mod:`pipeline.testing.mock_backend`: the mock's former import path;
 - :mod:`pipeline.testing.embedded`: a mock backend and a worker in this process.
 """

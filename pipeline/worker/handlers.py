@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from aio_pika.abc import AbstractChannel
 
 from pipeline.broker.names import Names
+from pipeline.dispatch.cancels import CancelRegistry
 from pipeline.dispatch.dispatcher import Dispatcher
 from pipeline.observe.hooks import DeliveryHook, Hooks, LoggingHook
 from pipeline.observe.metrics import Metrics, MetricsHook
@@ -33,14 +34,16 @@ class Handlers:
 
     @classmethod
     def build(cls, settings: Settings, channel: AbstractChannel, metrics: Metrics,
-              extra_hooks: Sequence[DeliveryHook] = ()) -> Handlers:
+              cancels: CancelRegistry, extra_hooks: Sequence[DeliveryHook] = ()) -> Handlers:
         """``channel`` must have publisher confirms and ``on_return_raises`` on."""
         names = Names(settings.prefix)
         guard = ReplyGuard.from_settings(settings)
         hooks = Hooks(MetricsHook(metrics), LoggingHook(), *extra_hooks)
-        settler = Settler(Publisher(channel), names, hooks, worker_user=guard.worker_user)
+        settler = Settler(Publisher(channel), names, hooks, worker_user=guard.worker_user,
+                          stream_window_s=settings.stream_window_ms / 1000,
+                          stream_max_chunks=settings.stream_max_chunks)
         return cls(
             triage=Triage(settler, guard, names),
-            dispatchers={pool.name: Dispatcher(settings, pool, settler, guard, hooks)
+            dispatchers={pool.name: Dispatcher(settings, pool, settler, guard, hooks, cancels)
                          for pool in settings.pools},
         )

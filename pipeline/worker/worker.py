@@ -31,6 +31,7 @@ import functools
 import os
 import random
 import socket
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -42,12 +43,14 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from pipeline.backends.breaker import BackendGate, BreakerPolicy
 from pipeline.backends.http import Backend
 from pipeline.broker.names import Names
+from pipeline.dispatch.cancels import CancelRegistry
 from pipeline.dispatch.dispatcher import Dispatcher
 from pipeline.errors import TopologyError
 from pipeline.observe.hooks import DeliveryHook
 from pipeline.observe.log import get_logger
 from pipeline.observe.metrics import Metrics
 from pipeline.settings import BackendSettings, PoolSettings, Settings
+from pipeline.worker.cancels import CancelSubscription
 from pipeline.worker.consumer import Handler, TrackedConsumer
 from pipeline.worker.handlers import Handlers
 from pipeline.worker.health import BackendHealthReporter
@@ -97,6 +100,12 @@ class Worker:
         backends = sum(len(pool.backends) for pool in settings.pools)
         self._fair_share = FairShare(backends, fresh_for_s=settings.lease_retry_s * 12)
         self.name = f"hutch-worker {socket.gethostname()}:{os.getpid()}"
+        #: Cancels outlive a reconnect: one registry per worker, fed by one subscription
+        #: (an exclusive queue of this worker's) per connection.
+        self._cancels = CancelRegistry(
+            ttl_s=settings.cancel_ttl_s, max_ids=settings.cancel_max_ids,
+            privileged=frozenset({settings.amqp_user, *settings.trusted_users}))
+        self._cancel_queue_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def held_backends(self) -> list[str]:
         """Names of the backends whose lease this worker holds now."""
@@ -175,7 +184,8 @@ class Worker:
         """This session's delivery handlers, on one confirming publisher."""
         publish_channel = await connection.channel(publisher_confirms=True,
                                                    on_return_raises=True)
-        return Handlers.build(self.settings, publish_channel, self.metrics, self._hooks)
+        return Handlers.build(self.settings, publish_channel, self.metrics, self._cancels,
+                              self._hooks)
 
     async def _start(self, connection: AbstractConnection) -> list[asyncio.Task[None]]:
         """Join, consume the triage queue, follow pauses, then compete for the leases."""
@@ -185,6 +195,8 @@ class Worker:
                                        self.settings.triage_prefetch, handlers.triage.handle)
         await self._triage.start()
         await self._presence.join(connection)
+        await CancelSubscription(self.names, self._cancel_queue_id, self._cancels).start(
+            connection)
         await self._check_pauses(connection)  # before any consumer starts
         tasks = [asyncio.create_task(self._guard(slot.holder.name, functools.partial(
                      slot.holder.run, connection,
