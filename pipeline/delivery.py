@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from aio_pika.abc import AbstractIncomingMessage
 
 from pipeline import protocol as p
-from pipeline.models import ChatRequest
+from pipeline.models import ChatRequest, CompletionRequest, EmbeddingsRequest
 from pipeline.outcome import Failure
 
 __all__ = ["Delivery", "ReplyPolicy", "StreamProgress", "count_header"]
@@ -34,9 +34,21 @@ class ReplyPolicy(Protocol):
 
     def client_user(self, user_id: str | None, headers: Mapping[str, Any]) -> str | None: ...
 
-    def refusal(self, user: str | None, reply_to: str | None) -> Failure | None: ...
+    def refusal(self, user: str | None, reply_to: str | None,
+                publisher: str | None = None) -> Failure | None: ...
 
     def valid_reply_to(self, reply_to: str | None) -> bool: ...
+
+
+def _endpoint(value: Any) -> p.Endpoint | None:
+    if value is None:
+        return p.Endpoint.CHAT
+    if isinstance(value, bytes | bytearray):
+        value = bytes(value).decode(errors="replace")
+    try:
+        return p.Endpoint(value)
+    except ValueError:
+        return None
 
 
 def count_header(headers: Mapping[str, Any], name: str, high: int) -> int:
@@ -82,8 +94,11 @@ class Delivery:
     attempts: int = 0
     queue_wait_ms: int | None = None
     backend_ms: int | None = None
+    #: The endpoint the request is for (``x-hutch-endpoint``); None if it names none Hutch
+    #: knows (refused as ``invalid_request``).
+    endpoint: p.Endpoint | None = p.Endpoint.CHAT
     #: The validated request body, once dispatch has checked it.
-    request: ChatRequest | None = None
+    request: ChatRequest | CompletionRequest | EmbeddingsRequest | None = None
     #: A streaming request's progress, once its first chunk message went out.
     stream: StreamProgress | None = None
     #: Set when a valid cancel for this request arrived while it was at the backend.
@@ -99,7 +114,7 @@ class Delivery:
         expiration = message.expiration
         expiration_s = float(expiration) if isinstance(expiration, int | float) else None
         client = policy.client_user(message.user_id, headers)
-        refusal = policy.refusal(client, message.reply_to)
+        refusal = policy.refusal(client, message.reply_to, message.user_id)
         prior = count_header(headers, p.H_ATTEMPTS, max_attempts)
         sent_at = p.sent_at_ms(headers, timestamp)
         return cls(
@@ -112,6 +127,7 @@ class Delivery:
             retries=count_header(headers, p.H_RETRIES, _MAX_RETRIES_COUNTED),
             attempts=prior,
             queue_wait_ms=None if sent_at is None else max(0, p.now_ms() - sent_at),
+            endpoint=_endpoint(headers.get(p.H_ENDPOINT)),
         )
 
     # -- facts read by several stages -------------------------------------------------------

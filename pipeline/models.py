@@ -19,9 +19,15 @@ __all__ = [
     "Choice",
     "ChunkChoice",
     "ChunkDelta",
+    "CompletionRequest",
+    "Embedding",
+    "EmbeddingList",
+    "EmbeddingsRequest",
     "ErrorDetail",
     "ErrorReply",
     "StreamOptions",
+    "TextChoice",
+    "TextCompletion",
     "Usage",
 ]
 
@@ -53,6 +59,23 @@ class ChatRequest(_Open):
     temperature: float | None = Field(default=None, ge=0, le=2)
 
 
+class CompletionRequest(_Open):
+    """An OpenAI ``/v1/completions`` (legacy text completion) request body."""
+
+    model: str = Field(min_length=1, max_length=255)
+    prompt: str | list[Any]
+    stream: StrictBool = False
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+
+
+class EmbeddingsRequest(_Open):
+    """An OpenAI ``/v1/embeddings`` request body."""
+
+    model: str = Field(min_length=1, max_length=255)
+    input: str | list[Any] = Field(min_length=1)
+
+
 class Usage(_Open):
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -73,6 +96,36 @@ class ChatCompletion(_Open):
     created: int = 0
     model: str
     choices: list[Choice]
+    usage: Usage | None = None
+
+
+class TextChoice(_Open):
+    index: int = 0
+    text: str
+    finish_reason: str | None = None
+
+
+class TextCompletion(_Open):
+    """An OpenAI ``text_completion`` object (the answer of ``/v1/completions``)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    model: str
+    choices: list[TextChoice]
+    usage: Usage | None = None
+
+
+class Embedding(_Open):
+    index: int = 0
+    embedding: list[float] | str
+
+
+class EmbeddingList(_Open):
+    """The answer of ``/v1/embeddings``: a list of embeddings (vectors, or base64)."""
+
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str = ""
     usage: Usage | None = None
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "H_BACKEND",
     "H_BACKEND_MS",
     "H_DEADLINE",
+    "H_ENDPOINT",
     "H_ERROR_CODE",
     "H_ERROR_MESSAGE",
     "H_ERROR_TYPE",
@@ -38,6 +39,7 @@ __all__ = [
     "H_USER",
     "KIND_CHUNK",
     "KIND_FINAL",
+    "Endpoint",
     "ErrorCode",
     "ParkReason",
     "deadline_ms",
@@ -52,6 +54,24 @@ __all__ = [
 # Request headers (optional; set by pipeline.client.client, any client may set them).
 H_DEADLINE = "x-hutch-deadline"  # absolute deadline, epoch milliseconds
 H_SENT_AT = "x-hutch-sent-at"  # publish time, epoch milliseconds (queue wait metric)
+
+# Which OpenAI endpoint a request is for (absent: chat completions). The worker validates
+# the body for it and calls the backend's matching endpoint.
+H_ENDPOINT = "x-hutch-endpoint"
+
+
+class Endpoint(StrEnum):
+    """The OpenAI endpoints a request may be for (``x-hutch-endpoint``)."""
+
+    CHAT = "chat.completions"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+
+    @property
+    def path(self) -> str:
+        """The backend's path, under its ``/v1`` base URL."""
+        return "/" + self.value.replace(".", "/")
+
 
 # Set by workers on a request they send to a retry tier.
 # The tier's delay in ms; the retry (headers) exchange routes on it. No "x-" prefix:

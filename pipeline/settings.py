@@ -160,6 +160,11 @@ class Settings(BaseSettings):
     amqp_url: str = DEFAULT_AMQP_URL
     #: Management HTTP API; default: the AMQP host on port 15672, same credentials and vhost.
     management_url: str | None = None
+    #: TLS for every connection (amqps://, https:// management API): a PEM CA bundle trusted
+    #: instead of the system's; for mutual TLS a client certificate and its key.
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
     #: Prefix of every exchange and queue name (``llm.requests``, ``llm.work.<pool>``, ...).
     prefix: str = Field(default="llm", pattern=_NAME)
     max_priority: int = Field(default=9, ge=1, le=255)
@@ -300,8 +305,28 @@ class Settings(BaseSettings):
         return parts._replace(netloc=netloc).geturl()
 
 
-def _format_errors(error: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration ({source}):"]
+def _environment_keys(overrides: dict[str, Any]) -> dict[str, list[str]]:
+    """Top-level key -> the ``HUTCH_*`` variables that set it, where the environment wins
+    (not overridden by an argument). Matched as pydantic-settings does: ignoring case,
+    ``HUTCH_POOLS__0__NAME`` setting ``pools``."""
+    env_prefix = str(Settings.model_config.get("env_prefix", "")).lower()
+    found: dict[str, list[str]] = {}
+    for variable in sorted(os.environ):
+        name = variable.lower()
+        if not name.startswith(env_prefix):
+            continue
+        key = name[len(env_prefix):].split("__", 1)[0]
+        if key in Settings.model_fields and key not in overrides:
+            found.setdefault(key, []).append(variable)
+    return found
+
+
+def _format_errors(error: ValidationError, source: str,
+                   environment: dict[str, list[str]]) -> str:
+    """One line per bad key; a key the environment set names its variable, so
+    ``HUTCH_MAX_PRIORITY=abc`` is not blamed on the file."""
+    lines: list[str] = []
+    blamed: list[str] = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
         message = item["msg"]
@@ -309,8 +334,14 @@ def _format_errors(error: ValidationError, source: str) -> str:
             message = "unknown key (check its spelling)"
         # Model validators report their own dotted key at the start of the message.
         message = re.sub(r"^(Value|Assertion) error, ", "", message)
+        variables = environment.get(re.split(r"[.:]", key or message, maxsplit=1)[0], [])
+        if variables:
+            message += f" (set by the environment: {', '.join(variables)})"
+            blamed += [v for v in variables if v not in blamed]
         lines.append(f"  {key}: {message}" if key else f"  {message}")
-    return "\n".join(lines)
+    if blamed:
+        source += f", overridden by {', '.join(blamed)}"
+    return "\n".join([f"invalid configuration ({source}):", *lines])
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
@@ -335,7 +366,8 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
+        raise ConfigError(_format_errors(exc, source, _environment_keys(overrides))
+                          ) from None
     finally:
         _FILE_DATA.reset(token)
 

@@ -33,6 +33,7 @@ from pipeline.runtime.background import running
 from pipeline.settings import Settings, dump_toml, load_settings
 from pipeline.testing.mock import MockBackend, MockConfig
 from pipeline.worker.worker import Worker
+from tests.nodes import local_node, node_factory  # noqa: F401  (fixtures: local nodes)
 
 _HOW_TO_START = (
     "No RabbitMQ for the integration tests. Start one: `rabbitmq-server -detached` and "
@@ -46,7 +47,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     unit tests are ``-m "not broker"`` (the CI's lowest-versions step) without a list to
     keep up to date: ``broker_url`` is at the root of every broker fixture."""
     for item in items:
-        if "broker_url" in getattr(item, "fixturenames", ()):
+        if {"broker_url", "node_factory"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.broker)
 
 

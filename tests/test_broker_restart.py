@@ -1,10 +1,12 @@
-"""A broker restart mid-load: worker and client reconnect by themselves, nothing is lost."""
+"""A broker restart mid-load: worker and client reconnect by themselves, nothing is lost.
+
+The broker restarted is a local node of the test's own (tests/nodes.py), never the broker
+the suite was pointed at.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 from pathlib import Path
 
 import aio_pika
@@ -15,13 +17,10 @@ from pipeline.broker.topology import apply_topology
 from pipeline.client.client import HutchClient
 from pipeline.testing.mock import MockBackend, MockConfig
 from tests.conftest import SettingsFactory
+from tests.nodes import LocalNode
 from tests.test_replicas import wait_for_holder, worker_processes
 
 pytestmark = pytest.mark.slow
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
 
 
 async def consumer_counts(url: str, queues: list[str]) -> list[int]:
@@ -37,11 +36,10 @@ async def consumer_counts(url: str, queues: list[str]) -> list[int]:
 
 async def test_broker_restart_mid_load_loses_nothing(
         make_settings: SettingsFactory, tmp_path: Path, hutch_env: dict[str, str],
-        broker_url: str) -> None:
-    if shutil.which("rabbitmqctl") is None or "127.0.0.1" not in broker_url:
-        pytest.fail("this test restarts the local broker with rabbitmqctl, which is missing")
+        local_node: LocalNode) -> None:
     async with MockBackend(MockConfig(latency_ms=20, capacity=8)) as mock:
-        settings = make_settings([("b1", mock.base_url, 4)])
+        settings = make_settings([("b1", mock.base_url, 4)], amqp_url=local_node.amqp_url(),
+                                 management_url=local_node.management_url)
         names = Names(settings.prefix)
         backend = settings.pools[0].backends[0].name
         await apply_topology(settings)
@@ -58,19 +56,14 @@ async def test_broker_restart_mid_load_loses_nothing(
                 return completion.choices[0].message.content or ""
 
             tasks = []
-            try:
-                for i in range(300):
-                    tasks.append(asyncio.create_task(one(i)))
-                    await asyncio.sleep(0.02)
-                    if i == 80:
-                        await asyncio.to_thread(rabbitmqctl, "stop_app")
-                        await asyncio.sleep(1)
-                        await asyncio.to_thread(rabbitmqctl, "start_app")
-                answers = await asyncio.gather(*tasks)
-            finally:
-                # Whatever happened, leave the broker running for the other tests.
-                await asyncio.to_thread(rabbitmqctl, "start_app")
-                await asyncio.to_thread(rabbitmqctl, "await_startup")
+            for i in range(300):
+                tasks.append(asyncio.create_task(one(i)))
+                await asyncio.sleep(0.02)
+                if i == 80:
+                    await asyncio.to_thread(local_node.stop_app)
+                    await asyncio.sleep(1)
+                    await asyncio.to_thread(local_node.start_app)
+            answers = await asyncio.gather(*tasks)
             assert answers == [f"mock reply to: r{i}" for i in range(300)]
             assert client.reconnects >= 1
             # Consumers really are back: the worker's backend consumer and triage

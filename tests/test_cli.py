@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 
@@ -65,10 +66,40 @@ async def test_demo_shows_high_priority_overtaking(amqp_url: str,
     settings = Settings(amqp_url=amqp_url)
     base, user, password = settings.management_api()
     async with httpx.AsyncClient(auth=(user, password)) as http:
-        from urllib.parse import quote
-
         queues = (await http.get(f"{base}/api/queues/{quote(settings.vhost, safe='')}")).json()
     assert not [q["name"] for q in queues if q["name"].startswith("hutch-demo-")]
+    # The table's last column is explained under it.
+    assert "finish positions: ranks in the order all 46 answers arrived" in out
+
+
+async def test_demo_keep_topology_says_how_to_remove_it(amqp_url: str,
+                                                        hutch_env: dict[str, str]) -> None:
+    env = dict(hutch_env, HUTCH_AMQP_URL=amqp_url)
+    _, out, err = await run_hutch(["demo", "--low", "8", "--high", "2", "--keep-topology"],
+                                  env, timeout=90)
+    lines = out.splitlines()
+    command = lines[lines.index(next(x for x in lines if x.startswith("topology kept"))) + 1]
+    assert command.split()[:3] == ["hutch", "demo", "--remove-topology"], out + err
+    prefix = command.split()[3]
+    settings = Settings(amqp_url=amqp_url)
+    base, user, password = settings.management_api()
+    vhost = quote(settings.vhost, safe="")
+
+    async def kept() -> list[str]:
+        async with httpx.AsyncClient(auth=(user, password)) as http:
+            found = []
+            for kind in ("queues", "exchanges", "policies"):
+                listed = (await http.get(f"{base}/api/{kind}/{vhost}")).json()
+                found += [x["name"] for x in listed if x["name"].startswith(prefix + ".")]
+            return found
+
+    assert len(await kept()) > 5  # queues, exchanges and the pool's policy
+    code, out, err = await run_hutch(command.split()[1:], env)
+    assert code == 0 and out.startswith("removed "), err
+    assert await kept() == []
+    # Only a demo's prefix: a real deployment's cannot be removed this way.
+    code, _, err = await run_hutch(["demo", "--remove-topology", "llm"], env)
+    assert code == 1 and "not a demo's prefix" in err
 
 
 def test_bad_config_names_the_key(tmp_path: Path, hutch_env: dict[str, str]) -> None:
@@ -162,8 +193,18 @@ def test_help_lists_every_command_and_imports_nothing_heavy(hutch_env: dict[str,
     assert heavy == [], f"`hutch --help` imported {heavy}"
     listed = set(re.findall(r"^    ([a-z-]+)", probe["help"], re.MULTILINE))
     commands = {"worker", "submit", "mock-backend", "status", "pool", "bench", "demo", "dlq",
+                "cancel",
                 "topology", "client", "worker-user"}
     assert listed == commands == _readme_commands(), probe["help"]
+
+
+def test_submit_help_documents_every_option() -> None:
+    submit = build_parser()._subparsers._group_actions[0].choices["submit"]  # type: ignore[union-attr]
+    text = " ".join(submit.format_help().split())
+    assert "--model MODEL, -m MODEL model name: the routing key" in text
+    assert "0 (lowest, the default) to the configuration's max_priority (default 9)" in text
+    assert "--max-tokens MAX_TOKENS max_tokens for the backend" in text
+    assert "PROMPT the user message" in text
 
 
 def test_lazily_filled_commands_parse_their_options() -> None:

@@ -45,6 +45,8 @@ QUICK_START = (
 EXPECTED_SERVICES = {"rabbitmq", "mock-backend", "topology", "worker-1", "worker-2", "prometheus",
                      "grafana"}
 PROMETHEUS_CONFIG = "/etc/prometheus/prometheus.yml"
+#: The alerting rules (tests/test_alerts.py), loaded through prometheus.yml's rule_files.
+ALERT_RULES = "./deploy/prometheus/alerts.yml"
 HUTCH_CONFIG = "/etc/hutch/hutch.toml"
 RABBITMQ_PLUGINS = "/etc/rabbitmq/enabled_plugins"
 #: Where the image's RabbitMQ reads configuration: the main file and the conf.d directory.
@@ -142,6 +144,14 @@ def _bind_mounts(service: dict[str, Any]) -> dict[str, str]:
         if source.startswith((".", "/", "~")):
             mounts[target] = source
     return mounts
+
+
+def _host_path(mounts: dict[str, str], container_path: str) -> Path | None:
+    """Where a container path comes from on the host, through the bind mounts."""
+    for target, source in mounts.items():
+        if container_path == target or container_path.startswith(target + "/"):
+            return ROOT / source / container_path[len(target):].lstrip("/")
+    return None
 
 
 def _container_ports(service: dict[str, Any]) -> set[int]:
@@ -314,6 +324,23 @@ def _prometheus(services: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def _targets(job: dict[str, Any]) -> set[str]:
     return {str(target) for static in job.get("static_configs", [])
             for target in static["targets"]}
+
+
+def _rule_files(services: dict[str, dict[str, Any]]) -> dict[str, Path | None]:
+    """The compose Prometheus' rule_files -> the host file each reads (None: not mounted)."""
+    mounts = _bind_mounts(services["prometheus"])
+    base = PROMETHEUS_CONFIG.rpartition("/")[0]
+    return {name: _host_path(mounts, name if name.startswith("/") else f"{base}/{name}")
+            for name in _prometheus(services).get("rule_files", [])}
+
+
+def test_prometheus_loads_the_alert_rules(services: dict[str, dict[str, Any]]) -> None:
+    """The alerts (tests/test_alerts.py checks them) are mounted where rule_files reads."""
+    files = _rule_files(services)
+    for name, host in files.items():
+        assert host is not None, f"rule file {name} is not mounted into the prometheus service"
+        assert host.is_file(), f"rule file {name}: {host} does not exist"
+    assert ROOT / ALERT_RULES in files.values(), f"prometheus.yml does not load {ALERT_RULES}"
 
 
 def test_metrics_ports_match_prometheus(services: dict[str, dict[str, Any]]) -> None:
@@ -518,11 +545,7 @@ def test_grafana_is_provisioned(services: dict[str, dict[str, Any]]) -> None:
     assert provisioning, "nothing is mounted under /etc/grafana/provisioning"
 
     def host_path(container_path: str) -> Path | None:
-        """Where a container path comes from on the host, through the bind mounts."""
-        for target, source in mounts.items():
-            if container_path == target or container_path.startswith(target + "/"):
-                return ROOT / source / container_path[len(target):].lstrip("/")
-        return None
+        return _host_path(mounts, container_path)
 
     def provisioned(kind: str) -> list[dict[str, Any]]:
         directory = host_path(f"{GRAFANA_PROVISIONING}/{kind}")

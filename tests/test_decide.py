@@ -3,6 +3,8 @@ worker decides (no broker: these are pure functions over the delivery context)."
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipeline import protocol as p
@@ -151,3 +153,34 @@ def test_without_retry_tiers_a_transient_failure_ends_after_the_in_place_budget(
     error = RetryableError("boom", status=500)
     step = decide.after_failure(d, error, "retryable", 2, pool, 0.1)
     assert isinstance(step, Failed)
+
+
+@pytest.mark.parametrize(("reply_to", "says"), [
+    (None, "has no reply_to"),
+    ("amq.rabbitmq.reply-to.g1h2AA", "direct reply-to"),
+    ("amq.gen-Xa2", "server-named exclusive queue"),
+    ("llm.work.chat", "not a Hutch reply queue"),
+])
+def test_an_unusable_reply_to_says_what_to_use_instead(reply_to: str | None,
+                                                       says: str) -> None:
+    outcome = decide.admit(delivery(reply_to=reply_to), POOL, max_body_bytes=1000,
+                           available=True, reply_queue="llm.reply.<client-id>")
+    assert isinstance(outcome, Failed)
+    assert outcome.failure.reason is p.ParkReason.NO_REPLY_TO
+    assert says in outcome.failure.message
+    assert "'llm.reply.<client-id>'" in outcome.failure.message
+
+
+@pytest.mark.parametrize(("endpoint", "body", "ok"), [
+    ("embeddings", {"model": "small", "input": ["a", "b"]}, True),
+    ("embeddings", {"model": "small", "input": []}, False),
+    ("embeddings", {"model": "small", "messages": [{"role": "user", "content": "x"}]}, False),
+    ("completions", {"model": "small", "prompt": "Once"}, True),
+    ("completions", {"model": "small", "prompt": "Once", "stream": True}, False),
+    ("completions", {"model": "large", "prompt": "Once"}, False),
+    ("images", {"model": "small", "prompt": "a cat"}, False),
+])
+def test_each_endpoint_validates_its_own_body(endpoint: str, body: dict[str, object],
+                                              ok: bool) -> None:
+    outcome = admit(body=json.dumps(body).encode(), headers={p.H_ENDPOINT: endpoint})
+    assert isinstance(outcome, Failed) is not ok, outcome

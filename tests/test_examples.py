@@ -41,6 +41,9 @@ EXPECTED = {
     "client_request.py": [r"mock reply to: hi",
                           r"backend t\w+-b1, queued \d+ ms, \d+ ms in all"],
     "client_concurrent.py": [r"25 answers; the last one: mock reply to: question 24"],
+    "raw_streaming.py": [r"mock reply to: hello", r"\d+ chunk messages, \d+ tokens in all"],
+    "client_stream.py": [r"mock reply to: hello", r"finish_reason stop, \d+ tokens",
+                         r"cancelled request [0-9a-f]{32} after its first chunk"],
 }
 
 

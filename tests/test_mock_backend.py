@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import itertools
+import json
 import os
 import signal
 import sys
@@ -18,6 +21,8 @@ import httpx
 import pytest
 
 from pipeline.testing.mock import MockBackend, MockConfig, add_arguments, run_from_args
+from pipeline.testing.mock.options import config_from_args
+from pipeline.testing.mock.stream import Pacer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +55,10 @@ async def client(mock: MockBackend) -> AsyncIterator[httpx.AsyncClient]:
 async def test_config_validation() -> None:
     with pytest.raises(ValueError, match="capacity"):
         MockConfig(capacity=0)
+    for bad in ({"ttft_ms": -1}, {"itl_ms": float("inf")}, {"jitter": 1.5}, {"jitter": True},
+                {"reply_tokens": 0}, {"ids_kept": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MockConfig(**bad)
     with pytest.raises(ValueError, match="latency"):
         MockConfig(latency_ms=-1)
     with pytest.raises(ValueError, match="models"):
@@ -117,7 +126,13 @@ async def test_long_content_is_truncated_and_max_tokens(client: httpx.AsyncClien
         (b'{"model": "mock-small"}', "messages"),
         (b'{"model": "mock-small", "messages": []}', "messages"),
         (b'{"messages": [{"role": "user", "content": "hi"}]}', "model"),
-        (b'{"model": "mock-small", "messages": [{"content": "hi"}], "stream": true}', "streaming"),
+        (b'{"model": "mock-small", "messages": [{"content": "hi"}], "stream": "yes"}', "stream"),
+        (b'{"model": "mock-small", "messages": [{"content": "hi"}], "stream": true, '
+         b'"stream_options": 5}', "stream_options"),
+        (b'{"model": "mock-small", "messages": [{"content": "hi"}], "stream": true, '
+         b'"stream_options": {"include_usage": "yes"}}', "include_usage"),
+        (b'{"model": "mock-small", "messages": [{"content": "hi"}], '
+         b'"stream_options": {"include_usage": true}}', "stream_options"),
         (
             b'{"model": "mock-small", "messages": [{"content": "hi"}], "max_tokens": 0}',
             "max_tokens",
@@ -342,8 +357,13 @@ _NO_FAULTS = {
     "retry_after_s": 1.0,
     "hang_rate": 0.0,
     "hang_s": 3600.0,
+    "cut_rate": 0.0,
+    "malformed_rate": 0.0,
+    "stall_rate": 0.0,
+    "fault_after_tokens": 1,
     "seed": None,
 }
+_NO_STREAM_FAULTS = {"cut": 0, "malformed": 0, "stalled": 0}
 
 
 @pytest.mark.parametrize(
@@ -367,6 +387,12 @@ _NO_FAULTS = {
         ({"hang_s": -0.5}, "hang_s"),
         ({"seed": "abc"}, "seed"),
         ({"seed": 1.5}, "seed"),
+        ({"cut_rate": 1.5}, "cut_rate"),
+        ({"malformed_rate": -0.5}, "malformed_rate"),
+        ({"stall_rate": "1"}, "stall_rate"),
+        ({"cut_rate": 0.5, "stall_rate": 0.3, "fail_rate": 0.3}, "at most 1"),
+        ({"fault_after_tokens": -1}, "fault_after_tokens"),
+        ({"fault_after_tokens": 1.0}, "fault_after_tokens"),
     ],
 )
 def test_fault_config_validation(fields: dict[str, Any], message_part: str) -> None:
@@ -407,7 +433,8 @@ async def test_fail_first_fails_deterministically_with_an_openai_error() -> None
         assert error["code"] == "mock_fault"
         assert "injected" in error["message"]
         stats = mock.stats()
-        assert stats["faults"] == {"failed": 2, "throttled": 0, "hung": 0}
+        assert stats["faults"] == {"failed": 2, "throttled": 0, "hung": 0,
+                                   **_NO_STREAM_FAULTS}
         assert stats["served"] == 2
         assert stats["errors"] == 0  # faults are not counted as bad requests
 
@@ -485,7 +512,8 @@ async def test_throttle_answers_429_at_the_door_with_retry_after() -> None:
         assert r.status_code == 429 and r.headers["Retry-After"] == "1"
         assert (await busy).status_code == 200
         stats = mock.stats()
-        assert stats["faults"] == {"failed": 0, "throttled": 2, "hung": 0}
+        assert stats["faults"] == {"failed": 0, "throttled": 2, "hung": 0,
+                                   **_NO_STREAM_FAULTS}
         assert stats["errors"] == 0
         assert stats["max_in_flight"] == 1  # throttled requests never queued for a slot
 
@@ -532,7 +560,8 @@ async def test_hang_holds_the_slot_then_answers() -> None:
         assert time.monotonic() - started >= 0.3
         assert r1.json()["choices"][0]["message"]["content"] == "mock reply to: hello there"
         stats = mock.stats()
-        assert stats["faults"] == {"failed": 0, "throttled": 0, "hung": 1}
+        assert stats["faults"] == {"failed": 0, "throttled": 0, "hung": 1,
+                                   **_NO_STREAM_FAULTS}
         assert stats["served"] == 2 and stats["max_concurrency"] == 1
 
 
@@ -627,7 +656,8 @@ async def test_stats_reset_clears_fault_counters() -> None:
         await _post(client)
         assert mock.stats()["faults"]["failed"] == 1
         r = await client.post(f"http://127.0.0.1:{mock.port}/stats/reset")
-        assert r.json()["faults"] == {"failed": 0, "throttled": 0, "hung": 0}
+        assert r.json()["faults"] == {"failed": 0, "throttled": 0, "hung": 0,
+                                          **_NO_STREAM_FAULTS}
         assert mock.faults()["fail_first"] == 1  # the faults themselves stay
 
 
@@ -684,11 +714,13 @@ def test_fault_flags() -> None:
     args = parser.parse_args([
         "--fail-rate", "0.1", "--fail-status", "503", "--fail-first", "2",
         "--throttle-rate", "0.2", "--retry-after", "0.5", "--hang-rate", "0.3",
-        "--hang-s", "7", "--seed", "11",
+        "--hang-s", "7", "--seed", "11", "--cut-rate", "0.1", "--malformed-rate", "0.05",
+        "--stall-rate", "0.05", "--fault-after-tokens", "3",
     ])
     assert {name: getattr(args, name) for name in _NO_FAULTS} == {
         "fail_rate": 0.1, "fail_status": 503, "fail_first": 2, "throttle_rate": 0.2,
-        "retry_after_s": 0.5, "hang_rate": 0.3, "hang_s": 7.0, "seed": 11,
+        "retry_after_s": 0.5, "hang_rate": 0.3, "hang_s": 7.0, "cut_rate": 0.1,
+        "malformed_rate": 0.05, "stall_rate": 0.05, "fault_after_tokens": 3, "seed": 11,
     }
     assert run_from_args(parser.parse_args(["--fail-rate", "1.5"])) == 2
     assert run_from_args(parser.parse_args(["--fail-rate", "0.6", "--hang-rate", "0.6"])) == 2
@@ -714,3 +746,370 @@ async def test_subprocess_with_fault_flags() -> None:
         assert await asyncio.wait_for(proc.wait(), 15) == 0
     finally:
         await _kill(proc)
+
+
+# -- streaming -------------------------------------------------------------------------------
+
+
+async def _sse(response: httpx.Response) -> list[str]:
+    """The data of each server-sent event, read line by line as a real client reads it."""
+    events: list[str] = []
+    data: list[str] = []
+    async for line in response.aiter_lines():
+        if line.startswith("data:"):
+            data.append(line[6:] if line.startswith("data: ") else line[5:])
+        elif not line and data:
+            events.append("\n".join(data))
+            data = []
+    assert not data, "the stream ended in the middle of an event"
+    return events
+
+
+async def _stream(client: httpx.AsyncClient, body: dict[str, Any],
+                  **headers: str) -> tuple[httpx.Response, list[str]]:
+    async with client.stream("POST", "/chat/completions", json=body, headers=headers) as r:
+        return r, await _sse(r)
+
+
+def _chunks(events: list[str]) -> list[dict[str, Any]]:
+    """The chunk objects of a complete stream (checks that ``[DONE]`` ends it, once)."""
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    return [json.loads(event) for event in events[:-1]]
+
+
+def _content(chunks: list[dict[str, Any]]) -> str:
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+
+
+async def test_stream_is_openai_server_sent_events(client: httpx.AsyncClient,
+                                                   mock: MockBackend) -> None:
+    body = _chat("what  is\trabbitmq? ", model="mock-large")
+    r, events = await _stream(client, {**body, "stream": True}, **{"X-Request-Id": "s1"})
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["x-request-id"] == "s1"
+    chunks = _chunks(events)
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-mock-")
+    assert {c["model"] for c in chunks} == {"mock-large"}
+    assert all("usage" not in c for c in chunks)  # not asked for
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    tokens = [c["choices"][0]["delta"]["content"] for c in chunks[1:-1]]
+    assert tokens[:3] == ["mock", " reply", " to:"]  # one chunk per token
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None,
+                                        "finish_reason": "stop"}
+    whole = (await client.post("/chat/completions", json=body)).json()
+    assert _content(chunks) == whole["choices"][0]["message"]["content"]
+    assert len(tokens) == whole["usage"]["completion_tokens"]
+    stats = mock.stats()
+    assert (stats["served"], stats["streamed"], stats["served_ids"]) == (2, 1, ["s1"])
+
+
+async def test_stream_usage_chunk_comes_last_before_done(client: httpx.AsyncClient) -> None:
+    body = _chat("one two three")
+    _, events = await _stream(client, {**body, "stream": True,
+                                       "stream_options": {"include_usage": True}})
+    chunks = _chunks(events)
+    usage = chunks[-1]
+    assert usage["choices"] == [] and usage["object"] == "chat.completion.chunk"
+    assert all(c["usage"] is None for c in chunks[:-1])  # OpenAI: null on the others
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    whole = (await client.post("/chat/completions", json=body)).json()
+    assert usage["usage"] == whole["usage"] == {
+        "prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
+    assert _content(chunks) == "mock reply to: one two three"
+    _, plain = await _stream(client, {**body, "stream": True,
+                                      "stream_options": {"include_usage": False}})
+    assert all("usage" not in c for c in _chunks(plain))
+
+
+async def test_stream_length_comes_from_max_tokens() -> None:
+    async with (
+        MockBackend(MockConfig(latency_ms=0, reply_tokens=20)) as mock,
+        httpx.AsyncClient(base_url=mock.base_url, timeout=10) as client,
+    ):
+        for max_tokens, count, finish in ((None, 20, "stop"), (7, 7, "length"),
+                                          (300, 300, "length")):
+            extra: dict[str, Any] = {} if max_tokens is None else {"max_tokens": max_tokens}
+            body = _chat("hi", **extra)
+            _, events = await _stream(client, {**body, "stream": True})
+            chunks = _chunks(events)
+            assert len(chunks) == count + 2  # role, one per token, finish
+            assert chunks[-1]["choices"][0]["finish_reason"] == finish
+            whole = (await client.post("/chat/completions", json=body)).json()
+            assert whole["usage"]["completion_tokens"] == count
+            assert whole["choices"][0]["finish_reason"] == finish
+            assert _content(chunks) == whole["choices"][0]["message"]["content"]
+            assert _content(chunks).startswith("mock reply to: hi lorem ipsum")
+    # Without reply_tokens a reply is the echo, cut at max_tokens, streamed or not.
+    async with (
+        MockBackend(MockConfig(latency_ms=0)) as mock,
+        httpx.AsyncClient(base_url=mock.base_url, timeout=10) as client,
+    ):
+        _, events = await _stream(client, _chat("a b c", max_tokens=4, stream=True))
+        chunks = _chunks(events)
+        assert _content(chunks) == "mock reply to: a"
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+async def _timed_events(client: httpx.AsyncClient, body: dict[str, Any]) -> list[tuple[float, str]]:
+    """Each event with the seconds since the request was sent."""
+    started = time.monotonic()
+    timed: list[tuple[float, str]] = []
+    async with client.stream("POST", "/chat/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                timed.append((time.monotonic() - started, line[6:]))
+    return timed
+
+
+async def test_stream_timing_ttft_and_itl() -> None:
+    config = MockConfig(latency_ms=0, ttft_ms=200, itl_ms=50, reply_tokens=6)
+    async with (
+        MockBackend(config) as mock,
+        httpx.AsyncClient(base_url=mock.base_url, timeout=10) as client,
+    ):
+        timed = await _timed_events(client, _chat(stream=True))
+    arrivals = [t for t, data in timed if data != "[DONE]" and '"content":"' in data
+                and '"content":""' not in data]
+    assert len(arrivals) == 6
+    assert 0.18 <= arrivals[0] < 1.5  # time to first token, loosely
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert all(gap >= 0.035 for gap in gaps), gaps
+    assert 0.2 <= arrivals[-1] - arrivals[0] < 2.0  # five gaps of 50 ms, loosely
+
+
+def test_jitter_is_seeded_and_bounded() -> None:
+    config = MockConfig(jitter=0.5, seed=7)
+    pacer, again = Pacer(config), Pacer(config)
+    draws = [pacer.seconds(100) for _ in range(200)]
+    assert draws == [again.seconds(100) for _ in range(200)]  # same seed, same delays
+    assert all(0.05 <= d <= 0.15 for d in draws)
+    assert len(set(draws)) > 100 and min(draws) < 0.07 and max(draws) > 0.13
+    other = Pacer(MockConfig(jitter=0.5, seed=8))
+    assert [other.seconds(100) for _ in range(200)] != draws
+    assert Pacer(MockConfig(jitter=0)).seconds(100) == 0.1  # no jitter: exact
+
+
+async def test_streams_hold_their_slot_to_the_end() -> None:
+    config = MockConfig(latency_ms=0, ttft_ms=30, itl_ms=15, jitter=0.3, seed=1,
+                        capacity=2, reply_tokens=8)
+    async with (
+        MockBackend(config) as mock,
+        httpx.AsyncClient(base_url=mock.base_url, timeout=10) as client,
+    ):
+        runs = await asyncio.gather(*(_timed_events(client, _chat(f"n{i}", stream=True))
+                                      for i in range(6)))
+        stats = mock.stats()
+    assert all(run[-1][1] == "[DONE]" for run in runs)
+    assert stats["max_concurrency"] == 2 and stats["max_in_flight"] == 6
+    assert stats["streamed"] == stats["served"] == 6
+    assert stats["in_service"] == stats["waiting"] == 0
+    # Each stream holds its slot ~30 + 7 x 15 ms: three rounds of two at least.
+    assert stats["busy_slot_s"] >= 6 * 0.09
+    # With one slot, the next stream starts only after the previous one's [DONE].
+    async with (
+        MockBackend(dataclasses.replace(config, capacity=1)) as mock,
+        httpx.AsyncClient(base_url=mock.base_url, timeout=10) as client,
+    ):
+        first, second = await asyncio.gather(
+            _timed_events(client, _chat("a", stream=True)),
+            _timed_events(client, _chat("b", stream=True)))
+    early, late = sorted((first, second), key=lambda run: run[0][0])
+    assert late[0][0] >= early[-1][0] - 0.005
+
+
+async def test_client_closing_a_stream_aborts_it_and_frees_the_slot() -> None:
+    config = MockConfig(latency_ms=0, ttft_ms=10, itl_ms=100, capacity=1, reply_tokens=50)
+    async with (
+        MockBackend(config) as mock,
+        httpx.AsyncClient(base_url=mock.base_url, timeout=10) as client,
+    ):
+        body = _chat(stream=True)
+        async with client.stream("POST", "/chat/completions", json=body,
+                                 headers={"X-Request-Id": "gone-1"}) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    break  # the first chunk is enough: the client goes away
+        await _eventually(lambda: mock.stats()["aborted"] == 1)
+        await _eventually(lambda: _open(mock) == (0, 0))
+        stats = mock.stats()
+        assert stats["aborted_ids"] == ["gone-1"] and stats["disconnected"] == 1
+        assert stats["served"] == stats["streamed"] == 0
+        # The slot is free: the next stream starts at once, not after 5 s of tokens.
+        started = time.monotonic()
+        async with client.stream("POST", "/chat/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    break
+        assert time.monotonic() - started < 1.0
+
+
+async def test_client_gone_before_a_plain_answer_is_aborted_with_its_id() -> None:
+    async with (
+        MockBackend(MockConfig(latency_ms=400, capacity=1)) as mock,
+        httpx.AsyncClient(base_url=mock.base_url, timeout=10) as client,
+    ):
+        served = asyncio.create_task(_post(client, **{"X-Request-Id": "in-service"}))
+        await _eventually(lambda: _open(mock) == (0, 1))
+        waiting = asyncio.create_task(_post(client, **{"X-Request-Id": "waiting"}))
+        await _eventually(lambda: _open(mock) == (1, 1))
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        await _eventually(lambda: mock.stats()["aborted"] == 1)
+        assert (await served).status_code == 200
+        stats = mock.stats()
+        assert (stats["aborted_ids"], stats["served_ids"]) == (["waiting"], ["in-service"])
+        r = await client.post(f"http://127.0.0.1:{mock.port}/stats/reset")
+        assert r.json()["aborted"] == 0 and r.json()["aborted_ids"] == []
+
+
+async def test_request_ids_in_stats_are_capped() -> None:
+    async with (
+        MockBackend(MockConfig(latency_ms=0, ids_kept=3)) as mock,
+        httpx.AsyncClient(base_url=mock.base_url, timeout=10) as client,
+    ):
+        for i in range(5):
+            await _post(client, **{"X-Request-Id": f"r{i}"})
+        stats = (await client.get(f"http://127.0.0.1:{mock.port}/stats")).json()
+        assert stats["served_ids"] == ["r2", "r3", "r4"] and stats["served"] == 5
+        assert stats["ids_kept"] == 3
+    assert MockConfig().ids_kept == 1000  # bounded by default
+    async with (
+        MockBackend(MockConfig(latency_ms=0, ids_kept=0)) as mock,
+        httpx.AsyncClient(base_url=mock.base_url, timeout=10) as client,
+    ):
+        await _post(client, **{"X-Request-Id": "x"})
+        assert mock.stats()["served_ids"] == [] and mock.stats()["served"] == 1
+
+
+async def test_cut_closes_the_connection_mid_stream() -> None:
+    config = MockConfig(latency_ms=0, capacity=1, cut_rate=1.0, fault_after_tokens=2)
+    async with (
+        MockBackend(config) as mock,
+        httpx.AsyncClient(base_url=mock.base_url, timeout=10) as client,
+    ):
+        seen: list[str] = []
+        with pytest.raises(httpx.RemoteProtocolError):
+            async with client.stream("POST", "/chat/completions",
+                                     json=_chat(stream=True)) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        seen.append(line[6:])
+        assert _content([json.loads(data) for data in seen]) == "mock reply"  # 2 tokens
+        await _eventually(lambda: _open(mock) == (0, 0))
+        stats = mock.stats()
+        assert stats["faults"]["cut"] == 1
+        assert stats["aborted"] == stats["served"] == 0  # the mock cut it, not the client
+        # Stream faults leave plain requests alone.
+        assert (await _post(client)).status_code == 200
+        # Due after the last token: the finish chunk and [DONE] never come.
+        mock.set_faults(cut_rate=1.0, fault_after_tokens=100)
+        with pytest.raises(httpx.RemoteProtocolError):
+            await _stream(client, _chat(stream=True))
+        assert mock.stats()["faults"]["cut"] == 2 and mock.stats()["served"] == 1
+
+
+async def test_malformed_event_is_not_json() -> None:
+    config = MockConfig(latency_ms=0, malformed_rate=1.0, fault_after_tokens=1)
+    async with (
+        MockBackend(config) as mock,
+        httpx.AsyncClient(base_url=mock.base_url, timeout=10) as client,
+    ):
+        _, events = await _stream(client, _chat(stream=True))
+    assert events[-1] == "[DONE]"
+    bad = [i for i, event in enumerate(events) if not _is_json(event)]
+    assert bad == [2, len(events) - 1]  # after the role chunk and one token; and [DONE]
+    assert mock.stats()["faults"]["malformed"] == 1
+    assert mock.stats()["served"] == 0  # a faulted answer is not a served one
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+async def test_stall_hangs_between_chunks_holding_the_slot() -> None:
+    config = MockConfig(latency_ms=0, capacity=1, stall_rate=1.0, hang_s=0.4,
+                        fault_after_tokens=1)
+    async with (
+        MockBackend(config) as mock,
+        httpx.AsyncClient(base_url=mock.base_url, timeout=10) as client,
+    ):
+        stalled = asyncio.create_task(_timed_events(client, _chat(stream=True)))
+        await _eventually(lambda: mock.stats()["faults"]["stalled"] == 1)
+        assert _open(mock) == (0, 1)
+        timed = await stalled
+    tokens = [t for t, data in timed if '"content":"m' in data or '"content":" ' in data]
+    assert tokens[1] - tokens[0] >= 0.35  # the stall sat between the first two tokens
+    assert timed[-1][1] == "[DONE]" and mock.stats()["served"] == 1
+
+
+async def test_stall_makes_a_client_time_out_and_stop_drops_it() -> None:
+    config = MockConfig(latency_ms=0, capacity=2, stall_rate=1.0, hang_s=3600)
+    mock = MockBackend(config)
+    await mock.start()
+    try:
+        async with httpx.AsyncClient(base_url=mock.base_url, timeout=0.3) as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await _stream(client, _chat(stream=True), **{"X-Request-Id": "slow"})
+            await _eventually(lambda: _open(mock) == (0, 0))
+            assert mock.stats()["aborted_ids"] == ["slow"]
+        async with httpx.AsyncClient(base_url=mock.base_url, timeout=10) as client:
+            stuck = asyncio.create_task(_stream(client, _chat(stream=True)))
+            await _eventually(lambda: _open(mock) == (0, 1))
+            started = time.monotonic()
+            await mock.stop()
+            assert time.monotonic() - started < 1.5
+            assert isinstance((await asyncio.gather(stuck, return_exceptions=True))[0],
+                              httpx.TransportError)
+    finally:
+        await mock.stop()
+
+
+async def test_stream_faults_over_http_and_seeded_rates() -> None:
+    async with (
+        MockBackend(MockConfig(latency_ms=0)) as mock,
+        httpx.AsyncClient(base_url=mock.base_url, timeout=10) as client,
+    ):
+        root = f"http://127.0.0.1:{mock.port}"
+        r = await client.post(f"{root}/faults", json={"cut_rate": 1, "fault_after_tokens": 0})
+        assert r.json() == {**_NO_FAULTS, "cut_rate": 1, "fault_after_tokens": 0}
+        with pytest.raises(httpx.RemoteProtocolError):
+            await _stream(client, _chat(stream=True))  # headers, then nothing
+        r = await client.post(f"{root}/faults", json={"cut_rate": 0.3, "malformed_rate": 0.3,
+                                                      "seed": 3})
+        outcomes = [await _outcome(client) for _ in range(100)]
+        faults = mock.stats()["faults"]
+        assert outcomes.count("cut") == faults["cut"] - 1 and 15 <= faults["cut"] <= 50
+        assert outcomes.count("malformed") == faults["malformed"]
+        assert 15 <= faults["malformed"] <= 50
+        assert outcomes.count("ok") == mock.stats()["streamed"]
+
+
+async def _outcome(client: httpx.AsyncClient) -> str:
+    try:
+        _, events = await _stream(client, _chat(stream=True))
+    except httpx.RemoteProtocolError:
+        return "cut"
+    return "ok" if all(_is_json(e) for e in events[:-1]) else "malformed"
+
+
+def test_streaming_flags() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args([]))
+    assert (config.ttft_ms, config.itl_ms, config.jitter, config.reply_tokens,
+            config.ids_kept) == (None, 0.0, 0.0, None, 1000)
+    assert config.first_token_ms == config.latency_ms == 50.0
+    config = config_from_args(parser.parse_args([
+        "--ttft-ms", "120", "--itl-ms", "15", "--jitter", "0.2", "--seed", "4",
+        "--reply-tokens", "64", "--ids-kept", "10"]))
+    assert (config.first_token_ms, config.itl_ms, config.jitter, config.seed,
+            config.reply_tokens, config.ids_kept) == (120, 15, 0.2, 4, 64, 10)
+    assert run_from_args(parser.parse_args(["--jitter", "2"])) == 2

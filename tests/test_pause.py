@@ -10,6 +10,7 @@ from pipeline.broker.topology import apply_topology
 from pipeline.client.client import HutchClient
 from pipeline.observe.metrics import Metrics
 from pipeline.testing.mock import MockBackend
+from pipeline.worker.pause import is_paused
 from tests.conftest import (
     SettingsFactory,
     amqp,
@@ -57,3 +58,23 @@ async def test_paused_pool_keeps_requests_queued_until_resumed(
         f"mock reply to: r{i}" for i in range(10)]
     code, _, err = await run_hutch(["pool", "pause", "-c", config, "nope"], hutch_env)
     assert code == 2 and "no pool named 'nope'" in err
+
+
+async def test_pool_commands_refuse_a_pool_without_its_queue(
+        make_settings: SettingsFactory, tmp_path: Path, hutch_env: dict[str, str]) -> None:
+    """Without the topology, `pool list|pause|resume` say so and exit 1; nothing is made."""
+    settings = make_settings()  # nothing applied under this prefix
+    names = Names(settings.prefix)
+    config = str(write_config(tmp_path / "hutch.toml", settings))
+    code, out, err = await run_hutch(["pool", "list", "-c", config], hutch_env)
+    assert code == 1 and "Traceback" not in err
+    assert out.split()[:2] == ["chat", "missing"]  # not "running"
+    assert names.work_queue("chat") in err and "hutch topology apply" in err
+    for action in ("pause", "resume"):
+        code, out, err = await run_hutch(["pool", action, "-c", config, "chat"], hutch_env)
+        assert (code, out) == (1, ""), err
+        assert "topology is missing" in err and "hutch topology apply" in err
+    # The refused pause created no flag for a pool the broker does not have.
+    async with amqp(settings.amqp_url) as conn:
+        channel = await conn.channel()
+        assert not await is_paused(channel, names, "chat")

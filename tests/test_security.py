@@ -176,7 +176,7 @@ def _request(user_id: str | None, reply_to: str | None,
 
 def _refusal(guard: ReplyGuard, request: AbstractIncomingMessage) -> Any:
     return guard.refusal(guard.client_user(request.user_id, request.headers or {}),
-                         request.reply_to)
+                         request.reply_to, request.user_id)
 
 
 def test_reply_guard_rules() -> None:
@@ -188,6 +188,8 @@ def test_reply_guard_rules() -> None:
         _request("worker", "llm.reply.whatever"),  # the worker's own (single-user setup)
         _request("worker", "llm.reply.app.1", {p.H_USER: "app"}),  # back from a retry tier
         _request("ops", "llm.reply.app", {p.H_USER: b"app"}),  # an operator's replay
+        # A trusted publisher for a client (the HTTP gateway) answered on its own queue:
+        _request("ops", "llm.reply.ops.gw-1", {p.H_USER: "tenant-a"}),
     ]
     for request in ok:
         assert _refusal(guard, request) is None, request
@@ -198,6 +200,8 @@ def test_reply_guard_rules() -> None:
         _request("app", "llm.work.chat"),
         _request("app", "llm.reply.other", {p.H_USER: "other"}),  # clients cannot vouch
         _request("worker", "llm.reply.other", {p.H_USER: "app"}),
+        # ... but never on someone else's (a replayed forged request stays refused):
+        _request("ops", "llm.reply.victim", {p.H_USER: "attacker"}),
     ]
     for request in forged:
         failure = _refusal(guard, request)

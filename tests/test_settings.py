@@ -146,6 +146,38 @@ def test_invalid_amqp_url_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
         load_settings()
 
 
+def test_invalid_environment_value_names_the_variable(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is not blamed for what a HUTCH_* variable set."""
+    path = write(tmp_path, EXAMPLE)
+    monkeypatch.setenv("HUTCH_MAX_PRIORITY", "abc")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    header, line = str(info.value).splitlines()
+    assert header == f"invalid configuration ({path}, overridden by HUTCH_MAX_PRIORITY):"
+    assert line.startswith("  max_priority: Input should be a valid integer")
+    assert line.endswith("(set by the environment: HUTCH_MAX_PRIORITY)")
+    # A nested-style variable is named too; a key the file got wrong is not blamed on it.
+    monkeypatch.delenv("HUTCH_MAX_PRIORITY")
+    monkeypatch.setenv("HUTCH_POOLS__0__NAME", "x")
+    bad_file = write(tmp_path, "heartbeat_s = 0\n" + EXAMPLE, "bad.toml")
+    lines = config_error_at(bad_file).splitlines()
+    assert lines[0] == f"invalid configuration ({bad_file}, overridden by HUTCH_POOLS__0__NAME):"
+    assert "  pools: Input should be a valid list (set by the environment: HUTCH_POOLS__0__NAME)" \
+        in lines
+    assert next(x for x in lines if x.startswith("  heartbeat_s:")).endswith(
+        "greater than or equal to 1")
+    # An argument beats the environment: then the variable is not what was wrong.
+    monkeypatch.setenv("HUTCH_MAX_PRIORITY", "abc")
+    assert "HUTCH_MAX_PRIORITY" not in config_error(max_priority=0)
+
+
+def config_error_at(path: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    return str(info.value)
+
+
 # -- errors name the bad key ----------------------------------------------------------
 
 

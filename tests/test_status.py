@@ -12,6 +12,8 @@ import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace as dataclasses_replace
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -21,11 +23,12 @@ from aio_pika.abc import AbstractChannel
 from pipeline.broker.names import Names
 from pipeline.broker.topology import apply_topology
 from pipeline.client.client import HutchClient
-from pipeline.errors import HutchError
+from pipeline.errors import HutchError, StatusError
 from pipeline.observe.metrics import Metrics
 from pipeline.ops.status import (
     BackendStatus,
     QueueStatus,
+    StatsFreshness,
     StatusReport,
     WorkerStatus,
     format_status,
@@ -34,7 +37,15 @@ from pipeline.ops.status import (
 )
 from pipeline.settings import BackendSettings, Settings
 from pipeline.worker.pause import pause_pool
-from tests.conftest import SettingsFactory, amqp, queue_depth, running_worker, wait_for
+from tests.conftest import (
+    SettingsFactory,
+    amqp,
+    queue_depth,
+    run_hutch,
+    running_worker,
+    wait_for,
+    write_config,
+)
 
 USER = [{"role": "user", "content": "hello"}]
 
@@ -120,7 +131,7 @@ async def test_status_shows_depth_consumers_in_flight_capacity_and_parked(
         def settled(report: StatusReport) -> bool:
             work, b = report.queue("work", "chat"), report.backends[0]
             return (work.ready, work.unacked, work.consumers, report.parked.messages,
-                    b.in_flight, b.capacity) == (3, 2, 1, 1, 2, 2)
+                    b.in_flight, b.capacity, report.live_workers) == (3, 2, 1, 1, 2, 2, 1)
 
         report = await poll_status(settings, [url], settled)
         assert backend.waiting == 2
@@ -145,6 +156,10 @@ async def test_status_shows_depth_consumers_in_flight_capacity_and_parked(
         assert backend_row.split() == [b1, "chat", "2", "2", "2", "closed", metrics_url(url)]
         assert f"parking lot {names.parked_queue}: 1 message" in lines
         assert "not read" not in text and "nobody" not in text
+        assert f"live workers: 1 (consumers of {names.workers_queue})" in lines
+        assert report.missing == [] and "does not exist" not in text
+        # The counts are sampled statistics, and the report says so.
+        assert "collect_statistics_interval" in lines[-1]
 
         backend.gate.set()
         await asyncio.gather(*pending)
@@ -175,6 +190,11 @@ async def test_status_of_a_paused_pool_with_an_unreachable_worker(
     assert f"worker metrics http://{dead}/metrics: not read" in text
     assert next(line for line in text.splitlines()
                 if line.startswith("chat ")).split()[2] == "paused"
+    # The unread worker may hold the lease: its holder is unknown, not "nobody".
+    backend_row = next(line for line in text.splitlines()
+                       if line.startswith(settings.pools[0].backends[0].name))
+    assert backend_row.split()[-1] == "unknown"
+    assert "nobody" not in text
     assert f"parking lot {names.parked_queue}:" in text
 
 
@@ -182,10 +202,43 @@ async def test_status_without_topology_or_workers(make_settings: SettingsFactory
     settings = make_settings()  # nothing applied under this prefix
     report = await status(settings, [])
     assert not report.queue("work", "chat").exists and not report.parked.exists
+    assert len(report.missing) == len(report.queues) and report.live_workers is None
     assert report.workers == [] and report.backends[0].in_flight is None
     text = format_status(report)
     assert "run `hutch topology apply`" in text
     assert "pass --metrics URL" in text
+
+
+async def test_status_command_exits_non_zero_without_the_topology(
+        make_settings: SettingsFactory, tmp_path: Path, hutch_env: dict[str, str]) -> None:
+    settings = make_settings()
+    names = Names(settings.prefix)
+    config = str(write_config(tmp_path / "hutch.toml", settings))
+    # Nothing applied under this prefix: one line, no table pretending all is well.
+    code, out, err = await run_hutch(["status", "-c", config], hutch_env)
+    assert code == 1 and out == ""
+    assert "no Hutch topology" in err and "hutch topology apply" in err
+    assert "Traceback" not in err
+    await apply_topology(settings)
+    code, out, err = await run_hutch(["status", "-c", config], hutch_env)
+    assert code == 0, err
+    # Part of it gone: the report, the missing queue named, and a non-zero exit.
+    async with amqp(settings.amqp_url) as conn:
+        await (await conn.channel()).queue_delete(names.parked_queue)
+    code, out, err = await run_hutch(["status", "-c", config], hutch_env)
+    assert code == 1 and "Traceback" not in err
+    assert f"queue {names.parked_queue} does not exist: run `hutch topology apply`" in out
+    assert names.parked_queue in err and "hutch topology apply" in err
+
+
+async def test_status_names_a_missing_vhost(make_settings: SettingsFactory) -> None:
+    settings = make_settings().with_vhost("hutch-no-such-vhost")
+    try:
+        await status(settings, [])
+    except StatusError as exc:
+        assert "vhost 'hutch-no-such-vhost' does not exist" in str(exc)
+    else:
+        raise AssertionError("status must say the vhost does not exist")
 
 
 async def test_status_fails_clearly_without_the_management_api(
@@ -219,6 +272,28 @@ def test_format_status_flags_a_broken_cap_and_an_unserved_backend() -> None:
                             if line and not line.startswith(("POOL", "BACKEND", "QUEUE"))}
     assert rows["b"][-1] == "nobody"
     assert rows["llm.triage"] == ["llm.triage", "triage", "0", "2"]
+
+
+def test_format_status_lease_unknown_live_workers_and_stale_statistics() -> None:
+    report = StatusReport(
+        vhost="/",
+        queues=[QueueStatus("llm.work.chat", "work", "chat", messages=0, consumers=1),
+                QueueStatus("llm.parked", "parked", messages=0, consumers=0),
+                QueueStatus("llm.workers", "workers", messages=0, consumers=3)],
+        backends=[BackendStatus("a", "chat", 4, in_flight=0, capacity=0)],
+        workers=[WorkerStatus("http://w1/metrics"),
+                 WorkerStatus("http://w2/metrics", error="ConnectError: refused")],
+        stats=StatsFreshness(event_backlog=120))
+    text = format_status(report)
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line}
+    assert rows["a"][-1] == "unknown"  # w2 was not read: it may hold the lease
+    assert "no worker holds its lease" not in text
+    assert "live workers: 3 (consumers of llm.workers)" in text
+    assert "2 metrics URL(s) given for 3 live worker(s)" in text
+    assert "sampled every collect_statistics_interval" in text
+    assert "120 events behind" in text
+    disabled = format_status(dataclasses_replace(report, stats=StatsFreshness(disabled=True)))
+    assert "statistics are disabled" in disabled
 
 
 def test_metrics_url_forms() -> None:

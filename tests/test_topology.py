@@ -14,7 +14,7 @@ from pamqp.commands import Basic
 from pipeline.broker.management import ManagementAPI
 from pipeline.broker.names import Names
 from pipeline.broker.topology import apply_topology, work_policy, work_queue_arguments
-from pipeline.errors import TopologyError
+from pipeline.errors import BrokerUnreachableError, TopologyError
 from pipeline.settings import Settings
 from tests.conftest import SettingsFactory, run_hutch, write_config
 
@@ -230,6 +230,6 @@ async def test_management_api_unreachable(make_settings: SettingsFactory) -> Non
 async def test_broker_unreachable(make_settings: SettingsFactory) -> None:
     settings = make_settings(amqp_url="amqp://guest:guest@127.0.0.1:1/")
     async with asyncio.timeout(30):
-        with pytest.raises(TopologyError, match="cannot connect to RabbitMQ") as info:
+        with pytest.raises(BrokerUnreachableError, match="cannot connect to RabbitMQ") as info:
             await apply_topology(settings)
     assert "guest:guest@" not in str(info.value)

@@ -210,8 +210,7 @@ class _UserAPI(ManagementAPI):
 
 
 def _api(settings: Settings) -> _UserAPI:
-    base, user, password = settings.management_api()
-    return _UserAPI(base, user, password)
+    return _UserAPI.from_settings(settings)
 
 
 async def _add(settings: Settings, name: str, role: Role, permissions: Permissions,

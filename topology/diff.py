@@ -250,8 +250,8 @@ async def diff_topology(settings: Settings) -> list[DiffLine]:
     management API's object listings only, not ``GET /api/definitions`` (administrator
     only): the user apply needs (``policymaker``) is enough. Declares nothing."""
     vhost = settings.vhost
-    base, user, password = settings.management_api()
-    async with ManagementAPI(base, user, password) as api:
+    base, user, _ = settings.management_api()
+    async with ManagementAPI.from_settings(settings) as api:
         if vhost not in {v.get("name") for v in await api.list_vhosts()}:
             raise TopologyError(f"vhost {vhost!r} does not exist on the broker at {base}, or "
                                 f"{user!r} has no permissions in it")

@@ -46,12 +46,12 @@ from pipeline.errors import (
     TerminalStatusError,
     ThrottledError,
 )
-from pipeline.models import ChatCompletion
+from pipeline.models import ChatCompletion, EmbeddingList, TextCompletion, Usage
+from pipeline.protocol import Endpoint
 from pipeline.settings import BackendSettings
 
 __all__ = ["Backend", "BackendResult", "BackendStream", "parse_retry_after"]
 
-_CHAT_PATH = "/chat/completions"
 _T = TypeVar("_T")
 #: httpx's errors of a connection that broke after the request went out.
 _DROPPED = (httpx.ReadError, httpx.WriteError, httpx.CloseError)
@@ -59,13 +59,25 @@ _DROPPED = (httpx.ReadError, httpx.WriteError, httpx.CloseError)
 _MALFORMED = (httpx.ProtocolError, httpx.DecodingError)
 
 
+#: What a 200 answer of each endpoint must parse as, and what it is called in errors.
+_ANSWERS: dict[Endpoint, tuple[type[ChatCompletion | TextCompletion | EmbeddingList], str]] = {
+    Endpoint.CHAT: (ChatCompletion, "completion"),
+    Endpoint.COMPLETIONS: (TextCompletion, "text completion"),
+    Endpoint.EMBEDDINGS: (EmbeddingList, "embeddings list"),
+}
+
+
 @dataclass(frozen=True)
 class BackendResult:
-    """A successful call: the completion as the backend sent it, and how long it took."""
+    """A successful call: the answer as the backend sent it, and how long it took."""
 
     body: bytes
-    completion: ChatCompletion
+    completion: ChatCompletion | TextCompletion | EmbeddingList
     elapsed_s: float
+
+    @property
+    def usage(self) -> Usage | None:
+        return self.completion.usage
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -150,7 +162,8 @@ class Backend:
         # the request is the one ``AsyncClient.post`` would build (same URL, headers and
         # timeout), without the per-call URL merging, redirect, auth and cookie machinery
         # that cost more than the aiohttp call itself (see tests/test_fastpath.py).
-        self._url = self._http.build_request("POST", _CHAT_PATH).url
+        self._urls = {endpoint: self._http.build_request("POST", endpoint.path).url
+                      for endpoint in Endpoint}
         self._headers = self._http.headers.raw
         self._default_timeout = httpx.Timeout(settings.timeout_s).as_dict()
         #: Whether a backend ever set a cookie (testing the jar itself costs a lock).
@@ -167,17 +180,24 @@ class Backend:
                    request_id: str | None = None) -> BackendResult:
         """POST ``/chat/completions`` and read the completion; ``timeout_s`` may shorten the
         configured timeout."""
+        return await self.call(Endpoint.CHAT, body, timeout_s=timeout_s,
+                               request_id=request_id)
+
+    async def call(self, endpoint: Endpoint, body: bytes, *, timeout_s: float | None = None,
+                   request_id: str | None = None) -> BackendResult:
+        """POST to ``endpoint`` and read the whole answer, checked for its shape."""
         started = time.monotonic()
-        response, timeout = await self._open(body, timeout_s, request_id)
+        response, timeout = await self._open(body, timeout_s, request_id, endpoint)
         content = await self._read(response, timeout)
         elapsed = time.monotonic() - started
+        model, what = _ANSWERS[endpoint]
         try:
-            completion = ChatCompletion.model_validate_json(content)
+            answer = model.model_validate_json(content)
         except ValidationError as exc:
             raise InvalidCompletionError(
-                f"backend {self.name} returned an invalid completion: "
+                f"backend {self.name} returned an invalid {what}: "
                 f"{exc.errors()[0]['msg']}", status=200) from None
-        return BackendResult(content, completion, elapsed)
+        return BackendResult(content, answer, elapsed)
 
     @asynccontextmanager
     async def stream(self, body: bytes, *, timeout_s: float | None = None,
@@ -199,13 +219,13 @@ class Backend:
         finally:
             await response.aclose()
 
-    async def _open(self, body: bytes, timeout_s: float | None,
-                    request_id: str | None) -> tuple[httpx.Response, float]:
+    async def _open(self, body: bytes, timeout_s: float | None, request_id: str | None,
+                    endpoint: Endpoint = Endpoint.CHAT) -> tuple[httpx.Response, float]:
         """Send the request; return the 200 response, unread, and the call's timeout.
         Any other status is read and raised as its typed error."""
         timeout = self.settings.timeout_s if timeout_s is None else min(
             timeout_s, self.settings.timeout_s)
-        request = self._request(body, timeout, request_id)
+        request = self._request(body, timeout, request_id, endpoint)
         try:
             response = await self._transport.handle_async_request(request)
         except httpx.HTTPError as exc:
@@ -219,7 +239,8 @@ class Backend:
             raise self._status_error(response)
         return response, timeout
 
-    def _request(self, body: bytes, timeout: float, request_id: str | None) -> httpx.Request:
+    def _request(self, body: bytes, timeout: float, request_id: str | None,
+                 endpoint: Endpoint = Endpoint.CHAT) -> httpx.Request:
         """The request ``AsyncClient.post`` would build, built directly (the hot path)."""
         headers = self._headers
         if request_id:
@@ -230,7 +251,7 @@ class Backend:
         extensions: dict[str, Any] = {"timeout": self._default_timeout
                                       if timeout == self.settings.timeout_s
                                       else httpx.Timeout(timeout).as_dict()}
-        return httpx.Request("POST", self._url, headers=headers, content=body,
+        return httpx.Request("POST", self._urls[endpoint], headers=headers, content=body,
                              cookies=cookies, extensions=extensions)
 
     async def _read(self, response: httpx.Response, timeout: float) -> bytes:

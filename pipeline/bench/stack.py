@@ -26,9 +26,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-import aio_pika
 import httpx
 
+from pipeline.broker.connection import connect_url
 from pipeline.broker.names import Names
 from pipeline.broker.topology import apply_topology, delete_topology
 from pipeline.errors import StackError
@@ -182,7 +182,7 @@ class Stack:
         self._applied.clear()
         if self.queues:
             with contextlib.suppress(Exception):
-                connection = await aio_pika.connect(self.amqp_url, timeout=10)
+                connection = await connect_url(self.amqp_url, name="hutch bench")
                 async with connection:
                     channel = await connection.channel()
                     for queue in self.queues:
@@ -241,7 +241,7 @@ class Stack:
                                  timeout_s: float = _READY_TIMEOUT_S) -> None:
         """Wait until ``queue`` has ``count`` consumers: a worker consumes its pool's queue
         only once it holds a backend's lease, so this is "ready to serve"."""
-        connection = await aio_pika.connect(self.amqp_url, timeout=10)
+        connection = await connect_url(self.amqp_url, name="hutch bench")
         async with connection:
             channel = await connection.channel()
 

@@ -3,16 +3,33 @@
 Policies (dead-lettering, queue limits, TTLs) can only be set over this API or
 ``rabbitmqctl``; Hutch uses the API so the same code works against a remote broker.
 Every failure becomes a :class:`~pipeline.errors.TopologyError` that says what to do.
+
+The API's address is configured apart from the AMQP URL, so it can name another broker
+(a second local broker without the plugin: its queues here, its policies there). Built with
+:meth:`ManagementAPI.from_settings`, the client checks before its first write that the API
+answers for the broker the AMQP connection reaches (the cluster name the broker announces
+on AMQP against the API's ``/api/overview``) and refuses otherwise.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import ssl
+from typing import Any, Self
 from urllib.parse import quote
 
 import httpx
+from aio_pika.abc import AbstractConnection
 
+from pipeline.broker.connection import (
+    BrokerIdentity,
+    broker_identity,
+    connect,
+    tls_context,
+    tls_failure,
+    tls_problem,
+)
 from pipeline.errors import TopologyError
+from pipeline.settings import Settings
 
 __all__ = ["ManagementAPI"]
 
@@ -29,12 +46,49 @@ def _q(value: str) -> str:
 class ManagementAPI:
     """Async access to ``/api`` of one broker, as one user."""
 
-    def __init__(self, base_url: str, user: str, password: str, *, timeout_s: float = 10.0
-                 ) -> None:
+    def __init__(self, base_url: str, user: str, password: str, *, timeout_s: float = 10.0,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self._http = httpx.AsyncClient(
-            base_url=self.base_url + "/api", auth=(user, password), timeout=timeout_s
-        )
+            base_url=self.base_url + "/api", auth=(user, password), timeout=timeout_s,
+            verify=tls if tls is not None else True)
+        #: Before the first write: the settings whose AMQP broker the API must belong to,
+        #: and that broker's identity once known.
+        self._same_broker_as: Settings | None = None
+        self._amqp_identity: BrokerIdentity | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, connection: AbstractConnection | None = None,
+                      timeout_s: float = 10.0) -> Self:
+        """The API of ``settings`` (its address, credentials and TLS), which refuses to
+        write unless it belongs to the broker of ``settings.amqp_url``: the one
+        ``connection`` reached, or (without one) a short connection of its own."""
+        base, user, password = settings.management_api()
+        api = cls(base, user, password, timeout_s=timeout_s, tls=tls_context(settings))
+        api._same_broker_as = settings
+        if connection is not None:
+            api._amqp_identity = broker_identity(connection)
+        return api
+
+    async def _check_same_broker(self) -> None:
+        settings, self._same_broker_as = self._same_broker_as, None
+        if settings is None:
+            return
+        amqp = self._amqp_identity
+        if amqp is None:
+            connection = await connect(settings, name="hutch management-api check")
+            async with connection:
+                amqp = broker_identity(connection)
+        overview = await self._request("GET", "/overview")
+        api_cluster = overview.get("cluster_name")
+        if amqp.cluster_name and api_cluster and api_cluster != amqp.cluster_name:
+            raise TopologyError(
+                f"the management API at {self.base_url} belongs to another broker: cluster "
+                f"{api_cluster!r} (node {overview.get('node')!r}), while "
+                f"{settings.redacted_amqp_url()} reaches cluster {amqp.cluster_name!r}. "
+                "Nothing was written. Set management_url to the management API of the "
+                "broker amqp_url names (and enable its plugin: rabbitmq-plugins enable "
+                "rabbitmq_management)")
 
     async def __aenter__(self) -> ManagementAPI:
         return self
@@ -47,9 +101,15 @@ class ManagementAPI:
 
     async def _request(self, method: str, path: str, *, json: Any = None,
                        ok_missing: bool = False) -> Any:
+        if method != "GET" and self._same_broker_as is not None:
+            await self._check_same_broker()
         try:
             response = await self._http.request(method, path, json=json)
         except httpx.HTTPError as exc:
+            tls = tls_failure(exc)
+            if tls is not None:
+                raise TopologyError(f"management API at {self.base_url}: TLS handshake "
+                                    f"failed: {tls_problem(tls)}") from None
             raise TopologyError(
                 f"management API at {self.base_url} is not reachable ({exc!r}): {_ENABLE_HINT}"
             ) from None
@@ -72,6 +132,11 @@ class ManagementAPI:
     async def check(self) -> None:
         """Fail early (before anything is declared) when the API is unreachable."""
         await self._request("GET", "/overview")
+
+    async def overview(self) -> dict[str, Any]:
+        """``/api/overview``: the broker's identity and statistics settings (status)."""
+        result = await self._request("GET", "/overview")
+        return dict(result or {})
 
     # -- policies ------------------------------------------------------------------
 

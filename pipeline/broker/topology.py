@@ -31,6 +31,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractExchange, AbstractQueue
 
+from pipeline.broker.connection import connect
 from pipeline.broker.management import ManagementAPI
 from pipeline.broker.names import Names
 from pipeline.errors import TopologyError
@@ -259,14 +260,8 @@ async def apply_topology(settings: Settings) -> TopologyReport:
     """Declare exchanges, queues, bindings and policies; safe to run any number of times."""
     topo = plan(settings)
     report = TopologyReport()
-    base, user, password = settings.management_api()
-    try:
-        connection = await aio_pika.connect(settings.amqp_url, timeout=10)
-    except (OSError, aiormq.exceptions.AMQPError) as exc:
-        raise TopologyError(
-            f"cannot connect to RabbitMQ at {settings.redacted_amqp_url()}: {exc!r}"
-        ) from None
-    async with connection, ManagementAPI(base, user, password) as api:
+    connection = await connect(settings, name="hutch topology apply")
+    async with connection, ManagementAPI.from_settings(settings, connection=connection) as api:
         # Without the API the queues would be left without their policy: check it first.
         await api.check()
         # Policies first: a work queue created below has its dead-lettering and limits
@@ -316,9 +311,8 @@ async def delete_topology(settings: Settings, reply_queues: list[str] | None = N
     (the demo cleans up this way)."""
     topo = plan(settings)
     names = Names(settings.prefix)
-    base, user, password = settings.management_api()
-    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
-    async with connection, ManagementAPI(base, user, password) as api:
+    connection = await connect(settings, name="hutch topology delete")
+    async with connection, ManagementAPI.from_settings(settings, connection=connection) as api:
         channel = await connection.channel()
         for policy in topo.policies:
             await api.delete_policy(topo.vhost, policy.name)

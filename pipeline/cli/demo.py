@@ -17,15 +17,23 @@ def register(sub: Subparsers) -> None:
     demo.add_argument("--capacity", type=int, default=4, help="mock backend slots")
     demo.add_argument("--latency-ms", type=float, default=100.0, help="mock service time")
     demo.add_argument("--keep-topology", dest="keep_topology", action="store_true",
-                      help="leave the demo's queues on the broker to look at in the UI")
+                      help="leave the demo's queues on the broker to look at in the UI "
+                           "(it prints how to remove them)")
+    demo.add_argument("--remove-topology", dest="remove_topology", metavar="PREFIX",
+                      help="instead of running the demo, remove what an earlier "
+                           "--keep-topology run kept under PREFIX (hutch-demo-<pid>)")
     demo.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the demo; its exit code says whether high priority overtook."""
+    """Run the demo (its exit code says whether high priority overtook), or remove what
+    a kept one left."""
     import asyncio
 
-    from pipeline.ops.demo import run_demo
+    from pipeline.ops.demo import remove_demo_topology, run_demo
 
+    if args.remove_topology:
+        print(asyncio.run(remove_demo_topology(args.remove_topology)))
+        return 0
     return asyncio.run(run_demo(low=args.low, high=args.high, capacity=args.capacity,
                                 latency_ms=args.latency_ms, keep=args.keep_topology))

@@ -32,6 +32,7 @@ GROUPS = (
     "pipeline.bench.commands",
     "pipeline.cli.demo",
     "pipeline.cli.dlq",
+    "pipeline.cli.cancel",
 )
 #: The entry point group through which other packages add command groups.
 ENTRY_POINTS = "hutch.commands"

@@ -25,18 +25,21 @@ def register(sub: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """List the pools with their state, or pause or resume one."""
+    """List the pools with their state, or pause or resume one. A pool whose work queue
+    the broker does not have is an error (exit 1): the topology is missing."""
     import asyncio
 
     from pipeline.errors import ConfigError
-    from pipeline.worker.pause import pause_pool, paused_pools, resume_pool
+    from pipeline.ops.pools import missing_pools_error, pause, pool_states, resume
 
     settings = settings_of(args)
     if args.pool_command == "list":
-        paused = set(asyncio.run(paused_pools(settings)))
-        for pool in settings.pools:
-            state = "paused" if pool.name in paused else "running"
-            print(f"{pool.name:<24} {state:<8} models: {', '.join(pool.models)}")
+        states = asyncio.run(pool_states(settings))
+        for pool in states:
+            print(f"{pool.name:<24} {pool.state:<8} models: {', '.join(pool.models)}")
+        missing = [pool.name for pool in states if not pool.exists]
+        if missing:
+            raise missing_pools_error(settings, missing)
         return 0
     try:
         settings.pool(args.pool)
@@ -45,10 +48,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"no pool named {args.pool!r} in {args.config} (pools: {known})"
                           ) from None
     if args.pool_command == "pause":
-        asyncio.run(pause_pool(settings, args.pool))
+        asyncio.run(pause(settings, args.pool))
         print(f"pool {args.pool!r} paused: workers stop taking its requests within "
               f"~{settings.lease_retry_s * 2:g} s; requests wait in its queue")
     else:
-        asyncio.run(resume_pool(settings, args.pool))
+        asyncio.run(resume(settings, args.pool))
         print(f"pool {args.pool!r} resumed")
     return 0

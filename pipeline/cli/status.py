@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli.common import Subparsers, add_config, settings_of
+from pipeline.cli.common import EXIT_FAILED, Subparsers, add_config, settings_of
 
 __all__ = ["register", "run"]
 
@@ -22,12 +22,25 @@ def register(sub: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Read the broker and the workers' metrics; print one report."""
+    """Read the broker and the workers' metrics; print one report. Exit 1 when the
+    topology is missing, in part (the report says which queues) or in whole (one line)."""
     import asyncio
     import json
+    import sys
 
+    from pipeline.errors import TopologyError
     from pipeline.ops.status import format_status, status
 
-    report = asyncio.run(status(settings_of(args), args.metrics))
+    settings = settings_of(args)
+    report = asyncio.run(status(settings, args.metrics))
+    if len(report.missing) == len(report.queues):
+        raise TopologyError(
+            f"no Hutch topology with prefix {settings.prefix!r} in vhost {settings.vhost!r}: "
+            f"run `hutch topology apply --config {args.config}` first")
     print(json.dumps(report.as_dict(), indent=2) if args.json else format_status(report))
+    if report.missing:
+        print(f"hutch: topology: {len(report.missing)} queue(s) missing in vhost "
+              f"{settings.vhost!r} ({', '.join(report.missing)}): run "
+              f"`hutch topology apply --config {args.config}`", file=sys.stderr)
+        return EXIT_FAILED
     return 0

@@ -12,14 +12,28 @@ __all__ = ["register", "run"]
 
 def register(sub: Subparsers) -> None:
     """Add ``submit``."""
-    submit = sub.add_parser("submit", help="send one chat request and print the reply")
+    submit = sub.add_parser(
+        "submit", help="send one chat request and print the reply",
+        description="Send PROMPT as one user message to MODEL through Hutch and print the "
+                    "answer (latency, queue wait and backend on stderr). Settings come from "
+                    "--config, else HUTCH_* variables and defaults.")
     add_config(submit, required=False)
-    submit.add_argument("--model", "-m", required=True)
-    submit.add_argument("--priority", "-p", type=int, default=0)
-    submit.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
-    submit.add_argument("--max-tokens", type=int, default=None)
+    submit.add_argument("--model", "-m", required=True,
+                        help="model name: the routing key, and `model` in the body; a model "
+                             "no pool serves is answered unknown_model")
+    submit.add_argument("--priority", "-p", type=int, default=0,
+                        help="AMQP priority, 0 (lowest, the default) to the configuration's "
+                             "max_priority (default 9); higher values count as max_priority, "
+                             "at most 255")
+    submit.add_argument("--timeout", type=float, default=60.0,
+                        help="deadline in seconds (default 60): the request's expiration "
+                             "and x-hutch-deadline")
+    submit.add_argument("--max-tokens", type=int, default=None,
+                        help="max_tokens for the backend (default: not sent, the backend "
+                             "decides)")
     submit.add_argument("--json", action="store_true", help="print the whole completion")
-    submit.add_argument("prompt")
+    submit.add_argument("prompt", metavar="PROMPT",
+                        help="the user message (quote it: one argument)")
     submit.set_defaults(func=run)
 
 
@@ -29,12 +43,15 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.client.client import HutchClient
     from pipeline.errors import RequestFailed
+    from pipeline.observe.log import configure_logging
     from pipeline.settings import load_settings
 
     settings = load_settings(args.config) if args.config else load_settings()
+    configure_logging("WARNING")  # reconnect warnings as JSON lines, not bare names
 
     async def main() -> int:
-        async with HutchClient.from_settings(settings) as client:
+        # A one-shot command: its reply queue is exclusive and goes away when it exits.
+        async with HutchClient.from_settings(settings, temporary_reply_queue=True) as client:
             body = {"model": args.model, "messages": [{"role": "user", "content": args.prompt}]}
             if args.max_tokens:
                 body["max_tokens"] = args.max_tokens

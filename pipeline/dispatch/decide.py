@@ -17,17 +17,19 @@ from pydantic import ValidationError
 from pipeline import protocol as p
 from pipeline.delivery import Delivery
 from pipeline.errors import BackendCallError, RetryableError, ThrottledError
-from pipeline.models import ChatRequest
+from pipeline.models import ChatRequest, CompletionRequest, EmbeddingsRequest
 from pipeline.outcome import Cancelled, Failed, Failure, Outcome, Requeue, RetryLater
 from pipeline.settings import PoolSettings
 
 __all__ = [
+    "Request",
     "TryAgain",
     "admit",
     "after_failure",
     "attempt_kind",
     "before_attempt",
     "deadline_failure",
+    "no_reply_to",
     "stream_interrupted",
     "validate_request",
 ]
@@ -48,10 +50,21 @@ def _content_type_ok(content_type: str | None) -> bool:
     return content_type.split(";")[0].strip().lower() in _JSON_TYPES
 
 
-def _parse_body(body: bytes) -> ChatRequest | Failure:
+Request = ChatRequest | CompletionRequest | EmbeddingsRequest
+
+#: The body model of each endpoint, and what the body must be called in errors.
+_BODIES: dict[p.Endpoint, tuple[type[Request], str]] = {
+    p.Endpoint.CHAT: (ChatRequest, "chat completions"),
+    p.Endpoint.COMPLETIONS: (CompletionRequest, "completions"),
+    p.Endpoint.EMBEDDINGS: (EmbeddingsRequest, "embeddings"),
+}
+
+
+def _parse_body(body: bytes, endpoint: p.Endpoint) -> Request | Failure:
     bad = p.ErrorCode.INVALID_REQUEST
+    model, name = _BODIES[endpoint]
     try:
-        return ChatRequest.model_validate_json(body)
+        request = model.model_validate_json(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         if first["type"] in ("json_invalid", "json_type"):
@@ -59,13 +72,37 @@ def _parse_body(body: bytes) -> ChatRequest | Failure:
                            f"the request body is not valid JSON: {first['msg']}")
         where = ".".join(str(part) for part in first["loc"]) or "body"
         return Failure(p.ParkReason.INVALID_REQUEST, bad,
-                       f"not a valid chat completions request: {where}: {first['msg']}")
+                       f"not a valid {name} request: {where}: {first['msg']}")
+    if endpoint is not p.Endpoint.CHAT and getattr(request, "stream", False):
+        return Failure(p.ParkReason.INVALID_REQUEST, bad,
+                       f"streaming is served for chat completions only, not {name}")
+    return request
+
+
+def no_reply_to(reply_to: str | None, reply_queue: str) -> Failure:
+    """Why a ``reply_to`` cannot be answered, and what to use instead. Direct reply-to and
+    server-named exclusive queues are refused on purpose: they die with the client's
+    connection, so a reply ready after a reconnect would be lost."""
+    fix = (f"publish with reply_to naming a durable queue of your own, {reply_queue!r} "
+           "(declared durable with x-expires, consumed with manual acks)")
+    if not reply_to:
+        message = f"the request has no reply_to, so nobody can be answered: {fix}"
+    elif reply_to.startswith(("amq.rabbitmq.reply-to", "amq.gen-")):
+        kind = ("direct reply-to" if reply_to.startswith("amq.rabbitmq.")
+                else "a server-named exclusive queue")
+        message = (f"reply_to {reply_to!r} is {kind}, which Hutch does not answer: it dies "
+                   f"with your connection and would lose the reply. Nothing was sent to it: "
+                   f"{fix}")
+    else:
+        message = f"reply_to {reply_to!r} is not a Hutch reply queue; nothing was sent to it: {fix}"
+    return Failure(p.ParkReason.NO_REPLY_TO, p.ErrorCode.INVALID_REQUEST, message)
 
 
 def validate_request(body: bytes, *, content_type: str | None, reply_to_ok: bool,
-                     correlation_id: str | None, pool: PoolSettings,
-                     max_body_bytes: int) -> ChatRequest | Failure:
-    """Check a request before it may take a backend's time."""
+                     correlation_id: str | None, pool: PoolSettings, max_body_bytes: int,
+                     endpoint: p.Endpoint = p.Endpoint.CHAT) -> Request | Failure:
+    """Check a request before it may take a backend's time (``reply_to_ok``: see
+    :func:`no_reply_to` for the failure that explains a bad one)."""
     bad = p.ErrorCode.INVALID_REQUEST
     if not reply_to_ok:
         return Failure(p.ParkReason.NO_REPLY_TO, bad,
@@ -80,7 +117,7 @@ def validate_request(body: bytes, *, content_type: str | None, reply_to_ok: bool
     if not _content_type_ok(content_type):
         return Failure(p.ParkReason.INVALID_REQUEST, bad,
                        f"content_type {content_type!r} is not application/json")
-    request = _parse_body(body)
+    request = _parse_body(body, endpoint)
     if isinstance(request, Failure):
         return request
     if request.model not in pool.models:
@@ -108,18 +145,27 @@ def stream_interrupted(delivery: Delivery, error: BackendCallError) -> Failure:
 
 
 def admit(delivery: Delivery, pool: PoolSettings, *, max_body_bytes: int,
-          available: bool, cancelled: bool = False) -> Outcome | ChatRequest:
-    """May this delivery take a backend slot? The request if so, else its outcome."""
+          available: bool, cancelled: bool = False,
+          reply_queue: str = "<prefix>.reply.<client-id>") -> Outcome | Request:
+    """May this delivery take a backend slot? The request if so, else its outcome.
+    ``reply_queue`` is the name a client should use, for the error that says so."""
     if delivery.refusal is not None:
         # reply_to is not the publisher's own reply queue: park it, answer nobody.
         return Failed(delivery.refusal)
+    if not delivery.reply_to_ok:
+        return Failed(no_reply_to(delivery.reply_to, reply_queue))
     if cancelled:
         return Cancelled("queued")
+    if delivery.endpoint is None:
+        return Failed(Failure(
+            p.ParkReason.INVALID_REQUEST, p.ErrorCode.INVALID_REQUEST,
+            f"header {p.H_ENDPOINT} names no endpoint Hutch serves (it serves "
+            f"{', '.join(e.value for e in p.Endpoint)})"))
     message = delivery.message
     checked = validate_request(message.body, content_type=message.content_type,
                                reply_to_ok=delivery.reply_to_ok,
                                correlation_id=delivery.correlation_id, pool=pool,
-                               max_body_bytes=max_body_bytes)
+                               max_body_bytes=max_body_bytes, endpoint=delivery.endpoint)
     if isinstance(checked, Failure):
         return Failed(checked)
     if delivery.deadline_passed():

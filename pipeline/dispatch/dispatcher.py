@@ -22,15 +22,17 @@ from tenacity import AsyncRetrying, RetryCallState, wait_random_exponential
 
 from pipeline import protocol as p
 from pipeline.backends.http import Backend
+from pipeline.broker.names import Names
 from pipeline.delivery import Delivery, ReplyPolicy
 from pipeline.dispatch import decide
 from pipeline.dispatch.cancels import CancelRegistry
 from pipeline.dispatch.streaming import stream_attempt
 from pipeline.errors import BackendCallError, ThrottledError
-from pipeline.models import ChatRequest
+from pipeline.models import ChatRequest, CompletionRequest, EmbeddingsRequest
 from pipeline.observe.hooks import DeliveryHook
 from pipeline.observe.log import get_logger
 from pipeline.outcome import Cancelled, Completed, Failed, Failure, Outcome
+from pipeline.protocol import Endpoint
 from pipeline.settings import BackendSettings, PoolSettings, Settings
 from pipeline.settle.settler import Settler
 from pipeline.settle.stream import ReplyQueueGone
@@ -86,6 +88,7 @@ class Dispatcher:
         self._policy = policy
         self._hooks = hooks
         self._cancels = cancels
+        self._reply_queue_hint = Names(settings.prefix).reply_queue("<client-id>")
 
     async def handle(self, message: AbstractIncomingMessage, backend: Backend,
                      health: BackendHealth) -> None:
@@ -125,14 +128,15 @@ class Dispatcher:
         admitted = decide.admit(delivery, self._pool,
                                 max_body_bytes=self._settings.max_body_bytes,
                                 available=health.available(),
-                                cancelled=self._cancels.is_cancelled(delivery))
-        if not isinstance(admitted, ChatRequest):
+                                cancelled=self._cancels.is_cancelled(delivery),
+                                reply_queue=self._reply_queue_hint)
+        if not isinstance(admitted, ChatRequest | CompletionRequest | EmbeddingsRequest):
             return admitted
         delivery.request = admitted
         body = backend_body(delivery, backend.settings, self._settings.max_priority)
         try:
             async with self._cancels.at_backend(delivery):
-                if admitted.stream:
+                if isinstance(admitted, ChatRequest) and admitted.stream:
                     return await self._stream(delivery, backend, health, body)
                 return await self._call(delivery, health,
                                         lambda: self._chat(delivery, backend, body))
@@ -157,9 +161,10 @@ class Dispatcher:
 
     @staticmethod
     async def _chat(delivery: Delivery, backend: Backend, body: bytes) -> Completed:
-        result = await backend.chat(body, timeout_s=delivery.remaining_s(),
+        result = await backend.call(delivery.endpoint or Endpoint.CHAT, body,
+                                    timeout_s=delivery.remaining_s(),
                                     request_id=delivery.correlation_id)
-        return Completed(result.body, result.completion.usage, result.elapsed_s)
+        return Completed(result.body, result.usage, result.elapsed_s)
 
     async def _call(self, delivery: Delivery, health: BackendHealth,
                     attempt: Callable[[], Awaitable[Completed]]) -> Outcome:

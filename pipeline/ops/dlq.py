@@ -35,6 +35,7 @@ from aio_pika.abc import (
 )
 
 from pipeline import protocol as p
+from pipeline.broker.connection import connect
 from pipeline.broker.names import Names
 from pipeline.errors import TopologyError
 from pipeline.settings import Settings
@@ -189,9 +190,7 @@ def _parked_message(message: AbstractIncomingMessage) -> ParkedMessage:
 
 
 async def _connect(settings: Settings) -> AbstractConnection:
-    return await aio_pika.connect(
-        settings.amqp_url, timeout=10,
-        client_properties={"connection_name": "hutch dlq"})
+    return await connect(settings, name="hutch dlq")
 
 
 async def _parked_queue(channel: AbstractChannel, settings: Settings) -> AbstractQueue:

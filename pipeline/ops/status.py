@@ -1,11 +1,16 @@
 """``hutch status``: the state of the pipeline at a glance, as tables.
 
 Queue depths, consumers and policies come from the broker's management API (its numbers
-are refreshed every few seconds, RabbitMQ's ``collect_statistics_interval``). What the
-broker cannot know, each backend's requests in flight, its capacity now, who holds its
-lease and its circuit state, comes from the workers' ``/metrics``: one URL per replica,
-summed (in flight, capacity) or told apart (the lease holder). A worker that does not
-answer is reported, not fatal: the table shows what the others said.
+are refreshed every few seconds, RabbitMQ's ``collect_statistics_interval``: the report
+says so, and says when the statistics database is behind). The number of live workers is
+the consumer count of the presence queue. What the broker cannot know, each backend's
+requests in flight, its capacity now, who holds its lease and its circuit state, comes
+from the workers' ``/metrics``: one URL per replica, summed (in flight, capacity) or told
+apart (the lease holder). A worker that does not answer is reported, not fatal: the table
+shows what the others said, and a lease it might hold is ``unknown``, not ``nobody``.
+
+A queue of the topology that does not exist is reported as missing (``missing``), and
+``hutch status`` exits non-zero: a vhost without the topology is not a healthy, idle one.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pipeline.settings import Settings
 __all__ = [
     "BackendStatus",
     "QueueStatus",
+    "StatsFreshness",
     "StatusReport",
     "WorkerStatus",
     "format_status",
@@ -46,7 +52,7 @@ class QueueStatus:
     """One queue as the management API reports it (counts None: not reported yet)."""
 
     name: str
-    role: str  # "work", "triage", "retry" or "parked"
+    role: str  # "work", "triage", "retry", "parked" or "workers" (presence)
     pool: str | None = None
     exists: bool = True
     messages: int | None = None
@@ -81,11 +87,35 @@ class WorkerStatus:
 
 
 @dataclass
+class StatsFreshness:
+    """How old the management API's queue counts may be (from ``/api/overview``)."""
+
+    #: The broker collects no statistics (``management_agent.disable_metrics_collector``).
+    disabled: bool = False
+    #: Statistics events the broker has not processed yet: counts lag further behind.
+    event_backlog: int | None = None
+
+    def note(self) -> str:
+        """One line for the report."""
+        if self.disabled:
+            return ("queue counts: the broker's management statistics are disabled, so "
+                    "counts are missing (-)")
+        note = ("queue counts are the management API's statistics, sampled every "
+                "collect_statistics_interval (5 s unless the broker sets another): they can "
+                "be that old")
+        if self.event_backlog:
+            note += (f"; the statistics database is {self.event_backlog} events behind, so "
+                     "they may be older still")
+        return note
+
+
+@dataclass
 class StatusReport:
     vhost: str
     queues: list[QueueStatus]
     backends: list[BackendStatus]
     workers: list[WorkerStatus]
+    stats: StatsFreshness = field(default_factory=StatsFreshness)
 
     def queue(self, role: str, pool: str | None = None) -> QueueStatus:
         for queue in self.queues:
@@ -96,6 +126,22 @@ class StatusReport:
     @property
     def parked(self) -> QueueStatus:
         return self.queue("parked")
+
+    @property
+    def live_workers(self) -> int | None:
+        """Workers connected now: every worker consumes the presence queue once."""
+        presence = [q for q in self.queues if q.role == "workers" and q.exists]
+        return presence[0].consumers if presence else None
+
+    @property
+    def missing(self) -> list[str]:
+        """Queues of the topology that do not exist (``hutch topology apply`` makes them)."""
+        return [q.name for q in self.queues if not q.exists]
+
+    @property
+    def unread_workers(self) -> bool:
+        """Some worker's metrics could not be read: what it holds is unknown."""
+        return any(worker.error is not None for worker in self.workers)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,28 +178,45 @@ async def _queue(api: ManagementAPI, vhost: str, name: str, role: str,
     )
 
 
-async def _queues(settings: Settings) -> list[QueueStatus]:
+async def _freshness(api: ManagementAPI) -> StatsFreshness:
+    overview = await api.overview()
+    backlog = overview.get("statistics_db_event_queue")
+    return StatsFreshness(
+        disabled=overview.get("disable_stats") is True,
+        event_backlog=backlog if isinstance(backlog, int) else None)
+
+
+async def _queues(settings: Settings) -> tuple[list[QueueStatus], StatsFreshness]:
     names = Names(settings.prefix)
     vhost = settings.vhost
-    base, user, password = settings.management_api()
     delays = sorted({delay for pool in settings.pools for delay in pool.retry_delays_ms})
     try:
-        async with ManagementAPI(base, user, password) as api:
-            await api.check()  # one clear error if the API is unreachable or refuses
+        async with ManagementAPI.from_settings(settings) as api:
+            # One clear error if the API is unreachable or refuses, before anything else.
+            freshness = await _freshness(api)
             queues = await asyncio.gather(
                 *(_queue(api, vhost, names.work_queue(pool.name), "work", pool.name)
                   for pool in settings.pools),
                 _queue(api, vhost, names.triage_queue, "triage"),
                 *(_queue(api, vhost, names.retry_queue(delay), "retry") for delay in delays),
-                _queue(api, vhost, names.parked_queue, "parked"))
+                _queue(api, vhost, names.parked_queue, "parked"),
+                _queue(api, vhost, names.workers_queue, "workers"))
             paused = await asyncio.gather(
                 *(api.get_queue(vhost, names.pause_queue(pool.name)) for pool in settings.pools))
+            if not any(queue.exists for queue in queues):
+                await _check_vhost(api, vhost)
     except TopologyError as exc:
         raise StatusError(str(exc)) from None
     # The work queues come first, in pool order, like the pause flags.
     for queue, flag in zip(queues[:len(paused)], paused, strict=True):
         queue.paused = flag is not None
-    return list(queues)
+    return list(queues), freshness
+
+
+async def _check_vhost(api: ManagementAPI, vhost: str) -> None:
+    """Nothing found: say so if it is because the vhost itself is not there."""
+    if vhost not in {v.get("name") for v in await api.list_vhosts()}:
+        raise StatusError(f"vhost {vhost!r} does not exist, or this user has no access to it")
 
 
 async def _scrape(http: httpx.AsyncClient, url: str
@@ -207,9 +270,9 @@ async def _backends(settings: Settings, urls: list[str]
 async def status(settings: Settings, worker_metrics_urls: list[str]) -> StatusReport:
     """Read every pool's queue, the triage, retry and parking-lot queues (management API)
     and each backend's in-flight, capacity, lease and state (the workers' metrics)."""
-    queues, (backends, workers) = await asyncio.gather(
+    (queues, freshness), (backends, workers) = await asyncio.gather(
         _queues(settings), _backends(settings, list(worker_metrics_urls)))
-    return StatusReport(settings.vhost, queues, backends, workers)
+    return StatusReport(settings.vhost, queues, backends, workers, freshness)
 
 
 # -- formatting ------------------------------------------------------------------------------
@@ -232,22 +295,28 @@ def _table(header: list[str], rows: list[list[str]], numeric: set[int]) -> list[
     return [line(header), *(line(row) for row in rows)]
 
 
-def format_status(report: StatusReport) -> str:
-    """The report as three tables: pools, backends, the other queues; then notes."""
-    lines: list[str] = []
+def _lease(report: StatusReport, backend: BackendStatus) -> str:
+    """Who holds the backend's lease, as far as the metrics read can tell."""
+    if backend.holders:
+        return ", ".join(backend.holders)
+    if not report.workers:
+        return "-"  # no metrics asked for
+    # A worker whose metrics were not read may hold it: say so rather than "nobody".
+    return "unknown" if report.unread_workers else "nobody"
+
+
+def _tables(report: StatusReport) -> list[str]:
+    """Pools, backends, the other queues."""
     pools = [q for q in report.queues if q.role == "work"]
     rows = [[q.pool or "-", q.name,
              "missing" if not q.exists else ("paused" if q.paused else "running"),
              _cell(q.messages), _cell(q.ready), _cell(q.unacked), _cell(q.consumers),
              _cell(q.policy)] for q in pools]
-    lines += _table(["POOL", "QUEUE", "STATE", "MESSAGES", "READY", "UNACKED", "CONSUMERS",
-                     "POLICY"], rows, {3, 4, 5, 6})
+    lines = _table(["POOL", "QUEUE", "STATE", "MESSAGES", "READY", "UNACKED", "CONSUMERS",
+                    "POLICY"], rows, {3, 4, 5, 6})
     lines.append("")
-    rows = []
-    for b in report.backends:
-        lease = ", ".join(b.holders) if b.holders else ("nobody" if report.workers else "-")
-        rows.append([b.name, b.pool, _cell(b.in_flight), _cell(b.capacity),
-                     str(b.max_concurrency), _cell(b.state), lease])
+    rows = [[b.name, b.pool, _cell(b.in_flight), _cell(b.capacity), str(b.max_concurrency),
+             _cell(b.state), _lease(report, b)] for b in report.backends]
     lines += _table(["BACKEND", "POOL", "IN FLIGHT", "CAPACITY", "MAX", "STATE",
                      "LEASE HELD BY"], rows, {2, 3, 4})
     lines.append("")
@@ -255,27 +324,45 @@ def format_status(report: StatusReport) -> str:
     rows = [[q.name, q.role, _cell(q.messages) if q.exists else "missing",
              _cell(q.consumers) if q.exists else "-"] for q in others]
     lines += _table(["QUEUE", "ROLE", "MESSAGES", "CONSUMERS"], rows, {2, 3})
-    lines.append("")
-    parked = report.parked
-    if parked.exists:
-        count = parked.messages
-        size = "unknown" if count is None else f"{count} message{'s' if count != 1 else ''}"
-        lines.append(f"parking lot {parked.name}: {size}")
-    else:
-        lines.append(f"parking lot {parked.name} does not exist: run `hutch topology apply`")
-    for q in pools:
-        if not q.exists:
-            lines.append(f"queue {q.name} does not exist: run `hutch topology apply`")
+    return lines
+
+
+def _worker_notes(report: StatusReport) -> list[str]:
+    """Live workers, the metrics read, and leases held twice or by nobody."""
+    lines: list[str] = []
+    live = report.live_workers
+    if live is not None:
+        presence = report.queue("workers").name
+        lines.append(f"live workers: {live} (consumers of {presence})")
+        if report.workers and live != len(report.workers):
+            lines.append(f"{len(report.workers)} metrics URL(s) given for {live} live "
+                         "worker(s): the backend table covers only the URLs given")
     if not report.workers:
         lines.append("in flight and capacity need the workers' metrics: pass --metrics URL "
                      "for each worker (its --metrics-port)")
     for worker in report.workers:
         if worker.error is not None:
-            lines.append(f"worker metrics {worker.url}: not read ({worker.error})")
+            lines.append(f"worker metrics {worker.url}: not read ({worker.error}); leases "
+                         "it may hold show as unknown")
     for b in report.backends:
         if len(b.holders) > 1:
             lines.append(f"backend {b.name}: {len(b.holders)} workers report its lease "
                          "(expected one)")
-        elif report.workers and not b.holders and all(w.error is None for w in report.workers):
+        elif report.workers and not b.holders and not report.unread_workers:
             lines.append(f"backend {b.name}: no worker holds its lease (nobody serves it)")
+    return lines
+
+
+def format_status(report: StatusReport) -> str:
+    """The report as three tables: pools, backends, the other queues; then notes."""
+    lines = [*_tables(report), ""]
+    parked = report.parked
+    if parked.exists:
+        count = parked.messages
+        size = "unknown" if count is None else f"{count} message{'s' if count != 1 else ''}"
+        lines.append(f"parking lot {parked.name}: {size}")
+    for name in report.missing:
+        lines.append(f"queue {name} does not exist: run `hutch topology apply`")
+    lines += _worker_notes(report)
+    lines.append(report.stats.note())
     return "\n".join(lines)

@@ -68,9 +68,15 @@ class ReplyGuard:
         own = self.names.reply_queue(user)
         return reply_to == own or (reply_to.startswith(own + ".") and len(reply_to) > len(own) + 1)
 
-    def refusal(self, user: str | None, reply_to: str | None) -> Failure | None:
-        """Why the worker must not answer ``reply_to`` for client ``user``, or None."""
+    def refusal(self, user: str | None, reply_to: str | None,
+                publisher: str | None = None) -> Failure | None:
+        """Why the worker must not answer ``reply_to`` for client ``user``, or None.
+        ``publisher`` is the message's own ``user_id``: a trusted publisher acting for a
+        client (the HTTP gateway) may also name one of its own reply queues."""
         code = p.ErrorCode.INVALID_REQUEST
+        if (publisher is not None and reply_to is not None and self._trusted(publisher)
+                and self.owns(publisher, reply_to)):
+            return None
         if user is None:
             if self.require_user_id:
                 return Failure(p.ParkReason.NO_USER_ID, code,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import aio_pika
 import aiormq
 
+from pipeline.broker.connection import connect
 from pipeline.broker.names import Names
 from pipeline.settings import Settings
 
@@ -23,7 +24,7 @@ def _check_pool(settings: Settings, pool: str) -> None:
 
 async def pause_pool(settings: Settings, pool: str) -> None:
     _check_pool(settings, pool)
-    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    connection = await connect(settings, name="hutch pool")
     async with connection:
         channel = await connection.channel()
         await channel.declare_queue(Names(settings.prefix).pause_queue(pool), durable=True,
@@ -32,7 +33,7 @@ async def pause_pool(settings: Settings, pool: str) -> None:
 
 async def resume_pool(settings: Settings, pool: str) -> None:
     _check_pool(settings, pool)
-    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    connection = await connect(settings, name="hutch pool")
     async with connection:
         channel = await connection.channel()
         await channel.queue_delete(Names(settings.prefix).pause_queue(pool))
@@ -49,7 +50,7 @@ async def is_paused(channel: aio_pika.abc.AbstractChannel, names: Names, pool: s
 
 async def paused_pools(settings: Settings) -> list[str]:
     names = Names(settings.prefix)
-    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    connection = await connect(settings, name="hutch pool")
     paused = []
     async with connection:
         for pool in settings.pools:

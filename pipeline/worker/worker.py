@@ -35,13 +35,13 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-import aio_pika
 import aiormq
 import httpx
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from pipeline.backends.breaker import BackendGate, BreakerPolicy
 from pipeline.backends.http import Backend
+from pipeline.broker.connection import Reconnect
 from pipeline.broker.names import Names
 from pipeline.dispatch.cancels import CancelRegistry
 from pipeline.dispatch.dispatcher import Dispatcher
@@ -119,21 +119,11 @@ class Worker:
         """Connect, serve, reconnect on loss; return after :meth:`stop` and a drain."""
         self._slots = [self._slot(pool, backend) for pool in self.settings.pools
                        for backend in pool.backends]
-        delay = 0.5
+        # Backoff and a rate-limited log while the broker is unreachable; a refused vhost,
+        # credentials or certificate is raised: retrying cannot cure it.
+        reconnect = Reconnect(self.settings, name=self.name, heartbeat_s=self.settings.heartbeat_s)
         try:
-            while not self._stopping.is_set():
-                try:
-                    connection = await aio_pika.connect(
-                        self.settings.amqp_url, timeout=10,
-                        heartbeat=self.settings.heartbeat_s,
-                        client_properties={"connection_name": self.name})
-                except _AMQP_ERRORS as exc:
-                    log.warning("amqp.connect_failed", url=self.settings.redacted_amqp_url(),
-                                error=repr(exc), retry_in_s=delay)
-                    await self._sleep_unless_stopping(delay)
-                    delay = min(delay * 2, 5.0)
-                    continue
-                delay = 0.5
+            while (connection := await reconnect.connect(self._stopping)) is not None:
                 await self._session(connection)
         finally:
             for slot in self._slots:

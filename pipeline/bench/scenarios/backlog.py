@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-import aio_pika
-
 from pipeline.bench.loadgen import build_prompt
 from pipeline.bench.scenarios.common import (
     MODEL,
@@ -28,6 +26,7 @@ from pipeline.bench.scenarios.common import (
     targets_report,
 )
 from pipeline.bench.stack import Child, Stack
+from pipeline.broker.connection import connect_url
 from pipeline.client.client import HutchClient
 from pipeline.errors import RequestFailed
 
@@ -48,7 +47,7 @@ class BacklogOptions:
 async def _watch(stack: Stack, worker: Child, every_s: float, samples: list[dict[str, Any]],
                  started: float, out: TextIO | None) -> None:
     """Sample the worker's RSS and the queue depth until cancelled."""
-    connection = await aio_pika.connect(stack.amqp_url, timeout=10)
+    connection = await connect_url(stack.amqp_url, name="hutch bench backlog")
     async with connection:
         channel = await connection.channel()
         queue = stack.names.work_queue("bench")

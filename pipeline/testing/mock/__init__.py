@@ -15,7 +15,19 @@ request (none by default; see :class:`MockConfig`):
   at once, without taking a slot (a real server throttles at the door);
 - **hangs**: ``hang_rate`` requests hold their slot for ``hang_s`` (an hour by default)
   before answering, to provoke client timeouts;
-- **connection refused**: stop the mock; ``start()`` again rebinds the same port.
+- **connection refused**: stop the mock; ``start()`` again rebinds the same port;
+- **stream faults** (streamed replies only, after ``fault_after_tokens`` tokens):
+  ``cut_rate`` closes the connection mid-stream, ``malformed_rate`` sends a ``data:`` line
+  that is not JSON, ``stall_rate`` stops for ``hang_s`` between two chunks.
+
+``"stream": true`` is answered with server-sent events as OpenAI-compatible servers send
+them (a role chunk, one chunk per token, a finishing chunk, the usage chunk if
+``stream_options.include_usage``, ``[DONE]``), after a time to first token (``ttft_ms``)
+and an inter-token latency (``itl_ms``), jittered (``jitter``); the slot is held until the
+stream ends. Streamed or not, a reply is the same words, so the two can be compared. A
+client that goes away (waiting, in service or mid-stream) frees its slot and is counted in
+``/stats`` as ``aborted``, with its ``X-Request-Id`` in ``aborted_ids``: how a test proves
+a cancel reached the backend. The id lists keep the last ``ids_kept`` (1,000) ids.
 
 Faults can be replaced at runtime with ``POST /faults`` (``{}`` clears them, a test can
 "fix" a backend mid-run), read with ``GET /faults``, or set in-process with
@@ -23,7 +35,8 @@ Faults can be replaced at runtime with ``POST /faults`` (``{}`` clears them, a t
 
 One concept per module, in the order a request meets them: :mod:`.config` (what the
 mock is told), :mod:`.chat` (the OpenAI shapes), :mod:`.faults` (which requests fail),
-:mod:`.stats` (what it counts), :mod:`.server` (the HTTP server), :mod:`.options` and
+:mod:`.stream` (a streamed reply, paced), :mod:`.stats` (what it counts),
+:mod:`.server` (the HTTP server), :mod:`.options` and
 :mod:`.cli` (the process). The server and the process are imported on first use, so a
 CLI that only registers :func:`add_arguments` does not import aiohttp.
 """

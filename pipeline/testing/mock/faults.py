@@ -1,4 +1,5 @@
-"""Which requests the mock faults: seeded dice for throttling, failures and hangs.
+"""Which requests the mock faults: seeded dice for throttling, failures, hangs and the
+stream faults.
 
 Two generators: throttling is drawn when a request arrives, failures and hangs once it
 holds a slot. With one generator a seeded run would depend on how those interleave.
@@ -20,6 +21,21 @@ class Fault(Enum):
     NONE = "none"
     FAIL = "fail"
     HANG = "hang"
+    #: Stream faults: they strike a streamed reply only (see ``fault_after_tokens``).
+    CUT = "cut"
+    MALFORMED = "malformed"
+    STALL = "stall"
+
+
+#: In-slot faults in the order the draw tests them (the first two as before stream faults
+#: existed, so a seeded run without stream faults draws the same sequence).
+_SLOT_FAULTS = (
+    ("fail_rate", Fault.FAIL),
+    ("hang_rate", Fault.HANG),
+    ("cut_rate", Fault.CUT),
+    ("malformed_rate", Fault.MALFORMED),
+    ("stall_rate", Fault.STALL),
+)
 
 
 class FaultDice:
@@ -44,13 +60,15 @@ class FaultDice:
         self._slots_taken += 1
         if self._slots_taken <= config.fail_first:
             return Fault.FAIL
-        if not (config.fail_rate or config.hang_rate):
+        rates = [(float(getattr(config, name)), fault) for name, fault in _SLOT_FAULTS]
+        if not any(rate for rate, _ in rates):
             return Fault.NONE
         # Rates are fractions of all requests; throttled ones never get here.
         passed = 1.0 - config.throttle_rate
         draw = self._slot_rng.random() * passed
-        if draw < config.fail_rate:
-            return Fault.FAIL
-        if draw < config.fail_rate + config.hang_rate:
-            return Fault.HANG
+        bound = 0.0
+        for rate, fault in rates:
+            bound += rate
+            if draw < bound:
+                return fault
         return Fault.NONE

@@ -32,9 +32,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="mock-small,mock-large",
         help="comma-separated model names (default: %(default)s)",
     )
+    _add_stream_arguments(parser.add_argument_group(
+        "streaming and replies", '"stream": true is answered with server-sent events'
+    ))
     _add_fault_arguments(parser.add_argument_group(
         "fault injection", "none by default; change them at runtime with POST /faults"
     ))
+
+
+def _add_stream_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--ttft-ms", type=float, default=None,
+        help="time to first token of a streamed reply (default: --latency-ms)",
+    )
+    group.add_argument(
+        "--itl-ms", type=float, default=0.0,
+        help="time between two tokens of a streamed reply (default: %(default)s)",
+    )
+    group.add_argument(
+        "--jitter", type=float, default=0.0,
+        help="scale each streaming delay by a random factor in 1 +/- this fraction, "
+             "seeded by --seed (default: %(default)s)",
+    )
+    group.add_argument(
+        "--reply-tokens", type=int, default=None,
+        help="tokens of a reply; a request's max_tokens then sets its length "
+             "(default: echo the last message, cut at max_tokens)",
+    )
+    group.add_argument(
+        "--ids-kept", type=int, default=1000,
+        help="served and aborted request ids kept for GET /stats (default: %(default)s)",
+    )
 
 
 def _add_fault_arguments(faults: argparse._ArgumentGroup) -> None:
@@ -67,8 +95,27 @@ def _add_fault_arguments(faults: argparse._ArgumentGroup) -> None:
         help="how long a hanging request hangs before answering (default: %(default)s)",
     )
     faults.add_argument(
+        "--cut-rate", type=float, default=0.0,
+        help="fraction of streamed replies whose connection is closed mid-stream "
+             "(default: %(default)s)",
+    )
+    faults.add_argument(
+        "--malformed-rate", type=float, default=0.0,
+        help="fraction of streamed replies with a data: line that is not JSON "
+             "(default: %(default)s)",
+    )
+    faults.add_argument(
+        "--stall-rate", type=float, default=0.0,
+        help="fraction of streamed replies that stop for --hang-s between two chunks "
+             "(default: %(default)s)",
+    )
+    faults.add_argument(
+        "--fault-after-tokens", type=int, default=1,
+        help="tokens sent before a stream fault strikes (default: %(default)s)",
+    )
+    faults.add_argument(
         "--seed", type=int, default=None,
-        help="seed of the random fault choices (default: unpredictable)",
+        help="seed of the random fault choices and the jitter (default: unpredictable)",
     )
 
 
@@ -77,5 +124,10 @@ def config_from_args(args: argparse.Namespace) -> MockConfig:
     models = tuple(name.strip() for name in str(args.models).split(",") if name.strip())
     # Fault options may be absent from a namespace built by another parser.
     faults = {name: getattr(args, name) for name in FAULT_FIELDS if hasattr(args, name)}
+    pace = {name: getattr(args, name) for name in _PACE_FIELDS if hasattr(args, name)}
     return MockConfig(latency_ms=args.latency_ms, capacity=args.capacity, models=models,
-                      **faults)
+                      **pace, **faults)
+
+
+#: The streaming and reply options (absent from a namespace built by another parser).
+_PACE_FIELDS = ("ttft_ms", "itl_ms", "jitter", "reply_tokens", "ids_kept")

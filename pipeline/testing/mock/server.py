@@ -1,30 +1,43 @@
 """The mock backend's HTTP server: an OpenAI-compatible endpoint with a hard slot cap.
 
-Requests wait FIFO for one of ``capacity`` slots and hold it for the latency, like a busy
-inference server; faults are decided by :mod:`~pipeline.testing.mock.faults` and counted
-by :mod:`~pipeline.testing.mock.stats`.
+Requests wait FIFO for one of ``capacity`` slots and hold it for the latency (a streamed
+reply: until its last event), like a busy inference server; faults are decided by
+:mod:`~pipeline.testing.mock.faults`, streams written by :mod:`~pipeline.testing.mock.stream`,
+and everything counted by :mod:`~pipeline.testing.mock.stats`. A client that goes away
+(its connection closed) frees its slot at once and is counted as ``aborted``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
 
 from aiohttp import web
 
 from pipeline.testing.mock.chat import (
+    ChatRequest,
     RequestError,
     completion,
     error_response,
     parse_chat_request,
+    reply_for,
     retry_after_header,
 )
 from pipeline.testing.mock.config import MockConfig
 from pipeline.testing.mock.faults import Fault, FaultDice
 from pipeline.testing.mock.stats import Counters
+from pipeline.testing.mock.stream import (
+    MALFORMED_EVENT,
+    Pacer,
+    StreamBody,
+    StrikeFault,
+    sse_headers,
+    write_stream,
+)
 
 __all__ = ["MockBackend"]
 
@@ -62,7 +75,8 @@ class MockBackend:
         # Never reset: completion ids stay unique across stats resets.
         self._next_id = 0
         self._dice = FaultDice(config)
-        self._counters = Counters()
+        self._pacer = Pacer(config)
+        self._counters = Counters(config.ids_kept)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -156,6 +170,7 @@ class MockBackend:
         """
         self.config = self.config.with_faults(**fields)
         self._dice = FaultDice(self.config)
+        self._pacer = Pacer(self.config)
         return self.config.faults()
 
     def faults(self) -> dict[str, Any]:
@@ -167,9 +182,12 @@ class MockBackend:
 
         ``busy_slot_s`` (slot-seconds spent serving) and ``elapsed_s`` (seconds since start
         or reset) give utilisation between two reads: delta busy / (capacity x delta
-        elapsed)."""
-        return {**self._counters.snapshot(), "capacity": self.config.capacity,
-                "latency_ms": self.config.latency_ms, "models": list(self.config.models)}
+        elapsed). ``served_ids`` and ``aborted_ids`` hold the last ``ids_kept`` ids."""
+        config = self.config
+        return {**self._counters.snapshot(), "capacity": config.capacity,
+                "latency_ms": config.latency_ms, "ttft_ms": config.first_token_ms,
+                "itl_ms": config.itl_ms, "ids_kept": config.ids_kept,
+                "models": list(config.models)}
 
     def reset_stats(self) -> None:
         """Zero counters between runs; config, faults and requests currently open are kept."""
@@ -204,7 +222,7 @@ class MockBackend:
         app.router.add_post("/faults", self._handle_faults_set)
         return app
 
-    async def _handle_chat(self, request: web.Request) -> web.Response:
+    async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
         try:
             chat = parse_chat_request(await request.json(), self.config.models)
         except ValueError:
@@ -213,22 +231,81 @@ class MockBackend:
             return error_response(exc.status, exc.code, exc.message)
         if self._dice.throttle_now():
             return self._throttled(request)
-        try:
-            fault = await self._occupy_slot(request)
-        except asyncio.CancelledError:
-            self._counters.disconnected += 1
-            raise
-        if fault is Fault.FAIL:
-            return self._failed(request)
-        self._next_id += 1
-        response = completion(chat, f"chatcmpl-mock-{self._next_id}")
-        self._counters.served += 1
-        headers = {}
         request_id = request.headers.get("X-Request-Id")
-        if request_id is not None:
-            self._counters.served_ids.append(request_id)
-            headers["X-Request-Id"] = request_id
+        try:
+            async with self._slot() as fault:
+                if fault is Fault.FAIL:
+                    await self._first_wait(chat)
+                    return self._failed(request)
+                if fault is Fault.HANG:
+                    self._counters.hung += 1
+                    await self._hold(request)
+                if chat.stream:
+                    return await self._stream(request, chat, fault)
+                if fault is not Fault.HANG:
+                    await asyncio.sleep(self.config.latency_ms / 1000.0)
+        except asyncio.CancelledError:
+            self._counters.abort(request_id)
+            raise
+        return self._complete(chat, request_id)
+
+    def _completion_id(self) -> str:
+        self._next_id += 1
+        return f"chatcmpl-mock-{self._next_id}"
+
+    def _complete(self, chat: ChatRequest, request_id: str | None) -> web.Response:
+        response = completion(chat, reply_for(chat, self.config.reply_tokens),
+                              self._completion_id())
+        self._counters.serve(request_id)
+        headers = {} if request_id is None else {"X-Request-Id": request_id}
         return web.json_response(response, headers=headers)
+
+    async def _first_wait(self, chat: ChatRequest) -> None:
+        """How long a failure takes: the latency, or a stream's time to first token."""
+        if chat.stream:
+            await self._pacer.pause(0)
+        else:
+            await asyncio.sleep(self.config.latency_ms / 1000.0)
+
+    async def _stream(
+        self, request: web.Request, chat: ChatRequest, fault: Fault
+    ) -> web.StreamResponse:
+        """Stream the reply in the caller's slot; a client gone mid-stream is counted."""
+        request_id = request.headers.get("X-Request-Id")
+        body = StreamBody(chat, reply_for(chat, self.config.reply_tokens), self._completion_id())
+        response = web.StreamResponse(headers=sse_headers(request_id))
+        try:
+            await response.prepare(request)
+            done = await write_stream(response, body, self._pacer,
+                                      self.config.fault_after_tokens,
+                                      self._striker(request, fault))
+        except ConnectionResetError:
+            self._counters.abort(request_id)
+            return response
+        if done and fault is not Fault.MALFORMED:
+            self._counters.serve(request_id, streamed=True)
+        return response
+
+    def _striker(self, request: web.Request, fault: Fault) -> StrikeFault | None:
+        """What a stream fault does when it is due (None: no stream fault)."""
+        counters = self._counters
+
+        async def cut(response: web.StreamResponse) -> bool:
+            counters.cut += 1
+            _drop_connection(request)
+            return False
+
+        async def malformed(response: web.StreamResponse) -> bool:
+            counters.malformed += 1
+            await response.write(MALFORMED_EVENT)
+            return True
+
+        async def stall(response: web.StreamResponse) -> bool:
+            counters.stalled += 1
+            await self._hold(request)
+            return True
+
+        return {Fault.CUT: cut, Fault.MALFORMED: malformed, Fault.STALL: stall}.get(fault)
 
     def _throttled(self, request: web.Request) -> web.Response:
         self._faulted.add(id(request))
@@ -249,9 +326,10 @@ class MockBackend:
             type_="server_error" if status >= 500 else "invalid_request_error",
         )
 
-    async def _occupy_slot(self, request: web.Request) -> Fault:
-        """Wait FIFO for a slot, then hold it for the latency (or a hang); counters survive
-        cancellation. Returns the fault decided once the slot was taken."""
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[Fault]:
+        """Wait FIFO for a slot and hold it for the block; counters survive cancellation.
+        Yields the fault decided once the slot was taken."""
         self._counters.start_waiting()
         try:
             await self._slots.acquire()
@@ -260,26 +338,22 @@ class MockBackend:
         try:
             self._counters.enter_service()
             try:
-                fault = self._dice.in_slot()
-                if fault is Fault.HANG:
-                    await self._hang(request)
-                else:
-                    await asyncio.sleep(self.config.latency_ms / 1000.0)
-                return fault
+                yield self._dice.in_slot()
             finally:
                 self._counters.leave_service()
         finally:
             self._slots.release()
 
-    async def _hang(self, request: web.Request) -> None:
-        self._counters.hung += 1
-        self._hanging[id(request)] = request
+    async def _hold(self, request: web.Request) -> None:
+        """Hang for ``hang_s`` (a fault); ``stop()`` drops the connection meanwhile."""
+        key = id(request)
+        self._hanging[key] = request
         if self._stopping:  # got its slot during stop(): drop it like the rest
             _drop_connection(request)
         try:
             await asyncio.sleep(self.config.hang_s)
         finally:
-            self._hanging.pop(id(request), None)
+            self._hanging.pop(key, None)
 
     async def _handle_models(self, request: web.Request) -> web.Response:
         data = [{"id": m, "object": "model", "owned_by": "hutch-mock"} for m in self.config.models]

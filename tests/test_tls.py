@@ -1,0 +1,91 @@
+"""TLS: a local node with only a TLS listener and the management API on HTTPS, both
+wanting a client certificate, with a private CA the test makes. Hutch's settings
+(``tls_ca_file``, ``tls_cert_file``, ``tls_key_file``) reach every connection; a
+certificate failure is reported as one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.broker.connection import connect
+from pipeline.broker.management import ManagementAPI
+from pipeline.broker.topology import apply_topology
+from pipeline.errors import BrokerTLSError, BrokerUnreachableError, ConfigError, TopologyError
+from pipeline.settings import Settings, load_settings
+from pipeline.worker.pause import pause_pool, paused_pools
+from tests.nodes import LocalNode, NodeFactory, TlsFiles, make_certificates
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    return make_certificates(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def tls_node(node_factory: NodeFactory, certificates: TlsFiles) -> Iterator[LocalNode]:
+    node = node_factory.start("tls", tls=certificates)
+    try:
+        yield node
+    finally:
+        node.clean()
+
+
+def _settings(node: LocalNode, **tls: Any) -> Settings:
+    pool = {"name": "chat", "models": ["m"],
+            "backends": [{"name": "tls-b1", "url": "http://127.0.0.1:9/v1", "max_concurrency": 1}]}
+    return load_settings(amqp_url=node.amqp_url(), management_url=node.management_url,
+                         prefix="tls", pools=[pool], **tls)
+
+
+def _mutual(files: TlsFiles) -> dict[str, str]:
+    return {"tls_ca_file": str(files.ca), "tls_cert_file": str(files.client_cert),
+            "tls_key_file": str(files.client_key)}
+
+
+async def test_everything_works_over_mutual_tls(tls_node: LocalNode, certificates: TlsFiles
+                                                ) -> None:
+    settings = _settings(tls_node, **_mutual(certificates))
+    assert settings.amqp_url.startswith("amqps://")
+    connection = await connect(settings, name="hutch tls test")
+    await connection.close()
+    report = await apply_topology(settings)  # AMQP and the HTTPS management API
+    assert report.policies and report.queues
+    await pause_pool(settings, "chat")
+    assert await paused_pools(settings) == ["chat"]
+    async with ManagementAPI.from_settings(settings) as api:
+        assert await api.get_policy("/", report.policies[0]) is not None
+
+
+async def test_untrusted_certificate_is_reported_as_one(tls_node: LocalNode) -> None:
+    settings = _settings(tls_node)  # no CA: the system's store does not know ours
+    with pytest.raises(BrokerTLSError, match=r"certificate is not trusted.*tls_ca_file"):
+        await connect(settings, name="hutch tls test")
+    async with ManagementAPI.from_settings(settings) as api:
+        with pytest.raises(TopologyError) as info:
+            await api.check()
+    assert "certificate is not trusted" in str(info.value)
+    assert "management plugin" not in str(info.value)
+
+
+async def test_missing_client_certificate_says_so(tls_node: LocalNode,
+                                                   certificates: TlsFiles) -> None:
+    """With TLS 1.3 the broker refuses a missing client certificate after the handshake:
+    an alert (a TLS error) or, when the alert is lost, a reset (retryable: a restarting
+    broker resets too); either way the message names the client certificate."""
+    settings = _settings(tls_node, tls_ca_file=str(certificates.ca))
+    with pytest.raises((BrokerTLSError, BrokerUnreachableError), match="client certificate"):
+        await connect(settings, name="hutch tls test")
+
+
+def test_certificate_without_key_is_a_config_error(certificates: TlsFiles) -> None:
+    from pipeline.broker.connection import tls_context
+
+    settings = load_settings(amqp_url="amqps://h/", tls_cert_file=str(certificates.client_cert))
+    with pytest.raises(ConfigError, match="tls_cert_file and tls_key_file"):
+        tls_context(settings)
+    with pytest.raises(ConfigError, match="tls_ca_file: cannot read"):
+        tls_context(load_settings(tls_ca_file=str(Path(certificates.directory, "nope.pem"))))
