@@ -40,6 +40,12 @@ class ReplyPolicy(Protocol):
     def valid_reply_to(self, reply_to: str | None) -> bool: ...
 
 
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode(errors="replace")
+    return value if isinstance(value, str) else None
+
+
 def _endpoint(value: Any) -> p.Endpoint | None:
     if value is None:
         return p.Endpoint.CHAT
@@ -103,6 +109,9 @@ class Delivery:
     stream: StreamProgress | None = None
     #: Set when a valid cancel for this request arrived while it was at the backend.
     cancel_requested: bool = False
+    #: Where and how the request last failed, in this delivery or an earlier one.
+    last_backend: str | None = None
+    last_error: str | None = None
     received_at: float = field(default_factory=time.monotonic)
 
     @classmethod
@@ -128,6 +137,8 @@ class Delivery:
             attempts=prior,
             queue_wait_ms=None if sent_at is None else max(0, p.now_ms() - sent_at),
             endpoint=_endpoint(headers.get(p.H_ENDPOINT)),
+            last_backend=_text(headers.get(p.H_LAST_BACKEND)),
+            last_error=_text(headers.get(p.H_LAST_ERROR)),
         )
 
     # -- facts read by several stages -------------------------------------------------------
@@ -173,8 +184,9 @@ class Delivery:
         headers: dict[str, Any] = {p.H_POOL: self.pool, p.H_ATTEMPTS: self.attempts}
         if self.stream is not None:
             headers[p.H_STREAM_ID] = self.stream.stream_id
-        if self.backend is not None:
-            headers[p.H_BACKEND] = self.backend
+        backend = self.backend or self.last_backend
+        if backend is not None:
+            headers[p.H_BACKEND] = backend
         if self.queue_wait_ms is not None:
             headers[p.H_QUEUE_WAIT_MS] = self.queue_wait_ms
         if self.backend_ms is not None:

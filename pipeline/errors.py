@@ -48,7 +48,7 @@ A :class:`BackendCallError`'s ``reason`` (right column above) is a bounded metri
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 __all__ = [
     "BackendCallError",
@@ -152,10 +152,14 @@ class BackendCallError(HutchError):
     #: The class's metric label; None: derived from ``status`` (see :attr:`reason`).
     kind: ClassVar[str | None] = None
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None,
+                 detail: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
+        #: The backend's own error fields (OpenAI's ``type``, ``code``, ``param``), if it
+        #: sent an OpenAI-shaped error: clients act on them (``context_length_exceeded``).
+        self.detail = detail or {}
 
     @property
     def reason(self) -> str:

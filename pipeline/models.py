@@ -7,9 +7,9 @@ application sees the completion the backend wrote.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 __all__ = [
     "ChatCompletion",
@@ -47,16 +47,46 @@ class StreamOptions(_Open):
     include_usage: StrictBool = False
 
 
+#: Strict numbers: a JSON string is a client bug to refuse here, not a value to pass on (a
+#: server that trips over ``"top_p": "bad"`` answers 500, which looks like the backend's
+#: fault and would open its circuit for everyone).
+_Float = Annotated[float, Field(strict=True)]
+_Int = Annotated[int, Field(strict=True)]
+
+
 class ChatRequest(_Open):
-    """An OpenAI ``/v1/chat/completions`` request body."""
+    """An OpenAI ``/v1/chat/completions`` request body. The fields whose types OpenAI
+    defines are checked here, before any backend call; every other field passes as sent."""
 
     model: str = Field(min_length=1, max_length=255)
     messages: list[ChatMessage] = Field(min_length=1)
     #: Strict: ``"stream": "yes"`` is a client bug to refuse, not a truthy string.
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: _Int | None = Field(default=None, ge=1)
+    max_completion_tokens: _Int | None = Field(default=None, ge=1)
+    temperature: _Float | None = Field(default=None, ge=0, le=2)
+    top_p: _Float | None = Field(default=None, ge=0, le=1)
+    n: _Int | None = Field(default=None, ge=1, le=128)
+    stop: str | list[str] | None = Field(default=None)
+    seed: _Int | None = None
+    presence_penalty: _Float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: _Float | None = Field(default=None, ge=-2, le=2)
+    logprobs: StrictBool | None = None
+    top_logprobs: _Int | None = Field(default=None, ge=0, le=20)
+    logit_bias: dict[str, _Float] | None = None
+    user: str | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return value
 
 
 class CompletionRequest(_Open):
@@ -65,8 +95,9 @@ class CompletionRequest(_Open):
     model: str = Field(min_length=1, max_length=255)
     prompt: str | list[Any]
     stream: StrictBool = False
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: _Int | None = Field(default=None, ge=1)
+    temperature: _Float | None = Field(default=None, ge=0, le=2)
+    top_p: _Float | None = Field(default=None, ge=0, le=1)
 
 
 class EmbeddingsRequest(_Open):

@@ -24,6 +24,8 @@ __all__ = [
     "H_ERROR_TYPE",
     "H_FIRST_FAILED_AT",
     "H_KIND",
+    "H_LAST_BACKEND",
+    "H_LAST_ERROR",
     "H_ORIGINAL_ROUTING_KEY",
     "H_OUTCOME",
     "H_PARKED_AT",
@@ -78,6 +80,10 @@ class Endpoint(StrEnum):
 # a headers exchange ignores x- headers when matching.
 H_RETRY_TIER = "hutch-retry-tier"
 H_RETRIES = "x-hutch-retries"  # trips through a retry tier so far
+# Kept across retry tiers and hand-backs, so a later reply or parked copy still says where
+# and how the request last failed (a request that then expires in its queue included).
+H_LAST_BACKEND = "x-hutch-last-backend"
+H_LAST_ERROR = "x-hutch-last-error"
 # The client user a request was published by (its broker-validated ``user_id``). Set by
 # workers when they republish a request (retry tier, parking lot), which they must do as
 # themselves. Believed only when the message's own ``user_id`` is the worker's user (or a

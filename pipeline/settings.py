@@ -15,7 +15,7 @@ import re
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -55,10 +55,10 @@ class BackendSettings(_Strict):
     timeout_s: float = Field(default=60.0, gt=0, lt=CONSUMER_TIMEOUT_S)
     #: Name of the environment variable holding the API key; the key itself is never stored.
     api_key_env: str | None = None
-    #: Pass the request's priority to a backend that schedules by it (vLLM with
-    #: ``--scheduling-policy priority``): its body gets ``"priority": max_priority - p``
-    #: (lower is served earlier there, the opposite of AMQP), unless it already has one.
+    #: Pass the request's priority to a backend that schedules by it (vLLM), as
+    #: ``"priority": max_priority - p`` (lower is earlier there), unless it has one.
     send_priority: bool = False
+    throttle_scope: Literal["backend", "model"] = "backend"  # what a 429 pauses: see README
 
     @field_validator("url")
     @classmethod

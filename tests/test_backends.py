@@ -18,7 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from pipeline.backends.http import Backend, BackendResult, parse_retry_after
+from pipeline.backends.hints import parse_retry_after
+from pipeline.backends.http import Backend, BackendResult
 from pipeline.backends.transport import AiohttpTransport
 from pipeline.errors import (
     BackendCallError,
@@ -270,7 +271,7 @@ def test_missing_api_key_fails_at_construction(monkeypatch: pytest.MonkeyPatch) 
 @pytest.mark.parametrize(("value", "expected"), [
     ("3", 3.0), ("0", 0.0), ("2.5", 2.5), (" 4 ", 4.0),
     (None, None), ("", None), ("-1", None), ("soon", None),
-    ("Wed, 21 Oct 2015 07:28:00 GMT", None),  # HTTP-date form is not supported
+    ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # an HTTP date in the past: now
     ("nan", None), ("inf", None), ("1e400", None),
 ])
 def test_parse_retry_after(value: str | None, expected: float | None) -> None:

@@ -158,6 +158,21 @@ def test_429s_of_one_burst_extend_but_do_not_double(clock: Clock) -> None:
     assert gate.available_in() == 2.0
 
 
+def test_the_throttle_streak_decays_with_quiet_time(clock: Clock) -> None:
+    """A later 429 after a quiet spell does not pause the backend for the old streak's
+    doubled backoff (LiteLLM, seen here: 32 s at once for a 429 minutes later)."""
+    gate = make_gate(clock, throttle_backoff_s=1.0)
+    for _ in range(5):  # a burst: 1, 2, 4, 8, 16 s
+        gate.throttled()
+        clock.advance(gate.available_in())
+    clock.advance(60)  # two decay periods of quiet: the streak drops from 5 to 3
+    gate.throttled()
+    assert gate.available_in() == 8.0
+    clock.advance(8 + 3600)
+    gate.throttled()
+    assert gate.available_in() == 1.0  # an hour later: as if the first 429
+
+
 def test_success_resets_the_throttle_streak(clock: Clock) -> None:
     gate = make_gate(clock)
     gate.throttled()

@@ -24,7 +24,9 @@ POOL = PoolSettings.model_validate({
 
 def admit(**fields: object) -> object:
     available = bool(fields.pop("available", True))
-    return decide.admit(delivery(**fields), POOL, max_body_bytes=1000, available=available)
+    wait = float(fields.pop("model_wait_s", 0.0))  # type: ignore[arg-type]
+    return decide.admit(delivery(**fields), POOL, max_body_bytes=1000, available=available,
+                        model_wait_s=wait)
 
 
 def failed_reason(outcome: object) -> p.ParkReason:
@@ -87,11 +89,11 @@ def test_before_attempt() -> None:
 
 
 def after(error: BackendCallError, number: int = 1, backoff: float = 0.1,
-          **fields: object) -> object:
+          model_wait_s: float = 0.0, **fields: object) -> object:
     d = delivery(**fields)  # type: ignore[arg-type]
     d.attempts = d.prior_attempts + number
     kind = decide.attempt_kind(d, error)
-    return decide.after_failure(d, error, kind, number, POOL, backoff)
+    return decide.after_failure(d, error, kind, number, POOL, backoff, model_wait_s)
 
 
 def test_attempt_kinds() -> None:
@@ -140,10 +142,30 @@ def test_a_call_cut_at_the_deadline_is_a_deadline_failure() -> None:
 
 
 def test_other_4xx_is_terminal_at_once() -> None:
-    step = after(TerminalError("bad request", status=400), number=1)
-    assert isinstance(step, Failed) and step.failure.extra == {"status": 400}
+    step = after(TerminalError("forbidden", status=403), number=1)
+    assert isinstance(step, Failed) and step.failure.extra == {"status": 403}
     assert step.failure.reason is p.ParkReason.BACKEND_ERROR
     assert step.failure.message.endswith("(after 1 attempt)")
+
+
+def test_a_request_the_backend_calls_wrong_is_the_clients_with_its_details() -> None:
+    """llama.cpp's context-length error, LiteLLM's invalid_request_error: kept, and a client
+    error, not a backend failure."""
+    error = TerminalError("too long", status=400, detail={
+        "type": "invalid_request_error", "code": "context_length_exceeded",
+        "param": "messages"})
+    step = after(error, number=1)
+    assert isinstance(step, Failed)
+    assert step.failure.code is p.ErrorCode.INVALID_REQUEST
+    assert step.failure.reason is p.ParkReason.INVALID_REQUEST
+    assert step.failure.extra == {"status": 400, "param": "messages", "backend": {
+        "type": "invalid_request_error", "code": "context_length_exceeded",
+        "param": "messages"}}
+    retried_out = after(RetryableError("boom", status=500, detail={"code": "oom"}),
+                        number=1, attempts=4)
+    assert isinstance(retried_out, Failed)
+    assert retried_out.failure.code is p.ErrorCode.BACKEND_ERROR
+    assert retried_out.failure.extra["backend"] == {"code": "oom"}
 
 
 def test_without_retry_tiers_a_transient_failure_ends_after_the_in_place_budget() -> None:
@@ -184,3 +206,16 @@ def test_each_endpoint_validates_its_own_body(endpoint: str, body: dict[str, obj
                                               ok: bool) -> None:
     outcome = admit(body=json.dumps(body).encode(), headers={p.H_ENDPOINT: endpoint})
     assert isinstance(outcome, Failed) is not ok, outcome
+
+
+def test_a_model_rate_limited_here_waits_in_the_covering_tier() -> None:
+    assert isinstance(admit(model_wait_s=0.0), ChatRequest)
+    waiting = admit(model_wait_s=2.0)  # tiers 1000, 5000: the first that covers 2 s
+    assert isinstance(waiting, RetryLater) and waiting.delay_ms == 5000
+    assert waiting.reason == "throttled"
+    longest = admit(model_wait_s=60.0)
+    assert isinstance(longest, RetryLater) and longest.delay_ms == 5000
+    late = admit(model_wait_s=2.0, deadline_in_s=3)
+    assert failed_reason(late) is p.ParkReason.DEADLINE_EXCEEDED
+    throttled = after(ThrottledError("429"), model_wait_s=0.5)
+    assert isinstance(throttled, RetryLater) and throttled.delay_ms == 1000

@@ -8,6 +8,7 @@ lettering are real.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,7 @@ from pipeline.backends.transport import AiohttpTransport
 from pipeline.broker.names import Names
 from pipeline.broker.topology import apply_topology
 from pipeline.client.client import HutchClient
-from pipeline.errors import BackendError, DeadlineExceededError
+from pipeline.errors import BackendError, DeadlineExceededError, InvalidRequestError
 from pipeline.observe.metrics import Metrics
 from pipeline.settings import BackendSettings
 from pipeline.testing.mock import MockBackend, MockConfig
@@ -117,15 +118,18 @@ async def test_attempts_never_exceed_max_and_failure_is_parked(
 
 async def test_non_retryable_answer_is_immediate_with_backend_status(
         make_settings: SettingsFactory) -> None:
-    refusing = FaultyBackend(always(400))
+    """A 400 is the request's fault (invalid_request), a 403 the deployment's
+    (backend_error): both at once, with the backend's status."""
     settings = make_settings([("a", "http://a.invalid/v1", 2)])
     await apply_topology(settings)
-    async with running_worker(settings, transport_factory=transports({"-a": refusing})), \
-            HutchClient.from_settings(settings) as client:
-        with pytest.raises(BackendError) as failed:
-            await client.chat(model="mock-small", messages=USER, timeout=10)
-    assert refusing.calls == 1
-    assert failed.value.status == 400 and "scripted 400" in failed.value.message
+    for status, expected in ((400, InvalidRequestError), (403, BackendError)):
+        refusing = FaultyBackend(always(status))
+        async with running_worker(settings, transport_factory=transports({"-a": refusing})), \
+                HutchClient.from_settings(settings) as client:
+            with pytest.raises(expected) as failed:
+                await client.chat(model="mock-small", messages=USER, timeout=10)
+        assert refusing.calls == 1
+        assert failed.value.status == status and f"scripted {status}" in failed.value.message
 
 
 async def test_deadline_bounds_the_retries(make_settings: SettingsFactory) -> None:
@@ -275,3 +279,67 @@ async def test_a_client_that_comes_back_gets_its_pending_replies(
     assert [r.completion.choices[0].message.content for r in replies] == [
         f"mock reply to: r{i}" for i in range(8)]
     assert second.dropped_replies == 0
+
+
+async def test_a_request_handed_back_keeps_its_history_and_says_why_it_expired(
+        make_settings: SettingsFactory) -> None:
+    """Issue 11 item 5: the circuit opens while a request is being retried in place; it is
+    handed back with its attempts and last failure, expires in the queue (no backend is
+    serving), and its answer and parked copy say where it last failed and why it waited."""
+    broken = FaultyBackend(always(503))
+    settings = make_settings([("a", "http://a.invalid/v1", 2)], pool={
+        "breaker_failures": 1, "breaker_cooldown_s": 60, "attempts_per_delivery": 2})
+    names = Names(settings.prefix)
+    await apply_topology(settings)
+    async with running_worker(settings, transport_factory=transports({"-a": broken})), \
+            HutchClient.from_settings(settings) as client:
+        with pytest.raises(DeadlineExceededError) as expired:
+            await client.chat(model="mock-small", messages=USER, timeout=2)
+        async with amqp(settings.amqp_url) as conn:
+            parked = await drain_queue(await conn.channel(), names.parked_queue, at_least=1)
+    assert broken.calls == 1  # the circuit opened: no second attempt
+    message = expired.value.message
+    assert "last attempt" in message and "scripted 503" in message, message
+    assert f"no backend of pool 'chat' was serving ({settings.pools[0].backends[0].name} open)" \
+        in message, message
+    headers = parked[0].headers or {}
+    assert headers[p.H_REASON] == "deadline_exceeded"
+    assert headers[p.H_ATTEMPTS] == 1
+    assert headers[p.H_BACKEND] == settings.pools[0].backends[0].name
+
+
+async def test_a_429_scoped_to_a_model_pauses_only_that_model(
+        make_settings: SettingsFactory) -> None:
+    """Issue 11 item 3: LiteLLM limits each model on its own. With throttle_scope
+    "model", a 429 for mock-large sends that request through a retry tier, while
+    mock-small requests keep being served by the same backend at once."""
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        model = json.loads(request.content)["model"]
+        calls.append(model)
+        if model == "mock-large" and calls.count("mock-large") == 1:
+            return httpx.Response(429, headers={"llm_provider-retry-after": "0.2"},
+                                  json={"error": {"message": "rpm limit for mock-large"}})
+        return httpx.Response(200, json={
+            "id": "c", "object": "chat.completion", "model": model, "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": model},
+                 "finish_reason": "stop"}]})
+
+    base = make_settings([("a", "http://a.invalid/v1", 2)], pool={"retry_delays_ms": [300]})
+    backend = base.pools[0].backends[0].model_copy(update={"throttle_scope": "model"})
+    settings = base.model_copy(update={"pools": [
+        base.pools[0].model_copy(update={"backends": [backend]})]})
+    await apply_topology(settings)
+    async with running_worker(settings, transport_factory=lambda _: httpx.MockTransport(
+            handler)) as worker, HutchClient.from_settings(settings) as client:
+        large = asyncio.create_task(client.chat(model="mock-large", messages=USER, timeout=10))
+        await asyncio.sleep(0.05)
+        small = await client.chat(model="mock-small", messages=USER, timeout=10)
+        assert not large.done()  # waiting in the retry tier, not blocking the backend
+        assert (await large).choices[0].message.content == "mock-large"
+        sample = worker.metrics.registry.get_sample_value
+        state = sample("hutch_backend_state", {"backend": backend.name})
+    assert small.choices[0].message.content == "mock-small"
+    assert calls == ["mock-large", "mock-small", "mock-large"]
+    assert state == 0  # the backend itself was never throttled

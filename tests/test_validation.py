@@ -211,3 +211,24 @@ def test_triage_follows_the_prefix() -> None:
     headers = {"x-death": x_death("expired", "acme.work.chat")}
     _, pool = triage_failure(headers, None, Names("acme"))
     assert pool == "chat"
+
+
+@pytest.mark.parametrize("bad", [
+    {"top_p": "bad"}, {"top_p": 1.5}, {"temperature": "0.7"}, {"max_tokens": "12"},
+    {"max_tokens": 0}, {"n": 0}, {"n": "2"}, {"stop": 5}, {"stop": ["a", "b", "c", "d", "e"]},
+    {"seed": 1.5}, {"presence_penalty": 3}, {"logprobs": "yes"}, {"top_logprobs": 21},
+    {"logit_bias": {"42": "up"}}, {"tools": "none"}, {"response_format": "json"},
+    {"parallel_tool_calls": 1},
+])
+def test_openai_typed_fields_are_checked_before_any_backend(bad: dict[str, Any]) -> None:
+    result = failure(body(**bad))
+    assert result.reason is p.ParkReason.INVALID_REQUEST
+    assert next(iter(bad)) in result.message, (bad, result.message)
+
+
+def test_valid_openai_fields_and_unknown_ones_pass() -> None:
+    assert isinstance(check(body(top_p=1, temperature=0, n=2, stop=["\n"], seed=7,
+                                 logit_bias={"42": -100}, logprobs=True, top_logprobs=3,
+                                 tools=[{"type": "function"}], tool_choice="auto",
+                                 response_format={"type": "json_object"},
+                                 vendor_extension={"anything": [1, 2]})), ChatRequest)

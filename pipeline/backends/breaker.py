@@ -12,7 +12,8 @@ Two independent signals, because they mean different things:
   ``failure_threshold`` in a row the circuit opens for ``cooldown_s``, then goes half-open:
   one probe decides. A failed probe re-opens it with the cooldown doubled (capped).
 * **Throttles** (429) say the backend is healthy but busy. They pause it until the
-  ``Retry-After`` time (or a doubling backoff) and never count as failures.
+  ``Retry-After`` time (or a doubling backoff, whose streak decays by one doubling per
+  ``throttle_decay_s`` of quiet) and never count as failures.
 
 Terminal 4xx errors are about the request, not the backend: the worker reports nothing.
 
@@ -43,13 +44,16 @@ class BreakerPolicy:
     cooldown_s: float = 10.0
     max_cooldown_s: float = 300.0
     throttle_backoff_s: float = 1.0
+    #: Each this long without a 429 forgets one doubling of the throttle backoff, so a
+    #: 429 an hour after a burst starts from ``throttle_backoff_s`` again.
+    throttle_decay_s: float = 30.0
 
     def __post_init__(self) -> None:
         if isinstance(self.failure_threshold, bool) or not isinstance(
                 self.failure_threshold, int) or self.failure_threshold < 1:
             raise ValueError(
                 f"failure_threshold must be an int >= 1, got {self.failure_threshold!r}")
-        for name in ("cooldown_s", "max_cooldown_s", "throttle_backoff_s"):
+        for name in ("cooldown_s", "max_cooldown_s", "throttle_backoff_s", "throttle_decay_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
@@ -122,7 +126,10 @@ class BackendGate:
                 math.isfinite(retry_after_s) and retry_after_s >= 0):
             retry_after_s = None
         if now >= self._throttled_until:
-            self._throttle_streak += 1
+            quiet_s = now - self._throttled_until
+            forgotten = int(quiet_s // self.policy.throttle_decay_s) if math.isfinite(
+                quiet_s) else self._throttle_streak
+            self._throttle_streak = max(0, self._throttle_streak - forgotten) + 1
         if retry_after_s is None:
             retry_after_s = min(
                 self.policy.throttle_backoff_s * 2 ** (self._throttle_streak - 1),

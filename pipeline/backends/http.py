@@ -22,7 +22,6 @@ throughput on this path; tests swap in ``httpx.MockTransport`` through the same 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -32,6 +31,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import ValidationError
 
+from pipeline.backends.hints import retry_after_s
 from pipeline.backends.transport import AiohttpTransport
 from pipeline.errors import (
     BackendCallError,
@@ -50,7 +50,7 @@ from pipeline.models import ChatCompletion, EmbeddingList, TextCompletion, Usage
 from pipeline.protocol import Endpoint
 from pipeline.settings import BackendSettings
 
-__all__ = ["Backend", "BackendResult", "BackendStream", "parse_retry_after"]
+__all__ = ["Backend", "BackendResult", "BackendStream"]
 
 _T = TypeVar("_T")
 #: httpx's errors of a connection that broke after the request went out.
@@ -80,28 +80,23 @@ class BackendResult:
         return self.completion.usage
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds form only), or None."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    # "inf" or "nan" would park a request (and its backend slot) forever.
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+#: The fields of a backend's OpenAI-shaped error kept in Hutch's reply.
+_DETAIL_FIELDS = ("type", "code", "param")
 
 
-def _error_message(response: httpx.Response) -> str:
-    """The backend's own error message if it sent an OpenAI error, else the raw text."""
+def _error_of(response: httpx.Response) -> tuple[str, dict[str, Any]]:
+    """The backend's own error message and fields if it sent an OpenAI error (LiteLLM,
+    llama.cpp, vLLM and OpenAI do), else the raw text and no fields."""
     try:
-        data = response.json()
-        message = data["error"]["message"]
+        error = response.json()["error"]
+        message = error["message"]
         if isinstance(message, str):
-            return message[:500]
+            detail = {key: error[key] for key in _DETAIL_FIELDS
+                      if isinstance(error.get(key), str | int)}
+            return message[:500], detail
     except (ValueError, KeyError, TypeError):
         pass
-    return response.text[:500] or response.reason_phrase
+    return response.text[:500] or response.reason_phrase, {}
 
 
 class BackendStream:
@@ -282,11 +277,11 @@ class Backend:
     def _status_error(self, response: httpx.Response) -> BackendCallError:
         """The typed error of a read response whose status is not 200."""
         status = response.status_code
-        message = self._redact(
-            f"backend {self.name} answered HTTP {status}: {_error_message(response)}")
+        text, detail = _error_of(response)
+        message = self._redact(f"backend {self.name} answered HTTP {status}: {text}")
         if status == 429:
             return ThrottledError(
-                message, retry_after_s=parse_retry_after(response.headers.get("retry-after")))
+                message, retry_after_s=retry_after_s(response.headers))
         if status == 408 or status >= 500:
-            return RetryableStatusError(message, status=status)
-        return TerminalStatusError(message, status=status)
+            return RetryableStatusError(message, status=status, detail=detail)
+        return TerminalStatusError(message, status=status, detail=detail)

@@ -11,12 +11,13 @@ side effects, so every row of the README's failure table has a unit test
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 
 from pipeline import protocol as p
 from pipeline.delivery import Delivery
-from pipeline.errors import BackendCallError, RetryableError, ThrottledError
+from pipeline.errors import BackendCallError, RetryableError, TerminalError, ThrottledError
 from pipeline.models import ChatRequest, CompletionRequest, EmbeddingsRequest
 from pipeline.outcome import Cancelled, Failed, Failure, Outcome, Requeue, RetryLater
 from pipeline.settings import PoolSettings
@@ -27,11 +28,14 @@ __all__ = [
     "admit",
     "after_failure",
     "attempt_kind",
+    "backend_failure",
     "before_attempt",
+    "counts_against_backend",
     "deadline_failure",
     "no_reply_to",
     "stream_interrupted",
     "validate_request",
+    "wait_for_model",
 ]
 
 _JSON_TYPES = ("application/json",)
@@ -145,7 +149,7 @@ def stream_interrupted(delivery: Delivery, error: BackendCallError) -> Failure:
 
 
 def admit(delivery: Delivery, pool: PoolSettings, *, max_body_bytes: int,
-          available: bool, cancelled: bool = False,
+          available: bool, cancelled: bool = False, model_wait_s: float = 0.0,
           reply_queue: str = "<prefix>.reply.<client-id>") -> Outcome | Request:
     """May this delivery take a backend slot? The request if so, else its outcome.
     ``reply_queue`` is the name a client should use, for the error that says so."""
@@ -174,7 +178,28 @@ def admit(delivery: Delivery, pool: PoolSettings, *, max_body_bytes: int,
         # Throttled, circuit open or paused, and the consumer is being cancelled: hand it
         # back so another backend (or this one, later) takes it.
         return Requeue("backend unavailable")
+    if model_wait_s > 0:
+        return wait_for_model(delivery, pool, model_wait_s)
     return checked
+
+
+def wait_for_model(delivery: Delivery, pool: PoolSettings, wait_s: float) -> Outcome:
+    """This backend rate-limits the request's model for ``wait_s`` more seconds (a 429
+    scoped per model): wait in the shortest retry tier that covers it, so the slot serves
+    other models meanwhile and the request does not bounce straight back (a hand-back would
+    return it to this same consumer at once). Not an attempt."""
+    delays = pool.retry_delays_ms
+    if not delays:
+        return Requeue("model throttled")
+    wait_ms = wait_s * 1000
+    delay = min((d for d in delays if d >= wait_ms), default=max(delays))
+    remaining = delivery.remaining_s()
+    if remaining is not None and remaining * 1000 <= delay:
+        return Failed(deadline_failure(
+            delivery.pool, f"; the backend rate-limits model {delivery.model!r} for "
+            f"{wait_s:.1f} s more"))
+    return RetryLater(delay, f"model {delivery.model!r} is rate-limited here for "
+                      f"{wait_s:.1f} s", "throttled")
 
 
 def before_attempt(delivery: Delivery, number: int, *, available: bool,
@@ -208,12 +233,24 @@ def attempt_kind(delivery: Delivery, error: BackendCallError) -> str:
     return "terminal"
 
 
+def counts_against_backend(delivery: Delivery) -> bool:
+    """Whether a transient failure counts toward the backend's circuit breaker: only a
+    request's first failed attempt does. A poison request (one the server chokes on, such
+    as a body it answers 500 to) fails on every backend and every attempt while other
+    requests succeed: counting each of those would let one bad client open the circuit of a
+    healthy backend for everyone, and fail every half-open probe it happens to be."""
+    return delivery.attempts <= 1
+
+
 def after_failure(delivery: Delivery, error: BackendCallError, kind: str, number: int,
-                  pool: PoolSettings, backoff_s: float) -> TryAgain | Outcome:
+                  pool: PoolSettings, backoff_s: float,
+                  model_wait_s: float = 0.0) -> TryAgain | Outcome:
     """What follows failed attempt ``number``: another try on this slot, a retry tier, a
-    hand-back, or a terminal failure."""
+    hand-back, or a terminal failure (``model_wait_s``: a 429 scoped to the model)."""
     if kind == "throttled":
         # Not retried on this backend: it asked for time, another may answer.
+        if model_wait_s > 0:
+            return wait_for_model(delivery, pool, model_wait_s)
         return Requeue("throttled")
     if delivery.stream is not None:
         return Failed(stream_interrupted(delivery, error))
@@ -229,7 +266,28 @@ def after_failure(delivery: Delivery, error: BackendCallError, kind: str, number
         delay = delays[min(delivery.retries, len(delays) - 1)]
         if remaining is None or remaining * 1000 > delay:
             return RetryLater(delay, error.message, error.reason)
+    return Failed(backend_failure(delivery, error))
+
+
+#: Backend statuses that mean the request itself is wrong (too long for the context,
+#: a field the server rejects, a model it does not have): the client's to fix.
+_CLIENT_FAULT_STATUSES = frozenset({400, 404, 413, 422})
+
+
+def backend_failure(delivery: Delivery, error: BackendCallError) -> Failure:
+    """The terminal failure of a backend call, with what the backend said kept (its
+    ``status``, and its own ``type``, ``code`` and ``param`` under ``backend``, ``param``
+    also at the top as OpenAI's errors carry it). A 400/404/413/422 is the request's
+    fault (``invalid_request``: a context-length error is not a backend failure); anything
+    else is ``backend_error``."""
     plural = "s" if delivery.attempts != 1 else ""
-    extra = {"status": error.status} if error.status is not None else {}
-    return Failed(Failure(p.ParkReason.BACKEND_ERROR, p.ErrorCode.BACKEND_ERROR,
-                          f"{error.message} (after {delivery.attempts} attempt{plural})", extra))
+    extra: dict[str, Any] = {"status": error.status} if error.status is not None else {}
+    if error.detail:
+        extra["backend"] = dict(error.detail)
+        if "param" in error.detail:
+            extra["param"] = error.detail["param"]
+    client_fault = isinstance(error, TerminalError) and error.status in _CLIENT_FAULT_STATUSES
+    reason, code = ((p.ParkReason.INVALID_REQUEST, p.ErrorCode.INVALID_REQUEST) if client_fault
+                    else (p.ParkReason.BACKEND_ERROR, p.ErrorCode.BACKEND_ERROR))
+    return Failure(reason, code,
+                   f"{error.message} (after {delivery.attempts} attempt{plural})", extra)

@@ -74,7 +74,8 @@ class BackendHealth(Protocol):
     def fastest_s(self) -> float: ...
     def success(self, elapsed_s: float) -> None: ...
     def failure(self) -> None: ...
-    def throttled(self, retry_after_s: float | None) -> None: ...
+    def throttled(self, retry_after_s: float | None, model: str | None = None) -> None: ...
+    def model_wait_s(self, model: str | None) -> float: ...
 
 
 class Dispatcher:
@@ -129,6 +130,7 @@ class Dispatcher:
                                 max_body_bytes=self._settings.max_body_bytes,
                                 available=health.available(),
                                 cancelled=self._cancels.is_cancelled(delivery),
+                                model_wait_s=health.model_wait_s(delivery.model),
                                 reply_queue=self._reply_queue_hint)
         if not isinstance(admitted, ChatRequest | CompletionRequest | EmbeddingsRequest):
             return admitted
@@ -197,11 +199,12 @@ class Dispatcher:
                 health: BackendHealth, elapsed_s: float) -> decide.TryAgain | Outcome:
         """Report a failed attempt to the backend's health and the hooks; decide the next."""
         kind = decide.attempt_kind(delivery, error)
+        delivery.last_backend, delivery.last_error = delivery.backend, error.message[:500]
         if isinstance(error, ThrottledError):
-            health.throttled(error.retry_after_s)
+            health.throttled(error.retry_after_s, delivery.model)
             delivery.attempts -= 1  # a 429 is not an attempt: the request was not served
-        elif kind == "retryable":
+        elif kind == "retryable" and decide.counts_against_backend(delivery):
             health.failure()
         self._hooks.call_ended(delivery, kind, elapsed_s, error)
         return decide.after_failure(delivery, error, kind, number, self._pool,
-                                    backoff_s(number))
+                                    backoff_s(number), health.model_wait_s(delivery.model))

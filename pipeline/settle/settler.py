@@ -74,7 +74,7 @@ class Settler:
             settlement = await self._cancel(delivery, outcome)
             await delivery.message.ack()
         elif isinstance(outcome, Requeue):
-            await delivery.message.nack(requeue=True)
+            await self._requeue(delivery)
         self._hooks.settled(delivery, outcome, settlement)
 
     def abandoned(self, delivery: Delivery, error: BaseException) -> None:
@@ -179,21 +179,53 @@ class Settler:
             raise TopologyError(f"parking lot {queue!r} does not exist; run "
                                 "`hutch topology apply`")
 
-    async def _retry(self, delivery: Delivery, delay_ms: int) -> None:
-        """Publish the request to the retry tier of ``delay_ms``; when its TTL expires the
-        broker dead-letters it back to the request exchange under its original model."""
+    def _history_headers(self, delivery: Delivery) -> dict[str, Any]:
+        """The request's headers for a republish: its client, attempts so far, deadline,
+        and where and how it last failed, so whatever answers it later can say so."""
         headers = self._identity_headers(delivery)
         headers[p.H_ATTEMPTS] = delivery.attempts
-        headers[p.H_RETRIES] = delivery.retries + 1
         if delivery.deadline_ms is not None:
             headers[p.H_DEADLINE] = delivery.deadline_ms  # survives; expiration does not
-        headers[p.H_RETRY_TIER] = str(delay_ms)
+        if delivery.last_backend is not None:
+            headers[p.H_LAST_BACKEND] = delivery.last_backend
+        if delivery.last_error is not None:
+            headers[p.H_LAST_ERROR] = delivery.last_error[:500]
+        return headers
+
+    async def _republish(self, delivery: Delivery, headers: dict[str, Any], exchange: str,
+                         what: str, *, expire: bool = False) -> None:
         vouch = p.H_USER in headers and self._worker_user is not None
         # The broker checks user_id: only this worker's user can vouch for x-hutch-user.
         message = copy_message(delivery.message, headers,
                                user_id=self._worker_user if vouch else None)
+        remaining = delivery.remaining_s()
+        if expire and remaining is not None:
+            # Back in the work queue, the broker expires it at its deadline (and triage
+            # answers it) even while no consumer can take it.
+            message.expiration = max(0.001, remaining)
         if not await self._publisher.publish(message.body, message.properties,
                                              routing_key=delivery.model or "",
-                                             exchange=self._names.retry_exchange):
-            raise TopologyError(f"retry tier {self._names.retry_queue(delay_ms)!r} does not "
-                                "exist; run `hutch topology apply`")
+                                             exchange=exchange):
+            raise TopologyError(f"{what} does not exist; run `hutch topology apply`")
+
+    async def _retry(self, delivery: Delivery, delay_ms: int) -> None:
+        """Publish the request to the retry tier of ``delay_ms``; when its TTL expires the
+        broker dead-letters it back to the request exchange under its original model."""
+        headers = self._history_headers(delivery)
+        headers[p.H_RETRIES] = delivery.retries + 1
+        headers[p.H_RETRY_TIER] = str(delay_ms)
+        await self._republish(delivery, headers, self._names.retry_exchange,
+                              f"retry tier {self._names.retry_queue(delay_ms)!r}")
+
+    async def _requeue(self, delivery: Delivery) -> None:
+        """Hand the request back to its queue. If this delivery made attempts, as a copy
+        that keeps them (a nack would drop them, and a request that later expires would
+        be parked saying 0 attempts); else a plain nack, which keeps its place."""
+        if delivery.attempts <= delivery.prior_attempts:
+            await delivery.message.nack(requeue=True)
+            return
+        await self._republish(delivery, self._history_headers(delivery),
+                              self._names.requests_exchange,
+                              f"request exchange {self._names.requests_exchange!r}",
+                              expire=True)
+        await delivery.message.ack()

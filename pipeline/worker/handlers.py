@@ -20,7 +20,7 @@ from pipeline.settings import Settings
 from pipeline.settle.guard import ReplyGuard
 from pipeline.settle.publisher import Publisher
 from pipeline.settle.settler import Settler
-from pipeline.worker.triage import Triage
+from pipeline.worker.triage import PoolStatus, Triage
 
 __all__ = ["Handlers"]
 
@@ -34,7 +34,8 @@ class Handlers:
 
     @classmethod
     def build(cls, settings: Settings, channel: AbstractChannel, metrics: Metrics,
-              cancels: CancelRegistry, extra_hooks: Sequence[DeliveryHook] = ()) -> Handlers:
+              cancels: CancelRegistry, extra_hooks: Sequence[DeliveryHook] = (), *,
+              pool_status: PoolStatus | None = None) -> Handlers:
         """``channel`` must have publisher confirms and ``on_return_raises`` on."""
         names = Names(settings.prefix)
         guard = ReplyGuard.from_settings(settings)
@@ -43,7 +44,7 @@ class Handlers:
                           stream_window_s=settings.stream_window_ms / 1000,
                           stream_max_chunks=settings.stream_max_chunks)
         return cls(
-            triage=Triage(settler, guard, names),
+            triage=Triage(settler, guard, names, pool_status),
             dispatchers={pool.name: Dispatcher(settings, pool, settler, guard, hooks, cancels)
                          for pool in settings.pools},
         )

@@ -33,10 +33,14 @@ class BackendHealthReporter:
     """One backend's gate, latency floor and pause flag; signals every change."""
 
     def __init__(self, backend: str, max_concurrency: int, gate: BackendGate,
-                 state_gauge: Level) -> None:
+                 state_gauge: Level, *, per_model_throttle: bool = False) -> None:
         self.backend = backend
         self.max_concurrency = max_concurrency
         self.gate = gate
+        #: ``throttle_scope = "model"``: a 429 pauses only its model, each with a gate of
+        #: its own (the same backoff and decay), and the consumer keeps running.
+        self._per_model = per_model_throttle
+        self._model_gates: dict[str, BackendGate] = {}
         self.latency_floor = LatencyFloor()
         #: Set on a gate state change or a pause/resume: the prefetch may have to change.
         self.changed = asyncio.Event()
@@ -59,8 +63,22 @@ class BackendHealthReporter:
     def failure(self) -> None:
         self._report(self.gate.failure)
 
-    def throttled(self, retry_after_s: float | None) -> None:
+    def throttled(self, retry_after_s: float | None, model: str | None = None) -> None:
+        if self._per_model and model is not None:
+            gate = self._model_gates.get(model)
+            if gate is None:
+                gate = self._model_gates[model] = BackendGate(self.gate.policy)
+            gate.throttled(retry_after_s)
+            log.warning("backend.model_throttled", backend=self.backend, model=model,
+                        available_in_s=round(gate.available_in(), 3))
+            return
         self._report(lambda: self.gate.throttled(retry_after_s))
+
+    def model_wait_s(self, model: str | None) -> float:
+        """Seconds until ``model`` may be sent here again (0: now; always 0 unless 429s
+        are scoped per model)."""
+        gate = self._model_gates.get(model) if model is not None else None
+        return gate.available_in() if gate is not None else 0.0
 
     # -- commands (the worker follows the pool's pause flag) ---------------------------
 

@@ -8,7 +8,7 @@ error ``x-death`` (or its absence) implies, and move the message to the parking 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiormq
@@ -20,7 +20,10 @@ from pipeline.delivery import Delivery, ReplyPolicy
 from pipeline.outcome import Failed, Failure
 from pipeline.settle.settler import Settler
 
-__all__ = ["Triage", "triage_failure"]
+__all__ = ["PoolStatus", "Triage", "triage_failure"]
+
+#: Attempts of earlier deliveries shown on a triage reply are clamped to this.
+_MAX_ATTEMPTS_SHOWN = 1000
 
 _CODE = {
     p.ParkReason.UNKNOWN_MODEL: p.ErrorCode.UNKNOWN_MODEL,
@@ -67,22 +70,42 @@ def triage_failure(headers: Mapping[str, Any], routing_key: str | None,
     return Failure(reason, _CODE[reason], message), pool
 
 
+#: What the worker knows of a pool's backends now: a sentence if none is serving, else None.
+PoolStatus = Callable[[str], "str | None"]
+
+
 class Triage:
     """Consumes the triage queue: one error reply, then the parking lot, then ack."""
 
-    def __init__(self, settler: Settler, policy: ReplyPolicy, names: Names) -> None:
+    def __init__(self, settler: Settler, policy: ReplyPolicy, names: Names,
+                 pool_status: PoolStatus | None = None) -> None:
         self._settler = settler
         self._policy = policy
         self._names = names
+        self._pool_status = pool_status or (lambda pool: None)
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         failure, pool = triage_failure(message.headers or {}, message.routing_key, self._names,
                                        message.exchange)
-        # No backend attempt was made in this delivery: its reply says 0 attempts.
+        # Attempts of earlier deliveries are kept (x-hutch-attempts): none is made here.
         delivery = Delivery.parse(message, pool=pool, backend=None, policy=self._policy,
-                                  max_attempts=0)
+                                  max_attempts=_MAX_ATTEMPTS_SHOWN)
         delivery.queue_wait_ms = None
+        failure.message += self._why(delivery, pool)
         try:
             await self._settler.settle(delivery, Failed(failure))
         except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
             self._settler.abandoned(delivery, exc)
+
+    def _why(self, delivery: Delivery, pool: str) -> str:
+        """What else is known: the request's last failure, and whether its pool had a
+        backend serving (a request that expires because every backend is down should say
+        so, not only that it waited)."""
+        extra = ""
+        if delivery.last_error:
+            extra += (f"; its last attempt (backend {delivery.last_backend or '?'}) failed: "
+                      f"{delivery.last_error[:300]}")
+        status = self._pool_status(pool)
+        if status:
+            extra += f"; {status}"
+        return extra

@@ -136,7 +136,8 @@ class Worker:
         gate = BackendGate(BreakerPolicy(failure_threshold=pool.breaker_failures,
                                          cooldown_s=pool.breaker_cooldown_s))
         health = BackendHealthReporter(settings.name, settings.max_concurrency, gate,
-                                       self.metrics.backend_state.labels(settings.name))
+                                       self.metrics.backend_state.labels(settings.name),
+                                       per_model_throttle=settings.throttle_scope == "model")
         timing = LeaseTiming(self.settings.lease_retry_s, self.settings.shutdown_grace_s)
         lease = Lease(self.names.lease_queue(settings.name), settings.name, timing,
                       self.metrics.lease_held.labels(settings.name))
@@ -175,7 +176,20 @@ class Worker:
         publish_channel = await connection.channel(publisher_confirms=True,
                                                    on_return_raises=True)
         return Handlers.build(self.settings, publish_channel, self.metrics, self._cancels,
-                              self._hooks)
+                              self._hooks, pool_status=self._pool_status)
+
+    def _pool_status(self, pool: str) -> str | None:
+        """A sentence when no backend of ``pool`` that this worker holds can take work
+        (for the answer of a request that expired waiting), else None."""
+        held = [slot.holder for slot in self._slots
+                if slot.holder.pool == pool and slot.holder.lease.held]
+        out = [holder for holder in held if not holder.health.available()]
+        if not held or len(out) < len(held):
+            return None
+        states = ", ".join(
+            f"{holder.name} {'paused' if holder.health.paused else holder.health.gate.state}"
+            for holder in out)
+        return f"no backend of pool {pool!r} was serving ({states})"
 
     async def _start(self, connection: AbstractConnection) -> list[asyncio.Task[None]]:
         """Join, consume the triage queue, follow pauses, then compete for the leases."""
