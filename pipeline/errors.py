@@ -65,6 +65,7 @@ __all__ = [
     "BrokerUnreachableError",
     "ConfigError",
     "DeadlineExceededError",
+    "GatewayRefusal",
     "HutchError",
     "InvalidCompletionError",
     "InvalidRequestError",
@@ -278,6 +279,13 @@ class RequestCancelledError(RequestFailed):
     """The request was cancelled (by its owner or an operator) before it finished."""
 
     code = "cancelled"
+
+
+class GatewayRefusal(RequestFailed):
+    """The HTTP gateway answers a request itself, before or instead of the queue (a bad
+    key, body or header): ``status`` is the HTTP status it answers with."""
+
+    code = "invalid_request"
 
 
 class StreamInterruptedError(BackendError):

@@ -150,6 +150,8 @@ class ParkReason(StrEnum):
     FORGED_REPLY_TO = "forged_reply_to"
     #: No ``user_id`` while the worker requires one (``require_user_id``): not answered.
     NO_USER_ID = "no_user_id"
+    #: A quorum queue gave up on it after ``delivery_limit`` hand-backs.
+    DELIVERY_LIMIT = "delivery_limit"
     #: A stream failed after chunks were sent (the client got ``stream_interrupted``).
     STREAM_INTERRUPTED = "stream_interrupted"
 
@@ -244,6 +246,8 @@ _DEATH_REASONS = {
     "expired": ParkReason.DEADLINE_EXCEEDED,
     "maxlen": ParkReason.QUEUE_FULL,
     "rejected": ParkReason.REJECTED,
+    # A quorum queue's delivery-limit (every hand-back and dead channel counts).
+    "delivery_limit": ParkReason.DELIVERY_LIMIT,
 }
 
 

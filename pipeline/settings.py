@@ -9,9 +9,7 @@ that names the bad key (``pools.0.backends.1.max_concurrency: ...``), never a tr
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -23,11 +21,14 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pipeline.errors import ConfigError
+from pipeline.gateway.settings import GatewaySettings
+from pipeline.settings_text import dump_toml, environment_keys, format_errors, redact_url
 
 __all__ = [
     "DEFAULT_AMQP_URL",
     "BackendSettings",
     "PoolSettings",
+    "QueueType",
     "Settings",
     "dump_toml",
     "load_settings",
@@ -37,6 +38,10 @@ DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 # Names end up in queue names, policy patterns and metric labels: keep them boring.
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+
+#: ``classic``: one node holds the queue (unusable while that node is down, nothing lost);
+#: ``quorum``: replicated over the cluster's nodes (survives the loss of a minority).
+QueueType = Literal["classic", "quorum"]
 
 #: RabbitMQ closes a channel whose delivery stays unacked longer than this (its default).
 CONSUMER_TIMEOUT_S = 30 * 60
@@ -55,10 +60,13 @@ class BackendSettings(_Strict):
     timeout_s: float = Field(default=60.0, gt=0, lt=CONSUMER_TIMEOUT_S)
     #: Name of the environment variable holding the API key; the key itself is never stored.
     api_key_env: str | None = None
-    #: Pass the request's priority to a backend that schedules by it (vLLM), as
-    #: ``"priority": max_priority - p`` (lower is earlier there), unless it has one.
+    #: Pass the request's priority to a backend that schedules by it (vLLM with
+    #: ``--scheduling-policy priority``): its body gets ``"priority": max_priority - p``
+    #: (lower is served earlier there, the opposite of AMQP), unless it already has one.
     send_priority: bool = False
-    throttle_scope: Literal["backend", "model"] = "backend"  # what a 429 pauses: see README
+    #: What a 429 pauses: the whole ``backend``, or only the request's ``model`` there
+    #: (proxies such as LiteLLM limit each model on its own: the others keep being served).
+    throttle_scope: Literal["backend", "model"] = "backend"
 
     @field_validator("url")
     @classmethod
@@ -101,6 +109,14 @@ class PoolSettings(_Strict):
     #: Circuit breaker: consecutive failures that take a backend out, and for how long.
     breaker_failures: int = Field(default=5, ge=1, le=1000)
     breaker_cooldown_s: float = Field(default=10.0, gt=0, le=3600)
+    #: ``quorum``: the pool's work queue (and the queues every pool shares: retry tiers,
+    #: triage, parking lot, presence) are replicated quorum queues; see "Running on a
+    #: cluster" in the README. Changing it later is a migration, never done by apply.
+    queue_type: QueueType = "classic"
+    #: Quorum pools: returns (a nack with requeue on a 429, a pause or an open circuit, a
+    #: lost consumer) after which the broker dead-letters a request. Every return counts,
+    #: so it is high: a request handed back once per throttled probe must not exhaust it.
+    delivery_limit: int = Field(default=1000, ge=1, le=1_000_000)
     backends: list[BackendSettings] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -158,6 +174,9 @@ class Settings(BaseSettings):
     )
 
     amqp_url: str = DEFAULT_AMQP_URL
+    #: Every node of a cluster (``amqp_url`` is tried first, then these in order); a list
+    #: given as ``amqp_url`` lands here too. Same user and vhost on every node.
+    amqp_urls: list[str] = Field(default_factory=list)
     #: Management HTTP API; default: the AMQP host on port 15672, same credentials and vhost.
     management_url: str | None = None
     #: TLS for every connection (amqps://, https:// management API): a PEM CA bundle trusted
@@ -178,6 +197,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     #: Reply queues vanish after this long without a consumer.
     reply_queue_expires_s: int = Field(default=3600, ge=10)
+    #: ``quorum``: clients' durable reply queues are replicated, so replies survive the
+    #: loss of a node (with the same expiry); ``classic``: one node holds them.
+    reply_queue_type: QueueType = "classic"
     #: Prefetch of the dead-letter triage consumer (no backend behind it).
     triage_prefetch: int = Field(default=32, ge=1, le=10_000)
     #: Refuse (park as ``no_user_id``, answer nothing) requests that carry no ``user_id``.
@@ -197,6 +219,8 @@ class Settings(BaseSettings):
     cancel_ttl_s: float = Field(default=600.0, gt=0, le=86_400)
     cancel_max_ids: int = Field(default=100_000, ge=100, le=10_000_000)
     pools: list[PoolSettings] = Field(default_factory=list)
+    #: ``hutch gateway``, the OpenAI-compatible HTTP front door (pipeline/gateway).
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
 
     @classmethod
     def settings_customise_sources(
@@ -210,13 +234,28 @@ class Settings(BaseSettings):
         # Explicit arguments beat the environment, which beats the file.
         return init_settings, env_settings, _FileSource(settings_cls)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _url_list(cls, data: Any) -> Any:
+        # ``amqp_url = [a, b, c]`` means the cluster a, b, c, tried in that order.
+        if isinstance(data, dict):
+            urls, listed = data.get("amqp_url"), data.get("amqp_urls")
+            if isinstance(urls, list) and urls:
+                extra = listed if isinstance(listed, list) else []
+                data = {**data, "amqp_url": urls[0], "amqp_urls": [*urls[1:], *extra]}
+            elif urls is None and isinstance(listed, list) and listed:
+                data = {**data, "amqp_url": listed[0]}
+        return data
+
     @field_validator("amqp_url")
     @classmethod
     def _amqp_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-            raise ValueError("must be an amqp:// or amqps:// URL with a host")
-        return value
+        return _check_amqp_url(value)
+
+    @field_validator("amqp_urls")
+    @classmethod
+    def _amqp_urls(cls, value: list[str]) -> list[str]:
+        return [_check_amqp_url(url) for url in value]
 
     @field_validator("management_url")
     @classmethod
@@ -224,6 +263,19 @@ class Settings(BaseSettings):
         if value is not None and urlsplit(value).scheme not in ("http", "https"):
             raise ValueError("must be an http(s) URL such as http://127.0.0.1:15672")
         return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _one_cluster(self) -> Settings:
+        # Users, vhosts and permissions are cluster-wide: every node is reached as one
+        # user in one vhost, or a failover would silently change who publishes where.
+        first = urlsplit(self.amqp_url)
+        for url in self.amqp_urls:
+            parts = urlsplit(url)
+            if (parts.username, parts.path.strip("/")) != (first.username,
+                                                          first.path.strip("/")):
+                raise ValueError("amqp_urls: every node's URL must name the same user and "
+                                 f"vhost as amqp_url ({redact_url(url)} does not)")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:
@@ -288,60 +340,30 @@ class Settings(BaseSettings):
                 return pool
         raise KeyError(name)
 
+    def amqp_nodes(self) -> list[str]:
+        """Every node's URL, in the order they are tried: ``amqp_url`` first."""
+        return list(dict.fromkeys([self.amqp_url, *self.amqp_urls]))
+
     def with_vhost(self, vhost: str) -> Settings:
         """A copy pointing at another vhost (tests isolate themselves this way)."""
-        parts = urlsplit(self.amqp_url)
-        url = parts._replace(path="/" + quote(vhost, safe="")).geturl()
-        return self.model_copy(update={"amqp_url": url})
+        path = "/" + quote(vhost, safe="")
+        url, *others = [urlsplit(u)._replace(path=path).geturl() for u in self.amqp_nodes()]
+        return self.model_copy(update={"amqp_url": url, "amqp_urls": others})
 
     def redacted_amqp_url(self) -> str:
         """The AMQP URL without its password, for logs and messages."""
-        parts = urlsplit(self.amqp_url)
-        if parts.password is None:
-            return self.amqp_url
-        netloc = f"{parts.username}:***@{parts.hostname}"
-        if parts.port:
-            netloc += f":{parts.port}"
-        return parts._replace(netloc=netloc).geturl()
+        return redact_url(self.amqp_url)
+
+    def quorum(self) -> bool:
+        """Whether any pool is a quorum pool (the shared queues are quorum then too)."""
+        return any(pool.queue_type == "quorum" for pool in self.pools)
 
 
-def _environment_keys(overrides: dict[str, Any]) -> dict[str, list[str]]:
-    """Top-level key -> the ``HUTCH_*`` variables that set it, where the environment wins
-    (not overridden by an argument). Matched as pydantic-settings does: ignoring case,
-    ``HUTCH_POOLS__0__NAME`` setting ``pools``."""
-    env_prefix = str(Settings.model_config.get("env_prefix", "")).lower()
-    found: dict[str, list[str]] = {}
-    for variable in sorted(os.environ):
-        name = variable.lower()
-        if not name.startswith(env_prefix):
-            continue
-        key = name[len(env_prefix):].split("__", 1)[0]
-        if key in Settings.model_fields and key not in overrides:
-            found.setdefault(key, []).append(variable)
-    return found
-
-
-def _format_errors(error: ValidationError, source: str,
-                   environment: dict[str, list[str]]) -> str:
-    """One line per bad key; a key the environment set names its variable, so
-    ``HUTCH_MAX_PRIORITY=abc`` is not blamed on the file."""
-    lines: list[str] = []
-    blamed: list[str] = []
-    for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"])
-        message = item["msg"]
-        if item["type"] == "extra_forbidden":
-            message = "unknown key (check its spelling)"
-        # Model validators report their own dotted key at the start of the message.
-        message = re.sub(r"^(Value|Assertion) error, ", "", message)
-        variables = environment.get(re.split(r"[.:]", key or message, maxsplit=1)[0], [])
-        if variables:
-            message += f" (set by the environment: {', '.join(variables)})"
-            blamed += [v for v in variables if v not in blamed]
-        lines.append(f"  {key}: {message}" if key else f"  {message}")
-    if blamed:
-        source += f", overridden by {', '.join(blamed)}"
-    return "\n".join([f"invalid configuration ({source}):", *lines])
+def _check_amqp_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        raise ValueError("must be an amqp:// or amqps:// URL with a host")
+    return value
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
@@ -366,35 +388,8 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source, _environment_keys(overrides))
-                          ) from None
+        environment = environment_keys(str(Settings.model_config.get("env_prefix", "")),
+                                       Settings.model_fields, overrides)
+        raise ConfigError(format_errors(exc, source, environment)) from None
     finally:
         _FILE_DATA.reset(token)
-
-
-def dump_toml(settings: Settings) -> str:
-    """The settings as a TOML file :func:`load_settings` reads back to equal settings.
-
-    For tools that start ``hutch`` processes (the benchmark scenarios, tests): a child
-    process gets exactly the configuration its parent validated. Includes the credentials
-    of ``amqp_url``: write it where only its owner can read it.
-    """
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return json.dumps(str(v), ensure_ascii=False)  # a JSON string is a valid TOML basic string
-
-    data = settings.model_dump(mode="json", exclude_none=True)
-    lines = [f"{k} = {value(v)}" for k, v in data.items() if k != "pools"]
-    for pool in data["pools"]:
-        lines += ["", "[[pools]]"]
-        lines += [f"{k} = {value(v)}" for k, v in pool.items() if k != "backends"]
-        for backend in pool["backends"]:
-            lines += ["", "[[pools.backends]]"]
-            lines += [f"{k} = {value(v)}" for k, v in backend.items()]
-    return "\n".join(lines) + "\n"

@@ -21,7 +21,8 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,10 +30,12 @@ import pytest
 
 __all__ = [
     "SCRIPT",
+    "LocalCluster",
     "LocalNode",
     "NodeFactory",
     "TlsFiles",
     "free_port",
+    "local_cluster",
     "local_node",
     "make_certificates",
     "node_factory",
@@ -181,6 +184,16 @@ class LocalNode:
         self.stop()
         self.start()
 
+    def start_again(self, timeout_s: float = 180) -> None:
+        """Start a stopped or killed node with its configuration and data (a cluster
+        member rejoins its cluster)."""
+        _live[self.name] = self
+        _script("restart", self.name, str(int(timeout_s)), timeout=timeout_s + 30)
+        self.wait_until_up(timeout_s)
+
+    def running(self) -> bool:
+        return _accepts(self.amqp_port)
+
     def stop(self) -> None:
         _script("stop", self.name)
 
@@ -233,10 +246,16 @@ class NodeFactory:
     def __init__(self) -> None:
         self._nodes: list[LocalNode] = []
 
-    def start(self, label: str, *, management: bool = True, tls: TlsFiles | None = None
-              ) -> LocalNode:
+    def make(self, label: str, *, management: bool = True, tls: TlsFiles | None = None
+             ) -> LocalNode:
+        """A node this factory cleans up, not started yet."""
         node = LocalNode(f"hutch-t{os.getpid()}-{label}", management=management, tls=tls)
         self._nodes.append(node)
+        return node
+
+    def start(self, label: str, *, management: bool = True, tls: TlsFiles | None = None
+              ) -> LocalNode:
+        node = self.make(label, management=management, tls=tls)
         node.start()
         return node
 
@@ -245,6 +264,52 @@ class NodeFactory:
             with contextlib.suppress(Exception, pytest.fail.Exception):
                 node.clean()
         self._nodes.clear()
+
+
+def _parallel(calls: list[Callable[[], None]]) -> None:
+    """Run blocking node commands side by side (each waits on a subprocess)."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        for future in [pool.submit(call) for call in calls]:
+            future.result()
+
+
+@dataclass
+class LocalCluster:
+    """Nodes of the tests' own joined into one cluster (the first one's)."""
+
+    nodes: list[LocalNode]
+
+    @classmethod
+    def start(cls, factory: NodeFactory, label: str, size: int = 3) -> LocalCluster:
+        """Start ``size`` nodes side by side, then join the others to the first (about
+        50 s for three on the 2-core CI machine: the joins are one after another)."""
+        nodes = [factory.make(f"{label}-{i}") for i in range(1, size + 1)]
+        _parallel([node.start for node in nodes])
+        for node in nodes[1:]:
+            node.join(nodes[0])
+        return cls(nodes)
+
+    def urls(self, vhost: str = "/", order: list[int] | None = None) -> list[str]:
+        """Every node's AMQP URL, in ``order`` (node indexes; default 0, 1, 2, ...)."""
+        return [self.nodes[i].amqp_url(vhost) for i in (order or range(len(self.nodes)))]
+
+    def node_named(self, nodename: str) -> LocalNode:
+        return next(node for node in self.nodes if node.nodename == nodename)
+
+    def start_stopped(self) -> None:
+        """Start every node that is not running, side by side (a whole-cluster restart
+        needs them together: each waits for its peers)."""
+        stopped = [node for node in self.nodes if not node.running()]
+        if stopped:
+            _parallel([node.start_again for node in stopped])
+
+    def stop_all(self) -> None:
+        _parallel([node.stop for node in self.nodes])
+
+    def clean(self) -> None:
+        for node in self.nodes:
+            with contextlib.suppress(Exception, pytest.fail.Exception):
+                node.clean()
 
 
 @pytest.fixture(scope="session")
@@ -268,3 +333,14 @@ def local_node(node_factory: NodeFactory, request: pytest.FixtureRequest
         yield node
     finally:
         node.clean()
+
+
+@pytest.fixture(scope="session")
+def local_cluster(node_factory: NodeFactory) -> Iterator[LocalCluster]:
+    """Three local nodes in one cluster, shared by the cluster tests of the session. A
+    test that stops or kills nodes starts them again before it ends."""
+    cluster = LocalCluster.start(node_factory, "cl")
+    try:
+        yield cluster
+    finally:
+        cluster.clean()

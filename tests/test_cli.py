@@ -193,7 +193,7 @@ def test_help_lists_every_command_and_imports_nothing_heavy(hutch_env: dict[str,
     assert heavy == [], f"`hutch --help` imported {heavy}"
     listed = set(re.findall(r"^    ([a-z-]+)", probe["help"], re.MULTILINE))
     commands = {"worker", "submit", "mock-backend", "status", "pool", "bench", "demo", "dlq",
-                "cancel",
+                "cancel", "gateway",
                 "topology", "client", "worker-user"}
     assert listed == commands == _readme_commands(), probe["help"]
 

@@ -70,7 +70,11 @@ def compose() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    result: dict[str, dict[str, Any]] = compose["services"]
+    """The stack's services; those of the profile "cluster" (a second broker, three nodes)
+    are checked by tests/test_compose_cluster.py."""
+    result: dict[str, dict[str, Any]] = {
+        name: service for name, service in compose["services"].items()
+        if "cluster" not in service.get("profiles", [])}
     return result
 
 

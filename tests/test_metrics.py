@@ -36,6 +36,7 @@ from pipeline.errors import (
     ThrottledError,
     UnknownModelError,
 )
+from pipeline.gateway.metrics import GatewayMetrics
 from pipeline.models import Usage
 from pipeline.observe.hooks import Settlement
 from pipeline.observe.metrics import NO_POOL, UNKNOWN_MODEL, Metrics, MetricsHook
@@ -162,7 +163,7 @@ def _queries(dashboard: dict[str, Any]) -> list[Query]:
 
 def _labels_of(name: str, metrics: Metrics) -> set[str]:
     """The labels a sample name carries (histogram buckets also ``le``)."""
-    for info in metrics.catalog:
+    for info in [*metrics.catalog, *GatewayMetrics().catalog]:  # the gateway's panels too
         if name in info.sample_names():
             return set(info.labels) | ({"le"} if name.endswith("_bucket") else set())
     if name in RABBITMQ_METRICS:
@@ -171,7 +172,7 @@ def _labels_of(name: str, metrics: Metrics) -> set[str]:
 
 
 def test_dashboard_queries_only_metrics_that_exist() -> None:
-    exported = Metrics().names()
+    exported = Metrics().names() | GatewayMetrics().names()
     unknown = []
     for query in _queries(_dashboard()):
         for name in query.names:

@@ -85,8 +85,10 @@ def death(reason: Any, queue: Any = "llm.work.chat", count: int = 1) -> dict[str
     (b"expired", p.ParkReason.DEADLINE_EXCEEDED),
     (b"maxlen", p.ParkReason.QUEUE_FULL),
     (b"rejected", p.ParkReason.REJECTED),
-    # A reason Hutch does not know (e.g. quorum queues' delivery_limit) is still a rejection.
-    ("delivery_limit", p.ParkReason.REJECTED),
+    # Quorum queues' delivery limit has a reason of its own; one Hutch does not know is a
+    # rejection.
+    ("delivery_limit", p.ParkReason.DELIVERY_LIMIT),
+    ("some_future_reason", p.ParkReason.REJECTED),
     (None, p.ParkReason.REJECTED),
 ])
 def test_death_reason(reason: Any, expected: p.ParkReason) -> None:

@@ -202,3 +202,17 @@ async def test_a_cancel_aborts_the_call_at_the_backend() -> None:
         await task
     assert d.cancel_requested and CANCEL_MESSAGE in str(cancelled.value)
     assert not reg.cancel("r9", "app")  # gone from the registry: nothing left to abort
+
+
+async def test_chunks_go_out_at_once_until_the_first_with_output() -> None:
+    """Servers send a role-only chunk first: the first token must not wait a window."""
+    recorder = Recorder()
+    sink = StreamSink(cast(Publisher, recorder), delivery(), window_s=60, max_chunks=100)
+    assembler = Assembler()
+    for raw in (json.dumps(chunk("", role="assistant")), json.dumps(chunk("Hi")),
+                json.dumps(chunk(" there"))):
+        await sink.add(raw, content=assembler.add(json.loads(raw)))
+    assert len(recorder.bodies) == 2  # the role chunk, then the first token, each at once
+    await sink.flush()
+    await sink.close()
+    assert len(recorder.bodies) == 3

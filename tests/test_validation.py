@@ -232,3 +232,12 @@ def test_valid_openai_fields_and_unknown_ones_pass() -> None:
                                  tools=[{"type": "function"}], tool_choice="auto",
                                  response_format={"type": "json_object"},
                                  vendor_extension={"anything": [1, 2]})), ChatRequest)
+
+
+def test_a_quorum_delivery_limit_death_is_its_own_reason() -> None:
+    headers = {"x-death": [{"reason": "delivery_limit", "queue": "llm.work.chat",
+                            "routing-keys": ["mock-small"]}]}
+    failure, pool = triage_failure(headers, "mock-small", NAMES, "llm.dlx")
+    assert (failure.reason, failure.code, pool) == (
+        p.ParkReason.DELIVERY_LIMIT, p.ErrorCode.BACKEND_ERROR, "chat")
+    assert "delivery-limit" in failure.message

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from pipeline.broker.management import ManagementAPI
 from pipeline.broker.names import Names
+from pipeline.broker.quorum import MIGRATION_HELP, queue_type
 from pipeline.broker.topology import PolicySpec, Topology, plan
 from pipeline.errors import TopologyError
 from pipeline.settings import Settings
@@ -35,7 +36,7 @@ __all__ = [
 ]
 
 Kind = Literal["missing", "extra", "changed", "shadowed"]
-Fix = Literal["apply", "recreate", "manual"]
+Fix = Literal["apply", "recreate", "migrate", "manual"]
 
 _SIGN = {"missing": "+", "extra": "-", "changed": "~", "shadowed": "!"}
 _ABSENT = "(none)"
@@ -48,7 +49,8 @@ class DiffLine:
     ``kind``: ``missing`` (configured, not on the broker), ``extra`` (on the broker, not
     configured), ``changed`` (both, different), ``shadowed`` (a policy that can replace
     Hutch's on a queue). ``fix``: ``apply`` (``hutch topology apply`` fixes it),
-    ``recreate`` (delete the object and apply again), ``manual`` (apply leaves it).
+    ``recreate`` (delete the object and apply again), ``migrate`` (a queue's type changes:
+    classic <-> quorum, the documented migration), ``manual`` (apply leaves it).
     ``changes`` read ``what: broker value -> config value``.
     """
 
@@ -154,8 +156,12 @@ class _Comparison:
             changes = _changes({"durable": got.durable, "auto_delete": got.auto_delete},
                                {"durable": q.durable, "auto_delete": q.auto_delete})
             changes += _changes(_queue_arguments(got.arguments), _queue_arguments(q.arguments))
-            if changes:
-                count = self.messages.get(q.name)
+            count = self.messages.get(q.name)
+            if queue_type(got.arguments) != queue_type(q.arguments):
+                out.append(DiffLine("changed", "queue", q.name, "migrate",
+                                    f"apply refuses it: {MIGRATION_HELP}" + _messages(count),
+                                    tuple(changes), count))
+            elif changes:
                 out.append(DiffLine(
                     "changed", "queue", q.name, "recreate",
                     "needs delete + re-create: messages would be lost" + _messages(count)
@@ -274,13 +280,17 @@ def format_diff(lines: list[DiffLine], *, vhost: str) -> str:
            "broker, ~ different (broker -> config), ! conflicts with Hutch's policy"]
     out += [line.text() for line in lines]
     by_fix = {fix: sum(1 for line in lines if line.fix == fix)
-              for fix in ("apply", "recreate", "manual")}
+              for fix in ("apply", "recreate", "migrate", "manual")}
     parts = []
     if by_fix["apply"]:
         parts.append(f"{by_fix['apply']} fixed by `hutch topology apply`")
     if by_fix["recreate"]:
         n = by_fix["recreate"]
         parts.append(f"{n} need{'s' if n == 1 else ''} delete + re-create")
+    if by_fix["migrate"]:
+        n = by_fix["migrate"]
+        parts.append(f"{n} queue type change{'s' if n != 1 else ''} (a migration: drain, "
+                     "or shovel)")
     if by_fix["manual"]:
         parts.append(f"{by_fix['manual']} left to you")
     count = len(lines)

@@ -17,6 +17,7 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -34,6 +35,7 @@ from pipeline.errors import (
 )
 from pipeline.observe.log import get_logger
 from pipeline.settings import Settings
+from pipeline.settings_text import redact_url
 
 __all__ = [
     "START_HINT",
@@ -41,7 +43,9 @@ __all__ = [
     "Reconnect",
     "broker_identity",
     "connect",
+    "connect_any",
     "connect_url",
+    "connect_urls",
     "explain",
     "tls_context",
     "tls_failure",
@@ -95,14 +99,6 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def _redacted(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return parts._replace(netloc=netloc).geturl()
-
-
 def _vhost(url: str) -> str:
     path = urlsplit(url).path
     return unquote(path[1:]) if len(path) > 1 else "/"
@@ -136,7 +132,7 @@ def tls_problem(exc: ssl.SSLError) -> str:
 
 def explain(exc: BaseException, url: str) -> BrokerConnectionError:
     """The :mod:`pipeline.errors` error for a failed connect to ``url``."""
-    where = _redacted(url)
+    where = redact_url(url)
     tls = tls_failure(exc)
     if tls is not None:
         return BrokerTLSError(f"TLS handshake with RabbitMQ at {where} failed: "
@@ -180,16 +176,56 @@ async def connect_url(url: str, *, name: str, tls: ssl.SSLContext | None = None,
 
 
 async def connect(settings: Settings, *, name: str, heartbeat_s: int | None = None,
-                  timeout_s: float = 10) -> AbstractConnection:
-    """Open an AMQP connection to ``settings.amqp_url`` with the settings' TLS.
+                  timeout_s: float = 10, start: int = 0) -> AbstractConnection:
+    """Open an AMQP connection to the first reachable node of ``settings.amqp_nodes()``
+    (``amqp_url``, then ``amqp_urls``; from index ``start`` on, wrapping around), with the
+    settings' TLS.
 
     ``name`` is the client-provided connection name the management UI shows (say which
     process it is: ``hutch-worker host:pid``). Raises a
     :class:`~pipeline.errors.BrokerConnectionError`: only :class:`BrokerUnreachableError`
-    is worth retrying.
+    (no node answered) is worth retrying. A node that answers and refuses (credentials,
+    vhost, TLS) does not stop the search: its error is raised only if no other node lets
+    the connection in.
     """
-    return await connect_url(settings.amqp_url, name=name, tls=tls_context(settings),
-                             heartbeat_s=heartbeat_s, timeout_s=timeout_s)
+    connection, _ = await connect_any(settings, name=name, heartbeat_s=heartbeat_s,
+                                      timeout_s=timeout_s, start=start)
+    return connection
+
+
+async def connect_any(settings: Settings, *, name: str, heartbeat_s: int | None = None,
+                      timeout_s: float = 10, start: int = 0
+                      ) -> tuple[AbstractConnection, int]:
+    """:func:`connect`, and the index of the node it reached in ``settings.amqp_nodes()``."""
+    return await connect_urls(settings.amqp_nodes(), name=name, tls=tls_context(settings),
+                              heartbeat_s=heartbeat_s, timeout_s=timeout_s, start=start)
+
+
+async def connect_urls(urls: Sequence[str], *, name: str, tls: ssl.SSLContext | None = None,
+                       heartbeat_s: int | None = None, timeout_s: float = 10, start: int = 0
+                       ) -> tuple[AbstractConnection, int]:
+    """A connection to the first of ``urls`` (the nodes of one cluster, from index
+    ``start`` on, wrapping around) that lets it in, and that node's index; a move past a
+    failed node is logged (``amqp.failover``, naming the node reached)."""
+    failures: list[BrokerConnectionError] = []
+    for step in range(len(urls)):
+        index = (start + step) % len(urls)
+        try:
+            connection = await connect_url(urls[index], name=name, tls=tls,
+                                           heartbeat_s=heartbeat_s, timeout_s=timeout_s)
+        except BrokerConnectionError as exc:
+            failures.append(exc)
+            continue
+        if failures:
+            log.warning("amqp.failover", node=redact_url(urls[index]), connection=name,
+                        skipped=len(failures), error=str(failures[-1]))
+        return connection, index
+    refusals = [f for f in failures if not isinstance(f, BrokerUnreachableError)]
+    if refusals or len(failures) == 1:
+        raise (refusals or failures)[0]
+    raise BrokerUnreachableError(
+        f"cannot connect to any of the {len(urls)} RabbitMQ nodes: "
+        + "; ".join(str(f).split(". ", 1)[0] for f in failures) + f". {START_HINT}")
 
 
 @dataclass(frozen=True)
@@ -216,12 +252,16 @@ def broker_identity(connection: AbstractConnection) -> BrokerIdentity:
 
 
 class Reconnect:
-    """Backoff and a rate-limited log for a caller that keeps connecting (the worker).
+    """Backoff, node rotation and a rate-limited log for a caller that keeps connecting
+    (the worker).
 
-    A broker that stays down gives one ``amqp.unreachable`` line at the first failure and
-    then at most one every ``log_every_s`` (with the number of attempts since), not one per
-    attempt; ``amqp.connected`` says when it is back. Errors other than
-    :class:`BrokerUnreachableError` are not retried: they are raised.
+    Each connect starts at the node after the one the previous connection reached: a
+    connection is lost mostly because its node died, so the next one goes elsewhere (with
+    one node, to the same one). A cluster that stays down gives one ``amqp.unreachable``
+    line at the first failure and then at most one every ``log_every_s`` (with the number
+    of attempts since), not one per attempt; ``amqp.connected`` names the node reached
+    after a failure or a move. Errors other than :class:`BrokerUnreachableError` are not
+    retried: they are raised.
     """
 
     def __init__(self, settings: Settings, *, name: str, heartbeat_s: int | None = None,
@@ -236,13 +276,21 @@ class Reconnect:
         self.delay_s = first_delay_s
         self.attempts = 0
         self._logged_at: float | None = None
+        #: Index (in ``settings.amqp_nodes()``) of the node last reached, None before.
+        self.node: int | None = None
+
+    @property
+    def node_url(self) -> str | None:
+        """The node last reached (redacted), for logs and tests."""
+        return None if self.node is None else redact_url(self._settings.amqp_nodes()[self.node])
 
     async def connect(self, stop: asyncio.Event) -> AbstractConnection | None:
         """Connect, retrying with backoff until it works or ``stop`` is set (then None)."""
+        start = 0 if self.node is None else self.node + 1
         while not stop.is_set():
             try:
-                connection = await connect(self._settings, name=self._name,
-                                           heartbeat_s=self._heartbeat_s)
+                connection, index = await connect_any(
+                    self._settings, name=self._name, heartbeat_s=self._heartbeat_s, start=start)
             except BrokerUnreachableError as exc:
                 self._failed(exc)
                 try:
@@ -251,9 +299,10 @@ class Reconnect:
                     pass
                 self.delay_s = min(self.delay_s * 2, self._max)
                 continue
-            if self.attempts:
-                log.info("amqp.connected", url=self._settings.redacted_amqp_url(),
-                         failed_attempts=self.attempts)
+            moved = self.node is not None and index != self.node
+            self.node = index
+            if self.attempts or moved:
+                log.info("amqp.connected", node=self.node_url, failed_attempts=self.attempts)
             self.attempts, self.delay_s, self._logged_at = 0, self._first, None
             return connection
         return None
@@ -263,7 +312,8 @@ class Reconnect:
         now = time.monotonic()
         if self._logged_at is None or now - self._logged_at >= self._log_every_s:
             self._logged_at = now
-            log.warning("amqp.unreachable", url=self._settings.redacted_amqp_url(),
+            nodes = [redact_url(url) for url in self._settings.amqp_nodes()]
+            log.warning("amqp.unreachable", url=nodes[0] if len(nodes) == 1 else nodes,
                         error=repr(exc.__context__ or exc),
                         attempts=self.attempts, retry_in_s=self.delay_s,
                         next_log_in_s=self._log_every_s)

@@ -171,7 +171,7 @@ class ManagementAPI:
         messages (absent until the broker has stats for a new queue), policy."""
         result = await self._request(
             "GET", f"/queues/{_q(vhost)}?columns=name,arguments,durable,auto_delete,"
-                   "exclusive,messages,policy")
+                   "exclusive,messages,policy,type")
         return list(result or [])
 
     async def list_exchanges(self, vhost: str) -> list[dict[str, Any]]:

@@ -31,9 +31,16 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractExchange, AbstractQueue
 
-from pipeline.broker.connection import connect
+from pipeline.broker.connection import broker_identity, connect
 from pipeline.broker.management import ManagementAPI
 from pipeline.broker.names import Names
+from pipeline.broker.quorum import (
+    QUORUM_QUEUE,
+    priority_semantics,
+    quorum_policy_definition,
+    refuse_type_changes,
+    type_changes,
+)
 from pipeline.errors import TopologyError
 from pipeline.protocol import H_RETRY_TIER
 from pipeline.settings import PoolSettings, Settings
@@ -52,14 +59,25 @@ __all__ = [
     "plan",
     "retry_delays",
     "retry_queue_arguments",
+    "shared_queue_arguments",
     "work_policy",
     "work_queue_arguments",
 ]
 
 
-def work_queue_arguments(settings: Settings) -> dict[str, Any]:
-    """Arguments fixed at declaration: the broker refuses to change them later."""
+def work_queue_arguments(settings: Settings, pool: PoolSettings | None = None
+                         ) -> dict[str, Any]:
+    """Arguments fixed at declaration: the broker refuses to change them later. A quorum
+    pool's queue has no ``x-max-priority`` (refused): its priority is the broker's."""
+    if pool is not None and pool.queue_type == "quorum":
+        return {"x-queue-type": "quorum"}
     return {"x-queue-type": "classic", "x-max-priority": settings.max_priority}
+
+
+def shared_queue_arguments(settings: Settings) -> dict[str, Any]:
+    """Triage, parking lot and presence: quorum as soon as one pool is (see
+    :mod:`pipeline.broker.quorum`)."""
+    return {"x-queue-type": "quorum" if settings.quorum() else "classic"}
 
 
 def retry_delays(settings: Settings) -> list[int]:
@@ -70,7 +88,8 @@ def retry_delays(settings: Settings) -> list[int]:
 def retry_queue_arguments(settings: Settings, delay_ms: int) -> dict[str, Any]:
     """A tier's TTL is its identity, so it is an argument, not a policy: every message in
     it has the same TTL and expires at the head, in order."""
-    return {"x-queue-type": "classic", "x-message-ttl": delay_ms,
+    kind = QUORUM_QUEUE if settings.quorum() else {"x-queue-type": "classic"}
+    return {**kind, "x-message-ttl": delay_ms,
             "x-dead-letter-exchange": Names(settings.prefix).requests_exchange}
 
 
@@ -84,6 +103,10 @@ def work_policy(settings: Settings, pool: PoolSettings) -> dict[str, Any]:
     }
     if pool.message_ttl_ms is not None:
         definition["message-ttl"] = pool.message_ttl_ms
+    if pool.queue_type == "quorum":
+        definition = quorum_policy_definition(names.dead_letter_exchange,
+                                              pool.max_queue_length, pool.delivery_limit,
+                                              pool.message_ttl_ms)
     return {
         "pattern": f"^{re.escape(names.work_queue(pool.name))}$",
         "apply-to": "queues",
@@ -173,7 +196,7 @@ class Topology:
 def plan(settings: Settings) -> Topology:
     """The topology the settings call for: the single source of apply, export and diff."""
     names = Names(settings.prefix)
-    classic = {"x-queue-type": "classic"}
+    shared = shared_queue_arguments(settings)
     topo = Topology(vhost=settings.vhost)
     topo.exchanges += [
         ExchangeSpec(names.unrouted_exchange, "fanout"),
@@ -186,9 +209,9 @@ def plan(settings: Settings) -> Topology:
     ]
     # Fanout and headers exchanges ignore the routing key: it is the queue's name, as
     # aio-pika binds by default (brokers applied by earlier versions have exactly these).
-    topo.queues += [QueueSpec(names.triage_queue, dict(classic)),
-                    QueueSpec(names.parked_queue, dict(classic)),
-                    QueueSpec(names.workers_queue, dict(classic))]  # presence, never published to
+    topo.queues += [QueueSpec(names.triage_queue, dict(shared)),
+                    QueueSpec(names.parked_queue, dict(shared)),
+                    QueueSpec(names.workers_queue, dict(shared))]  # presence, never published to
     topo.bindings += [
         BindingSpec(names.unrouted_exchange, names.triage_queue, names.triage_queue),
         BindingSpec(names.dead_letter_exchange, names.triage_queue, names.triage_queue),
@@ -200,7 +223,7 @@ def plan(settings: Settings) -> Topology:
                                          {"x-match": "all", H_RETRY_TIER: str(delay)}))
     for pool in settings.pools:
         qname = names.work_queue(pool.name)
-        topo.queues.append(QueueSpec(qname, work_queue_arguments(settings)))
+        topo.queues.append(QueueSpec(qname, work_queue_arguments(settings, pool)))
         topo.bindings += [BindingSpec(names.requests_exchange, qname, model)
                           for model in pool.models]
         topo.owned_routes.append((names.requests_exchange, qname))
@@ -224,6 +247,8 @@ class TopologyReport:
     bindings: list[str] = field(default_factory=list)
     policies: list[str] = field(default_factory=list)
     unbound: list[str] = field(default_factory=list)
+    #: Per quorum pool, the priority semantics the broker's version gives it.
+    priorities: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [f"exchange {name}" for name in self.exchanges]
@@ -231,6 +256,7 @@ class TopologyReport:
         out += [f"binding  {name}" for name in self.bindings]
         out += [f"policy   {name}" for name in self.policies]
         out += [f"unbound  {name} (model no longer in the config)" for name in self.unbound]
+        out += [f"priority {line}" for line in self.priorities]
         return out
 
 
@@ -264,6 +290,14 @@ async def apply_topology(settings: Settings) -> TopologyReport:
     async with connection, ManagementAPI.from_settings(settings, connection=connection) as api:
         # Without the API the queues would be left without their policy: check it first.
         await api.check()
+        # A queue's type never changes in place: a pool switched to (or from) quorum is a
+        # migration the operator runs, never something apply does on the side.
+        refuse_type_changes(type_changes(((q.name, q.arguments) for q in topo.queues),
+                                         await api.list_queues(topo.vhost)))
+        version = broker_identity(connection).version
+        report.priorities = [
+            f"{pool.name} (quorum, RabbitMQ {version or '?'}): {priority_semantics(version)}"
+            for pool in settings.pools if pool.queue_type == "quorum"]
         # Policies first: a work queue created below has its dead-lettering and limits
         # from its first message on.
         for policy in topo.policies:

@@ -31,12 +31,14 @@ def run(args: argparse.Namespace) -> int:
     """Publish the cancels (with confirms); print how many were sent."""
     import asyncio
 
+    from pipeline.broker.connection import tls_context
     from pipeline.broker.names import Names
     from pipeline.cli.common import settings_of
     from pipeline.client.cancel import publish_cancels
 
     settings = settings_of(args)
     sent = asyncio.run(publish_cancels(settings.amqp_url, Names(settings.prefix).cancel_exchange,
-                                       settings.amqp_user, args.correlation_ids))
+                                       settings.amqp_user, args.correlation_ids,
+                                       tls=tls_context(settings)))
     print(f"sent {sent} cancel{'s' if sent != 1 else ''} as user {settings.amqp_user!r}")
     return 0

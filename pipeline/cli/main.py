@@ -33,6 +33,7 @@ GROUPS = (
     "pipeline.cli.demo",
     "pipeline.cli.dlq",
     "pipeline.cli.cancel",
+    "pipeline.cli.gateway",
 )
 #: The entry point group through which other packages add command groups.
 ENTRY_POINTS = "hutch.commands"

@@ -15,11 +15,13 @@ operator's ``hutch cancel``: one short connection, no reply queue.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable, Iterable
 
 import aio_pika
 import aiormq
 
+from pipeline.broker.connection import connect_url
 from pipeline.client.connection import missing_exchange
 from pipeline.observe.log import get_logger
 
@@ -37,11 +39,11 @@ def cancel_message(correlation_id: str, user: str) -> aio_pika.Message:
 
 
 async def publish_cancels(amqp_url: str, exchange: str, user: str,
-                          correlation_ids: Iterable[str]) -> int:
+                          correlation_ids: Iterable[str], *,
+                          tls: ssl.SSLContext | None = None) -> int:
     """Publish one cancel per id (with confirms) as ``user``; how many were confirmed.
     Raises :class:`TopologyError` if the cancel exchange does not exist."""
-    connection = await aio_pika.connect(
-        amqp_url, timeout=10, client_properties={"connection_name": "hutch cancel"})
+    connection = await connect_url(amqp_url, name="hutch cancel", tls=tls)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         try:

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
+import ssl
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -32,41 +31,35 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import DeliveryError
 
 from pipeline import protocol as p
+from pipeline.broker.connection import tls_context
 from pipeline.broker.names import Names
 from pipeline.client.cancel import BackgroundCancels, cancel_message
 from pipeline.client.connection import ClientConnection, ReplyQueue
-from pipeline.client.replies import GRACE_S, Reply, completion_of
+from pipeline.client.messages import chat_body, default_client_id, request_headers
+from pipeline.client.replies import (
+    GRACE_S,
+    RawReply,
+    Reply,
+    ReplyMessage,
+    completion_of,
+    failure_of,
+    header_str,
+)
 from pipeline.client.router import ReplyRouter
 from pipeline.client.stream import ChatStream
-from pipeline.errors import DeadlineExceededError, QueueFullError
+from pipeline.errors import DeadlineExceededError, QueueFullError, TopologyError
 from pipeline.models import ChatCompletion, ChatMessage
 from pipeline.settings import DEFAULT_AMQP_URL, Settings
 
-__all__ = ["ChatStream", "HutchClient", "Reply"]
+__all__ = ["ChatStream", "HutchClient", "RawReply", "Reply"]
 
 #: How long a cancel may take to publish (it waits for a connection, then its confirm).
 _CANCEL_TIMEOUT_S = 10.0
-
-
-def _default_client_id(user: str) -> str:
-    """``<user>.<host>-<pid>-<random>``: under a per-client user (see ``hutch client
-    add``) the reply queue must be named after the user, and this stays unique."""
-    host = socket.gethostname().replace(".", "-")
-    return f"{user}.{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _chat_body(model: str, messages: Sequence[Mapping[str, Any] | ChatMessage],
-               params: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "model": model,
-        "messages": [m.model_dump(exclude_none=True) if isinstance(m, ChatMessage)
-                     else dict(m) for m in messages],
-        **params,
-    }
 
 
 def _cancelled_by_caller() -> bool:
@@ -87,7 +80,7 @@ class HutchClient:
                  temporary_reply_queue: bool = False) -> None:
         self.amqp_url = amqp_url
         self._user = unquote(urlsplit(amqp_url).username or "guest")
-        self.client_id = client_id or _default_client_id(self._user)
+        self.client_id = client_id or default_client_id(self._user)
         self.names = Names(prefix)
         self.reply_queue_name = self.names.reply_queue(self.client_id)
         self._default_timeout_s = default_timeout_s
@@ -106,7 +99,15 @@ class HutchClient:
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> HutchClient:
         kwargs.setdefault("reply_queue_expires_s", settings.reply_queue_expires_s)
-        return cls(settings.amqp_url, prefix=settings.prefix, **kwargs)
+        client = cls(settings.amqp_url, prefix=settings.prefix, **kwargs)
+        client.use_tls(tls_context(settings))
+        client._conn.use_cluster(settings.amqp_nodes(), settings.reply_queue_type)
+        return client
+
+    def use_tls(self, context: ssl.SSLContext | None) -> None:
+        """The TLS context of an ``amqps://`` URL (before :meth:`connect`);
+        :meth:`from_settings` passes the settings' one."""
+        self._conn.tls = context
 
     @property
     def dropped_replies(self) -> int:
@@ -117,6 +118,18 @@ class HutchClient:
     def reconnects(self) -> int:
         """Connections made after the first one (the broker restarted, the network broke)."""
         return self._conn.reconnects
+
+    async def ready(self) -> bool:
+        """Connected now, and the exchange ``<prefix>.requests`` exists (for a readiness
+        probe: a passive declare on a short-lived channel)."""
+        if not self._conn.up:
+            return False
+        try:
+            async with asyncio.timeout(5):
+                await self._conn.check_exchange(self.names.requests_exchange)
+        except (TopologyError, TimeoutError, ConnectionError, aiormq.exceptions.AMQPError):
+            return False
+        return True
 
     async def __aenter__(self) -> HutchClient:
         await self.connect()
@@ -153,10 +166,15 @@ class HutchClient:
         return timeout_s
 
     def _request_message(self, payload: bytes, correlation_id: str, priority: int,
-                         timeout_s: float) -> aio_pika.Message:
+                         timeout_s: float, extra: Mapping[str, Any] | None = None
+                         ) -> aio_pika.Message:
         if not 0 <= priority <= 255:
             raise ValueError(f"priority must be in 0..255, got {priority}")
         sent_ms = p.now_ms()
+        headers: dict[str, Any] = {p.H_SENT_AT: sent_ms,
+                                   p.H_DEADLINE: sent_ms + int(timeout_s * 1000)}
+        if extra:
+            headers.update(extra)
         return aio_pika.Message(
             payload,
             content_type="application/json",
@@ -167,7 +185,7 @@ class HutchClient:
             expiration=timeout_s,
             timestamp=time.time(),
             user_id=self._user,
-            headers={p.H_SENT_AT: sent_ms, p.H_DEADLINE: sent_ms + int(timeout_s * 1000)},
+            headers=headers,
         )
 
     async def _publish_request(self, message: aio_pika.Message, model: str,
@@ -197,21 +215,25 @@ class HutchClient:
             raise
 
     async def submit(self, body: Mapping[str, Any] | bytes, *, model: str, priority: int = 0,
-                     timeout: float | None = None) -> str:
+                     timeout: float | None = None, endpoint: p.Endpoint | None = None,
+                     headers: Mapping[str, Any] | None = None) -> str:
         """Publish one request and return its correlation id; :meth:`result` awaits it.
 
         Keep the id to claim the reply later, even from a new process: replies wait in the
         durable reply queue of this ``client_id`` while no client consumes it.
         ``timeout`` (seconds) is the request's deadline: it may wait in the queue that long
         (``expiration``) and the worker will not start it after that. Raises
-        :class:`QueueFullError` at once if the broker refuses it.
+        :class:`QueueFullError` at once if the broker refuses it. ``endpoint``: the
+        OpenAI endpoint the body is for (default chat completions); ``headers``: more
+        AMQP headers (``x-hutch-user``, which workers believe from trusted users only).
         """
         if not self._conn.connected:
             raise RuntimeError("HutchClient is not connected: use `async with` or connect()")
         timeout_s = self._timeout(timeout)
         payload = body if isinstance(body, bytes) else json.dumps(body).encode()
         correlation_id = uuid.uuid4().hex
-        message = self._request_message(payload, correlation_id, priority, timeout_s)
+        message = self._request_message(payload, correlation_id, priority, timeout_s,
+                                        request_headers(endpoint, headers))
         # Registered before publishing: the reply may arrive before publish() returns.
         self._router.expect(correlation_id)
         self._sent[correlation_id] = (time.monotonic(), timeout_s)
@@ -236,6 +258,24 @@ class HutchClient:
         stream = self._router.stream(correlation_id)
         if stream is not None:  # a streaming request: its final answer
             return await stream.reply()
+        started = self._sent.get(correlation_id, (time.monotonic(), 0.0))[0]
+        reply = await self._final(correlation_id, timeout)
+        return Reply(completion_of(reply), correlation_id, dict(reply.headers or {}),
+                     time.monotonic() - started)
+
+    async def result_raw(self, correlation_id: str, *, timeout: float | None = None
+                         ) -> RawReply:
+        """:meth:`result` for any endpoint: the reply's body as the backend sent it
+        (a ``chat.completion``, ``text_completion`` or embeddings ``list``), unparsed."""
+        started = self._sent.get(correlation_id, (time.monotonic(), 0.0))[0]
+        reply = await self._final(correlation_id, timeout)
+        if header_str(reply, p.H_OUTCOME) != "ok":
+            raise failure_of(reply.body)
+        return RawReply(reply.body, correlation_id, dict(reply.headers or {}),
+                        time.monotonic() - started)
+
+    async def _final(self, correlation_id: str, timeout: float | None) -> ReplyMessage:
+        """The final message of a plain request (see :meth:`result`)."""
         started, deadline_s = self._sent.get(correlation_id, (time.monotonic(), None))
         if timeout is None:
             base = deadline_s if deadline_s is not None else self._default_timeout_s
@@ -257,8 +297,7 @@ class HutchClient:
                     raise
         finally:
             self._forget(correlation_id, cancel=gave_up)
-        return Reply(completion_of(reply), correlation_id, dict(reply.headers or {}),
-                     time.monotonic() - started)
+        return reply
 
     async def request(self, body: Mapping[str, Any] | bytes, *, model: str, priority: int = 0,
                       timeout: float | None = None) -> Reply:
@@ -272,7 +311,7 @@ class HutchClient:
                    priority: int = 0, timeout: float | None = None,
                    **params: Any) -> ChatCompletion:
         """An OpenAI-style chat completion through Hutch; extra ``params`` go to the backend."""
-        reply = await self.request(_chat_body(model, messages, params), model=model,
+        reply = await self.request(chat_body(model, messages, params), model=model,
                                    priority=priority, timeout=timeout)
         return reply.completion
 
@@ -284,20 +323,32 @@ class HutchClient:
         """A streamed chat completion (``"stream": true``): use it as ``async with`` (or
         iterate it directly); see :class:`ChatStream`. ``timeout`` bounds the start (queue
         wait and first chunk), ``idle_timeout`` (default: ``timeout``) each later gap."""
-        timeout_s = self._timeout(timeout)
-        body = _chat_body(model, messages, {**params, "stream": True})
-        return ChatStream(self, body, model=model, priority=priority, timeout_s=timeout_s,
-                          idle_timeout_s=self._timeout(idle_timeout or timeout_s),
-                          max_buffered=self.stream_buffer)
+        body = chat_body(model, messages, {**params, "stream": True})
+        return self.stream_body(body, model=model, priority=priority, timeout=timeout,
+                                idle_timeout=idle_timeout)
 
-    async def start_stream(self, stream: ChatStream, body: Mapping[str, Any], *, model: str,
-                           priority: int, timeout_s: float) -> str:
+    def stream_body(self, body: Mapping[str, Any] | bytes, *, model: str, priority: int = 0,
+                    timeout: float | None = None, idle_timeout: float | None = None,
+                    headers: Mapping[str, Any] | None = None) -> ChatStream:
+        """:meth:`chat_stream` for a body as written (a mapping, or JSON bytes with
+        ``"stream": true``); ``headers`` as for :meth:`submit`."""
+        timeout_s = self._timeout(timeout)
+        stream = ChatStream(self, body, model=model, priority=priority, timeout_s=timeout_s,
+                            idle_timeout_s=self._timeout(idle_timeout or timeout_s),
+                            max_buffered=self.stream_buffer)
+        stream.request_headers = headers
+        return stream
+
+    async def start_stream(self, stream: ChatStream, body: Mapping[str, Any] | bytes, *,
+                           model: str, priority: int, timeout_s: float,
+                           headers: Mapping[str, Any] | None = None) -> str:
         """Register ``stream`` with the router and publish its request (for ChatStream)."""
         if not self._conn.connected:
             raise RuntimeError("HutchClient is not connected: use `async with` or connect()")
         correlation_id = uuid.uuid4().hex
-        message = self._request_message(json.dumps(body).encode(), correlation_id,
-                                        priority, timeout_s)
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+        message = self._request_message(payload, correlation_id, priority, timeout_s,
+                                        request_headers(None, headers))
         stream.correlation_id = correlation_id
         self._router.expect_stream(correlation_id, stream)
         await self._publish_request(message, model, timeout_s)

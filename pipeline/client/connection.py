@@ -14,9 +14,10 @@ interval, with how many were suppressed).
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -30,6 +31,7 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import DeliveryError
 
+from pipeline.broker.connection import connect_urls
 from pipeline.errors import TopologyError
 from pipeline.observe.log import EventLogger, get_logger
 
@@ -79,6 +81,8 @@ class ReplyQueue:
     name: str
     expires_ms: int
     temporary: bool = False
+    #: ``quorum``: replicated over a cluster, so replies survive a node's loss.
+    queue_type: str = "classic"
 
     async def declare(self, channel: AbstractChannel) -> aio_pika.abc.AbstractQueue:
         if self.temporary:
@@ -87,7 +91,7 @@ class ReplyQueue:
                 arguments={"x-queue-type": "classic"})
         return await channel.declare_queue(
             self.name, durable=True,
-            arguments={"x-queue-type": "classic", "x-expires": self.expires_ms})
+            arguments={"x-queue-type": self.queue_type, "x-expires": self.expires_ms})
 
 
 OnReply = Callable[[AbstractIncomingMessage], Awaitable[None]]
@@ -99,6 +103,11 @@ class ClientConnection:
     def __init__(self, amqp_url: str, *, name: str, reply_queue: ReplyQueue,
                  on_reply: OnReply, prefetch: int, required_exchange: str) -> None:
         self.amqp_url = amqp_url
+        #: The TLS context of an amqps:// URL (set before connect()).
+        self.tls: ssl.SSLContext | None = None
+        #: Every node of the cluster, tried in turn from the one after the last reached.
+        self.nodes = [amqp_url]
+        self._node = -1
         self._name = name
         self._reply_queue = reply_queue
         self._on_reply = on_reply
@@ -114,17 +123,28 @@ class ClientConnection:
         #: Connections made after the first one (the broker restarted or the network broke).
         self.reconnects = 0
 
+    def use_cluster(self, nodes: list[str], reply_queue_type: str) -> None:
+        """Connect to any of ``nodes``; declare a durable reply queue of that type."""
+        self.nodes = list(nodes)
+        if not self._reply_queue.temporary:
+            self._reply_queue = replace(self._reply_queue, queue_type=reply_queue_type)
+
     @property
     def connected(self) -> bool:
         return self._supervisor is not None
+
+    @property
+    def up(self) -> bool:
+        """A connection is open now (False while reconnecting)."""
+        return self._ready.is_set()
 
     async def connect(self) -> None:
         await self._open()
         self._supervisor = asyncio.create_task(self._supervise())
 
     async def _open(self) -> None:
-        connection = await aio_pika.connect(
-            self.amqp_url, timeout=10, client_properties={"connection_name": self._name})
+        connection, self._node = await connect_urls(self.nodes, name=self._name, tls=self.tls,
+                                                    start=self._node + 1)
         try:
             await self._check_exchange(connection, self._required)
             channel = await connection.channel(publisher_confirms=True)

@@ -21,6 +21,7 @@ from pipeline.models import ChatCompletion, ErrorReply
 
 __all__ = [
     "GRACE_S",
+    "RawReply",
     "Reply",
     "ReplyMessage",
     "completion_of",
@@ -66,6 +67,16 @@ class Reply:
     def backend(self) -> str | None:
         value = self.headers.get(p.H_BACKEND)
         return str(value) if value is not None else None
+
+
+@dataclass(frozen=True)
+class RawReply:
+    """A successful reply of any endpoint: its body unparsed, as the backend sent it."""
+
+    body: bytes
+    correlation_id: str = ""
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    latency_s: float = 0.0
 
 
 def header_str(message: ReplyMessage, name: str) -> str | None:

@@ -43,8 +43,9 @@ __all__ = ["ChatStream", "StreamHost"]
 class StreamHost(Protocol):
     """What a stream needs of its client."""
 
-    async def start_stream(self, stream: ChatStream, body: Mapping[str, Any], *, model: str,
-                           priority: int, timeout_s: float) -> str:
+    async def start_stream(self, stream: ChatStream, body: Mapping[str, Any] | bytes, *,
+                           model: str, priority: int, timeout_s: float,
+                           headers: Mapping[str, Any] | None = None) -> str:
         """Register ``stream`` and publish its request; its correlation id."""
 
     def end_stream(self, correlation_id: str, *, cancel: str | None) -> None:
@@ -98,16 +99,20 @@ class ChatStream:
     """One streamed chat request (see the module's docstring). Made by
     ``HutchClient.chat_stream``; published when its block is entered or iterated."""
 
-    def __init__(self, host: StreamHost, body: Mapping[str, Any], *, model: str,
+    def __init__(self, host: StreamHost, body: Mapping[str, Any] | bytes, *, model: str,
                  priority: int, timeout_s: float, idle_timeout_s: float,
                  max_buffered: int) -> None:
         self._host = host
         self._body = body
+        #: More AMQP headers for the request (set before it is published).
+        self.request_headers: Mapping[str, Any] | None = None
         self._model, self._priority, self._timeout_s = model, priority, timeout_s
         self._idle_timeout_s = idle_timeout_s
         self._inbox = _Inbox(max_buffered)
         self._assembly = Assembly(max_held=max_buffered)
         self._final_headers: Mapping[str, Any] = {}
+        #: The headers of the last message received (which backend, attempts, ...).
+        self.headers: Mapping[str, Any] = {}
         self._start: asyncio.Task[str] | None = None
         self._started_at = 0.0
         self._got_any = False
@@ -124,9 +129,11 @@ class ChatStream:
         """Publish the request (once); its correlation id."""
         if self._start is None:
             self._started_at = time.monotonic()
+            # ``headers`` only when set: a host may not take them (the protocol's default).
+            extra = {} if self.request_headers is None else {"headers": self.request_headers}
             self._start = asyncio.ensure_future(self._host.start_stream(
                 self, self._body, model=self._model, priority=self._priority,
-                timeout_s=self._timeout_s))
+                timeout_s=self._timeout_s, **extra))
         # Not shielded: cancelling the caller cancels the publish (the host then cancels
         # the request, in case it went out).
         self.correlation_id = await self._start
@@ -165,6 +172,7 @@ class ChatStream:
             self._feed(await self._receive())
 
     def _feed(self, message: ReplyMessage) -> None:
+        self.headers = message.headers or {}
         if not is_chunk(message):
             self._final_headers = dict(message.headers or {})
         self._assembly.feed(message)

@@ -87,9 +87,13 @@ class Assembler:
         #: Characters of ``content`` seen so far (what a client has been sent).
         self.content_chars = 0
         self.chunks = 0
+        self._output_parts = 0  # chunks with tool calls or a refusal
 
-    def add(self, chunk: dict[str, Any]) -> None:
+    def add(self, chunk: dict[str, Any]) -> bool:
+        """Fold one chunk in; True if it carried generated output (content, a refusal or
+        a tool call), not only a role or a finish reason."""
         self.chunks += 1
+        before = (self.content_chars, self._output_parts)
         if self.chunks == 1:
             self._head = {k: v for k, v in chunk.items() if k not in _CHUNK_ONLY}
         usage = chunk.get("usage")
@@ -103,6 +107,10 @@ class Assembler:
             index = index if isinstance(index, int) else 0
             assembled = self._choices.setdefault(index, _Choice(index))
             self.content_chars += assembled.add(choice)
+            delta = choice.get("delta")
+            if isinstance(delta, dict) and (delta.get("tool_calls") or delta.get("refusal")):
+                self._output_parts += 1
+        return (self.content_chars, self._output_parts) != before
 
     @property
     def started(self) -> bool:

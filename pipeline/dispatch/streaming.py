@@ -35,8 +35,7 @@ async def _relay(reader: SSEReader, assembler: Assembler, sink: StreamSink,
     loop = asyncio.get_running_loop()
     first = True
     async for raw, chunk in reader.events():
-        assembler.add(chunk)
-        await sink.add(raw)
+        await sink.add(raw, content=assembler.add(chunk))
         watchdog.reschedule(loop.time() + idle_timeout_s)
         if first:
             first = False

@@ -17,8 +17,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
-import aio_pika
-
+from pipeline.broker.connection import connect
 from pipeline.broker.management import ManagementAPI
 from pipeline.client.client import HutchClient
 from pipeline.errors import OperationError, RequestFailed
@@ -174,7 +173,7 @@ async def remove_demo_topology(prefix: str) -> str:
                      if e["name"].startswith(mine)]
         for policy in policies:
             await api.delete_policy(vhost, policy)
-    async with await aio_pika.connect(settings.amqp_url, timeout=10) as connection:
+    async with await connect(settings, name="hutch demo") as connection:
         channel = await connection.channel()
         for queue in queues:
             await channel.queue_delete(queue)

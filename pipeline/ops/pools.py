@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection
 
+from pipeline.broker.connection import connect
 from pipeline.broker.names import Names
 from pipeline.errors import TopologyError
 from pipeline.settings import Settings
@@ -41,8 +41,7 @@ class PoolState:
 
 
 async def _connect(settings: Settings) -> AbstractConnection:
-    return await aio_pika.connect(settings.amqp_url, timeout=10,
-                                  client_properties={"connection_name": "hutch pool"})
+    return await connect(settings, name="hutch pool")
 
 
 async def _exists(connection: AbstractConnection, queue: str) -> bool:

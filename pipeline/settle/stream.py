@@ -48,18 +48,25 @@ class StreamSink:
         self._timer: asyncio.Task[None] | None = None
         #: An error of a timed flush, raised by the next add() or flush().
         self._failed: BaseException | None = None
+        #: Whether a chunk with generated output went out (time to first token).
+        self._content_sent = False
 
     @property
     def started(self) -> bool:
         """Whether any chunk was published (retrying would splice two answers)."""
         return self._delivery.stream is not None
 
-    async def add(self, raw_chunk: str) -> None:
-        """Queue one ``chat.completion.chunk`` (its JSON text, as the backend sent it)."""
+    async def add(self, raw_chunk: str, *, content: bool = True) -> None:
+        """Queue one ``chat.completion.chunk`` (its JSON text, as the backend sent it).
+        ``content``: whether it carries generated output. Until the first one that does
+        has gone out, every chunk goes out at once (servers send a role-only chunk first:
+        the first token must not wait a window behind it)."""
         self._raise_failure()
         self._waiting.append(raw_chunk)
+        urgent = not self._content_sent
+        self._content_sent = self._content_sent or content
         due = self._last_flush + self._window_s - time.monotonic()
-        if due <= 0 or len(self._waiting) >= self._max_chunks:
+        if urgent or due <= 0 or len(self._waiting) >= self._max_chunks:
             await self.flush()
         elif self._timer is None:
             self._timer = asyncio.create_task(self._flush_in(due))

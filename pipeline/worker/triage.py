@@ -30,6 +30,7 @@ _CODE = {
     p.ParkReason.DEADLINE_EXCEEDED: p.ErrorCode.DEADLINE_EXCEEDED,
     p.ParkReason.QUEUE_FULL: p.ErrorCode.QUEUE_FULL,
     p.ParkReason.REJECTED: p.ErrorCode.BACKEND_ERROR,
+    p.ParkReason.DELIVERY_LIMIT: p.ErrorCode.BACKEND_ERROR,
 }
 
 
@@ -65,6 +66,9 @@ def triage_failure(headers: Mapping[str, Any], routing_key: str | None,
     elif reason is p.ParkReason.QUEUE_FULL:
         message = (f"queue {queue!r} is full (its max-length policy refused the request); "
                    "retry later or at a lower rate")
+    elif reason is p.ParkReason.DELIVERY_LIMIT:
+        message = (f"quorum queue {queue!r} gave up on the request after its delivery-limit "
+                   "of hand-backs (backends throttled, paused or failing, or workers dying)")
     else:
         message = f"the request was rejected by a consumer of queue {queue!r}"
     return Failure(reason, _CODE[reason], message), pool

@@ -28,6 +28,8 @@ from pipeline.testing.mock.chat import (
     retry_after_header,
 )
 from pipeline.testing.mock.config import MockConfig
+from pipeline.testing.mock.endpoints import PATHS
+from pipeline.testing.mock.endpoints import handler as endpoint_handler
 from pipeline.testing.mock.faults import Fault, FaultDice
 from pipeline.testing.mock.stats import Counters
 from pipeline.testing.mock.stream import (
@@ -215,6 +217,8 @@ class MockBackend:
 
         app = web.Application(middlewares=[openai_errors])
         app.router.add_post("/v1/chat/completions", self._handle_chat)
+        for path in PATHS:  # /v1/completions, /v1/embeddings
+            app.router.add_post(path, endpoint_handler(self))
         app.router.add_get("/v1/models", self._handle_models)
         app.router.add_get("/stats", self._handle_stats)
         app.router.add_post("/stats/reset", self._handle_stats_reset)
@@ -250,8 +254,12 @@ class MockBackend:
         return self._complete(chat, request_id)
 
     def _completion_id(self) -> str:
+        return self.next_id("chatcmpl-mock")
+
+    def next_id(self, kind: str) -> str:
+        """A fresh answer id, ``<kind>-<n>``."""
         self._next_id += 1
-        return f"chatcmpl-mock-{self._next_id}"
+        return f"{kind}-{self._next_id}"
 
     def _complete(self, chat: ChatRequest, request_id: str | None) -> web.Response:
         response = completion(chat, reply_for(chat, self.config.reply_tokens),

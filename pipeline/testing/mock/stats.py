@@ -42,6 +42,9 @@ class Counters:
         self.max_in_flight = self.in_service + self.waiting
         self.served_ids: deque[str] = deque(maxlen=self.ids_kept)
         self.aborted_ids: deque[str] = deque(maxlen=self.ids_kept)
+        # When each kept abort was seen (time.monotonic(): CLOCK_MONOTONIC, one clock for
+        # every process on a Linux machine), so a benchmark can time a cancel's arrival.
+        self.aborted_at: deque[tuple[str, float]] = deque(maxlen=self.ids_kept)
         # Utilisation: slot-seconds in service, integrated at every change of in_service.
         self._busy_slot_s = 0.0
         self._busy_mark = time.monotonic()
@@ -80,6 +83,7 @@ class Counters:
         self.aborted += 1
         if request_id is not None:
             self.aborted_ids.append(request_id)
+            self.aborted_at.append((request_id, time.monotonic()))
 
     def snapshot(self) -> dict[str, Any]:
         """The counters as ``GET /stats`` shows them (without the configuration)."""
@@ -99,6 +103,7 @@ class Counters:
             "elapsed_s": round(self._busy_mark - self._since, 6),
             "served_ids": list(self.served_ids),
             "aborted_ids": list(self.aborted_ids),
+            "aborted_at": dict(self.aborted_at),
             "faults": {"failed": self.failed, "throttled": self.throttled, "hung": self.hung,
                        "cut": self.cut, "malformed": self.malformed, "stalled": self.stalled},
         }

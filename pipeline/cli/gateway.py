@@ -1,0 +1,74 @@
+"""``hutch gateway``: the OpenAI-compatible HTTP gateway in front of the queue."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.cli.common import Subparsers, add_config, settings_of
+
+__all__ = ["register", "run"]
+
+
+def register(sub: Subparsers) -> None:
+    """Add ``gateway``."""
+    gateway = sub.add_parser(
+        "gateway", help="run the OpenAI-compatible HTTP gateway (any OpenAI client, any "
+        "SDK: change only its base_url)")
+    add_config(gateway, required=False)
+    gateway.add_argument("--host", default=None,
+                         help="address to listen on (default: [gateway] host, 127.0.0.1)")
+    gateway.add_argument("--port", type=int, default=None,
+                         help="port to listen on (default: [gateway] port, 8080)")
+    gateway.add_argument("--metrics-port", type=int, default=None,
+                         help="serve Prometheus metrics on this port")
+    gateway.add_argument("--replica-id", default=None,
+                         help="this replica's name in its reply queue (default: "
+                              "host-pid-random)")
+    gateway.add_argument("--log-level", default="INFO")
+    gateway.add_argument("--hash-key", action="store_true",
+                         help="read an API key from stdin, print its key_hash for "
+                              "[[gateway.keys]], and exit")
+    gateway.set_defaults(func=run)
+
+
+def _hash_key() -> int:
+    import sys
+
+    from pipeline.gateway.auth import hash_key
+
+    key = sys.stdin.readline().strip()
+    if not key:
+        print("hutch gateway --hash-key: no key on stdin", file=sys.stderr)
+        return 2
+    print(f'key_hash = "{hash_key(key)}"')
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT."""
+    if args.hash_key:
+        return _hash_key()
+    import asyncio
+    import signal
+
+    from pipeline.gateway.server import GatewayServer
+    from pipeline.observe.log import configure_logging
+    from pipeline.settings import load_settings
+
+    settings = settings_of(args) if args.config else load_settings()
+    configure_logging(args.log_level)
+    server = GatewayServer(settings, host=args.host, port=args.port,
+                           replica_id=args.replica_id)
+    if args.metrics_port is not None:
+        server.serve_metrics(args.metrics_port)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with server:
+            await stop.wait()
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,165 @@
+"""An HTTP request checked and turned into a call on the queue.
+
+Everything a client can get wrong is refused here, before anything is published, with
+the status an OpenAI client expects: a missing or wrong key (401), a body that is not
+JSON (415 for another content type, 400 for bad JSON), too large (413, judged by
+``Content-Length`` before reading, or while reading a chunked body), or too slow to arrive
+(408), a model no pool serves (404), a bad priority or deadline header (400).
+
+Priority: the ``x-hutch-priority`` header, else a ``priority`` field in the body (as vLLM
+accepts; in Hutch's scale, 0 lowest), else the client's default; clamped to the client's
+ceiling. The body's ``priority`` field is removed before publishing (a backend with
+``send_priority`` gets vLLM's own, mapped, from the worker). Deadline: ``x-hutch-timeout``
+(seconds), else the client's default, else the gateway's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from pipeline import protocol as p
+from pipeline.errors import GatewayRefusal
+from pipeline.gateway.auth import Client, KeyRing
+from pipeline.gateway.settings import GatewaySettings
+
+__all__ = ["H_PRIORITY", "H_TIMEOUT", "Call", "CallReader", "refusal"]
+
+#: Request headers a caller may set.
+H_PRIORITY = "x-hutch-priority"
+H_TIMEOUT = "x-hutch-timeout"
+
+
+def refusal(status: int, message: str, *, code: str = "invalid_request",
+            type: str = "invalid_request_error") -> GatewayRefusal:
+    """The error the gateway answers itself with HTTP ``status``."""
+    return GatewayRefusal(message, code=code, type=type, status=status)
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One checked request, ready to publish."""
+
+    endpoint: p.Endpoint
+    model: str
+    body: bytes
+    stream: bool
+    priority: int
+    timeout_s: float
+    client: Client
+
+
+def _number(text: str, name: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise refusal(400, f"header {name} must be a number, got {text[:40]!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise refusal(400, f"header {name} must be a finite number")
+    return value
+
+
+def _asked_priority(request: web.Request, body: dict[str, Any]) -> int | None:
+    header = request.headers.get(H_PRIORITY)
+    field = body.pop("priority", None)
+    if header is not None:
+        value = _number(header, H_PRIORITY)
+        if not value.is_integer():
+            raise refusal(400, f"header {H_PRIORITY} must be an integer")
+        return int(value)
+    if field is None:
+        return None
+    if isinstance(field, bool) or not isinstance(field, int):
+        raise refusal(400, "'priority' must be an integer")
+    return field
+
+
+class CallReader:
+    """Reads calls for one gateway: its keys, limits and models."""
+
+    def __init__(self, settings: GatewaySettings, keys: KeyRing, *, max_body_bytes: int,
+                 models: Collection[str]) -> None:
+        self._settings = settings
+        self._keys = keys
+        self._max_body = max_body_bytes
+        self._models = frozenset(models)
+
+    def client(self, request: web.Request) -> Client:
+        """The caller, or 401."""
+        client = self._keys.client(request.headers.get("Authorization"))
+        if client is None:
+            raise refusal(401, "missing or invalid API key: send `Authorization: Bearer "
+                          "<key>`", code="invalid_api_key")
+        return client
+
+    async def _body(self, request: web.Request) -> tuple[bytes, dict[str, Any]]:
+        if request.content_type != "application/json":
+            raise refusal(415, f"Content-Type must be application/json, got "
+                          f"{request.content_type!r}", code="unsupported_media_type")
+        if request.content_length is not None and request.content_length > self._max_body:
+            raise refusal(413, f"request body of {request.content_length} bytes is over the "
+                          f"limit of {self._max_body}", code="request_too_large")
+        try:
+            async with asyncio.timeout(self._settings.body_timeout_s):
+                raw = await request.read()
+        except TimeoutError:
+            raise refusal(408, f"the request body did not arrive within "
+                          f"{self._settings.body_timeout_s:g}s", code="request_timeout"
+                          ) from None
+        except web.HTTPRequestEntityTooLarge:
+            raise refusal(413, f"request body is over the limit of {self._max_body} bytes",
+                          code="request_too_large") from None
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise refusal(400, f"request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise refusal(400, "request body must be a JSON object")
+        return raw, body
+
+    def _timeout(self, request: web.Request, client: Client) -> float:
+        header = request.headers.get(H_TIMEOUT)
+        if header is None:
+            return client.timeout_s or self._settings.default_timeout_s
+        value = _number(header, H_TIMEOUT)
+        if not 0 < value <= self._settings.max_timeout_s:
+            raise refusal(400, f"header {H_TIMEOUT} must be within 0 (excluded) .. "
+                          f"{self._settings.max_timeout_s:g} seconds")
+        return value
+
+    def _model(self, body: dict[str, Any]) -> str:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise refusal(400, "'model' is required and must be a string")
+        if self._models and model not in self._models:
+            raise refusal(404, f"the model {model!r} does not exist",
+                          code="model_not_found")
+        return model
+
+    async def read(self, request: web.Request, endpoint: p.Endpoint) -> Call:
+        """Check ``request`` for ``endpoint`` and make its call (or raise the refusal)."""
+        client = self.client(request)
+        raw, body = await self._body(request)
+        stream = self._stream(body, endpoint)
+        had_priority = "priority" in body
+        asked = _asked_priority(request, body)
+        model = self._model(body)
+        if had_priority:  # published without it: the body as the backend should see it
+            raw = json.dumps(body, separators=(",", ":")).encode()
+        return Call(endpoint, model, raw, stream, client.priority(asked),
+                    self._timeout(request, client), client)
+
+    @staticmethod
+    def _stream(body: dict[str, Any], endpoint: p.Endpoint) -> bool:
+        stream = body.get("stream", False)
+        if stream is not None and not isinstance(stream, bool):
+            raise refusal(400, "'stream' must be a boolean")
+        if stream and endpoint is not p.Endpoint.CHAT:
+            raise refusal(400, f"streaming is served for chat completions only, not "
+                          f"{endpoint.value}")
+        return bool(stream)

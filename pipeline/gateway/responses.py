@@ -1,0 +1,108 @@
+"""Replies and errors as the OpenAI API answers them: status codes, bodies, SSE events.
+
+Error bodies have OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``), so
+the SDKs raise their usual exception classes; the status follows the wire contract's code:
+
+============================  ======  ==============================================
+code                          status  note
+============================  ======  ==============================================
+``queue_full``                429     with ``Retry-After``
+``unknown_model``             404     code ``model_not_found``, as OpenAI names it
+``invalid_request``           400     (the gateway's own refusals carry their status)
+``deadline_exceeded``         504
+``backend_error``             502     the backend's status in the body (``status``)
+``stream_interrupted``        502
+``cancelled``                 503     an operator cancelled it (the gateway cancels
+                                      only for clients that are gone)
+``internal_error``            500
+============================  ======  ==============================================
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from pipeline import protocol as p
+from pipeline.errors import GatewayRefusal, RequestFailed
+from pipeline.models import ChatCompletionChunk
+
+__all__ = [
+    "DONE",
+    "H_REQUEST_ID",
+    "error_body",
+    "error_response",
+    "reply_headers",
+    "sse_chunk",
+    "sse_error",
+    "status_of",
+]
+
+H_REQUEST_ID = "x-request-id"
+#: The last event of a stream that ended well.
+DONE = b"data: [DONE]\n\n"
+
+_STATUS: dict[str, int] = {
+    p.ErrorCode.QUEUE_FULL: 429,
+    p.ErrorCode.UNKNOWN_MODEL: 404,
+    p.ErrorCode.INVALID_REQUEST: 400,
+    p.ErrorCode.DEADLINE_EXCEEDED: 504,
+    p.ErrorCode.BACKEND_ERROR: 502,
+    p.ErrorCode.STREAM_INTERRUPTED: 502,
+    p.ErrorCode.CANCELLED: 503,
+}
+#: Reply headers passed on to the HTTP response (the worker's names).
+_PASSED = (p.H_QUEUE_WAIT_MS, p.H_BACKEND, p.H_BACKEND_MS, p.H_ATTEMPTS, p.H_POOL)
+
+
+def status_of(error: RequestFailed) -> int:
+    """The HTTP status of an error."""
+    if isinstance(error, GatewayRefusal) and error.status is not None:
+        return error.status
+    return _STATUS.get(error.code, 500)
+
+
+def error_body(error: RequestFailed) -> dict[str, Any]:
+    """The OpenAI-shaped body of an error."""
+    code = "model_not_found" if error.code == p.ErrorCode.UNKNOWN_MODEL else error.code
+    detail: dict[str, Any] = {"message": error.message, "type": error.type, "param": None,
+                              "code": code}
+    if error.status is not None and not isinstance(error, GatewayRefusal):
+        detail["status"] = error.status  # the backend's HTTP status
+    return {"error": detail}
+
+
+def error_response(error: RequestFailed, *, correlation_id: str | None,
+                   retry_after_s: int) -> web.Response:
+    """The HTTP answer of an error."""
+    status = status_of(error)
+    headers = {} if correlation_id is None else {H_REQUEST_ID: correlation_id}
+    if status == 429:
+        headers["Retry-After"] = str(retry_after_s)
+    return web.json_response(error_body(error), status=status, headers=headers)
+
+
+def reply_headers(correlation_id: str, headers: Mapping[str, Any]) -> dict[str, str]:
+    """Response headers of an answer: the request id and what the worker reported."""
+    out = {H_REQUEST_ID: correlation_id}
+    for name in _PASSED:
+        value = headers.get(name)
+        if value is not None:
+            out[name] = value.decode() if isinstance(value, bytes) else str(value)
+    return out
+
+
+def sse_chunk(chunk: ChatCompletionChunk) -> bytes:
+    """One ``data:`` event: the chunk as the backend sent it (fields it did not send stay
+    out; the assembly's own catch-up chunk gets its ``object``)."""
+    data = chunk.model_dump(exclude_unset=True)
+    data.setdefault("object", "chat.completion.chunk")
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+def sse_error(error: RequestFailed) -> bytes:
+    """The event of a stream that failed after it started (the SDKs raise on it)."""
+    return b"data: " + json.dumps(error_body(error)).encode() + b"\n\n"
