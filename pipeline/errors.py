@@ -241,18 +241,23 @@ class TerminalStatusError(TerminalError):
 
 
 class RequestFailed(HutchError):
-    """A request ended in an error reply. ``code`` is the wire contract's error code."""
+    """A request ended in an error reply. ``code`` is the wire contract's error code;
+    ``param`` and ``backend`` (the backend's own ``type``, ``code``, ``param``) are what
+    the backend said, kept so a client (or the HTTP gateway's answer) can act on them."""
 
     code = "internal_error"
 
     def __init__(self, message: str, *, code: str | None = None, type: str | None = None,
-                 status: int | None = None) -> None:
+                 status: int | None = None, param: str | int | None = None,
+                 backend: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
         self.type = type or "hutch_error"
         self.status = status
+        self.param = param
+        self.backend = backend
 
 
 class QueueFullError(RequestFailed):

@@ -18,8 +18,10 @@ import httpx
 import pytest
 
 from pipeline.bench.cli import parse, run_scenario, scenario_options
+from pipeline.bench.cluster_nodes import NODES_DIR
 from pipeline.bench.plots import plot_report
 from pipeline.bench.report import RequestRecord, latency_series
+from pipeline.bench.scenarios.cluster import answer_timeline, failover_times, layout
 from pipeline.bench.scenarios.common import utilisation
 from pipeline.bench.scenarios.overload import OverloadOptions
 from pipeline.settings import load_settings
@@ -111,6 +113,33 @@ async def test_overhead_scenario(amqp_url: str, tmp_path: Path,
     assert "max sustained throughput" in text
 
 
+@pytest.mark.timeout(120)
+async def test_streaming_scenario(amqp_url: str, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    report, text = await _run(amqp_url, tmp_path, monkeypatch, "streaming")
+    for name in ("direct", "relay", "hutch"):
+        light = report["light_load"][name]
+        assert light["completed"] == light["streams"] == 10 and light["errors"] == {}
+        assert 0 < light["ttft_ms"]["p50"] <= light["ttft_ms"]["p99"]
+        rows = report["stream_sweep"][name]
+        assert [r["concurrency"] for r in rows][:1] == [4]
+        assert all(r["tokens"] == 20 * r["completed"] for r in rows if not r["errors"])
+        brokered = name != "direct"
+        assert all((r["messages_per_s"] is not None) == brokered for r in rows)
+        assert all((r["worker_cpu_ms_per_1k_tokens"] or 1) > 0 for r in rows)
+    # Chunk messages are coalesced: never more than one per token (plus the role chunk).
+    for row in report["stream_sweep"]["hutch"]:
+        assert 0 < row["messages_per_s"] <= row["tokens_per_s"] * 1.1 + 5
+    assert set(report["added_ttft_ms"]) == {"p50", "p99"}
+    for name in ("direct", "hutch"):
+        cancel = report["cancel"][name]
+        assert cancel["cancelled"] == cancel["seen_by_backend"] == 6
+        assert 0 < cancel["latency_ms"]["p50"] < 5000
+    assert len(report["targets"]) == 4
+    assert (tmp_path / "plots" / "streaming-streams.png").read_bytes().startswith(PNG)
+    assert "max sustained: hutch" in text and "cancel -> backend abort" in text
+
+
 def test_options_come_from_defaults_quick_and_flags() -> None:
     assert scenario_options(parse(["scenario", "overload"])) == OverloadOptions()
     quick = scenario_options(parse(["scenario", "overload", "--quick", "--factor", "2"]))
@@ -121,6 +150,8 @@ def test_options_come_from_defaults_quick_and_flags() -> None:
         parse(["scenario", "overload", "--capacity", "0"])
     with pytest.raises(SystemExit):
         parse(["scenario", "nonesuch"])
+    streaming = scenario_options(parse(["scenario", "streaming", "--concurrency", "5,10"]))
+    assert streaming.steps == [5, 10] and streaming.window_ms == 25
 
 
 def test_latency_series_groups_by_send_time() -> None:
@@ -154,3 +185,100 @@ def test_plots_are_drawn_from_a_saved_report(tmp_path: Path) -> None:
     assert [p.name for p in written] == ["x-latency.png", "x-throughput.png"]
     assert all(p.read_bytes().startswith(PNG) for p in written)
     assert plot_report({"scenario": "y"}, tmp_path) == []
+
+
+@pytest.mark.slow  # starts four RabbitMQ nodes of its own (about a minute)
+@pytest.mark.timeout(420)
+async def test_cluster_scenario(amqp_url: str, tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    report, text = await _run(amqp_url, tmp_path, monkeypatch, "cluster")
+    for name in ("classic", "quorum"):
+        light = report["light_load"][name]
+        assert light["answered"] == 20 and light["errors"] == 0
+        (row,) = report["sweep"][name]
+        assert row["offered_rps"] == 40 and row["answered"] == 40
+        assert report["max_sustained_rps"][name] == row["achieved_rps"]
+    best = report["max_sustained_rps"]
+    assert report["quorum_to_classic"] == pytest.approx(best["quorum"] / best["classic"])
+    failover = report["failover"]
+    assert failover["answered"] == failover["sent"] > 0 and failover["errors"] == {}
+    assert failover["new_leader"] != failover["killed_node"]
+    assert 1.5 <= failover["killed_at_s"] < 2.5
+    assert 0 < failover["next_answer_ms"] <= failover["longest_gap_ms"]
+    assert failover["first_new_answer_ms"] >= failover["next_answer_ms"]
+    assert failover["parked"] == 0 and max(failover["max_in_flight"]) <= 32
+    assert [t["met"] for t in report["targets"]] == [True] * 4
+    assert (tmp_path / "plots" / "cluster-throughput.png").read_bytes().startswith(PNG)
+    assert (tmp_path / "plots" / "cluster-failover.png").read_bytes().startswith(PNG)
+    assert "throughput quorum/classic" in text and "next answer" in text
+    assert list(NODES_DIR.glob(f"hutch-b{os.getpid()}-*")) == []  # the nodes are gone
+
+
+def test_cluster_layout_puts_worker_1_on_the_leader() -> None:
+    workers, client = layout(leader=1, size=3, workers=2)
+    assert workers == [[1, 0, 2], [0, 2, 1]] and client == [2, 1, 0]
+    assert layout(0, 1, 2) == ([[0], [0]], [0])
+
+
+def test_failover_times_from_the_kill() -> None:
+    def record(index: int, sent: float, done: float | None) -> RequestRecord:
+        r = RequestRecord(index, "normal", 5, "m", sent, sent_s=sent, done_s=done)
+        r.latency_s = None if done is None else done - sent
+        r.error = "deadline_exceeded" if done is None else None
+        return r
+
+    records = [record(0, 0.0, 0.1), record(1, 0.5, 1.2), record(2, 0.9, 3.0),
+               record(3, 1.1, 2.5), record(4, 1.5, None), record(5, 2.0, 2.2)]
+    times = failover_times(records, killed_s=1.0)
+    assert times["next_answer_ms"] == pytest.approx(200)
+    assert times["first_new_answer_ms"] == pytest.approx(1200)  # request 5, sent at 2.0
+    assert times["longest_gap_ms"] == pytest.approx(1000)  # 1.2 -> 2.2
+    timeline = answer_timeline(records, window_s=1.0)
+    assert [p["answers_per_s"] for p in timeline] == [1.0, 1.0, 2.0, 1.0]
+    assert timeline[2]["max_ms"] == pytest.approx(1400)
+    assert failover_times(records[:1], 1.0)["next_answer_ms"] is None
+
+
+@pytest.mark.timeout(150)
+async def test_gateway_scenario_without_litellm(amqp_url: str, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """LiteLLM's proxy is not found (a PATH without it): the scenario says how to install
+    it and measures the mock directly and the gateway (its smoke run: issue 12)."""
+    monkeypatch.delenv("HUTCH_LITELLM_BIN", raising=False)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    report, text = await _run(amqp_url, tmp_path, monkeypatch, "gateway")
+    assert report["systems"] == ["direct", "gateway"]
+    for name in ("direct", "gateway"):
+        light = report["light_load"][name]
+        assert light["answered"] == 20 and light["errors"] == 0
+        assert 0 < light["latency_ms"]["p50"] <= light["latency_ms"]["p99"]
+        (row,) = report["sweep"][name]
+        assert row["offered_rps"] == 40 and row["answered"] == 40
+    assert set(report["added_latency_ms"]["gateway"]) == {"p50", "p99"}
+    assert report["gateway_to_litellm"] is None
+    overload = report["overload"]
+    assert overload["classes"]["high"]["sent"] > 0
+    assert overload["backend"]["max_in_flight"] <= 8
+    assert {t["name"]: t["met"] for t in report["targets"]}[
+        "gateway throughput >= 3x LiteLLM's proxy"] is False
+    assert "LiteLLM's proxy was not found" in text and "pip install" in text
+    for plot in ("gateway-throughput.png", "gateway-latency.png"):
+        assert (tmp_path / "plots" / plot).read_bytes().startswith(PNG)
+
+
+def test_gateway_scenario_finds_litellm(monkeypatch: pytest.MonkeyPatch,
+                                        tmp_path: Path) -> None:
+    from pipeline.bench.scenarios.gateway import find_litellm
+    from pipeline.errors import StackError
+
+    fake = tmp_path / "litellm"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.delenv("HUTCH_LITELLM_BIN", raising=False)
+    assert find_litellm() is None
+    monkeypatch.setenv("HUTCH_LITELLM_BIN", str(fake))
+    assert find_litellm() == str(fake)
+    assert find_litellm(str(fake)) == str(fake)
+    with pytest.raises(StackError, match="not an executable"):
+        find_litellm(str(tmp_path / "nonesuch"))

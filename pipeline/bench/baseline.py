@@ -60,6 +60,7 @@ __all__ = [
     "BaselineReply",
     "BaselineWorker",
     "main",
+    "serve",
 ]
 
 #: Printed on stdout once the worker consumes: a parent process waits for this line.
@@ -340,8 +341,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    worker = BaselineWorker(args.amqp_url, args.queue, args.backend_url, args.prefetch,
-                            timeout_s=args.timeout)
+    return await serve(BaselineWorker(args.amqp_url, args.queue, args.backend_url,
+                                      args.prefetch, timeout_s=args.timeout))
+
+
+async def serve(worker: BaselineWorker) -> int:
+    """Run ``worker`` until SIGTERM/SIGINT, printing :data:`READY_LINE` once it consumes
+    (also the streaming relay's, :mod:`pipeline.bench.stream_baseline`)."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)

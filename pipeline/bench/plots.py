@@ -14,8 +14,10 @@ from pipeline.errors import ConfigError
 
 __all__ = [
     "plot_backlog",
+    "plot_failover",
     "plot_latency_over_time",
     "plot_report",
+    "plot_stream_sweep",
     "plot_throughput",
     "require_matplotlib",
 ]
@@ -133,6 +135,84 @@ def plot_backlog(samples: list[dict[str, Any]], path: Path, *, title: str,
     return path
 
 
+def plot_stream_sweep(sweep: dict[str, list[dict[str, Any]]], path: Path, *, title: str,
+                      gap_limit_ms: float | None = None) -> Path:
+    """Left: inter-token gap p99 vs concurrent streams per path, with the limit a step
+    must stay under (the p50 of a coalesced path is ~0: tokens arrive together). Right:
+    time to first token p50/p99 (where queueing starts)."""
+    plt = _pyplot()
+    fig, (gap, ttft) = plt.subplots(1, 2, figsize=(13, 5))
+    for colour, (name, rows) in zip(_CLASS_COLOURS[1:] + _CLASS_COLOURS[:1],
+                                    sweep.items(), strict=False):
+        for ax, figure, styles in ((gap, "gap_ms", {"p99": "-"}),
+                                   (ttft, "ttft_ms", {"p50": ":", "p99": "-"})):
+            for key, style in styles.items():
+                shown = [(r["concurrency"], r[figure][key]) for r in rows
+                         if r.get(figure, {}).get(key) is not None]
+                if shown:
+                    ax.plot(*zip(*shown, strict=True), style, marker="o", markersize=3,
+                            color=colour, label=f"{name} {key}")
+    if gap_limit_ms is not None:
+        gap.axhline(gap_limit_ms, color="grey", linewidth=0.8, linestyle="--")
+        gap.annotate(f"limit {gap_limit_ms:g} ms", (0, gap_limit_ms), color="grey",
+                     xycoords=("axes fraction", "data"), textcoords="offset points",
+                     xytext=(2, 3), fontsize=8)
+    for ax, label, heading in ((gap, "inter-token gap at the client (ms, log)", title),
+                               (ttft, "time to first token (ms, log)",
+                                "Time to first token vs concurrent streams")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ticks = sorted({r["concurrency"] for rows in sweep.values() for r in rows})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        for set_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            set_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel("concurrent streams (log)")
+        ax.set_ylabel(label)
+        ax.set_title(heading)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_failover(timeline: list[dict[str, Any]], killed_at_s: float, path: Path, *,
+                  title: str) -> Path:
+    """Top: answers per second by answer time. Bottom: their latency, p50 and max (log).
+    A vertical line marks the kill (the cluster scenario's failover)."""
+    plt = _pyplot()
+    fig, (rate, lat) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    ts = [p["t_s"] for p in timeline]
+    rate.step(ts, [p["answers_per_s"] for p in timeline], where="post", color="tab:blue")
+    rate.set_ylabel("answers/s")
+    rate.set_ylim(bottom=0)
+    rate.set_title(title)
+    for key, style in (("p50_ms", ":"), ("max_ms", "-")):
+        shown = [(p["t_s"], p[key]) for p in timeline if p[key] is not None]
+        if shown:
+            lat.plot(*zip(*shown, strict=True), style, color="tab:red",
+                     label=key.removesuffix("_ms"))
+    lat.set_yscale("log")
+    for set_formatter in (lat.yaxis.set_major_formatter, lat.yaxis.set_minor_formatter):
+        set_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+    lat.set_xlabel("answer time (s from the start of the load)")
+    lat.set_ylabel("end-to-end latency (ms, log)")
+    for ax in (rate, lat):
+        ax.axvline(killed_at_s, color="black", linewidth=0.8, linestyle="--")
+        ax.grid(True, which="both", alpha=0.3)
+    rate.annotate("kill -9", (killed_at_s, 0), textcoords="offset points", xytext=(3, 3),
+                  fontsize=8)
+    if lat.get_legend_handles_labels()[0]:
+        lat.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_report(report: dict[str, Any], directory: Path) -> list[Path]:
     """The plots a scenario report has data for, written into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -145,6 +225,16 @@ def plot_report(report: dict[str, Any], directory: Path) -> list[Path]:
     if report.get("sweep"):
         written.append(plot_throughput(report["sweep"], directory / f"{name}-throughput.png",
                                        title=report.get("title", name)))
+    if report.get("stream_sweep"):
+        written.append(plot_stream_sweep(
+            report["stream_sweep"], directory / f"{name}-streams.png",
+            title=report.get("title", name),
+            gap_limit_ms=report.get("config", {}).get("gap_limit_ms")))
+    if report.get("failover", {}).get("timeline"):
+        written.append(plot_failover(
+            report["failover"]["timeline"], report["failover"]["killed_at_s"],
+            directory / f"{name}-failover.png", title=f"{report.get('title', name)}: "
+            "kill -9 of the work queue leader's node"))
     if report.get("samples"):
         written.append(plot_backlog(
             report["samples"], directory / f"{name}-drain.png",

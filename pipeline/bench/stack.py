@@ -205,12 +205,14 @@ class Stack:
         return child
 
     async def mock(self, *, capacity: int, latency_ms: float,
-                   models: Sequence[str] = ("mock-small",)) -> MockProcess:
-        """Start ``hutch mock-backend`` on a free port; return once it listens."""
+                   models: Sequence[str] = ("mock-small",),
+                   extra: Sequence[str] = ()) -> MockProcess:
+        """Start ``hutch mock-backend`` on a free port; return once it listens.
+        ``extra``: more of its options (a streaming scenario's pace)."""
         name = f"mock-{sum(c.name.startswith('mock-') for c in self.children) + 1}"
         child = await self.spawn(name, "pipeline.cli.main", [
             "mock-backend", "--port", "0", "--capacity", str(capacity),
-            "--latency-ms", f"{latency_ms:g}", "--models", ",".join(models)])
+            "--latency-ms", f"{latency_ms:g}", "--models", ",".join(models), *extra])
         mock = MockProcess(child.name, child.process, child.log_path)
         self.children[self.children.index(child)] = mock
         match = await mock.wait_for_line(r"listening on (\S+)")
@@ -227,15 +229,16 @@ class Stack:
         self._applied.append(settings)
 
     async def worker(self, settings: Settings, *, log_level: str = "WARNING",
-                     loop: str = "asyncio") -> Child:
-        """Start ``hutch worker`` with these settings (written to a file only we read)."""
+                     loop: str = "asyncio", extra: Sequence[str] = ()) -> Child:
+        """Start ``hutch worker`` with these settings (written to a file only we read);
+        ``extra``: more of its options (``--metrics-port``)."""
         index = sum(c.name.startswith("worker-") for c in self.children) + 1
         config = self.dir / f"worker-{index}.toml"
         config.touch(mode=0o600)
         config.write_text(dump_toml(settings))
         return await self.spawn(f"worker-{index}", "pipeline.cli.main",
                                 ["worker", "-c", str(config), "--log-level", log_level,
-                                 "--loop", loop])
+                                 "--loop", loop, *extra])
 
     async def wait_for_consumers(self, queue: str, count: int,
                                  timeout_s: float = _READY_TIMEOUT_S) -> None:

@@ -104,7 +104,8 @@ def _count(extra: Mapping[str, Any], key: str) -> int:
 
 def failure_of(body: bytes) -> RequestFailed:
     """The exception of an error reply: the :class:`RequestFailed` subclass of its code,
-    with ``chunks_sent`` / ``content_chars_sent`` for ``stream_interrupted``."""
+    with ``chunks_sent`` / ``content_chars_sent`` for ``stream_interrupted``, and the
+    backend's own ``param`` and ``backend`` fields when the worker kept them."""
     try:
         detail = ErrorReply.model_validate_json(body).error
     except ValidationError:
@@ -117,7 +118,10 @@ def failure_of(body: bytes) -> RequestFailed:
         return cls(detail.message, code=detail.code, type=detail.type, status=status,
                    chunks_sent=_count(extra, "chunks_sent"),
                    content_chars_sent=_count(extra, "content_chars_sent"))
-    return cls(detail.message, code=detail.code, type=detail.type, status=status)
+    param, backend = extra.get("param"), extra.get("backend")
+    return cls(detail.message, code=detail.code, type=detail.type, status=status,
+               param=param if isinstance(param, str | int) else None,
+               backend=backend if isinstance(backend, dict) else None)
 
 
 def completion_of(message: ReplyMessage) -> ChatCompletion:

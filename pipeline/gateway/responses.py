@@ -16,6 +16,12 @@ code                          status  note
                                       only for clients that are gone)
 ``internal_error``            500
 ============================  ======  ==============================================
+
+What the backend said of a refused or failed call is passed through: its HTTP ``status``,
+``param`` at the top, and ``backend: {type, code, param}``; a request the backend refused
+as the client's fault (``invalid_request``, 400) also carries the backend's own ``type``
+and ``code`` at the top, so an SDK's ``error.code`` reads ``context_length_exceeded`` as
+it would from the backend itself (``hutch_code`` then keeps the wire contract's code).
 """
 
 from __future__ import annotations
@@ -66,12 +72,23 @@ def status_of(error: RequestFailed) -> int:
 
 
 def error_body(error: RequestFailed) -> dict[str, Any]:
-    """The OpenAI-shaped body of an error."""
+    """The OpenAI-shaped body of an error, with what the backend said passed through:
+    ``param``, ``status``, ``backend`` and, for a request the backend refused (400), its
+    own ``type`` and ``code`` (``context_length_exceeded``), as OpenAI would answer."""
     code = "model_not_found" if error.code == p.ErrorCode.UNKNOWN_MODEL else error.code
-    detail: dict[str, Any] = {"message": error.message, "type": error.type, "param": None,
-                              "code": code}
-    if error.status is not None and not isinstance(error, GatewayRefusal):
+    detail: dict[str, Any] = {"message": error.message, "type": error.type,
+                              "param": error.param, "code": code}
+    if isinstance(error, GatewayRefusal):
+        return {"error": detail}
+    if error.status is not None:
         detail["status"] = error.status  # the backend's HTTP status
+    if error.backend:
+        detail["backend"] = error.backend
+        if error.code == p.ErrorCode.INVALID_REQUEST:
+            own = {f: error.backend[f] for f in ("type", "code")
+                   if isinstance(error.backend.get(f), str)}
+            if own:
+                detail.update(own, hutch_code=error.code)  # Hutch's code stays readable
     return {"error": detail}
 
 

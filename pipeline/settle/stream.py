@@ -107,9 +107,11 @@ class StreamSink:
         progress = delivery.stream
         if progress is None:
             progress = delivery.stream = StreamProgress(uuid.uuid4().hex)
-        headers: dict[str, Any] = delivery.reply_headers()
-        headers[p.H_KIND] = p.KIND_CHUNK
-        headers[p.H_SEQ] = progress.messages
+        # Only what a client needs to order chunks and tell attempts apart: every header
+        # is encoded per message, and at stream rates the header table is a good part of
+        # the worker's cost (the final message carries the reply's usual headers).
+        headers: dict[str, Any] = {p.H_KIND: p.KIND_CHUNK, p.H_STREAM_ID: progress.stream_id,
+                                   p.H_SEQ: progress.messages}
         properties = aiormq.spec.Basic.Properties(
             content_type="application/json",
             correlation_id=delivery.correlation_id,

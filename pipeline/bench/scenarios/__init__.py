@@ -3,7 +3,13 @@
 - :mod:`~pipeline.bench.scenarios.overhead`: direct call vs minimal aio-pika RPC vs Hutch;
 - :mod:`~pipeline.bench.scenarios.overload`: priority under 3x overload;
 - :mod:`~pipeline.bench.scenarios.globalcap`: one backend's cap across 3 worker processes;
-- :mod:`~pipeline.bench.scenarios.backlog`: 100,000 queued requests drained by one worker.
+- :mod:`~pipeline.bench.scenarios.backlog`: 100,000 queued requests drained by one worker;
+- :mod:`~pipeline.bench.scenarios.streaming`: streams direct vs a minimal aio-pika relay vs
+  Hutch, and cancels (issue 15);
+- :mod:`~pipeline.bench.scenarios.cluster`: a classic pool on one node vs a quorum pool on
+  three, and the work queue leader's node killed under load (issue 13);
+- :mod:`~pipeline.bench.scenarios.gateway`: OpenAI HTTP calls to the mock directly vs
+  through Hutch's gateway vs LiteLLM's proxy, and priority under overload (issue 12).
 
 Each has an options dataclass (its defaults are issue 5's measurements; every field is a
 command-line option) and a ``quick`` preset: the same code on a tiny load, for the smoke
@@ -16,7 +22,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from pipeline.bench.scenarios import backlog, globalcap, overhead, overload
+from pipeline.bench.scenarios import (
+    backlog,
+    cluster,
+    gateway,
+    globalcap,
+    overhead,
+    overload,
+    streaming,
+)
 
 __all__ = ["SCENARIOS", "Scenario"]
 
@@ -42,4 +56,20 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              {"duration_s": 3, "timeout_s": 10}),
     Scenario("backlog", "100,000 requests queued, then drained: drain rate, worker RSS",
              backlog.BacklogOptions, backlog.run, {"requests": 300}),
+    Scenario("streaming", "concurrent streams direct vs a minimal aio-pika relay vs "
+             "Hutch: added time to first token, max streams, cancel latency",
+             streaming.StreamingOptions, streaming.run,
+             {"concurrency": (4, 8), "step_s": 1.5, "tokens": 20, "itl_ms": 10,
+              "light_rps": 10, "light_s": 1, "warmup_s": 0.3, "cancels": 6,
+              "cancel_concurrency": 3, "cancel_hold_ms": 50, "cancel_tokens": 100}),
+    Scenario("cluster", "classic pool on one node vs quorum pool on a three-node cluster "
+             "(nodes of its own): throughput, latency, kill -9 of the leader under load",
+             cluster.ClusterOptions, cluster.run,
+             {"light_rps": 20, "light_s": 1, "warmup_s": 0.5, "rates": (40,), "step_s": 1,
+              "failover_s": 4, "kill_at_s": 1.5}),
+    Scenario("gateway", "OpenAI HTTP to the mock directly vs Hutch's gateway vs LiteLLM's "
+             "proxy: added latency, max throughput; priority under 3x overload",
+             gateway.GatewayOptions, gateway.run,
+             {"light_rps": 20, "light_s": 1, "warmup_s": 0.5, "rates": (40,), "step_s": 1,
+              "overload_service_ms": 100, "overload_s": 3, "overload_timeout_s": 5}),
 )}

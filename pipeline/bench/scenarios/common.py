@@ -74,13 +74,14 @@ def targets_report(targets: Sequence[Target]) -> list[dict[str, Any]]:
 
 
 async def apply_hutch(stack: Stack, mock: MockProcess, *, capacity: int,
-                      **pool: Any) -> Settings:
-    """Apply a topology of one pool (``bench``) with one backend, ``mock``."""
+                      overrides: dict[str, Any] | None = None, **pool: Any) -> Settings:
+    """Apply a topology of one pool (``bench``) with one backend, ``mock``;
+    ``overrides``: top-level settings (a streaming scenario's coalescing)."""
     settings = stack.settings(
         pools=[{"name": "bench", "models": [MODEL], **pool, "backends": [
             {"name": f"{stack.prefix}-mock", "url": mock.url, "max_concurrency": capacity,
              "timeout_s": 60}]}],
-        shutdown_grace_s=10)
+        **{"shutdown_grace_s": 10, **(overrides or {})})
     await stack.apply(settings)
     return settings
 
