@@ -40,11 +40,6 @@ class ReplyPolicy(Protocol):
     def valid_reply_to(self, reply_to: str | None) -> bool: ...
 
 
-def _text(value: Any) -> str | None:
-    if isinstance(value, bytes | bytearray):
-        return bytes(value).decode(errors="replace")
-    return value if isinstance(value, str) else None
-
 
 def _endpoint(value: Any) -> p.Endpoint | None:
     if value is None:
@@ -137,8 +132,8 @@ class Delivery:
             attempts=prior,
             queue_wait_ms=None if sent_at is None else max(0, p.now_ms() - sent_at),
             endpoint=_endpoint(headers.get(p.H_ENDPOINT)),
-            last_backend=_text(headers.get(p.H_LAST_BACKEND)),
-            last_error=_text(headers.get(p.H_LAST_ERROR)),
+            last_backend=p.text_header(headers.get(p.H_LAST_BACKEND)),
+            last_error=p.text_header(headers.get(p.H_LAST_ERROR)),
         )
 
     # -- facts read by several stages -------------------------------------------------------

@@ -51,6 +51,7 @@ __all__ = [
     "int_header",
     "now_ms",
     "sent_at_ms",
+    "text_header",
 ]
 
 # Request headers (optional; set by pipeline.client.client, any client may set them).
@@ -188,6 +189,14 @@ def error_body(code: ErrorCode, message: str, **extra: Any) -> bytes:
 #: Epoch-millisecond headers outside this range are not believed (year 2000..2100):
 #: a client's absurd value must not overflow the int64 header it is echoed back in.
 _MIN_EPOCH_MS, _MAX_EPOCH_MS = 946_684_800_000, 4_102_444_800_000
+
+
+def text_header(value: Any) -> str | None:
+    """A string header's value: a string that is not valid UTF-8 arrives as bytes (decoded
+    with replacement characters); anything else is no string at all."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode(errors="replace")
+    return value if isinstance(value, str) else None
 
 
 def int_header(headers: Mapping[str, Any], name: str, *, low: int, high: int) -> int | None:

@@ -196,8 +196,14 @@ HUTCH = [sys.executable, "-m", "pipeline.cli.main"]
 async def run_hutch(args: list[str], env: dict[str, str], timeout: float = 60
                     ) -> tuple[int, str, str]:
     """Run the `hutch` CLI as a subprocess; always reaped, killed if it overruns."""
+    return await run_process([*HUTCH, *args], env, timeout)
+
+
+async def run_process(argv: list[str], env: dict[str, str], timeout: float,
+                      cwd: Path | None = None) -> tuple[int, str, str]:
+    """Run a process to its end: (exit code, stdout, stderr); killed if it overruns."""
     proc = await asyncio.create_subprocess_exec(
-        *HUTCH, *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        *argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         async with asyncio.timeout(timeout):
             out, err = await proc.communicate()

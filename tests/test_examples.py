@@ -9,9 +9,7 @@ the file, so the README's code cannot rot.
 
 from __future__ import annotations
 
-import asyncio
 import re
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +19,7 @@ import pytest
 from pipeline.broker.topology import apply_topology, delete_topology
 from pipeline.settings import Settings
 from pipeline.testing.mock import MockBackend
-from tests.conftest import SettingsFactory, running_worker
+from tests.conftest import SettingsFactory, run_process, running_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -79,18 +77,7 @@ async def served(make_settings: SettingsFactory, mock: MockBackend
 
 async def _run(script: Path, env: dict[str, str]) -> tuple[int, str, str]:
     """Run one example in its own interpreter; always reaped, killed if it overruns."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(script), env=env, cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        async with asyncio.timeout(RUN_TIMEOUT_S):
-            out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_process([sys.executable, str(script)], env, RUN_TIMEOUT_S, cwd=ROOT)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -90,6 +90,10 @@ class BackendGate:
         self._throttled_until = -math.inf
         self._throttle_streak = 0
 
+    def sibling(self) -> BackendGate:
+        """A new gate with this one's policy and clock (one model's throttle, say)."""
+        return BackendGate(self.policy, self._clock)
+
     # -- outcomes ---------------------------------------------------------------------
 
     def success(self) -> None:

@@ -28,11 +28,6 @@ from pipeline.settings import Settings
 __all__ = ["ReplyGuard"]
 
 
-def _text(value: Any) -> str | None:
-    if isinstance(value, bytes | bytearray):
-        return bytes(value).decode(errors="replace")
-    return value if isinstance(value, str) else None
-
 
 @dataclass(frozen=True)
 class ReplyGuard:
@@ -58,7 +53,7 @@ class ReplyGuard:
         if not user_id:
             return None
         if self._trusted(user_id):
-            on_behalf = _text(headers.get(p.H_USER))
+            on_behalf = p.text_header(headers.get(p.H_USER))
             if on_behalf:
                 return on_behalf
         return user_id

@@ -12,9 +12,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import aio_pika
-import aiormq
-
 from pipeline import protocol as p
 from pipeline.broker.names import Names
 from pipeline.delivery import Delivery
@@ -30,13 +27,10 @@ from pipeline.outcome import (
     Requeue,
     RetryLater,
 )
-from pipeline.settle.publisher import Publisher, copy_message
+from pipeline.settle.publisher import Publisher, copy_message, reply_properties
 from pipeline.settle.stream import StreamSink
 
 __all__ = ["Settler"]
-
-_PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
-
 
 class Settler:
     """Carries out outcomes on one confirming :class:`Publisher`."""
@@ -136,15 +130,7 @@ class Settler:
         headers[p.H_KIND] = p.KIND_FINAL
         if delivery.stream is not None:
             headers[p.H_SEQ] = delivery.stream.messages
-        # What aio_pika.Message(body, content_type="application/json", correlation_id=...,
-        # headers=..., delivery_mode=PERSISTENT, priority=...).properties would be.
-        properties = aiormq.spec.Basic.Properties(
-            content_type="application/json",
-            correlation_id=delivery.correlation_id,
-            delivery_mode=_PERSISTENT,
-            headers=headers,
-            priority=delivery.priority,
-        )
+        properties = reply_properties(delivery.correlation_id, delivery.priority, headers)
         return await self._publisher.publish(body, properties, routing_key=delivery.reply_to)
 
     def _identity_headers(self, delivery: Delivery) -> dict[str, Any]:

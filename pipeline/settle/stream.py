@@ -22,12 +22,9 @@ import aiormq
 
 from pipeline import protocol as p
 from pipeline.delivery import Delivery, StreamProgress
-from pipeline.settle.publisher import Publisher
+from pipeline.settle.publisher import Publisher, reply_properties
 
 __all__ = ["ReplyQueueGone", "StreamSink"]
-
-_TRANSIENT = 1
-
 
 class ReplyQueueGone(Exception):
     """A chunk came back unroutable: the client's reply queue no longer exists."""
@@ -112,13 +109,8 @@ class StreamSink:
         # the worker's cost (the final message carries the reply's usual headers).
         headers: dict[str, Any] = {p.H_KIND: p.KIND_CHUNK, p.H_STREAM_ID: progress.stream_id,
                                    p.H_SEQ: progress.messages}
-        properties = aiormq.spec.Basic.Properties(
-            content_type="application/json",
-            correlation_id=delivery.correlation_id,
-            delivery_mode=_TRANSIENT,
-            headers=headers,
-            priority=delivery.priority,
-        )
+        properties = reply_properties(delivery.correlation_id, delivery.priority, headers,
+                                      persistent=False)
         body = ("[" + ",".join(chunks) + "]").encode()
         assert delivery.reply_to is not None
         if not await self._publisher.publish(body, properties, routing_key=delivery.reply_to):

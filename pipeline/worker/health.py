@@ -67,7 +67,7 @@ class BackendHealthReporter:
         if self._per_model and model is not None:
             gate = self._model_gates.get(model)
             if gate is None:
-                gate = self._model_gates[model] = BackendGate(self.gate.policy)
+                gate = self._model_gates[model] = self.gate.sibling()
             gate.throttled(retry_after_s)
             log.warning("backend.model_throttled", backend=self.backend, model=model,
                         available_in_s=round(gate.available_in(), 3))
