@@ -22,6 +22,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from pipeline.errors import ConfigError
 from pipeline.gateway.settings import GatewaySettings
+from pipeline.scheduling.settings import PoolScheduling, TenantSettings, check_tenants
+from pipeline.settings_checks import check_names
 from pipeline.settings_text import dump_toml, environment_keys, format_errors, redact_url
 
 __all__ = [
@@ -118,6 +120,8 @@ class PoolSettings(_Strict):
     #: so it is high: a request handed back once per throttled probe must not exhaust it.
     delivery_limit: int = Field(default=1000, ge=1, le=1_000_000)
     backends: list[BackendSettings] = Field(min_length=1)
+    #: Who goes next at each backend: bands, tenants' fair share, lookahead, lanes.
+    scheduling: PoolScheduling = Field(default_factory=PoolScheduling)
 
     @model_validator(mode="after")
     def _attempts_fit_consumer_timeout(self) -> PoolSettings:
@@ -219,6 +223,9 @@ class Settings(BaseSettings):
     cancel_ttl_s: float = Field(default=600.0, gt=0, le=86_400)
     cancel_max_ids: int = Field(default=100_000, ge=100, le=10_000_000)
     pools: list[PoolSettings] = Field(default_factory=list)
+    #: Tenants the configuration says something about (weights, ceilings, quotas, teams);
+    #: every other user is a tenant of its own, served fairly all the same.
+    tenants: dict[str, TenantSettings] = Field(default_factory=dict)
     #: ``hutch gateway``, the OpenAI-compatible HTTP front door (pipeline/gateway).
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
 
@@ -279,28 +286,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:
-        seen_pools: set[str] = set()
-        seen_backends: dict[str, str] = {}
-        seen_models: dict[str, str] = {}
-        for i, pool in enumerate(self.pools):
-            if pool.name in seen_pools:
-                raise ValueError(f"pools.{i}.name: pool {pool.name!r} is defined twice")
-            seen_pools.add(pool.name)
-            for model in pool.models:
-                if model in seen_models:
-                    raise ValueError(
-                        f"pools.{i}.models: model {model!r} is already served by pool "
-                        f"{seen_models[model]!r}; a model routes to exactly one pool"
-                    )
-                seen_models[model] = pool.name
-            for j, backend in enumerate(pool.backends):
-                if backend.name in seen_backends:
-                    raise ValueError(
-                        f"pools.{i}.backends.{j}.name: backend {backend.name!r} is already "
-                        f"defined in pool {seen_backends[backend.name]!r}; backend names "
-                        "name leases and must be unique"
-                    )
-                seen_backends[backend.name] = pool.name
+        check_names(self.pools)
+        check_tenants(self.tenants)
         return self
 
     # -- derived values -------------------------------------------------------------

@@ -49,12 +49,14 @@ from pipeline.errors import TopologyError
 from pipeline.observe.hooks import DeliveryHook
 from pipeline.observe.log import get_logger
 from pipeline.observe.metrics import Metrics
+from pipeline.scheduling.lanes import LaneMap
 from pipeline.settings import BackendSettings, PoolSettings, Settings
+from pipeline.worker.admission import Admission, Verdict
 from pipeline.worker.cancels import CancelSubscription
 from pipeline.worker.consumer import Handler, TrackedConsumer
 from pipeline.worker.handlers import Handlers
 from pipeline.worker.health import BackendHealthReporter
-from pipeline.worker.lease import Lease, LeaseHolder, LeaseTiming
+from pipeline.worker.lease import Intake, Lease, LeaseHolder, LeaseTiming
 from pipeline.worker.pause import is_paused
 from pipeline.worker.presence import FairShare, Presence
 
@@ -73,9 +75,20 @@ class _Slot:
     holder: LeaseHolder
 
     def handler(self, dispatcher: Dispatcher) -> Handler:
-        """Deliveries of the pool's queue, dispatched to this backend."""
+        """Deliveries of the pool's queue (and lanes): parsed once, admitted by this
+        backend's admission in its policy's order, then dispatched to this backend."""
+        admission = self.holder.intake.admission
+
         async def handle(message: AbstractIncomingMessage) -> None:
-            await dispatcher.handle(message, self.http, self.holder.health)
+            delivery = dispatcher.parse(message, self.http.name)
+            verdict = await admission.acquire(delivery)
+            if verdict is not Verdict.START:
+                await dispatcher.set_aside(delivery, move=verdict is Verdict.MOVE)
+                return
+            try:
+                await dispatcher.handle(delivery, self.http, self.holder.health)
+            finally:
+                admission.release()
         return handle
 
 
@@ -106,6 +119,8 @@ class Worker:
             ttl_s=settings.cancel_ttl_s, max_ids=settings.cancel_max_ids,
             privileged=frozenset({settings.amqp_user, *settings.trusted_users}))
         self._cancel_queue_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        #: Each pool's tenants and their counters: soft state that outlives a reconnect.
+        self.schedulers = Handlers.schedulers(settings)
 
     def held_backends(self) -> list[str]:
         """Names of the backends whose lease this worker holds now."""
@@ -141,9 +156,15 @@ class Worker:
         timing = LeaseTiming(self.settings.lease_retry_s, self.settings.shutdown_grace_s)
         lease = Lease(self.names.lease_queue(settings.name), settings.name, timing,
                       self.metrics.lease_held.labels(settings.name))
-        holder = LeaseHolder(lease, health, pool.name, self.names.work_queue(pool.name),
+        scheduling = pool.scheduling
+        sorts = scheduling.policy == "fair" and scheduling.lookahead > 0
+        admission = Admission(settings.name, 0, self.schedulers[pool.name].policy(),
+                              lookahead=scheduling.lookahead, sorts=sorts)
+        lanes = LaneMap(self.names, pool.name, scheduling).queues() if sorts else []
+        holder = LeaseHolder(lease, health, pool.name,
+                             Intake(self.names.work_queue(pool.name), admission, lanes),
                              self.metrics.capacity.labels(settings.name),
-                             may_take=self._may_take_more)
+                             may_take=self._may_take_more, draining=self._stopping)
         return _Slot(Backend(settings, transport), holder)
 
     def _may_take_more(self) -> bool:
@@ -176,7 +197,8 @@ class Worker:
         publish_channel = await connection.channel(publisher_confirms=True,
                                                    on_return_raises=True)
         return Handlers.build(self.settings, publish_channel, self.metrics, self._cancels,
-                              self._hooks, pool_status=self._pool_status)
+                              self._hooks, pool_status=self._pool_status,
+                              schedulers=self.schedulers)
 
     def _pool_status(self, pool: str) -> str | None:
         """A sentence when no backend of ``pool`` that this worker holds can take work
@@ -267,6 +289,8 @@ class Worker:
         log.info("worker.draining", in_flight=self._in_flight(),
                  grace_s=self.settings.shutdown_grace_s)
         await asyncio.gather(*(consumer.stop_consuming() for consumer in consumers))
+        for slot in self._slots:  # what waited for a permit goes back to the broker now
+            slot.holder.intake.admission.hand_back()
         results = await asyncio.gather(
             *(consumer.drain(self.settings.shutdown_grace_s) for consumer in consumers))
         if not all(results):

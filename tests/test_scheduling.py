@@ -1,0 +1,257 @@
+"""The scheduler's parts without a broker: admission permits and verdicts, the virtual
+token counter, the fair policy's order, tenants and quotas."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from pipeline.delivery import Delivery
+from pipeline.errors import ConfigError
+from pipeline.scheduling.policy import FairPolicy, FifoPolicy, PoolScheduler
+from pipeline.scheduling.settings import PoolScheduling, TenantSettings
+from pipeline.scheduling.tenants import QuotaMeter, TenantBook
+from pipeline.scheduling.vtc import VirtualTokenCounter
+from pipeline.settings import load_settings
+from pipeline.worker.admission import Admission, Verdict
+
+
+def delivery(tenant: str = "a", priority: int = 0, *, band: int = 0, sent: int = 0,
+             lane: str | None = None, size: int = 400) -> Delivery:
+    message: Any = SimpleNamespace(body=b"x" * size, priority=priority)
+    d = Delivery(message=message, pool="p", backend="b", headers={}, client=tenant,
+                 refusal=None, reply_to_ok=True, deadline_ms=None, sent_at_ms=sent,
+                 prior_attempts=0, retries=0)
+    d.tenant, d.band, d.served_priority, d.lane = tenant, band, priority, lane
+    return d
+
+
+def scheduler(**tenants: TenantSettings) -> PoolScheduler:
+    book = TenantBook(dict(tenants))
+    return PoolScheduler("p", PoolScheduling(), book)
+
+
+# -- the virtual token counter -------------------------------------------------------------
+
+def test_a_tenant_joining_a_backlog_is_lifted_not_favoured() -> None:
+    pool = scheduler()
+    policy = FairPolicy(pool)
+    pool.vtc.charge("alice", 10_000, 1)
+    policy.push(delivery("alice", sent=1))
+    policy.push(delivery("bob", sent=2))  # idle until now: starts at alice's level
+    assert pool.vtc.counter("bob") == pool.vtc.counter("alice")
+    first = policy.pop()
+    assert first is not None and first.tenant == "alice"  # the tie goes by arrival
+
+
+def test_vtc_lifts_a_returning_tenant_to_the_backlogged_minimum() -> None:
+    vtc = VirtualTokenCounter()
+    vtc.charge("a", 1000, 1)
+    vtc.charge("b", 400, 1)
+    vtc.lift("c", backlogged_min=400)  # c was idle: no banked credit
+    assert vtc.counter("c") == 400
+    vtc.lift("a", backlogged_min=400)  # a lift never lowers
+    assert vtc.counter("a") == 1000
+
+
+def test_vtc_weights_divide_the_charge() -> None:
+    vtc = VirtualTokenCounter()
+    vtc.charge("heavy", 1000, 2.0)
+    vtc.charge("light", 1000, 1.0)
+    assert vtc.counter("heavy") == 500 and vtc.counter("light") == 1000
+
+
+def test_vtc_forgets_idle_tenants_and_stays_bounded() -> None:
+    vtc = VirtualTokenCounter(max_tenants=100)
+    for i in range(5000):
+        vtc.charge(f"t{i}", i, 1)
+        vtc.picked(f"t{i}")
+        vtc.forget_idle(set())
+    assert len(vtc) <= 100
+
+
+# -- the fair policy ---------------------------------------------------------------------
+
+def test_fair_policy_serves_the_lowest_counter_then_priority_then_arrival() -> None:
+    pool = scheduler()
+    policy = FairPolicy(pool)
+    for i in range(3):
+        policy.push(delivery("alice", sent=i))
+    policy.push(delivery("bob", priority=0, sent=10))  # lifted to alice's level
+    policy.push(delivery("bob", priority=5, sent=11))
+    pool.vtc.charge("alice", 10_000, 1)  # then alice is served a lot
+    order = [(d.tenant, d.served_priority) for d in iter(policy.pop, None)]
+    assert order[:2] == [("bob", 5), ("bob", 0)]
+    assert [t for t, _ in order[2:]] == ["alice"] * 3
+
+
+def test_fair_policy_bands_are_strict() -> None:
+    pool = scheduler()
+    policy = FairPolicy(pool)
+    pool.vtc.charge("bob", 10**9, 1)  # however much bob was served, his band goes first
+    policy.push(delivery("alice", band=0))
+    policy.push(delivery("bob", band=1))
+    first = policy.pop()
+    assert first is not None and first.tenant == "bob"
+
+
+def test_fair_policy_alternates_two_backlogged_tenants_by_tokens() -> None:
+    pool = scheduler(heavy=TenantSettings(weight=2))
+    policy = FairPolicy(pool)
+    for i in range(300):
+        policy.push(delivery("heavy", sent=i))
+        policy.push(delivery("light", sent=i))
+    served = {"heavy": 0, "light": 0}
+    for _ in range(300):
+        d = policy.pop()
+        assert d is not None
+        served[d.tenant] += 1
+    assert served["heavy"] / served["light"] == pytest.approx(2.0, abs=0.05)
+
+
+def test_last_movable_is_the_request_served_last_and_never_a_lane_head() -> None:
+    pool = scheduler()
+    policy = FairPolicy(pool)
+    pool.vtc.charge("alice", 5000, 1)
+    newest_alice = delivery("alice", sent=9)
+    policy.push(delivery("alice", sent=1))
+    policy.push(newest_alice)
+    policy.push(delivery("bob", sent=5))
+    assert policy.last_movable() is newest_alice
+    lane_only = FairPolicy(pool)
+    lane_only.push(delivery("alice", lane="p.lane.x"))
+    assert lane_only.last_movable() is None
+
+
+def test_fifo_policy_is_priority_then_arrival() -> None:
+    policy = FifoPolicy()
+    policy.push(delivery("a", 0, sent=1))
+    policy.push(delivery("b", 3, sent=2))
+    policy.push(delivery("c", 0, sent=0))
+    assert [d.tenant for d in iter(policy.pop, None)] == ["b", "c", "a"]
+
+
+# -- admission ---------------------------------------------------------------------------
+
+async def test_admission_grants_permits_in_policy_order() -> None:
+    pool = scheduler()
+    admission = Admission("b", 1, pool.policy(), lookahead=8)
+    running = delivery("alice")
+    assert await admission.acquire(running) is Verdict.START
+    waiters = [asyncio.create_task(admission.acquire(delivery(t, sent=i)))
+               for i, t in enumerate(["alice", "alice", "bob"])]
+    await asyncio.sleep(0)
+    assert admission.waiting == 3
+    pool.charge(running, 1000)  # alice's running request turns out long
+    admission.release()
+    await asyncio.sleep(0)
+    done = [i for i, task in enumerate(waiters) if task.done()]
+    assert done == [2]  # bob, though he came last
+    admission.hand_back()
+    assert [await task for task in waiters[:2]] == [Verdict.HAND_BACK] * 2
+
+
+async def test_admission_moves_what_it_would_serve_last_when_saturated() -> None:
+    pool = scheduler()
+    admission = Admission("b", 1, pool.policy(), lookahead=2, sorts=True)
+    assert await admission.acquire(delivery("alice")) is Verdict.START
+    tasks = [asyncio.create_task(admission.acquire(delivery("alice", sent=i)))
+             for i in range(4)]
+    await asyncio.sleep(0)
+    verdicts = [task.result() for task in tasks if task.done()]
+    assert verdicts == [Verdict.MOVE, Verdict.MOVE]  # the two newest
+    assert admission.waiting == 2
+    admission.hand_back()
+    await asyncio.gather(*tasks)
+
+
+async def test_admission_limit_changes_never_exceed_the_permits() -> None:
+    admission = Admission("b", 2)
+    assert await admission.acquire(delivery()) is Verdict.START
+    assert await admission.acquire(delivery()) is Verdict.START
+    admission.set_limit(1)
+    waiter = asyncio.create_task(admission.acquire(delivery()))
+    admission.release()
+    await asyncio.sleep(0)
+    assert not waiter.done() and admission.in_use == 1  # still one running: at the limit
+    admission.release()
+    await asyncio.sleep(0)
+    assert waiter.result() is Verdict.START
+
+
+async def test_a_cancelled_waiter_leaves_no_trace() -> None:
+    admission = Admission("b", 1)
+    await admission.acquire(delivery())
+    waiter = asyncio.create_task(admission.acquire(delivery()))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert admission.waiting == 0
+    admission.release()
+    assert admission.in_use == 0
+
+
+# -- tenants, ceilings, quotas, settings -------------------------------------------------
+
+def test_tenants_come_from_the_validated_user_and_teams_share_one() -> None:
+    book = TenantBook({"research": TenantSettings(users=["ann", "ben"], max_priority=3)})
+    assert book.tenant_of("ann") == book.tenant_of("ben") == "research"
+    assert book.tenant_of("carol") == "carol"
+    assert book.tenant_of(None) == "default"
+    assert book.served_priority("research", 9) == 3
+    assert book.served_priority("carol", 9) == 9
+
+
+def test_quota_marks_overflow_and_expires_after_a_minute() -> None:
+    now = [0.0]
+    book = TenantBook({"a": TenantSettings(tokens_per_minute=100), "z": TenantSettings(
+        tokens_per_minute=0)})
+    quota = QuotaMeter(book, clock=lambda: now[0])
+    quota.record("a", 60)
+    assert not quota.over("a")
+    quota.record("a", 60)
+    assert quota.over("a")
+    now[0] = 61.0
+    assert not quota.over("a") and quota.used("a") == 0
+    assert quota.over("z")  # a quota of 0: only capacity nobody else wants
+
+
+def test_overflow_tenants_go_after_everyone_within_quota() -> None:
+    pool = scheduler(greedy=TenantSettings(tokens_per_minute=10))
+    pool.quota.record("greedy", 50)
+    policy = FairPolicy(pool)
+    pool.vtc.charge("modest", 10**6, 1)  # even with a far higher counter
+    policy.push(delivery("greedy"))
+    policy.push(delivery("modest"))
+    first = policy.pop()
+    assert first is not None and first.tenant == "modest"
+
+
+@pytest.mark.parametrize(("data", "key"), [
+    ({"tenants": {"a": {"weight": 0}}}, "tenants.a.weight"),
+    ({"tenants": {"a": {"weight": -1}}}, "tenants.a.weight"),
+    ({"tenants": {"a": {"tokens_per_minute": -5}}}, "tenants.a.tokens_per_minute"),
+    ({"tenants": {"a": {"users": ["u"]}, "b": {"users": ["u"]}}}, "tenants.b.users"),
+    ({"tenants": {"bad name": {}}}, "tenants.bad name"),
+])
+def test_bad_tenant_configuration_names_the_key(data: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_settings(**data)
+
+
+def test_bands_must_rise_and_start_at_zero() -> None:
+    pool = {"name": "p", "models": ["m"],
+            "backends": [{"name": "b", "url": "http://x/v1", "max_concurrency": 1}]}
+    with pytest.raises(ConfigError, match="first band"):
+        load_settings(pools=[{**pool, "scheduling": {"bands": [
+            {"name": "x", "min_priority": 2}]}}])
+    with pytest.raises(ConfigError, match="must rise"):
+        load_settings(pools=[{**pool, "scheduling": {"bands": [
+            {"name": "x", "min_priority": 0}, {"name": "y", "min_priority": 0}]}}])
+    ok = load_settings(pools=[{**pool, "scheduling": {"bands": [
+        {"name": "batch", "min_priority": 0}, {"name": "interactive", "min_priority": 5}]}}])
+    assert ok.pools[0].scheduling.band_of(4) == 0 and ok.pools[0].scheduling.band_of(9) == 1
