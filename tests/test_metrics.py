@@ -450,6 +450,13 @@ async def test_serve_exports_every_metric_over_http() -> None:
     streamed.stream = StreamProgress("s1", messages=2, chunks=9, content_chars=30)
     MetricsHook(metrics).first_chunk(streamed)
     MetricsHook(metrics).settled(streamed, Cancelled("in_flight"), Settlement("cancelled"))
+    for family in (metrics.tenant_requests, metrics.tenant_tokens):
+        family.labels("chat", "alice", "ok").inc()
+    metrics.tenant_queue_wait.labels("chat", "alice").observe(0.1)
+    for gauge in (metrics.tenant_waiting, metrics.tenant_virtual_tokens):
+        gauge.labels("chat", "alice").set(1)
+    metrics.tenant_sorted.labels("chat", "alice").inc()
+    metrics.fairness.labels("chat").set(1)
     server = metrics.serve(0, addr="127.0.0.1")
     try:
         async with httpx.AsyncClient() as http:

@@ -255,3 +255,93 @@ def test_bands_must_rise_and_start_at_zero() -> None:
     ok = load_settings(pools=[{**pool, "scheduling": {"bands": [
         {"name": "batch", "min_priority": 0}, {"name": "interactive", "min_priority": 5}]}}])
     assert ok.pools[0].scheduling.band_of(4) == 0 and ok.pools[0].scheduling.band_of(9) == 1
+
+
+# -- charging, refunds and the metrics -----------------------------------------------------
+
+def _meter() -> tuple[PoolScheduler, Any, Any]:
+    from pipeline.observe.metrics import Metrics
+    from pipeline.scheduling.meter import TenantMeter
+
+    pool = scheduler()
+    metrics = Metrics()
+    return pool, TenantMeter({"p": pool}, metrics), metrics
+
+
+def test_a_failed_or_cancelled_request_is_refunded() -> None:
+    from pipeline.observe.hooks import Settlement
+    from pipeline.outcome import Cancelled, Failed, Failure
+    from pipeline.protocol import ErrorCode, ParkReason
+
+    pool, meter, _ = _meter()
+    for outcome in (Failed(Failure(ParkReason.BACKEND_ERROR, ErrorCode.BACKEND_ERROR, "x")),
+                    Cancelled("in_flight")):
+        d = delivery("alice")
+        pool.started(d)
+        assert pool.vtc.counter("alice") > 0
+        meter.settled(d, outcome, Settlement("x"))
+        assert pool.vtc.counter("alice") == pytest.approx(0.0)
+        assert d.charged == pytest.approx(0.0)
+
+
+def test_a_completion_is_trued_up_from_its_usage() -> None:
+    from pipeline.models import Usage
+    from pipeline.observe.hooks import Settlement
+    from pipeline.outcome import Completed
+
+    pool, meter, metrics = _meter()
+    d = delivery("alice", size=4000)  # estimated 1,000 prompt tokens
+    pool.started(d)
+    meter.settled(d, Completed(b"{}", Usage(prompt_tokens=10, completion_tokens=5), 0.1),
+                  Settlement("ok"))
+    assert pool.vtc.counter("alice") == pytest.approx(10 + 2 * 5)
+    assert metrics.registry.get_sample_value(
+        "hutch_tenant_tokens_total",
+        {"pool": "-", "tenant": "alice", "kind": "completion"}) == 5
+
+
+def test_sample_exports_backlog_and_zeroes_tenants_that_left() -> None:
+    from pipeline.scheduling.meter import sample
+
+    pool, _, metrics = _meter()
+    shown: dict[str, set[str]] = {}
+    pool.arrived("alice")
+    sample({"p": pool}, metrics, shown)
+    value = metrics.registry.get_sample_value
+    assert value("hutch_tenant_waiting", {"pool": "-", "tenant": "alice"}) == 1
+    pool.left("alice")
+    sample({"p": pool}, metrics, shown)
+    assert value("hutch_tenant_waiting", {"pool": "-", "tenant": "alice"}) == 0
+
+
+def test_tenant_labels_are_bounded() -> None:
+    from pipeline.observe.metrics import MAX_TENANT_LABELS, OTHER_TENANT, Metrics
+
+    metrics = Metrics()
+    labels = {metrics.tenant_label(f"t{i}") for i in range(MAX_TENANT_LABELS * 3)}
+    assert len(labels) == MAX_TENANT_LABELS + 1 and OTHER_TENANT in labels
+
+
+def test_fairness_index_over_backlogged_tenants() -> None:
+    now = [0.0]
+    pool = PoolScheduler("p", PoolScheduling(), TenantBook({}), clock=lambda: now[0])
+    pool.arrived("a")
+    pool.arrived("b")
+    pool.charge(delivery("a"), 100)
+    pool.charge(delivery("b"), 100)
+    now[0] = 61
+    assert pool.fairness() == pytest.approx(1.0)
+    pool.charge(delivery("a"), 300)
+    now[0] = 122
+    assert pool.fairness() == pytest.approx(0.5)  # one of two tenants got everything
+
+
+def test_thousands_of_tenants_leave_bounded_state() -> None:
+    pool = scheduler()
+    policy = FairPolicy(pool)
+    for i in range(20_000):
+        policy.push(delivery(f"t{i}", sent=i))
+        d = policy.pop()
+        assert d is not None
+        pool.charge(d, -d.charged)  # each one failed: refunded
+    assert len(pool.waiting) == 0 and len(pool.vtc) < 1000

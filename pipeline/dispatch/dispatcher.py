@@ -109,13 +109,15 @@ class Dispatcher:
         """A request admission did not start: into its tenant's lane (``move``), or back
         to the broker for any backend of the pool. Neither is an outcome: it is served
         later, by whichever backend takes it then."""
+        moved = False
         try:
-            if move and await self._settler.to_lane(delivery,
-                                                    self.lanes.lane_for(delivery)):
-                return
-            await delivery.message.nack(requeue=True)
+            moved = move and await self._settler.to_lane(delivery,
+                                                         self.lanes.lane_for(delivery))
+            if not moved:
+                await delivery.message.nack(requeue=True)
         except (aiormq.exceptions.AMQPError, ConnectionError):
             pass  # the channel is gone: the broker redelivers it
+        self._hooks.set_aside(delivery, moved)
 
     async def handle(self, delivery: Delivery, backend: Backend,
                      health: BackendHealth) -> None:

@@ -69,6 +69,10 @@ class PoolScheduler:
         self._idle_since: dict[str, float] = {}
         self._clock = clock
         self._picks = 0
+        #: Jain's index: weighted service per tenant backlogged in the current window.
+        self._window_start = clock()
+        self._window: dict[str, float] = {}
+        self._last_index: float | None = None
 
     def policy(self) -> WaitingPolicy:
         """The waiting set of one more backend of the pool."""
@@ -94,6 +98,7 @@ class PoolScheduler:
     def arrived(self, tenant: str) -> None:
         """One more request of ``tenant`` waits; lift it if it was not backlogged."""
         count = self.waiting.get(tenant, 0)
+        self._window.setdefault(tenant, 0.0)
         if count == 0:
             idle_since = self._idle_since.pop(tenant, None)
             if idle_since is None or self._clock() - idle_since >= _RETURN_AFTER_S:
@@ -125,6 +130,20 @@ class PoolScheduler:
             weight = self.book.settings(delivery.tenant).weight
             self.vtc.charge(delivery.tenant, cost, weight)
             delivery.charged += cost
+            if delivery.tenant in self._window:
+                self._window[delivery.tenant] += cost / weight
+
+    def fairness(self, window_s: float = 60.0) -> float | None:
+        """Jain's index of the weighted service of the tenants that had requests waiting
+        in the last full window (None before one has passed with two such tenants)."""
+        if self._clock() - self._window_start >= window_s:
+            shares = [max(0.0, x) for x in self._window.values()]
+            total, squares = sum(shares), sum(x * x for x in shares)
+            self._last_index = (total * total / (len(shares) * squares)
+                                if len(shares) >= 2 and squares > 0 else None)
+            self._window = {tenant: 0.0 for tenant in self.waiting}
+            self._window_start = self._clock()
+        return self._last_index
 
 
 class _Ordered:

@@ -51,7 +51,7 @@ class Handlers:
         names = Names(settings.prefix)
         guard = ReplyGuard.from_settings(settings)
         schedulers = schedulers or cls.schedulers(settings)
-        hooks = Hooks(MetricsHook(metrics), LoggingHook(), TenantMeter(schedulers),
+        hooks = Hooks(MetricsHook(metrics), LoggingHook(), TenantMeter(schedulers, metrics),
                       *extra_hooks)
         settler = Settler(Publisher(channel), names, hooks, worker_user=guard.worker_user,
                           stream_window_s=settings.stream_window_ms / 1000,

@@ -50,6 +50,7 @@ from pipeline.observe.hooks import DeliveryHook
 from pipeline.observe.log import get_logger
 from pipeline.observe.metrics import Metrics
 from pipeline.scheduling.lanes import LaneMap
+from pipeline.scheduling.meter import sample
 from pipeline.settings import BackendSettings, PoolSettings, Settings
 from pipeline.worker.admission import Admission, Verdict
 from pipeline.worker.cancels import CancelSubscription
@@ -232,6 +233,7 @@ class Worker:
                                                      lambda: self._rebalance(connection))))
         tasks.append(asyncio.create_task(self._guard("pauses",
                                                      lambda: self._watch_pauses(connection))))
+        tasks.append(asyncio.create_task(self._guard("tenants", self._sample_tenants)))
         return tasks
 
     async def _session(self, connection: AbstractConnection) -> None:
@@ -296,6 +298,13 @@ class Worker:
         if not all(results):
             log.warning("worker.grace_expired", unfinished=self._in_flight(),
                         note="unfinished requests are redelivered by the broker")
+
+    async def _sample_tenants(self) -> None:
+        """Export the schedulers' backlog, counters and fairness every few seconds."""
+        shown: dict[str, set[str]] = {}
+        while True:
+            sample(self.schedulers, self.metrics, shown)
+            await asyncio.sleep(2.0)
 
     async def _watch_pauses(self, connection: AbstractConnection) -> None:
         """Follow the pause flags (queues named <prefix>.paused.<pool>)."""
