@@ -345,3 +345,33 @@ def test_thousands_of_tenants_leave_bounded_state() -> None:
         assert d is not None
         pool.charge(d, -d.charged)  # each one failed: refunded
     assert len(pool.waiting) == 0 and len(pool.vtc) < 1000
+
+
+def test_status_lists_tenants_with_their_lane_backlog_and_share() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pipeline.broker.names import Names
+    from pipeline.observe.metrics import Metrics
+    from pipeline.ops.status import StatusReport, format_status
+    from pipeline.ops.tenant_status import tenant_rows, tenant_values
+    from pipeline.scheduling.lanes import LaneMap
+
+    settings = load_settings(pools=[{"name": "chat", "models": ["m"], "backends": [
+        {"name": "b", "url": "http://x/v1", "max_concurrency": 1}]}])
+    metrics = Metrics(settings=settings)
+    metrics.tenant_tokens.labels("chat", "alice", "prompt").inc(300)
+    metrics.tenant_tokens.labels("chat", "bob", "prompt").inc(100)
+    metrics.tenant_waiting.labels("chat", "alice").set(4)
+    from prometheus_client import generate_latest
+
+    values: dict[str, Any] = {}
+    for _ in range(2):  # two workers report: summed
+        tenant_values(text_string_to_metric_families(
+            generate_latest(metrics.registry).decode()), values)
+    pool = settings.pools[0]
+    alice_lane = LaneMap(Names(settings.prefix), "chat", pool.scheduling).lanes_of("alice")[0]
+    rows = tenant_rows(settings, values, {alice_lane: 120})
+    assert [(r.tenant, r.waiting, r.lane_messages, r.tokens, r.share) for r in rows] == [
+        ("alice", 8, 120, 600, 75.0), ("bob", 0, None, 200, 25.0)]
+    text = format_status(StatusReport("/", [], [], [], tenants=rows))
+    assert "TENANT" in text and alice_lane in text

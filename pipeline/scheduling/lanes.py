@@ -42,6 +42,12 @@ class LaneMap:
 
     def lane_for(self, delivery: Delivery) -> str:
         """The lane of the delivery's band its tenant hashes to (stable across workers)."""
-        band = self._scheduling.bands[delivery.band].name
-        n = zlib.crc32(delivery.tenant.encode()) % self._scheduling.lanes
+        return self._lane(delivery.tenant, self._scheduling.bands[delivery.band].name)
+
+    def lanes_of(self, tenant: str) -> list[str]:
+        """The tenant's lane in each band, lowest band first."""
+        return [self._lane(tenant, band.name) for band in self._scheduling.bands]
+
+    def _lane(self, tenant: str, band: str) -> str:
+        n = zlib.crc32(tenant.encode()) % self._scheduling.lanes
         return self._names.lane_queue(self._pool, band, n)
