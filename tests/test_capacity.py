@@ -39,7 +39,7 @@ def setup(clock: FakeClock | None = None, cooldown_s: float = 10.0, lookahead: i
     gate = BackendGate(BreakerPolicy(failure_threshold=1, cooldown_s=cooldown_s), **kwargs)
     health = BackendHealthReporter("b1", 4, gate, FakeGauge())
     consumer, gauge = FakeConsumer(), FakeGauge()
-    admission = Admission("b1", 0, lookahead=lookahead)
+    admission = Admission(lookahead=lookahead)
     return health, consumer, gauge, CapacityController(consumer, health, gauge, admission)
 
 

@@ -66,8 +66,8 @@ def positions(order: list[tuple[str, str | None]], owner: dict[str, str],
 
 @pytest.fixture
 async def backend() -> AsyncIterator[MockBackend]:
-    """Two slots, ~30 ms with jitter (constant times move slots in lock step)."""
-    async with MockBackend(MockConfig(latency_ms=30, capacity=2, jitter=0.3)) as mock:
+    """Two slots, ~50 ms with jitter (constant times move slots in lock step)."""
+    async with MockBackend(MockConfig(latency_ms=50, capacity=2, jitter=0.3)) as mock:
         yield mock
 
 

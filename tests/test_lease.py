@@ -80,7 +80,7 @@ def holder(may_take: Callable[[], bool] = lambda: True
     lease = Lease("p.lease.b1", "b1", timing, held)
     gate = BackendGate(BreakerPolicy())
     health = BackendHealthReporter("b1", 4, gate, FakeGauge())
-    intake = Intake("p.work.chat", Admission("b1", 0))
+    intake = Intake("p.work.chat", Admission())
     return (LeaseHolder(lease, health, "chat", intake, capacity, may_take, asyncio.Event()),
             held, capacity)
 

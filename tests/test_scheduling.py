@@ -16,7 +16,7 @@ from pipeline.scheduling.settings import PoolScheduling, TenantSettings
 from pipeline.scheduling.tenants import QuotaMeter, TenantBook
 from pipeline.scheduling.vtc import VirtualTokenCounter
 from pipeline.settings import load_settings
-from pipeline.worker.admission import Admission, Verdict
+from pipeline.worker.admission import Admission, Grant, Verdict
 
 
 def delivery(tenant: str = "a", priority: int = 0, *, band: int = 0, sent: int = 0,
@@ -136,63 +136,100 @@ def test_fifo_policy_is_priority_then_arrival() -> None:
 
 # -- admission ---------------------------------------------------------------------------
 
+def admission(limits: dict[str, int], pool: PoolScheduler | None = None, **kw: Any
+              ) -> Admission:
+    out = Admission((pool or scheduler()).policy(), **kw)
+    for backend, limit in limits.items():
+        out.set_limit(backend, limit)
+    return out
+
+
+def on(backend: str, d: Delivery) -> Delivery:
+    d.backend = backend
+    return d
+
+
 async def test_admission_grants_permits_in_policy_order() -> None:
     pool = scheduler()
-    admission = Admission("b", 1, pool.policy(), lookahead=8)
-    running = delivery("alice")
-    assert await admission.acquire(running) is Verdict.START
-    waiters = [asyncio.create_task(admission.acquire(delivery(t, sent=i)))
+    gate = admission({"b": 1}, pool, lookahead=8)
+    running = on("b", delivery("alice"))
+    assert await gate.acquire(running) == Grant(Verdict.START, "b")
+    waiters = [asyncio.create_task(gate.acquire(on("b", delivery(t, sent=i))))
                for i, t in enumerate(["alice", "alice", "bob"])]
     await asyncio.sleep(0)
-    assert admission.waiting == 3
+    assert gate.waiting == 3
     pool.charge(running, 1000)  # alice's running request turns out long
-    admission.release()
+    gate.release("b")
     await asyncio.sleep(0)
     done = [i for i, task in enumerate(waiters) if task.done()]
     assert done == [2]  # bob, though he came last
-    admission.hand_back()
-    assert [await task for task in waiters[:2]] == [Verdict.HAND_BACK] * 2
+    gate.hand_back()
+    assert [(await task).verdict for task in waiters[:2]] == [Verdict.HAND_BACK] * 2
+
+
+async def test_a_waiting_request_starts_on_any_free_backend_of_the_pool() -> None:
+    gate = admission({"a": 1, "b": 0}, lookahead=4)
+    assert (await gate.acquire(on("a", delivery()))).backend == "a"
+    waiter = asyncio.create_task(gate.acquire(on("a", delivery())))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    gate.set_limit("b", 1)  # b starts serving: the request held for a goes there at once
+    await asyncio.sleep(0)
+    assert waiter.result() == Grant(Verdict.START, "b")
 
 
 async def test_admission_moves_what_it_would_serve_last_when_saturated() -> None:
-    pool = scheduler()
-    admission = Admission("b", 1, pool.policy(), lookahead=2, sorts=True)
-    assert await admission.acquire(delivery("alice")) is Verdict.START
-    tasks = [asyncio.create_task(admission.acquire(delivery("alice", sent=i)))
+    gate = admission({"b": 1}, lookahead=2, sorts=True)
+    assert (await gate.acquire(on("b", delivery("alice")))).verdict is Verdict.START
+    tasks = [asyncio.create_task(gate.acquire(on("b", delivery("alice", sent=i))))
              for i in range(4)]
     await asyncio.sleep(0)
-    verdicts = [task.result() for task in tasks if task.done()]
+    verdicts = [task.result().verdict for task in tasks if task.done()]
     assert verdicts == [Verdict.MOVE, Verdict.MOVE]  # the two newest
-    assert admission.waiting == 2
-    admission.hand_back()
+    assert gate.waiting == 2
+    gate.hand_back()
     await asyncio.gather(*tasks)
 
 
 async def test_admission_limit_changes_never_exceed_the_permits() -> None:
-    admission = Admission("b", 2)
-    assert await admission.acquire(delivery()) is Verdict.START
-    assert await admission.acquire(delivery()) is Verdict.START
-    admission.set_limit(1)
-    waiter = asyncio.create_task(admission.acquire(delivery()))
-    admission.release()
+    gate = admission({"b": 2})
+    for _ in range(2):
+        assert (await gate.acquire(on("b", delivery()))).verdict is Verdict.START
+    gate.set_limit("b", 1)
+    waiter = asyncio.create_task(gate.acquire(on("b", delivery())))
+    gate.release("b")
     await asyncio.sleep(0)
-    assert not waiter.done() and admission.in_use == 1  # still one running: at the limit
-    admission.release()
+    assert not waiter.done() and gate.in_use("b") == 1  # one still runs: at the limit
+    gate.release("b")
     await asyncio.sleep(0)
-    assert waiter.result() is Verdict.START
+    assert waiter.result().verdict is Verdict.START
+
+
+async def test_nothing_serving_hands_everything_back_and_a_source_only_its_own() -> None:
+    gate = admission({"a": 1, "b": 1}, lookahead=4)
+    for backend in ("a", "b"):
+        await gate.acquire(on(backend, delivery()))
+    from_a = asyncio.create_task(gate.acquire(on("a", delivery())))
+    from_b = asyncio.create_task(gate.acquire(on("b", delivery())))
+    await asyncio.sleep(0)
+    assert gate.hand_back(source="a") == 1  # a's consumer goes away: its own go back
+    assert (await from_a).verdict is Verdict.HAND_BACK and not from_b.done()
+    gate.set_limit("a", 0)
+    gate.set_limit("b", 0)  # no backend of the pool serves here any more
+    assert (await from_b).verdict is Verdict.HAND_BACK
 
 
 async def test_a_cancelled_waiter_leaves_no_trace() -> None:
-    admission = Admission("b", 1)
-    await admission.acquire(delivery())
-    waiter = asyncio.create_task(admission.acquire(delivery()))
+    gate = admission({"b": 1})
+    await gate.acquire(on("b", delivery()))
+    waiter = asyncio.create_task(gate.acquire(on("b", delivery())))
     await asyncio.sleep(0)
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
-    assert admission.waiting == 0
-    admission.release()
-    assert admission.in_use == 0
+    assert gate.waiting == 0
+    gate.release("b")
+    assert gate.in_use() == 0
 
 
 # -- tenants, ceilings, quotas, settings -------------------------------------------------
@@ -373,5 +410,8 @@ def test_status_lists_tenants_with_their_lane_backlog_and_share() -> None:
     rows = tenant_rows(settings, values, {alice_lane: 120})
     assert [(r.tenant, r.waiting, r.lane_messages, r.tokens, r.share) for r in rows] == [
         ("alice", 8, 120, 600, 75.0), ("bob", 0, None, 200, 25.0)]
-    text = format_status(StatusReport("/", [], [], [], tenants=rows))
+    from pipeline.ops.status import QueueStatus
+
+    parked = QueueStatus("llm.parked", "parked", messages=0)
+    text = format_status(StatusReport("/", [parked], [], [], tenants=rows))
     assert "TENANT" in text and alice_lane in text

@@ -1,29 +1,37 @@
-"""A backend's admission: which delivered request starts next, and when.
+"""A pool's admission in one worker: which delivered request starts next, where, and when.
 
-Between the consumer and the dispatcher. The consumer holds a few requests beyond the
-backend's free slots (its lookahead); each arrives here parsed (tenant, band, priority
-known) and waits for a permit. ``limit`` permits exist: the backend's current limit (its
-health's, later an adaptive one); lowering it stops granting, it never aborts what runs.
-When a permit frees, the policy (:mod:`pipeline.scheduling.policy`) picks the waiting
-request that goes next, at once, without a broker round trip.
+Between the consumers and the dispatcher. Each leased backend's consumer holds a few
+requests beyond the backend's free slots (its lookahead); each arrives here parsed
+(tenant, band, priority known) and waits for a permit of *any* of the pool's backends in
+this worker: each backend has ``limit`` permits, its current limit (its health's, later
+an adaptive one); lowering it stops granting, it never aborts what runs. When a permit
+frees, the policy (:mod:`pipeline.scheduling.policy`) picks the waiting request that goes
+next and it starts on that backend at once, without a broker round trip; a request held
+here is never kept from a free slot of its pool in this worker.
 
-Every waiting request ends in one :class:`Verdict`: ``START`` (it holds a permit now),
-``HAND_BACK`` (the backend stopped serving, the worker drains or hands its lease over:
-requeue it for any backend of the pool) or ``MOVE`` (the backend is saturated and this is
-the request its policy would serve last: sort it into its tenant's lane, so the pool's
-queue behind it keeps flowing). The task that holds the delivery carries the verdict out;
-this object does no I/O.
+Every waiting request ends in one :class:`Verdict`: ``START`` (it holds a permit of the
+backend :meth:`Admission.acquire` names), ``HAND_BACK`` (no backend here can serve it, or
+the consumer that delivered it is going away: requeue it for any backend of the pool) or
+``MOVE`` (every backend is saturated and this is the request the policy would serve last:
+sort it into its tenant's lane, so the pool's queue behind it keeps flowing). The task
+that holds the delivery carries the verdict out; this object does no I/O.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+from dataclasses import dataclass
 
 from pipeline.delivery import Delivery
 from pipeline.scheduling.policy import FifoPolicy, WaitingPolicy
 
-__all__ = ["Admission", "Verdict"]
+__all__ = ["SORT_CREDITS", "Admission", "Grant", "Verdict"]
+
+#: While sorting, each consumer takes this many more deliveries than its permits and its
+#: lookahead: the moves to the lanes in flight at once (each waits for its confirm), so a
+#: flood drains out of the pool's queue at the broker's pace, not one confirm at a time.
+SORT_CREDITS = 32
 
 
 class Verdict(enum.Enum):
@@ -32,35 +40,51 @@ class Verdict(enum.Enum):
     MOVE = "move"
 
 
-class Admission:
-    """Permits and the waiting set of one backend."""
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What became of a waiting request: its verdict and, to start, the backend."""
 
-    def __init__(self, backend: str, limit: int, policy: WaitingPolicy | None = None, *,
-                 lookahead: int = 0, sorts: bool = False) -> None:
-        self.backend = backend
-        self._limit = limit
+    verdict: Verdict
+    backend: str | None = None
+
+
+@dataclass
+class _Permits:
+    limit: int = 0
+    in_use: int = 0
+
+    @property
+    def free(self) -> int:
+        return self.limit - self.in_use
+
+
+class Admission:
+    """Permits per backend and the waiting set of one pool in this worker."""
+
+    def __init__(self, policy: WaitingPolicy | None = None, *, lookahead: int = 0,
+                 sorts: bool = False) -> None:
         self._policy: WaitingPolicy = policy if policy is not None else FifoPolicy()
-        #: Requests that may wait here while every permit is taken; beyond them the one
-        #: served last is moved to its lane (when ``sorts``).
+        #: Requests each serving backend lets wait here while every permit is taken;
+        #: beyond them the one served last is moved to its lane (when ``sorts``).
         self.lookahead = lookahead
         self._sorts = sorts
-        self._in_use = 0
-        self._futures: dict[int, asyncio.Future[Verdict]] = {}
+        self._permits: dict[str, _Permits] = {}
+        self._futures: dict[int, asyncio.Future[Grant]] = {}
 
     @property
     def prefetch_extra(self) -> int:
-        """What the consumer takes beyond the permits: the lookahead, and as many again
-        while sorting, so that requests beyond the window arrive (and are moved out) while
-        the window stays full."""
-        return self.lookahead * 2 if self._sorts else self.lookahead
+        """What a backend's consumer takes beyond its permits: the lookahead, and while
+        sorting :data:`SORT_CREDITS` more, so that requests beyond the window arrive (and
+        are moved out) while the window stays full."""
+        return self.lookahead + SORT_CREDITS if self._sorts else self.lookahead
 
-    @property
-    def limit(self) -> int:
-        return self._limit
+    def limit(self, backend: str) -> int:
+        return self._permits.setdefault(backend, _Permits()).limit
 
-    @property
-    def in_use(self) -> int:
-        return self._in_use
+    def in_use(self, backend: str | None = None) -> int:
+        if backend is not None:
+            return self._permits.setdefault(backend, _Permits()).in_use
+        return sum(p.in_use for p in self._permits.values())
 
     @property
     def waiting(self) -> int:
@@ -69,17 +93,22 @@ class Admission:
     def waiting_requests(self) -> list[Delivery]:
         return self._policy.entries()
 
-    def set_limit(self, limit: int) -> None:
-        """The backend may now run ``limit`` requests at once (a raise starts waiters)."""
-        self._limit = max(0, limit)
+    def set_limit(self, backend: str, limit: int) -> None:
+        """``backend`` may now run ``limit`` requests at once (a raise starts waiters;
+        when no backend of the pool may run any, whatever waits goes back)."""
+        self._permits.setdefault(backend, _Permits()).limit = max(0, limit)
         self._grant()
+        if not any(p.limit for p in self._permits.values()):
+            self.hand_back()
 
-    async def acquire(self, delivery: Delivery) -> Verdict:
+    async def acquire(self, delivery: Delivery) -> Grant:
         """Wait for a permit (or another verdict). A START must be :meth:`release`d."""
-        if self._in_use < self._limit and not len(self._policy):
-            self._in_use += 1  # the fast path: nothing waits, a permit is free
-            return Verdict.START
-        future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
+        if not len(self._policy):
+            backend = self._free_backend(delivery.backend)
+            if backend is not None:  # the fast path: nothing waits, a permit is free
+                self._permits[backend].in_use += 1
+                return Grant(Verdict.START, backend)
+        future: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
         self._futures[id(delivery)] = future
         self._policy.push(delivery)
         self._grant()
@@ -89,50 +118,61 @@ class Admission:
         except asyncio.CancelledError:
             if self._policy.remove(delivery):
                 self._futures.pop(id(delivery), None)
-            elif future.done() and not future.cancelled() and future.result() is Verdict.START:
-                self.release()
+            elif future.done() and not future.cancelled():
+                grant = future.result()
+                if grant.verdict is Verdict.START and grant.backend is not None:
+                    self.release(grant.backend)
             raise
 
-    def release(self) -> None:
-        """A started request ended: its permit goes to whoever the policy picks."""
-        self._in_use -= 1
+    def release(self, backend: str) -> None:
+        """A request started on ``backend`` ended: the permit goes to whoever the policy
+        picks."""
+        self._permits[backend].in_use -= 1
         self._grant()
 
-    def hand_back(self) -> int:
-        """Every waiting request goes back to the broker (stop, drain, lease moved)."""
+    def hand_back(self, source: str | None = None) -> int:
+        """Waiting requests go back to the broker: all of them, or those ``source``'s
+        consumer delivered (its channel is about to close: they must be settled on it)."""
         handed = 0
-        while (delivery := self._next()) is not None:
-            self._resolve(delivery, Verdict.HAND_BACK)
-            handed += 1
+        for delivery in self._policy.entries():
+            if source is None or delivery.backend == source:
+                self._policy.remove(delivery)
+                self._resolve(delivery, Grant(Verdict.HAND_BACK))
+                handed += 1
         return handed
 
-    def _next(self) -> Delivery | None:
-        entries = self._policy.entries()
-        if not entries:
-            return None
-        self._policy.remove(entries[0])
-        return entries[0]
+    def _free_backend(self, preferred: str | None) -> str | None:
+        """A backend with a free permit: ``preferred`` if it has one, else the freest."""
+        own = self._permits.get(preferred or "")
+        if own is not None and own.free > 0:
+            return preferred
+        best = max(self._permits.items(), key=lambda item: item[1].free, default=None)
+        return best[0] if best is not None and best[1].free > 0 else None
 
     def _grant(self) -> None:
-        while self._in_use < self._limit and len(self._policy):
+        while len(self._policy):
+            backend = self._free_backend(None)
+            if backend is None:
+                return
             delivery = self._policy.pop()
             if delivery is None:
-                break
-            self._in_use += 1
-            self._resolve(delivery, Verdict.START)
+                return
+            self._permits[backend].in_use += 1
+            self._resolve(delivery, Grant(Verdict.START, backend))
 
     def _sort(self) -> None:
         """Saturated: move what would be served last out of the window (to its lane)."""
-        if not self._sorts or self._in_use < self._limit:
+        if not self._sorts or self._free_backend(None) is not None:
             return
-        while len(self._policy) > self.lookahead:
+        serving = sum(1 for p in self._permits.values() if p.limit > 0)
+        while len(self._policy) > self.lookahead * max(1, serving):
             last = self._policy.last_movable()
             if last is None:
                 return
             self._policy.remove(last)
-            self._resolve(last, Verdict.MOVE)
+            self._resolve(last, Grant(Verdict.MOVE))
 
-    def _resolve(self, delivery: Delivery, verdict: Verdict) -> None:
+    def _resolve(self, delivery: Delivery, grant: Grant) -> None:
         future = self._futures.pop(id(delivery), None)
         if future is not None and not future.done():
-            future.set_result(verdict)
+            future.set_result(grant)

@@ -1,11 +1,12 @@
 """The capacity controller: a leased backend takes exactly what it may serve.
 
-The backend's admission (:mod:`pipeline.worker.admission`) holds as many permits as its
-health allows -- ``max_concurrency`` while healthy, 1 while a circuit probe is due -- and
-the consumer's prefetch is that plus the pool's lookahead, so a freed slot starts the next
-request at once and the scheduler has a choice, while nothing waits at a backend that
-cannot serve it: no consumer at all while the circuit is open, a 429 asked for time or the
-pool is paused, and whatever waited is handed back to the broker when the limit falls.
+The pool's admission (:mod:`pipeline.worker.admission`) holds as many permits for the
+backend as its health allows -- ``max_concurrency`` while healthy, 1 while a circuit
+probe is due -- and the consumer's prefetch is that plus the pool's lookahead, so a freed
+slot starts the next request at once and the scheduler has a choice, while nothing waits
+at a backend that cannot serve it: no consumer at all while the circuit is open, a 429
+asked for time or the pool is paused, and what waited goes to another backend of the pool
+here, or back to the broker when none is left serving.
 
 On RabbitMQ 3.10 a live prefetch change has no effect on a consumer, so resizing means
 cancelling and consuming again; the permits keep the cap meanwhile, since a lower limit
@@ -91,15 +92,14 @@ class CapacityController:
         limit = source.allowed()
         want = limit + admission.prefetch_extra if limit else 0
         current = consumer.prefetch if consumer.consuming else 0
-        lowered = limit < admission.limit
-        admission.set_limit(limit)
+        # What waits may start on any backend of the pool here; with none left serving,
+        # the admission hands it all back to the broker.
+        admission.set_limit(source.backend, limit)
         if want == current:
             return
         if consumer.consuming:
             await consumer.stop_consuming()
             self._gauge.set(0)
-        if lowered:
-            admission.hand_back()  # nothing waits where it cannot be served soon
         if want:
             await consumer.start(want)
             self._gauge.set(limit)

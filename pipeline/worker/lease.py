@@ -115,7 +115,8 @@ class Lease:
 @dataclass(frozen=True)
 class Intake:
     """What a leased backend consumes: its pool's queue and, when the pool sorts by
-    tenant, the pool's lanes; and the admission its deliveries wait at for a permit."""
+    tenant, the pool's lanes; and the pool's admission its deliveries wait at for a
+    permit (of this or another backend of the pool in this worker)."""
 
     work_queue: str
     admission: Admission
@@ -189,6 +190,8 @@ class LeaseHolder:
             self.lease.dropped()
             self.consumer = None
             self._capacity_gauge.set(0)
+            self.intake.admission.set_limit(self.name, 0)
+            self.intake.admission.hand_back(source=self.name)
             await consumer.abort()
         return False
 
@@ -202,7 +205,8 @@ class LeaseHolder:
         """Drain what this worker holds (so the cap still holds when the next holder
         starts), then give the lease up. What waited for a permit goes back at once."""
         await consumer.stop_consuming()
-        self.intake.admission.hand_back()
+        self.intake.admission.set_limit(self.name, 0)
+        self.intake.admission.hand_back(source=self.name)
         await consumer.drain(self.lease.timing.grace_s)
         await consumer.abort()
         await self.lease.give_up(connection)

@@ -75,21 +75,24 @@ class _Slot:
     http: Backend
     holder: LeaseHolder
 
-    def handler(self, dispatcher: Dispatcher) -> Handler:
-        """Deliveries of the pool's queue (and lanes): parsed once, admitted by this
-        backend's admission in its policy's order, then dispatched to this backend."""
+    def handler(self, dispatcher: Dispatcher, pool: dict[str, _Slot]) -> Handler:
+        """Deliveries of the pool's queue (and lanes) consumed for this backend: parsed
+        once, admitted in the policy's order by the pool's admission, and dispatched to
+        whichever backend of the pool (``pool``, by name) it grants a permit of."""
         admission = self.holder.intake.admission
 
         async def handle(message: AbstractIncomingMessage) -> None:
             delivery = dispatcher.parse(message, self.http.name)
-            verdict = await admission.acquire(delivery)
-            if verdict is not Verdict.START:
-                await dispatcher.set_aside(delivery, move=verdict is Verdict.MOVE)
+            grant = await admission.acquire(delivery)
+            if grant.verdict is not Verdict.START or grant.backend is None:
+                await dispatcher.set_aside(delivery, move=grant.verdict is Verdict.MOVE)
                 return
+            slot = pool[grant.backend]
+            delivery.backend = grant.backend
             try:
-                await dispatcher.handle(delivery, self.http, self.holder.health)
+                await dispatcher.handle(delivery, slot.http, slot.holder.health)
             finally:
-                admission.release()
+                admission.release(grant.backend)
         return handle
 
 
@@ -109,6 +112,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self._slots: list[_Slot] = []
+        self._admissions: dict[str, Admission] = {}
         self._triage: TrackedConsumer | None = None
         self._presence = Presence(self.names.workers_queue)
         backends = sum(len(pool.backends) for pool in settings.pools)
@@ -133,6 +137,7 @@ class Worker:
 
     async def run(self) -> None:
         """Connect, serve, reconnect on loss; return after :meth:`stop` and a drain."""
+        self._admissions = {pool.name: self._admission(pool) for pool in self.settings.pools}
         self._slots = [self._slot(pool, backend) for pool in self.settings.pools
                        for backend in pool.backends]
         # Backoff and a rate-limited log while the broker is unreachable; a refused vhost,
@@ -159,14 +164,18 @@ class Worker:
                       self.metrics.lease_held.labels(settings.name))
         scheduling = pool.scheduling
         sorts = scheduling.policy == "fair" and scheduling.lookahead > 0
-        admission = Admission(settings.name, 0, self.schedulers[pool.name].policy(),
-                              lookahead=scheduling.lookahead, sorts=sorts)
         lanes = LaneMap(self.names, pool.name, scheduling).queues() if sorts else []
-        holder = LeaseHolder(lease, health, pool.name,
-                             Intake(self.names.work_queue(pool.name), admission, lanes),
+        intake = Intake(self.names.work_queue(pool.name), self._admissions[pool.name], lanes)
+        holder = LeaseHolder(lease, health, pool.name, intake,
                              self.metrics.capacity.labels(settings.name),
                              may_take=self._may_take_more, draining=self._stopping)
         return _Slot(Backend(settings, transport), holder)
+
+    def _admission(self, pool: PoolSettings) -> Admission:
+        """The pool's admission in this worker: its backends' permits, one waiting set."""
+        scheduling = pool.scheduling
+        return Admission(self.schedulers[pool.name].policy(), lookahead=scheduling.lookahead,
+                         sorts=scheduling.policy == "fair" and scheduling.lookahead > 0)
 
     def _may_take_more(self) -> bool:
         """False while this worker holds its share: leave free leases to the others."""
@@ -225,9 +234,13 @@ class Worker:
         await CancelSubscription(self.names, self._cancel_queue_id, self._cancels).start(
             connection)
         await self._check_pauses(connection)  # before any consumer starts
+        by_pool: dict[str, dict[str, _Slot]] = {}
+        for slot in self._slots:
+            by_pool.setdefault(slot.holder.pool, {})[slot.holder.name] = slot
         tasks = [asyncio.create_task(self._guard(slot.holder.name, functools.partial(
                      slot.holder.run, connection,
-                     slot.handler(handlers.dispatchers[slot.holder.pool]))))
+                     slot.handler(handlers.dispatchers[slot.holder.pool],
+                                  by_pool[slot.holder.pool]))))
                  for slot in self._slots]
         tasks.append(asyncio.create_task(self._guard("rebalance",
                                                      lambda: self._rebalance(connection))))
@@ -291,8 +304,8 @@ class Worker:
         log.info("worker.draining", in_flight=self._in_flight(),
                  grace_s=self.settings.shutdown_grace_s)
         await asyncio.gather(*(consumer.stop_consuming() for consumer in consumers))
-        for slot in self._slots:  # what waited for a permit goes back to the broker now
-            slot.holder.intake.admission.hand_back()
+        for admission in self._admissions.values():  # what waits goes back to the broker
+            admission.hand_back()
         results = await asyncio.gather(
             *(consumer.drain(self.settings.shutdown_grace_s) for consumer in consumers))
         if not all(results):
