@@ -22,7 +22,12 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from pipeline.errors import ConfigError
 from pipeline.gateway.settings import GatewaySettings
-from pipeline.scheduling.settings import PoolScheduling, TenantSettings, check_tenants
+from pipeline.scheduling.settings import (
+    QUORUM_LANES,
+    PoolScheduling,
+    TenantSettings,
+    check_tenants,
+)
 from pipeline.settings_checks import check_names
 from pipeline.settings_text import dump_toml, environment_keys, format_errors, redact_url
 
@@ -134,6 +139,14 @@ class PoolSettings(_Strict):
                     f"backends.{j}.timeout_s: {backend.timeout_s:g}s x attempts_per_delivery "
                     f"{self.attempts_per_delivery} = {worst:g}s comes too close to RabbitMQ's "
                     f"consumer_timeout ({CONSUMER_TIMEOUT_S}s); lower one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _quorum_lanes(self) -> PoolSettings:
+        # Each quorum lane is a Raft group on every node: fewer of them unless asked for.
+        if self.queue_type == "quorum" and "lanes" not in self.scheduling.model_fields_set:
+            object.__setattr__(self, "scheduling",
+                               self.scheduling.model_copy(update={"lanes": QUORUM_LANES}))
         return self
 
     @field_validator("retry_delays_ms")

@@ -13,6 +13,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -25,6 +26,7 @@ from pipeline.broker.topology import apply_topology
 from pipeline.settings import Settings
 from pipeline.testing.mock import MockBackend, MockConfig
 from tests.conftest import SettingsFactory, body, running_worker
+from tests.test_replicas import wait_for_holder, worker_processes
 
 
 async def publish_as(channel: AbstractChannel, settings: Settings, reply_to: str,
@@ -169,3 +171,39 @@ async def test_a_hard_quota_refuses_the_excess_once(make_settings: SettingsFacto
     assert first[0][1] is None  # the first is served: nothing was used yet
     codes = {cid.split("-")[0]: code for cid, code in later}
     assert codes == {"capped": "quota_exceeded", "free": None}
+
+
+@pytest.mark.slow
+async def test_fairness_and_every_answer_survive_a_worker_kill(
+        make_settings: SettingsFactory, tmp_path: Path, hutch_env: dict[str, str]) -> None:
+    """Two worker processes, two backends: a flood and a quiet tenant; the worker holding
+    one backend's lease is killed (-9) mid-run. Every request is answered (a redelivered
+    one possibly twice: the client keeps the first), and the quiet tenant is still served
+    long before the flood is."""
+    async with MockBackend(MockConfig(latency_ms=50, capacity=8)) as mock:
+        settings = make_settings([("b1", mock.base_url, 2), ("b2", mock.base_url, 2)])
+        b1 = settings.pools[0].backends[0].name
+        await apply_topology(settings)
+        reply_to = Names(settings.prefix).reply_queue(f"{settings.amqp_user}.kill")
+        async with worker_processes(settings, tmp_path, hutch_env, 2) as procs, \
+                await aio_pika.connect(settings.amqp_url) as connection:
+            victim = await wait_for_holder(procs, b1)
+            channel = await connection.channel()
+            await channel.declare_queue(reply_to, exclusive=True)
+            owner = await publish_as(channel, settings, reply_to, [("alice", 0)] * 200)
+            owner |= await publish_as(channel, settings, reply_to, [("bob", 0)] * 16)
+            order = await replies(channel, reply_to, 40)
+            victim.proc.kill()
+            seen = {cid for cid, _ in order}
+            async with asyncio.timeout(120):
+                while seen != set(owner):
+                    more = await replies(channel, reply_to, 1)
+                    order += more
+                    seen.add(more[0][0])
+    first: list[str] = []
+    for cid, code in order:
+        assert code is None, (cid, code)
+        if cid not in first:
+            first.append(cid)
+    bob = [i for i, cid in enumerate(first) if owner[cid] == "bob"]
+    assert len(bob) == 16 and max(bob) < 150, bob  # FIFO would answer them last (200+)

@@ -19,11 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = [
     "DEFAULT_TENANT",
+    "QUORUM_LANES",
     "BandSettings",
     "PoolScheduling",
     "TenantSettings",
     "check_tenants",
 ]
+
+#: Lanes per band of a quorum pool unless ``lanes`` is set (each is a Raft group).
+QUORUM_LANES = 4
 
 #: The tenant of a request that carries no identity (no ``user_id``, nobody vouching).
 DEFAULT_TENANT = "default"
@@ -77,7 +81,8 @@ class PoolScheduling(_Strict):
     lookahead: int = Field(default=4, ge=0, le=1000)
     #: Per band, the queues (``<prefix>.lane.<pool>.<band>.<n>``) a saturated backend sorts
     #: waiting requests into by tenant, so one tenant's flood never hides another's request
-    #: behind it in the pool's queue. Tenants beyond this many share lanes.
+    #: behind it in the pool's queue. Tenants beyond this many share lanes. Quorum pools:
+    #: 4 unless set (each quorum lane is a Raft group on every node).
     lanes: int = Field(default=16, ge=1, le=256)
     #: Priority bands, strict: every request of a higher band before any of a lower one.
     bands: list[BandSettings] = Field(
