@@ -415,3 +415,46 @@ def test_status_lists_tenants_with_their_lane_backlog_and_share() -> None:
     parked = QueueStatus("llm.parked", "parked", messages=0)
     text = format_status(StatusReport("/", [parked], [], [], tenants=rows))
     assert "TENANT" in text and alice_lane in text
+
+
+def test_a_running_streams_output_counts_before_it_ends() -> None:
+    from pipeline.delivery import StreamProgress
+    from pipeline.observe.hooks import Settlement
+    from pipeline.outcome import Cancelled
+
+    pool, meter, _ = _meter()
+    d = delivery("alice", size=40)  # 10 prompt tokens
+    pool.started(d)
+    d.stream = StreamProgress("s", chunks=50)
+    assert pool.counter("alice") == pytest.approx(10 + 2 * 50)
+    meter.settled(d, Cancelled("in_flight"), Settlement("cancelled"))
+    # Cancelled after 50 chunks: the prompt and the output it got stay charged.
+    assert pool.counter("alice") == pytest.approx(10 + 2 * 50)
+    assert pool.vtc.counter("alice") == pytest.approx(10 + 2 * 50)
+
+
+def test_a_client_cannot_claim_another_tenant() -> None:
+    from pipeline import protocol as p
+    from pipeline.broker.names import Names
+    from pipeline.settle.guard import ReplyGuard
+
+    guard = ReplyGuard(Names("llm"), worker_user="worker", trusted_users=frozenset({"gw"}))
+    book = TenantBook({})
+    assert book.tenant_of(guard.client_user("mallory", {p.H_USER: "alice"})) == "mallory"
+    assert book.tenant_of(guard.client_user("gw", {p.H_USER: "alice"})) == "alice"
+
+
+def test_worker_users_may_read_every_lane_and_triage_knows_a_lanes_pool() -> None:
+    import re as _re
+
+    from pipeline.broker.names import Names
+    from pipeline.worker.triage import triage_failure
+    from topology.clients import worker_permissions
+
+    names = Names("llm")
+    lane = names.lane_queue("chat.eu", "default", 3)
+    assert _re.fullmatch(worker_permissions(names).read, lane)
+    death = {"x-death": [{"reason": "expired", "queue": lane, "count": 1}],
+             "x-first-death-reason": "expired", "x-first-death-queue": lane}
+    _, pool = triage_failure(death, lane, names, "llm.dlx")
+    assert pool == "chat.eu"

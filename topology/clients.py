@@ -138,7 +138,7 @@ def worker_permissions(names: Names) -> Permissions:
     return Permissions(
         configure=f"^({_esc(names.lease_queue(''))}.+|{cancels})$",
         write=f"^(amq\\.default|{_esc(names.retry_exchange)}|{cancels})$",
-        read=f"^({_esc(names.work_queue(''))}.+|{_esc(names.lane_prefix(''))}.+"
+        read=f"^({_esc(names.work_queue(''))}.+|{_esc(names.lanes_prefix)}.+"
              f"|{_esc(names.triage_queue)}"
              f"|{_esc(names.workers_queue)}|{_esc(names.cancel_exchange)}|{cancels})$",
     )

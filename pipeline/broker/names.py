@@ -80,7 +80,12 @@ class Names:
 
     def lane_prefix(self, pool: str) -> str:
         """What every lane of ``pool`` starts with."""
-        return f"{self.prefix}.lane.{pool}."
+        return f"{self.lanes_prefix}{pool}."
+
+    @property
+    def lanes_prefix(self) -> str:
+        """What every lane of every pool starts with."""
+        return f"{self.prefix}.lane."
 
     def work_policy(self, pool: str) -> str:
         return f"{self.prefix}.work.{pool}"

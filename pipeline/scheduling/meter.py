@@ -46,7 +46,10 @@ class TenantMeter(DeliveryHook):
             self._m.child(self._m.tenant_requests, *self._labels(delivery),
                           settlement.label).inc()
         scheduler = self._schedulers.get(delivery.pool)
-        if scheduler is None or (delivery.charged == 0 and not isinstance(outcome, Completed)):
+        if scheduler is None:
+            return
+        scheduler.ended(delivery)
+        if delivery.charged == 0 and not isinstance(outcome, Completed):
             return
         weights = scheduler.scheduling
         if isinstance(outcome, Completed):

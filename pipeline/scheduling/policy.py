@@ -65,6 +65,8 @@ class PoolScheduler:
         self.vtc = VirtualTokenCounter()
         #: Requests waiting per tenant at this pool's backends in this worker.
         self.waiting: dict[str, int] = {}
+        #: Requests running per tenant (by id): a stream's output is charged as it flows.
+        self._running: dict[str, dict[int, Delivery]] = {}
         #: When each tenant last had nothing waiting here (a lift needs a real absence).
         self._idle_since: dict[str, float] = {}
         self._clock = clock
@@ -114,15 +116,33 @@ class PoolScheduler:
             self.waiting.pop(tenant, None)
             self._idle_since[tenant] = self._clock()
 
+    def counter(self, tenant: str) -> float:
+        """The tenant's counter with the output its running streams sent so far (charged
+        for good, from ``usage``, when they end)."""
+        running = self._running.get(tenant)
+        if not running:
+            return self.vtc.counter(tenant)
+        chunks = sum(d.stream.chunks for d in running.values() if d.stream is not None)
+        weight = self.book.settings(tenant).weight
+        return self.vtc.counter(tenant) + self.scheduling.completion_weight * chunks / weight
+
     def started(self, delivery: Delivery) -> None:
         """``delivery`` was picked to start: virtual time moves, its prompt is charged."""
         self.vtc.picked(delivery.tenant)
+        self._running.setdefault(delivery.tenant, {})[id(delivery)] = delivery
         self.charge(delivery, self.scheduling.prompt_weight * prompt_tokens(delivery))
         self._picks += 1
         if self._picks % _FORGET_EVERY == 0:
             self.vtc.forget_idle(set(self.waiting))
             horizon = self._clock() - _RETURN_AFTER_S
             self._idle_since = {t: s for t, s in self._idle_since.items() if s > horizon}
+
+    def ended(self, delivery: Delivery) -> None:
+        """``delivery`` settled (its charge is trued up by the caller)."""
+        running = self._running.get(delivery.tenant)
+        if running is not None and running.pop(id(delivery), None) is not None \
+                and not running:
+            del self._running[delivery.tenant]
 
     def charge(self, delivery: Delivery, cost: float) -> None:
         """Charge (or, negative, refund) ``cost`` weighted tokens for ``delivery``."""
@@ -215,5 +235,5 @@ class FairPolicy(_Ordered):
     def key(self, delivery: Delivery) -> tuple[float, ...]:
         pool = self._pool
         return (-delivery.band, 1 if pool.over_quota(delivery.tenant) else 0,
-                pool.vtc.counter(delivery.tenant), -delivery.served_priority,
+                pool.counter(delivery.tenant), -delivery.served_priority,
                 *self._arrival(delivery))
