@@ -8,6 +8,7 @@
 * ``docs/reference/cli.md``: every command's usage and options, from ``hutch``'s argument
   parser (:func:`pipeline.cli.main.build_parser`), between its markers;
 * ``hutch.example.toml``: every key with its default, from the same model;
+* ``docs/benchmarks.md``: the results table and the machine of ``BENCHMARKS.md``;
 * the ``runbook_url`` annotations of ``deploy/prometheus/alerts.yml``: absolute URLs under
   ``site_url`` of ``mkdocs.yml``, to each alert's heading in ``docs/``.
 

@@ -12,6 +12,7 @@ __all__ = ["main", "outputs"]
 
 def _makers() -> dict[str, Callable[[str], str]]:
     """File -> a function of its current text that returns its generated text."""
+    from docsgen.benchmarks import benchmark_summary
     from docsgen.cli import cli_reference
     from docsgen.configuration import configuration_tables
     from docsgen.example_toml import example_toml
@@ -21,6 +22,8 @@ def _makers() -> dict[str, Callable[[str], str]]:
         "docs/reference/configuration.md":
             lambda text: replace_region(text, "settings", configuration_tables()),
         "docs/reference/cli.md": lambda text: replace_region(text, "commands", cli_reference()),
+        "docs/benchmarks.md":
+            lambda text: replace_region(text, "benchmarks", benchmark_summary()),
         "hutch.example.toml": lambda _text: example_toml(),
         "deploy/prometheus/alerts.yml": rewrite_runbooks,
         "deploy/prometheus/alerts.test.yml": rewrite_runbooks,
