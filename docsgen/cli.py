@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 
+from docsgen.regions import plain_text
 from pipeline.cli.common import LazySubParsers
 from pipeline.cli.main import build_parser
 
@@ -64,10 +65,6 @@ def _names(action: argparse.Action) -> str:
     return f"`{action.metavar or action.dest}`"
 
 
-def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "/")
-
-
 def _default(action: argparse.Action) -> str:
     if action.required:
         return "required"
@@ -84,7 +81,7 @@ def _arguments(parser: argparse.ArgumentParser, prog: str) -> list[str]:
         text = _expand(action.help, action, prog)
         if action.choices is not None and "choices" not in (action.help or ""):
             text += " Choices: " + ", ".join(f"`{c}`" for c in action.choices) + "."
-        rows.append(f"| {_names(action)} | {_default(action)} | {_cell(text)} |")
+        rows.append(f"| {_names(action)} | {_default(action)} | {plain_text(text)} |")
     if not rows:
         return []
     return ["| Argument | Default | Meaning |", "|---|---|---|", *rows, ""]
@@ -105,11 +102,11 @@ def cli_reference() -> str:
         prog = " ".join(words)
         parts += [f"{'#' * min(len(words) + 1, 6)} `{prog}`", ""]
         if help_line:
-            line = _cell(_expand(help_line, None, prog))
+            line = plain_text(_expand(help_line, None, prog))
             parts += [line[:1].upper() + line[1:] + ("" if line.endswith(".") else "."), ""]
         description = _expand(parser.description, None, prog)
         if description and description.rstrip(".") != _expand(help_line, None, prog).rstrip("."):
-            parts += [_cell(description), ""]
+            parts += [plain_text(description), ""]
         parts += ["```text", _usage(parser), "```", ""]
         parts += _arguments(parser, prog)
     return "\n".join(parts)

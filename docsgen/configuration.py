@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from docsgen.fields import FieldDoc, field_docs
+from docsgen.regions import plain_text
 from pipeline.gateway.settings import GatewayKey, GatewaySettings
 from pipeline.settings import BackendSettings, PoolSettings, Settings
 
@@ -39,8 +40,7 @@ def _row(section: str, doc: FieldDoc) -> str:
     if variable:
         key += f"<br>`{variable}`"
     kind = doc.type + (f"; {doc.constraints}" if doc.constraints else "")
-    text = doc.text.replace("|", "or").replace("\n", " ")
-    return f"| {key} | {kind} | {doc.default} | {text} |"
+    return f"| {key} | {kind} | {doc.default} | {plain_text(doc.text)} |"
 
 
 def configuration_tables() -> str:

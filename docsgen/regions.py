@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-__all__ = ["ROOT", "begin_marker", "end_marker", "replace_region"]
+__all__ = ["ROOT", "begin_marker", "end_marker", "plain_text", "replace_region"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,3 +25,11 @@ def replace_region(text: str, name: str, body: str) -> str:
     if len(pattern.findall(text)) != 1:
         raise ValueError(f"the page needs the markers {begin!r} ... {end!r} exactly once")
     return pattern.sub(lambda _: f"{begin}\n\n{body.strip()}\n\n{end}", text)
+
+
+def plain_text(text: str) -> str:
+    """``text`` (from a help string or a comment) safe in Markdown: outside code spans, a
+    ``<`` starts no HTML tag (``<pid>`` would vanish) and a ``|`` ends no table cell."""
+    parts = re.split(r"(`[^`]*`)", " ".join(text.split()))
+    return "".join(part if part.startswith("`") else
+                   part.replace("<", "&lt;").replace("|", "/") for part in parts)
