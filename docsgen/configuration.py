@@ -48,7 +48,7 @@ def configuration_tables() -> str:
     parts = []
     for section, model, what in SECTIONS:
         title = "Top level" if section == "top level" else f"`{section}`"
-        parts += [f"### {title}", "", f"{what} (`{model.__name__}`)", "",
+        parts += [f"### {title}", "", f"{what.rstrip('.')} (`{model.__name__}`).", "",
                   "| Key | Type | Default | Meaning |", "|---|---|---|---|"]
         parts += [_row(section, doc) for doc in field_docs(model)]
         parts.append("")
