@@ -8,7 +8,8 @@
 * Every alert's ``runbook_url`` is an absolute URL under ``site_url`` of mkdocs.yml that
   names an existing page and one of its headings.
 * Facts the docs copy from the code match it: the permissions ``hutch client add`` and
-  ``hutch worker-user add`` grant.
+  ``hutch worker-user add`` grant, every exchange and queue ``hutch topology apply``
+  declares (the topology page), every queue the operator guide must explain.
 * Tables keep no ``|`` inside a code span (GitHub and MkDocs end the cell there), the nav
   of mkdocs.yml lists exactly the pages of docs/, and the README stays short, keeps the
   test command CI runs, and links only to pages that exist.
@@ -31,6 +32,7 @@ from docsgen.configuration import SECTIONS
 from docsgen.fields import NOTES, comments, field_docs
 from docsgen.runbooks import DOCS, anchors, site_url
 from pipeline.broker.names import Names
+from pipeline.broker.topology import plan
 from pipeline.settings import load_settings
 from topology.clients import client_permissions, worker_permissions
 
@@ -137,6 +139,32 @@ def test_security_page_shows_the_permissions_the_commands_grant() -> None:
             f"{label if kind == 'configure' else ''}".ljust(11) + f"{kind.ljust(10)} {regex}"
             for kind, regex in permissions.as_json().items())
         assert block in text, f"docs/security.md should show, for {label}:\n{block}"
+
+
+def _queue_patterns(names: Names) -> list[str]:
+    """Every queue name Hutch uses, with placeholders as the docs write them."""
+    return [names.triage_queue, names.parked_queue, names.workers_queue,
+            names.work_queue("<pool>"), names.retry_queue(0).replace("0ms", "<delay>ms"),
+            names.pause_queue("<pool>"), names.lease_queue("<backend>"),
+            names.reply_queue("<client>"), names.cancel_queue("<worker id>")]
+
+
+def test_topology_page_lists_every_object_apply_declares() -> None:
+    text = (DOCS / "reference" / "topology.md").read_text()
+    settings = load_settings(pools=[{"name": "p", "models": ["m"], "backends": [
+        {"name": "b", "url": "http://127.0.0.1:9/v1", "max_concurrency": 1}]}])
+    planned = plan(settings)
+    for name in [e.name for e in planned.exchanges] + [q.name for q in planned.queues]:
+        shown = re.sub(r"\.retry\.\d+ms$", ".retry.<delay>ms", name).replace(
+            ".work.p", ".work.<pool>")
+        assert f"`{shown}`" in text, f"docs/reference/topology.md does not list {shown}"
+
+
+def test_operator_guide_says_what_each_queue_is_for() -> None:
+    text = (DOCS / "operations" / "index.md").read_text()
+    rows = {row.split("|")[1].strip() for row in _table_rows(text)}
+    missing = [name for name in _queue_patterns(Names("llm")) if f"`{name}`" not in rows]
+    assert not missing, f"'What each queue is for' lacks {missing}"
 
 
 # -- Markdown hygiene -------------------------------------------------------------------------
