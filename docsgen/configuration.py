@@ -7,6 +7,7 @@ from pydantic import BaseModel
 from docsgen.fields import FieldDoc, field_docs
 from docsgen.regions import plain_text
 from pipeline.gateway.settings import GatewayKey, GatewaySettings
+from pipeline.scheduling.settings import BandSettings, PoolScheduling, TenantSettings
 from pipeline.settings import BackendSettings, PoolSettings, Settings
 
 __all__ = ["SECTIONS", "configuration_tables", "environment_variable"]
@@ -18,6 +19,12 @@ SECTIONS: tuple[tuple[str, type[BaseModel], str], ...] = (
      "and share one work queue."),
     ("[[pools.backends]]", BackendSettings, "One table per backend of a pool: an "
      "OpenAI-compatible HTTP endpoint and the slots it serves at once."),
+    ("[pools.scheduling]", PoolScheduling, "One table per pool, optional: how its requests "
+     "are ordered at each of its backends (bands, tenants' fair share, lookahead, lanes)."),
+    ("[[pools.scheduling.bands]]", BandSettings, "The pool's priority bands, lowest first "
+     "(default: one band, `default`, from priority 0)."),
+    ("[tenants.<name>]", TenantSettings, "One table per tenant the configuration says "
+     "something about; every other user is a tenant of its own, served fairly all the same."),
     ("[gateway]", GatewaySettings, "`hutch gateway`, the OpenAI-compatible HTTP front door "
      "(see [OpenAI gateway](../gateway.md))."),
     ("[[gateway.keys]]", GatewayKey, "One table per API key of the gateway: who it is, and "

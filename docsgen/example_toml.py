@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from docsgen.fields import FieldDoc, field_docs, toml_value
 from pipeline.gateway.settings import GatewayKey, GatewaySettings
+from pipeline.scheduling.settings import BandSettings, PoolScheduling, TenantSettings
 from pipeline.settings import BackendSettings, PoolSettings, Settings
 
 __all__ = ["EXAMPLES", "example_toml"]
@@ -32,6 +33,11 @@ EXAMPLES: dict[str, Any] = {
     "BackendSettings.url": "http://127.0.0.1:8001/v1",
     "BackendSettings.max_concurrency": 4,
     "BackendSettings.api_key_env": "VLLM_API_KEY",
+    "BandSettings.name": "interactive",
+    "BandSettings.min_priority": 5,
+    "TenantSettings.max_priority": 5,
+    "TenantSettings.tokens_per_minute": 100000,
+    "TenantSettings.users": ["billing", "billing-batch"],
     "GatewayKey.identity": "chat-ui",
     "GatewayKey.key_env": "CHAT_UI_API_KEY",
     "GatewayKey.key_hash": "sha256:<salt>:<hash>",
@@ -86,9 +92,17 @@ def _table(model: type[BaseModel], header: str | None, *, commented: bool = Fals
 def example_toml() -> str:
     """The whole file."""
     lines = [_HEADER]
-    lines += _table(Settings, None, skip=("pools", "gateway"))
-    lines += _table(PoolSettings, "[[pools]]", skip=("backends",))
+    lines += _table(Settings, None, skip=("pools", "tenants", "gateway"))
+    lines += _table(PoolSettings, "[[pools]]", skip=("backends", "scheduling"))
     lines += _table(BackendSettings, "[[pools.backends]]")
+    lines += _table(PoolScheduling, "[pools.scheduling]", skip=("bands",))
+    lines += ["", "# Priority bands (strict: every request of a higher band first) replace the",
+              "# default single band: list them lowest first, the first from min_priority 0",
+              "# (say `batch` at 0, then this one).", "# [[pools.scheduling.bands]]"]
+    lines += _table(BandSettings, None, commented=True)
+    lines += ["", "# A tenant (a broker user, a gateway identity, or a team of them):",
+              "# [tenants.billing]"]
+    lines += _table(TenantSettings, None, commented=True)
     lines += _table(GatewaySettings, "[gateway]", skip=("keys",))
     lines += ["", "# API keys: without any, the gateway runs in an open development mode.",
               "# [[gateway.keys]]"]

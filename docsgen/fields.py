@@ -38,6 +38,8 @@ NOTES = {
     "request may ask for.",
     "GatewaySettings.max_timeout_s": "The longest deadline a request may ask for "
     "(`x-hutch-timeout`).",
+    "BandSettings.min_priority": "The lowest AMQP priority of the band (the first band "
+    "starts at 0; each next band higher).",
     "Settings.pools": "The pools (`[[pools]]`); a worker needs at least one.",
     "PoolSettings.name": "Pool name: its work queue is `<prefix>.work.<name>`.",
     "PoolSettings.models": "Model names routed to this pool (the routing keys); each model "
@@ -114,6 +116,8 @@ def type_name(annotation: Any) -> str:
         return " or ".join(kept) + " (optional)"
     if origin is list:
         return f"list of {type_name(get_args(annotation)[0])}"
+    if origin is dict:
+        return f"table of {type_name(get_args(annotation)[1])} by name"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "table"
     return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(
@@ -128,6 +132,10 @@ def toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, BaseModel):
+        value = value.model_dump(exclude_none=True)
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
     return json.dumps(str(value))
 
 
@@ -139,6 +147,8 @@ def _default(field: FieldInfo) -> tuple[str, bool]:
         return "none", False
     if isinstance(value, BaseModel):
         return "see below", False
+    if value == {}:
+        return "none", False
     return f"`{toml_value(value)}`", False
 
 

@@ -111,7 +111,8 @@ def test_example_configuration_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     for _, model, _ in SECTIONS:
         for key in model.model_fields:
             assert re.search(rf"^(# )?{key} = ", text, re.M) or key in (
-                "pools", "backends", "gateway", "keys"), f"hutch.example.toml lacks {key}"
+                "pools", "backends", "gateway", "keys", "scheduling", "tenants", "bands"
+            ), f"hutch.example.toml lacks {key}"
 
 
 # -- runbook links ---------------------------------------------------------------------
@@ -144,7 +145,8 @@ def test_security_page_shows_the_permissions_the_commands_grant() -> None:
 def _queue_patterns(names: Names) -> list[str]:
     """Every queue name Hutch uses, with placeholders as the docs write them."""
     return [names.triage_queue, names.parked_queue, names.workers_queue,
-            names.work_queue("<pool>"), names.retry_queue(0).replace("0ms", "<delay>ms"),
+            names.work_queue("<pool>"), names.lane_prefix("<pool>") + "<band>.<n>",
+            names.retry_queue(0).replace("0ms", "<delay>ms"),
             names.pause_queue("<pool>"), names.lease_queue("<backend>"),
             names.reply_queue("<client>"), names.cancel_queue("<worker id>")]
 
@@ -157,6 +159,7 @@ def test_topology_page_lists_every_object_apply_declares() -> None:
     for name in [e.name for e in planned.exchanges] + [q.name for q in planned.queues]:
         shown = re.sub(r"\.retry\.\d+ms$", ".retry.<delay>ms", name).replace(
             ".work.p", ".work.<pool>")
+        shown = re.sub(r"\.lane\.p\.\w+\.\d+$", ".lane.<pool>.<band>.<n>", shown)
         assert f"`{shown}`" in text, f"docs/reference/topology.md does not list {shown}"
 
 
