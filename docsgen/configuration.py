@@ -24,7 +24,8 @@ SECTIONS: tuple[tuple[str, type[BaseModel], str], ...] = (
     ("[[pools.scheduling.bands]]", BandSettings, "The pool's priority bands, lowest first "
      "(default: one band, `default`, from priority 0)."),
     ("[tenants.<name>]", TenantSettings, "One table per tenant the configuration says "
-     "something about; every other user is a tenant of its own, served fairly all the same."),
+     "something about; every other user is a tenant of its own, served fairly all the same "
+     "(see [Tenants and fair scheduling](../concepts/fair-scheduling.md))."),
     ("[gateway]", GatewaySettings, "`hutch gateway`, the OpenAI-compatible HTTP front door "
      "(see [OpenAI gateway](../gateway.md))."),
     ("[[gateway.keys]]", GatewayKey, "One table per API key of the gateway: who it is, and "
