@@ -117,8 +117,8 @@ class PoolSettings(_Strict):
     breaker_failures: int = Field(default=5, ge=1, le=1000)
     breaker_cooldown_s: float = Field(default=10.0, gt=0, le=3600)
     #: ``quorum``: the pool's work queue (and the queues every pool shares: retry tiers,
-    #: triage, parking lot, presence) are replicated quorum queues; see "Running on a
-    #: cluster" in the README. Changing it later is a migration, never done by apply.
+    #: triage, parking lot, presence) are replicated quorum queues; see the docs, page
+    #: "Cluster" (docs/cluster.md). Changing it later is a migration, never done by apply.
     queue_type: QueueType = "classic"
     #: Quorum pools: returns (a nack with requeue on a 429, a pause or an open circuit, a
     #: lost consumer) after which the broker dead-letters a request. Every return counts,
