@@ -20,7 +20,7 @@ from tests.nodes import LocalCluster, local_cluster  # noqa: F401  (fixture)
 from tests.test_cluster import cluster, restore, settings_for, workers  # noqa: F401
 from tests.test_fairness import publish_as, replies
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 async def test_fairness_on_a_quorum_pool_survives_a_node_kill(
