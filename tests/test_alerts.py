@@ -8,8 +8,9 @@
   the RabbitMQ allow-list of tests/test_metrics.py (from a scrape job that provides it),
   ``up`` of a scrape job that exists.
 * Every alert has a unit test that fires it and one where it stays silent, a severity, a
-  summary, a description and a runbook entry in the README (and the runbook no entry for an
-  alert that does not exist).
+  summary, a description and a runbook entry where its runbook_url points: the README's
+  operator guide, or the "Alerts" section of a docs page (the gateway's alerts are in
+  docs/operations/gateway-security.md); no entry is for an alert that does not exist.
 * The queue regexes pick exactly the work (or pause) queues of deploy/hutch.toml's prefix.
 """
 
@@ -26,6 +27,7 @@ import pytest
 import yaml
 
 from pipeline.broker.names import Names
+from pipeline.gateway.metrics import GatewayMetrics
 from pipeline.observe.metrics import Metrics
 from pipeline.settings import Settings, load_settings
 from tests.test_compose import _rule_files
@@ -105,6 +107,29 @@ def _runbook() -> dict[str, str]:
                                                                     strict=True)}
 
 
+def _page_runbook(page: Path) -> dict[str, str]:
+    """Alert heading -> its text, from the "## Alerts" section of a docs page (one
+    ``### `Name``` heading per alert)."""
+    text = page.read_text()
+    assert "\n## Alerts\n" in text, f"{page.name} has no '## Alerts' section"
+    section = text.split("\n## Alerts\n", 1)[1].split("\n## ", 1)[0]
+    parts = re.split(r"^### (.+)$", section, flags=re.M)
+    return {heading.strip(): body.strip() for heading, body in zip(parts[1::2], parts[2::2],
+                                                                    strict=True)}
+
+
+def _runbooks() -> dict[str, tuple[str, str]]:
+    """Alert heading -> (the file holding its runbook entry, the entry's text): the README's
+    operator guide, and every docs page a runbook_url names."""
+    entries = {heading: ("README.md", body) for heading, body in _runbook().items()}
+    pages = {rule["annotations"]["runbook_url"].split("#", 1)[0] for rule in _alerts()}
+    for page in sorted(pages - {"README.md"}):
+        for heading, body in _page_runbook(ROOT / page).items():
+            assert heading not in entries, f"{heading} has two runbook entries"
+            entries[heading] = (page, body)
+    return entries
+
+
 def _deploy_settings(monkeypatch: pytest.MonkeyPatch) -> Settings:
     for key in list(os.environ):
         if key.startswith("HUTCH_"):
@@ -155,7 +180,7 @@ def test_promtool_checks_the_compose_prometheus_config(tmp_path: Path) -> None:
 
 def test_rules_use_only_metrics_and_labels_that_exist() -> None:
     metrics = Metrics()
-    exported = metrics.names()
+    exported = metrics.names() | GatewayMetrics().names()
     for rule in _alerts():
         expr = rule["expr"]
         query = parse_promql(expr)
@@ -216,7 +241,10 @@ def test_every_alert_is_labelled_and_described() -> None:
         annotations = rule["annotations"]
         assert annotations["summary"] and annotations["description"], rule["alert"]
         heading = f"`{rule['alert']}`"
-        assert annotations["runbook_url"] == f"README.md#{_slug(heading)}", rule["alert"]
+        page, _, anchor = annotations["runbook_url"].partition("#")
+        assert page == "README.md" or (page.startswith("docs/") and page.endswith(".md")), (
+            rule["alert"], page)
+        assert anchor == _slug(heading), rule["alert"]
 
 
 def test_every_alert_has_tests_that_fire_it_and_keep_it_silent() -> None:
@@ -232,13 +260,17 @@ def test_every_alert_has_tests_that_fire_it_and_keep_it_silent() -> None:
     assert silent == alerts, f"no test keeps {alerts - silent} silent; unknown: {silent - alerts}"
 
 
-def test_the_readme_has_a_runbook_entry_per_alert() -> None:
-    runbook = _runbook()
+def test_every_alert_has_a_runbook_entry_where_its_url_points() -> None:
+    """Each alert's entry is in the file its runbook_url names (the README's operator
+    guide, or a docs page's "## Alerts" section), and no entry is for an alert that does
+    not exist."""
+    runbook = _runbooks()
     alerts = {f"`{rule['alert']}`": rule for rule in _alerts()}
     assert set(runbook) == set(alerts), (
         f"missing runbook entries: {set(alerts) - set(runbook)}; "
         f"entries for no alert: {set(runbook) - set(alerts)}")
-    for heading, body in runbook.items():
+    for heading, (page, body) in runbook.items():
+        assert alerts[heading]["annotations"]["runbook_url"].startswith(page + "#"), heading
         assert "What to do" in " ".join(body.split()) and len(body) > 200, (
             f"{heading}: say what it means and what to do")
         assert alerts[heading]["labels"]["severity"] in body, f"{heading}: give its severity"
