@@ -7,7 +7,8 @@
   ``Content-Length``, a TLS handshake on the plain port): OpenAI-shaped errors and one
   quiet log line each, no traceback, no header text in the log;
 * a 504 ``deadline_exceeded`` and an operator's cancel carry ``x-should-retry: false``,
-  so the OpenAI SDK's default two retries do not call the backend three times.
+  so the OpenAI SDK's default two retries do not call the backend three times;
+* and whatever else fails inside the gateway is a 500 in OpenAI's shape, logged once.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import pytest
 from pipeline.broker.names import Names
 from pipeline.broker.topology import apply_topology
 from pipeline.client.cancel import publish_cancels
+from pipeline.gateway.calls import CallReader
 from pipeline.gateway.server import GatewayServer
 from pipeline.testing.mock import MockConfig
 from tests.conftest import SettingsFactory, amqp, running_worker
@@ -219,3 +221,27 @@ async def test_an_operators_cancel_is_not_retried_by_the_sdk(
     assert cancelled.value.code == "cancelled"
     assert cancelled.value.response.headers["x-should-retry"] == "false"
     assert len(backend.ids) == 1
+
+
+async def test_an_unexpected_error_is_an_openai_500_and_one_line_without_its_message(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in a handler (here: the call reader raising with a key in its message) is a
+    500 in OpenAI's shape, logged once with its class and place, never its message."""
+    async def broken(self: CallReader, request: Any, endpoint: Any) -> Any:
+        raise KeyError(KEY_A)
+
+    async with gateway_stack(make_settings, gateway=keyed(monkeypatch)) as stack, \
+            httpx.AsyncClient(base_url=stack.root, timeout=10) as http:
+        with monkeypatch.context() as patch, caplog.at_level(logging.DEBUG):
+            patch.setattr(CallReader, "read", broken)
+            failed = await http.post(CHAT, json=BODY, headers=AUTH)
+        ok = await http.post(CHAT, json=BODY, headers=AUTH)
+    records = [r for r in caplog.records if r.name.startswith(("aiohttp", "hutch.gateway"))
+               and r.levelno >= logging.WARNING]
+    assert failed.status_code == 500
+    assert _openai_error(failed.content)["code"] == "internal_error"
+    assert [r.getMessage() for r in records] == ["gateway.unexpected_error"]
+    assert records[0].fields["error"] == "KeyError"  # type: ignore[attr-defined]
+    assert KEY_A not in caplog.text and not records[0].exc_info
+    assert ok.status_code == 200
