@@ -21,6 +21,9 @@ __all__ = ["GatewayRunner", "explain"]
 
 log = get_logger("hutch.gateway")
 
+#: What a non-HTTP first line raises (aiohttp before 3.10.6 raised BadStatusLine for it).
+_BAD_METHOD: type[Exception] = getattr(http_exceptions, "BadHttpMethod",
+                                       http_exceptions.BadStatusLine)
 #: aiohttp's parser messages that are its own words (llhttp's descriptions), safe to quote.
 _OWN_WORDS = re.compile(r"[A-Za-z][A-Za-z -]{0,79}")
 
@@ -29,7 +32,7 @@ def explain(error: BaseException | None, status: int) -> str:
     """What to tell the client of a request aiohttp refused (never the request's bytes)."""
     if isinstance(error, http_exceptions.LineTooLong):
         return "the request line or a header is too long (limit: 8190 bytes)"
-    if isinstance(error, http_exceptions.BadHttpMethod):
+    if isinstance(error, _BAD_METHOD):
         return ("not an HTTP request (is a client speaking TLS, https://, to this "
                 "plain-HTTP port?)")
     if isinstance(error, http_exceptions.InvalidHeader):
