@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from pipeline.broker.names import Names
+from pipeline.gateway.metrics import GatewayMetrics
 from pipeline.observe.metrics import Metrics
 from pipeline.settings import Settings, load_settings
 from tests.test_compose import _rule_files
@@ -150,7 +151,7 @@ def test_promtool_checks_the_compose_prometheus_config(tmp_path: Path) -> None:
 
 def test_rules_use_only_metrics_and_labels_that_exist() -> None:
     metrics = Metrics()
-    exported = metrics.names()
+    exported = metrics.names() | GatewayMetrics().names()
     for rule in _alerts():
         expr = rule["expr"]
         query = parse_promql(expr)

@@ -22,6 +22,7 @@ from pipeline.delivery import Delivery
 from pipeline.errors import BackendCallError
 from pipeline.models import Usage
 from pipeline.observe.hooks import DeliveryHook, Settlement
+from pipeline.observe.known_labels import known_series
 from pipeline.outcome import Cancelled, Completed, Outcome, RetryLater
 from pipeline.settings import Settings
 
@@ -233,7 +234,8 @@ class Metrics:
 
     def configure(self, settings: Settings) -> None:
         """Learn the pools, models and backends that may appear as labels, and start every
-        backend's gauges at 0 so dashboards and ``hutch status`` see all of them at once.
+        backend's gauges and every known counter series at 0 (:mod:`.known_labels`) so
+        dashboards, ``hutch status`` and ``rate()`` see all of them from the start.
         Calling it again (another worker on the same registry) adds to what it knows."""
         self._pools.update(pool.name for pool in settings.pools)
         self._max_tenant_labels = MAX_TENANT_LABELS + len(settings.tenants)
@@ -247,6 +249,9 @@ class Metrics:
             for backend in pool.backends:
                 for gauge in (self.in_flight, self.capacity, self.lease_held):
                     gauge.labels(backend.name)
+        for name, label_sets in known_series(settings, NO_POOL).items():
+            for labels in label_sets:  # at 0: rate() sees each first event
+                self.child(getattr(self, name), *labels)
 
     def child(self, family: _M, *labels: str) -> _M:
         """``family.labels(*labels)``, looked up once (families are never cleared)."""
