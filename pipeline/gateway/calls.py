@@ -31,6 +31,7 @@ from pipeline.errors import GatewayRefusal
 from pipeline.gateway.auth import Client, KeyRing
 from pipeline.gateway.settings import GatewaySettings
 from pipeline.observe.log import get_logger
+from pipeline.scheduling.tenants import TenantBook
 
 __all__ = ["H_PRIORITY", "H_TIMEOUT", "Call", "CallReader", "refusal"]
 
@@ -111,9 +112,12 @@ class CallReader:
 
     def __init__(self, settings: GatewaySettings, keys: KeyRing, *, max_body_bytes: int,
                  models: Collection[str],
-                 auth_failed: Callable[[str], None] | None = None) -> None:
+                 auth_failed: Callable[[str], None] | None = None,
+                 tenants: TenantBook | None = None) -> None:
         self._settings = settings
         self._keys = keys
+        #: Tenants' priority ceilings apply here too, as at the worker.
+        self._tenants = tenants or TenantBook({})
         self._max_body = max_body_bytes
         self._models = frozenset(models)
         self._auth_failed = auth_failed
@@ -155,6 +159,11 @@ class CallReader:
             raise refusal(400, "request body must be a JSON object")
         return raw, body
 
+    def _priority(self, client: Client, asked: int | None) -> int:
+        """The key's priority for the ask, lowered to its tenant's ceiling, if any."""
+        tenant = self._tenants.tenant_of(client.identity)
+        return self._tenants.served_priority(tenant, client.priority(asked))
+
     def _timeout(self, request: web.Request, client: Client) -> float:
         header = request.headers.get(H_TIMEOUT)
         if header is None:
@@ -184,7 +193,7 @@ class CallReader:
         model = self._model(body)
         if had_priority:  # published without it: the body as the backend should see it
             raw = json.dumps(body, separators=(",", ":")).encode()
-        return Call(endpoint, model, raw, stream, client.priority(asked),
+        return Call(endpoint, model, raw, stream, self._priority(client, asked),
                     self._timeout(request, client), client)
 
     @staticmethod

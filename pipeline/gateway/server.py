@@ -43,6 +43,7 @@ from pipeline.gateway.keywatch import KeyWatcher
 from pipeline.gateway.metrics import GatewayMetrics
 from pipeline.gateway.responses import error_response
 from pipeline.observe.log import get_logger
+from pipeline.scheduling.tenants import TenantBook
 from pipeline.settings import Settings
 
 __all__ = ["GatewayServer", "default_replica_id"]
@@ -126,7 +127,8 @@ class GatewayServer:
         reader = CallReader(gateway, self.keys, max_body_bytes=self.settings.max_body_bytes,
                             models=self.models,
                             auth_failed=lambda reason: self.metrics.auth_failures.labels(
-                                reason).inc())
+                                reason).inc(),
+                            tenants=TenantBook(self.settings.tenants))
         app = web.Application(client_max_size=self.settings.max_body_bytes,
                               middlewares=[_openai_errors])
         Gateway(self.client, reader, self.metrics, models=self.models,
