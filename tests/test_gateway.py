@@ -120,7 +120,8 @@ async def test_full_queue_and_deadline(make_settings: SettingsFactory,
     config = MockConfig(latency_ms=5, capacity=1, hang_rate=1.0, hang_s=30)
     async with gateway_stack(make_settings, mock=config, capacity=1,
                              gateway=keyed(monkeypatch),
-                             pool={"max_queue_length": 1}) as stack:
+                             pool={"max_queue_length": 1,  # no lookahead: the worker
+                                   "scheduling": {"lookahead": 0}}) as stack:  # holds 1
         client = stack.openai()
         work = Names(stack.settings.prefix).work_queue("chat")
         # The backend hangs on its one slot; one request waits in the queue of 1.
