@@ -159,10 +159,10 @@ async def test_topology_export_and_diff_commands(make_settings: SettingsFactory,
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Loaded only when a command runs, never by `hutch --help` (nor by `import pipeline.cli`).
-HEAVY = ("pipeline.bench.", "pipeline.testing", "pipeline.worker", "pipeline.client",
+HEAVY = ("hutch_bench.", "pipeline.testing", "pipeline.worker", "pipeline.client",
          "aio_pika", "aiormq", "httpx", "aiohttp", "matplotlib", "pydantic", "topology.")
-#: The bench package's light registration, the exception to ``pipeline.bench.``.
-BENCH_REGISTRATION = "pipeline.bench.commands"
+#: The bench package's light registration, the exception to ``hutch_bench.``.
+BENCH_REGISTRATION = "hutch_bench.commands"
 
 _HELP_PROBE = """
 import contextlib, io, json, sys

@@ -1,14 +1,14 @@
 """The benchmark scenarios of ``hutch bench scenario NAME``: one module each.
 
-- :mod:`~pipeline.bench.scenarios.overhead`: direct call vs minimal aio-pika RPC vs Hutch;
-- :mod:`~pipeline.bench.scenarios.overload`: priority under 3x overload;
-- :mod:`~pipeline.bench.scenarios.globalcap`: one backend's cap across 3 worker processes;
-- :mod:`~pipeline.bench.scenarios.backlog`: 100,000 queued requests drained by one worker;
-- :mod:`~pipeline.bench.scenarios.streaming`: streams direct vs a minimal aio-pika relay vs
+- :mod:`~hutch_bench.scenarios.overhead`: direct call vs minimal aio-pika RPC vs Hutch;
+- :mod:`~hutch_bench.scenarios.overload`: priority under 3x overload;
+- :mod:`~hutch_bench.scenarios.globalcap`: one backend's cap across 3 worker processes;
+- :mod:`~hutch_bench.scenarios.backlog`: 100,000 queued requests drained by one worker;
+- :mod:`~hutch_bench.scenarios.streaming`: streams direct vs a minimal aio-pika relay vs
   Hutch, and cancels (issue 15);
-- :mod:`~pipeline.bench.scenarios.cluster`: a classic pool on one node vs a quorum pool on
+- :mod:`~hutch_bench.scenarios.cluster`: a classic pool on one node vs a quorum pool on
   three, and the work queue leader's node killed under load (issue 13);
-- :mod:`~pipeline.bench.scenarios.gateway`: OpenAI HTTP calls to the mock directly vs
+- :mod:`~hutch_bench.scenarios.gateway`: OpenAI HTTP calls to the mock directly vs
   through Hutch's gateway vs LiteLLM's proxy, and priority under overload (issue 12).
 
 Each has an options dataclass (its defaults are issue 5's measurements; every field is a
@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from pipeline.bench.scenarios import (
+from hutch_bench.scenarios import (
     backlog,
     cluster,
     gateway,

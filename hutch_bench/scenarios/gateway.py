@@ -33,9 +33,8 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from pipeline import protocol as p
-from pipeline.bench.report import latency_series
-from pipeline.bench.scenarios.common import (
+from hutch_bench.report import latency_series
+from hutch_bench.scenarios.common import (
     MODEL,
     BackendLoad,
     LoadRun,
@@ -48,7 +47,8 @@ from pipeline.bench.scenarios.common import (
     start_hutch,
     targets_report,
 )
-from pipeline.bench.stack import Child, MockProcess, Stack
+from hutch_bench.stack import Child, MockProcess, Stack
+from pipeline import protocol as p
 from pipeline.errors import RequestFailed, StackError
 from pipeline.settings import Settings, dump_toml
 
@@ -125,7 +125,7 @@ def _failure(status: int, body: bytes) -> RequestFailed:
 
 class HttpLoadClient:
     """An OpenAI ``/chat/completions`` endpoint driven like the generator's other paths
-    (:class:`~pipeline.bench.loadgen.LoadClient`). ``hutch``: send the priority and the
+    (:class:`~hutch_bench.loadgen.LoadClient`). ``hutch``: send the priority and the
     deadline as the gateway's headers."""
 
     def __init__(self, base_url: str, *, connections: int, hutch: bool = False) -> None:

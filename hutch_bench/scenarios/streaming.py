@@ -6,7 +6,7 @@ token, inter-token latency, jitter), in one run on one broker:
 
 * ``direct``: the generator reads the mock's server-sent events itself, with Hutch's own
   HTTP client and SSE reader: the floor;
-* ``relay``: a minimal hand-written aio-pika relay (:mod:`pipeline.bench.stream_baseline`)
+* ``relay``: a minimal hand-written aio-pika relay (:mod:`hutch_bench.stream_baseline`)
   doing the same I/O, coalescing chunks as Hutch does;
 * ``hutch``: ``HutchClient.chat_stream`` through a ``hutch worker`` process.
 
@@ -27,9 +27,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
-from pipeline.bench.loadgen import schedule
-from pipeline.bench.report import distribution
-from pipeline.bench.scenarios.common import (
+from hutch_bench.loadgen import schedule
+from hutch_bench.report import distribution
+from hutch_bench.scenarios.common import (
     MODEL,
     Target,
     apply_hutch,
@@ -38,7 +38,7 @@ from pipeline.bench.scenarios.common import (
     print_lines,
     targets_report,
 )
-from pipeline.bench.scenarios.stream_paths import (
+from hutch_bench.scenarios.stream_paths import (
     DirectPath,
     HutchPath,
     RelayPath,
@@ -50,8 +50,8 @@ from pipeline.bench.scenarios.stream_paths import (
     run_step,
     step_figures,
 )
-from pipeline.bench.stack import MockProcess, Stack
-from pipeline.bench.stream_baseline import READY_LINE, RelayClient
+from hutch_bench.stack import MockProcess, Stack
+from hutch_bench.stream_baseline import READY_LINE, RelayClient
 from pipeline.errors import ConfigError
 
 __all__ = ["StreamingOptions", "run"]
@@ -147,7 +147,7 @@ async def _start_relay(stack: Stack, opened: contextlib.AsyncExitStack, amqp_url
                        ) -> tuple[RelayPath, _Probe]:
     queue = f"{stack.prefix}.relay"
     stack.queues.append(queue)
-    relay = await stack.spawn("relay", "pipeline.bench.stream_baseline", [
+    relay = await stack.spawn("relay", "hutch_bench.stream_baseline", [
         "--amqp-url", amqp_url, "--queue", queue, "--backend-url", mock.url,
         "--prefetch", str(max(options.steps)), "--window-ms", str(options.window_ms),
         "--max-chunks", str(options.max_chunks)])

@@ -1,0 +1,15 @@
+"""``hutch bench``: open-loop load generation against Hutch, with per-class latency figures.
+
+- :mod:`hutch_bench.commands`: the ``bench`` command line (registration only, light);
+- :mod:`hutch_bench.cli`: what the commands run (``run_bench``, ``run_scenario``);
+- :mod:`hutch_bench.loadgen`: send schedules, priority mixes, the open-loop runner;
+- :mod:`hutch_bench.report`: percentiles, summaries, the table;
+- :mod:`hutch_bench.plots`: the scenarios' PNG plots (matplotlib);
+- :mod:`hutch_bench.stack`: the processes a scenario starts (mock, workers);
+- :mod:`hutch_bench.baseline`: the minimal aio-pika RPC the overhead scenario compares;
+- :mod:`hutch_bench.scenarios`: one module per ``hutch bench scenario NAME``.
+
+Nothing is imported here: ``hutch --help`` imports :mod:`hutch_bench.commands` alone.
+"""
+
+__all__: list[str] = []
