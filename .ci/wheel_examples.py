@@ -40,11 +40,8 @@ async def _run(script: Path, env: dict[str, str]) -> tuple[int, str]:
     return process.returncode, out.decode(errors="replace")
 
 
-async def main(examples: Path) -> int:
-    installed = Path(pipeline.__file__).resolve()
-    if "site-packages" not in installed.parts:
-        print(f"pipeline comes from {installed}, not from the installed wheel")
-        return 1
+async def run_all(scripts: list[Path]) -> int:
+    """Run ``scripts`` one after the other against one embedded Hutch; 1 if one failed."""
     amqp_url = os.environ.get("HUTCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
     failed = []
     async with embedded_hutch(amqp_url, models=["mock-small"], capacity=8,
@@ -52,7 +49,7 @@ async def main(examples: Path) -> int:
         hutch.client_ids.append(CLIENT_ID)
         env = {**os.environ, "HUTCH_AMQP_URL": amqp_url,
                "HUTCH_PREFIX": hutch.settings.prefix}
-        for script in sorted(examples.glob("*.py")):
+        for script in scripts:
             code, out = await _run(script, env)
             print(f"--- {script.name}: exit {code}\n{out.rstrip()}", flush=True)
             if code != 0:
@@ -62,5 +59,13 @@ async def main(examples: Path) -> int:
     return 1 if failed else 0
 
 
+def main(examples: Path) -> int:
+    installed = Path(pipeline.__file__).resolve()
+    if "site-packages" not in installed.parts:
+        print(f"pipeline comes from {installed}, not from the installed wheel")
+        return 1
+    return asyncio.run(run_all(sorted(examples.resolve().glob("*.py"))))
+
+
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(Path(sys.argv[1]).resolve())))
+    sys.exit(main(Path(sys.argv[1])))
