@@ -32,6 +32,7 @@ from hutch_bench.loadgen import (
 from hutch_bench.plots import plot_report, require_matplotlib
 from hutch_bench.report import format_table, summarize
 from hutch_bench.scenarios import SCENARIOS
+from hutch_bench.stack import check_broker, on_broker
 from pipeline.cli.common import add_subcommands
 from pipeline.client.client import HutchClient
 from pipeline.errors import ConfigError
@@ -70,7 +71,11 @@ async def run_scenario(args: argparse.Namespace, *, out: Any = None) -> dict[str
     item = SCENARIOS[args.scenario]
     if args.plot_dir:
         require_matplotlib()
-    report = await item.run(settings.amqp_url, scenario_options(args), out)
+    options = scenario_options(args)
+    if item.on_user_broker:
+        await check_broker(settings)
+    with on_broker(settings):
+        report = await item.run(settings.amqp_url, options, out)
     report = {**report, "started_by": "hutch bench scenario " + item.name,
               "quick": bool(args.quick), "machine": machine()}
     if args.json_path:

@@ -268,7 +268,7 @@ async def test_gateway_scenario_without_litellm(amqp_url: str, tmp_path: Path,
 
 def test_gateway_scenario_finds_litellm(monkeypatch: pytest.MonkeyPatch,
                                         tmp_path: Path) -> None:
-    from hutch_bench.scenarios.gateway import find_litellm
+    from hutch_bench.scenarios.litellm import find_litellm
     from pipeline.errors import StackError
 
     fake = tmp_path / "litellm"

@@ -42,6 +42,8 @@ class Scenario:
     options: type[Any]
     run: Callable[[str, Any, TextIO], Awaitable[dict[str, Any]]]
     quick: dict[str, Any]
+    #: False: it runs nodes of its own and never touches the broker it was given.
+    on_user_broker: bool = True
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
@@ -66,7 +68,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "(nodes of its own): throughput, latency, kill -9 of the leader under load",
              cluster.ClusterOptions, cluster.run,
              {"light_rps": 20, "light_s": 1, "warmup_s": 0.5, "rates": (40,), "step_s": 1,
-              "failover_s": 4, "kill_at_s": 1.5}),
+              "failover_s": 4, "kill_at_s": 1.5}, on_user_broker=False),
     Scenario("gateway", "OpenAI HTTP to the mock directly vs Hutch's gateway vs LiteLLM's "
              "proxy: added latency, max throughput; priority under 3x overload",
              gateway.GatewayOptions, gateway.run,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
@@ -50,7 +49,7 @@ from hutch_bench.scenarios.stream_paths import (
     run_step,
     step_figures,
 )
-from hutch_bench.stack import MockProcess, Stack
+from hutch_bench.stack import MockProcess, Stack, free_port
 from hutch_bench.stream_baseline import READY_LINE, RelayClient
 from pipeline.errors import ConfigError
 
@@ -108,13 +107,6 @@ class StreamingOptions:
                 "messages": [{"role": "user", "content": "stream me a story"}]}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def _start_mock(stack: Stack, options: StreamingOptions) -> MockProcess:
     top = max(options.steps)
     return await stack.mock(capacity=top + options.cancel_concurrency + 64,
@@ -130,7 +122,7 @@ async def _start_hutch(stack: Stack, mock: MockProcess, options: StreamingOption
     """The pool, one worker serving its metrics, and the probe reading both."""
     settings = await apply_hutch(stack, mock, capacity=max(options.steps), overrides={
         "stream_window_ms": options.window_ms, "stream_max_chunks": options.max_chunks})
-    port = _free_port()
+    port = free_port()
     worker = await stack.worker(settings, extra=["--metrics-port", str(port)])
     await stack.wait_for_consumers(stack.names.triage_queue, 1)
     await stack.wait_for_consumers(stack.names.work_queue("bench"), 1)
