@@ -1,4 +1,4 @@
-"""The gateway in the compose stack, its metrics on the dashboard and in the README, its
+"""The gateway in the compose stack, its metrics on the dashboard and in the docs, its
 settings section, and ``hutch gateway --hash-key``; no Docker, no broker."""
 
 from __future__ import annotations
@@ -48,13 +48,13 @@ def test_compose_runs_the_gateway_with_its_config_and_metrics(
     assert keys.client("Bearer sk-other") is None
 
 
-def test_dashboard_and_readme_show_every_gateway_metric() -> None:
+def test_dashboard_and_docs_show_every_gateway_metric() -> None:
     queried = {name for query in _queries(_dashboard()) for name in query.names}
-    readme = (ROOT / "README.md").read_text()
+    page = (ROOT / "docs" / "gateway.md").read_text()
     for info in GatewayMetrics().catalog:
         assert info.sample_names() & queried, f"no dashboard panel shows {info.name}"
         row = f"| `{info.name}` | {info.type} |"
-        assert row in readme, f"README does not document {info.name} ({row})"
+        assert row in page, f"docs/gateway.md does not document {info.name} ({row})"
 
 
 def test_keys_hashes_and_the_settings_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:

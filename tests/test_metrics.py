@@ -1,11 +1,11 @@
-"""The worker's metrics, the README that documents them, and the Grafana dashboard.
+"""The worker's metrics, the docs page that documents them, and the Grafana dashboard.
 
 * Every metric the dashboard queries must exist: a ``hutch_*`` name in the worker's
   registry (histogram ``_bucket``/``_sum``/``_count`` and counter ``_total`` names
   included), a ``rabbitmq_*`` name in the small allow-list below (each with the scrape job
   of deploy/prometheus.yml that provides it), or Prometheus' own ``up``. Labels used in
   selectors and ``by (...)`` must be labels of those metrics.
-* The dashboard shows every worker metric, and the README's metrics table lists each one
+* The dashboard shows every worker metric, and the metrics page's table lists each one
   with its type and labels.
 * The label helpers keep label sets bounded; the retry reasons follow the backend's errors.
 * With the worker wired up, a real run fills the metrics (the last test).
@@ -48,7 +48,7 @@ from tests.fakes import delivery as fake_delivery
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "hutch.json"
 PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
-README = ROOT / "README.md"
+METRICS_PAGE = ROOT / "docs" / "reference" / "metrics.md"
 
 #: The RabbitMQ metrics the dashboard may query: name -> (endpoint of the rabbitmq_prometheus
 #: plugin on :15692, the ``family`` parameter /metrics/detailed needs for it, its labels).
@@ -266,13 +266,11 @@ def test_rabbitmq_metrics_come_from_a_scrape_job() -> None:
         assert name.startswith("rabbitmq_detailed_") == (path == "/metrics/detailed"), name
 
 
-# -- the README --------------------------------------------------------------------------------
+# -- the docs ----------------------------------------------------------------------------------
 
 
-def test_readme_documents_every_metric_with_its_type_and_labels() -> None:
-    text = README.read_text()
-    assert "\n## Metrics\n" in text
-    section = text.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+def test_docs_document_every_metric_with_its_type_and_labels() -> None:
+    section = METRICS_PAGE.read_text()
     rows = {}
     for line in section.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
@@ -450,6 +448,13 @@ async def test_serve_exports_every_metric_over_http() -> None:
     streamed.stream = StreamProgress("s1", messages=2, chunks=9, content_chars=30)
     MetricsHook(metrics).first_chunk(streamed)
     MetricsHook(metrics).settled(streamed, Cancelled("in_flight"), Settlement("cancelled"))
+    for family in (metrics.tenant_requests, metrics.tenant_tokens):
+        family.labels("chat", "alice", "ok").inc()
+    metrics.tenant_queue_wait.labels("chat", "alice").observe(0.1)
+    for gauge in (metrics.tenant_waiting, metrics.tenant_virtual_tokens):
+        gauge.labels("chat", "alice").set(1)
+    metrics.tenant_sorted.labels("chat", "alice").inc()
+    metrics.fairness.labels("chat").set(1)
     server = metrics.serve(0, addr="127.0.0.1")
     try:
         async with httpx.AsyncClient() as http:

@@ -53,6 +53,7 @@ DONE = b"data: [DONE]\n\n"
 
 _STATUS: dict[str, int] = {
     p.ErrorCode.QUEUE_FULL: 429,
+    p.ErrorCode.QUOTA_EXCEEDED: 429,
     p.ErrorCode.UNKNOWN_MODEL: 404,
     p.ErrorCode.INVALID_REQUEST: 400,
     p.ErrorCode.DEADLINE_EXCEEDED: 504,

@@ -26,7 +26,9 @@ from pipeline.outcome import Cancelled, Completed, Outcome, RetryLater
 from pipeline.settings import Settings
 
 __all__ = [
+    "MAX_TENANT_LABELS",
     "NO_POOL",
+    "OTHER_TENANT",
     "UNKNOWN_MODEL",
     "MetricInfo",
     "Metrics",
@@ -42,6 +44,9 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 NO_POOL = "-"
 #: The ``model`` label of a model the configuration does not name.
 UNKNOWN_MODEL = "unknown"
+#: Tenants beyond the configured ones that get a label of their own; the rest: ``other``.
+MAX_TENANT_LABELS = 100
+OTHER_TENANT = "other"
 #: Highest priority label before :meth:`Metrics.configure` (AMQP's own maximum).
 _AMQP_MAX_PRIORITY = 255
 
@@ -83,6 +88,8 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         self._pools: set[str] = set()
         self._models: set[str] = set()
+        self._tenants: set[str] = set()
+        self._max_tenant_labels = MAX_TENANT_LABELS
         self._max_priority = _AMQP_MAX_PRIORITY
         self._configured = False
         #: Labelled children by (family, label values): ``labels()`` takes a lock and
@@ -111,6 +118,7 @@ class Metrics:
             "model and kind (prompt, completion).", ["pool", "model", "kind"])
         self._backend_families()
         self._stream_families()
+        self._tenant_families()
         if settings is not None:
             self.configure(settings)
 
@@ -166,6 +174,44 @@ class Metrics:
             "backend), in_flight (the call was aborted), client_gone (its reply queue "
             "vanished mid-stream).", ["pool", "stage"])
 
+    def _tenant_families(self) -> None:
+        """Tenants and the fair scheduler (:mod:`pipeline.scheduling`). ``tenant`` is
+        bounded: configured tenants, then the first :data:`MAX_TENANT_LABELS` others seen,
+        then ``other``."""
+        pt = ["pool", "tenant"]
+        self.tenant_requests = self._counter(
+            "hutch_tenant_requests", "Requests finished, by pool, tenant and outcome.",
+            [*pt, "outcome"])
+        self.tenant_tokens = self._counter(
+            "hutch_tenant_tokens", "Tokens served (prompt, completion), by pool and tenant.",
+            [*pt, "kind"])
+        self.tenant_queue_wait = self._histogram(
+            "hutch_tenant_queue_wait_seconds", "Time from publish to the start of service, "
+            "by pool and tenant.", pt)
+        self.tenant_waiting = self._gauge(
+            "hutch_tenant_waiting", "Requests of the tenant waiting for a permit at this "
+            "worker's backends of the pool (its visible backlog; the rest is in the lanes).",
+            pt)
+        self.tenant_virtual_tokens = self._gauge(
+            "hutch_tenant_virtual_tokens", "The tenant's virtual token counter (weighted "
+            "service) in this worker's scheduler of the pool.", pt)
+        self.tenant_sorted = self._counter(
+            "hutch_tenant_sorted", "Requests a saturated backend moved into the tenant's "
+            "lane.", pt)
+        self.fairness = self._gauge(
+            "hutch_fairness_index", "Jain's index of the weighted service of the tenants "
+            "backlogged in the last minute (1: perfectly fair; 1/n: one tenant got all).",
+            ["pool"])
+
+    def tenant_label(self, tenant: str) -> str:
+        """A bounded label: configured tenants, the first others seen, then ``other``."""
+        if tenant in self._tenants:
+            return tenant
+        if len(self._tenants) < self._max_tenant_labels:
+            self._tenants.add(tenant)
+            return tenant
+        return OTHER_TENANT
+
     def _record(self, name: str, kind: str, help_text: str, labels: list[str]) -> None:
         exported = name + "_total" if kind == "counter" else name
         self.catalog.append(MetricInfo(exported, kind, tuple(labels), help_text))
@@ -190,6 +236,8 @@ class Metrics:
         backend's gauges at 0 so dashboards and ``hutch status`` see all of them at once.
         Calling it again (another worker on the same registry) adds to what it knows."""
         self._pools.update(pool.name for pool in settings.pools)
+        self._max_tenant_labels = MAX_TENANT_LABELS + len(settings.tenants)
+        self._tenants.update(settings.tenants)
         self._models.update(model for pool in settings.pools for model in pool.models)
         first = not self._configured
         self._configured = True
