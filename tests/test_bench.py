@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bench.cli import parse, run_bench
-from pipeline.bench.loadgen import PriorityClass, assign_classes, parse_priority_mix, schedule
-from pipeline.bench.report import percentile
+from hutch_bench.cli import parse, run_bench
+from hutch_bench.loadgen import PriorityClass, assign_classes, parse_priority_mix, schedule
+from hutch_bench.report import percentile
 from pipeline.errors import ConfigError
 
 

@@ -1,4 +1,4 @@
-"""The bench's baseline RPC (pipeline.bench.baseline) against the real broker and the mock
+"""The bench's baseline RPC (hutch_bench.baseline) against the real broker and the mock
 backend: it must answer like Hutch's path does, respect its prefetch as the backend cap,
 fail fast on a dead backend, stop cleanly on SIGTERM, and be drivable by ``run_load``;
 otherwise the overhead comparison would measure a broken baseline."""
@@ -19,8 +19,8 @@ from typing import Any
 import aio_pika
 import pytest
 
-from pipeline.bench.baseline import READY_LINE, BaselineClient, BaselineWorker
-from pipeline.bench.loadgen import LoadPlan, PriorityClass, run_load, schedule
+from hutch_bench.baseline import READY_LINE, BaselineClient, BaselineWorker
+from hutch_bench.loadgen import LoadPlan, PriorityClass, run_load, schedule
 from pipeline.errors import RequestFailed
 from pipeline.runtime.background import running
 from pipeline.testing.mock import MockBackend, MockConfig
@@ -81,7 +81,7 @@ async def test_subprocess_worker_answers_and_finishes_in_flight_work_on_sigterm(
     try:
         async with MockBackend(MockConfig(latency_ms=150, capacity=16)) as mock:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "pipeline.bench.baseline", "--amqp-url", amqp_url,
+                sys.executable, "-m", "hutch_bench.baseline", "--amqp-url", amqp_url,
                 "--queue", queue, "--backend-url", mock.base_url, "--prefetch", "8",
                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             try:

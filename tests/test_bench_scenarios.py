@@ -17,13 +17,13 @@ from urllib.parse import quote, urlsplit
 import httpx
 import pytest
 
-from pipeline.bench.cli import parse, run_scenario, scenario_options
-from pipeline.bench.cluster_nodes import NODES_DIR
-from pipeline.bench.plots import plot_report
-from pipeline.bench.report import RequestRecord, latency_series
-from pipeline.bench.scenarios.cluster import answer_timeline, failover_times, layout
-from pipeline.bench.scenarios.common import utilisation
-from pipeline.bench.scenarios.overload import OverloadOptions
+from hutch_bench.cli import parse, run_scenario, scenario_options
+from hutch_bench.cluster_nodes import NODES_DIR
+from hutch_bench.plots import plot_report
+from hutch_bench.report import RequestRecord, latency_series
+from hutch_bench.scenarios.cluster import answer_timeline, failover_times, layout
+from hutch_bench.scenarios.common import utilisation
+from hutch_bench.scenarios.overload import OverloadOptions
 from pipeline.settings import load_settings
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -268,7 +268,7 @@ async def test_gateway_scenario_without_litellm(amqp_url: str, tmp_path: Path,
 
 def test_gateway_scenario_finds_litellm(monkeypatch: pytest.MonkeyPatch,
                                         tmp_path: Path) -> None:
-    from pipeline.bench.scenarios.gateway import find_litellm
+    from hutch_bench.scenarios.litellm import find_litellm
     from pipeline.errors import StackError
 
     fake = tmp_path / "litellm"

@@ -159,10 +159,10 @@ async def test_topology_export_and_diff_commands(make_settings: SettingsFactory,
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Loaded only when a command runs, never by `hutch --help` (nor by `import pipeline.cli`).
-HEAVY = ("pipeline.bench.", "pipeline.testing", "pipeline.worker", "pipeline.client",
+HEAVY = ("hutch_bench.", "pipeline.testing", "pipeline.worker", "pipeline.client",
          "aio_pika", "aiormq", "httpx", "aiohttp", "matplotlib", "pydantic", "topology.")
-#: The bench package's light registration, the exception to ``pipeline.bench.``.
-BENCH_REGISTRATION = "pipeline.bench.commands"
+#: The bench package's light registration, the exception to ``hutch_bench.``.
+BENCH_REGISTRATION = "hutch_bench.commands"
 
 _HELP_PROBE = """
 import contextlib, io, json, sys
@@ -219,16 +219,17 @@ def test_lazily_filled_commands_parse_their_options() -> None:
     assert (plot.json_file, plot.plot_dir) == ("f.json", "d")
 
 
-def test_pipeline_never_imports_topology() -> None:
-    """Imports go one way: topology -> pipeline (topology's commands reach the CLI through
-    the hutch.commands entry point)."""
+def test_pipeline_never_imports_topology_bench_or_hutch() -> None:
+    """Imports go one way: topology, hutch_bench and hutch (the public API) -> pipeline
+    (topology's and the bench's commands reach the CLI through the hutch.commands entry
+    point)."""
     found = []
     for path in sorted((ROOT / "pipeline").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             found += [f"{path.relative_to(ROOT)}:{node.lineno}: {name}" for name in names
-                      if name == "topology" or name.startswith("topology.")]
+                      if name.split(".")[0] in {"topology", "hutch_bench", "hutch"}]
     assert found == []
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("pipeline", "topology")
+PACKAGES = ("hutch", "hutch_bench", "pipeline", "topology")
 MAX_FUNCTION_LINES = 60
 MAX_MODULE_LINES = 400
 

@@ -11,12 +11,15 @@ from typing import Any
 
 import pytest
 
+import hutch
 from pipeline.broker.connection import connect
 from pipeline.broker.management import ManagementAPI
 from pipeline.broker.topology import apply_topology
 from pipeline.errors import BrokerTLSError, BrokerUnreachableError, ConfigError, TopologyError
 from pipeline.settings import Settings, load_settings
+from pipeline.testing.mock import MockBackend, MockConfig
 from pipeline.worker.pause import pause_pool, paused_pools
+from tests.conftest import running_worker
 from tests.nodes import LocalNode, NodeFactory, TlsFiles, make_certificates
 
 
@@ -89,3 +92,46 @@ def test_certificate_without_key_is_a_config_error(certificates: TlsFiles) -> No
         tls_context(settings)
     with pytest.raises(ConfigError, match="tls_ca_file: cannot read"):
         tls_context(load_settings(tls_ca_file=str(Path(certificates.directory, "nope.pem"))))
+
+
+# -- HutchClient without settings: its TLS files as arguments ------------------------------
+
+
+async def test_client_takes_its_tls_files_directly(tls_node: LocalNode,
+                                                   certificates: TlsFiles) -> None:
+    """``HutchClient(url, tls=TLSFiles(...))``: mutual TLS with no settings object; a
+    request goes through a worker and back over amqps."""
+    mock = MockBackend(MockConfig(latency_ms=0, models=("m",)))
+    await mock.start()
+    pool = {"name": "chat", "models": ["m"], "backends": [
+        {"name": "tls-c1", "url": mock.base_url, "max_concurrency": 2}]}
+    settings = load_settings(amqp_url=tls_node.amqp_url(), prefix="tls-client",
+                             management_url=tls_node.management_url, pools=[pool],
+                             **_mutual(certificates))
+    await apply_topology(settings)
+    tls = hutch.TLSFiles(ca_file=certificates.ca, cert_file=certificates.client_cert,
+                         key_file=certificates.client_key)
+    try:
+        async with running_worker(settings), hutch.HutchClient(
+                tls_node.amqp_url(), prefix="tls-client", tls=tls,
+                temporary_reply_queue=True) as client:
+            assert await client.ready()
+            completion = await client.chat(
+                model="m", messages=[{"role": "user", "content": "over tls"}], timeout=30)
+    finally:
+        await mock.stop()
+    assert completion.choices[0].message.content == "mock reply to: over tls"
+
+
+async def test_client_without_tls_files_is_refused_as_tls(tls_node: LocalNode) -> None:
+    with pytest.raises(hutch.BrokerTLSError, match="certificate is not trusted"):
+        async with hutch.HutchClient(tls_node.amqp_url(), prefix="tls-client",
+                                     temporary_reply_queue=True):
+            pass
+
+
+def test_client_tls_files_are_checked_naming_the_argument(certificates: TlsFiles) -> None:
+    with pytest.raises(hutch.ConfigError, match=r"tls.cert_file and tls.key_file"):
+        hutch.HutchClient("amqps://h/", tls=hutch.TLSFiles(cert_file=certificates.client_cert))
+    with pytest.raises(hutch.ConfigError, match=r"tls.ca_file: cannot read"):
+        hutch.HutchClient("amqps://h/", tls=hutch.TLSFiles(ca_file="/nonexistent/ca.pem"))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import ssl
 import time
 from collections.abc import Sequence
@@ -25,13 +24,13 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection
 
+from pipeline.broker.tls import pem_context
 from pipeline.errors import (
     BrokerAccessError,
     BrokerAuthError,
     BrokerConnectionError,
     BrokerTLSError,
     BrokerUnreachableError,
-    ConfigError,
 )
 from pipeline.observe.log import get_logger
 from pipeline.settings import Settings
@@ -72,31 +71,12 @@ class _DropTransportErrors(logging.Filter):
 logging.getLogger("aiormq.connection").addFilter(_DropTransportErrors())
 
 
-def _readable(settings: Settings, key: str) -> str | None:
-    path: str | None = getattr(settings, key)
-    if path is not None and not os.access(path, os.R_OK):
-        raise ConfigError(f"{key}: cannot read {path!r} (a PEM file)")
-    return path
-
-
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
     """The TLS context of every connection Hutch makes (AMQP and the management API), or
     None when no ``tls_*`` setting is given (the system's trust store, no client
     certificate). Raises :class:`ConfigError` naming a bad key."""
-    ca, cert, key = (_readable(settings, k)
-                     for k in ("tls_ca_file", "tls_cert_file", "tls_key_file"))
-    if ca is None and cert is None and key is None:
-        return None
-    if (cert is None) != (key is None):
-        raise ConfigError("tls_cert_file and tls_key_file: give both (mutual TLS) or neither")
-    try:
-        context = ssl.create_default_context(cafile=ca)
-        if cert is not None:
-            context.load_cert_chain(cert, key)
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(f"tls_ca_file/tls_cert_file/tls_key_file: not usable PEM files "
-                          f"({exc})") from None
-    return context
+    return pem_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file,
+                       keys=("tls_ca_file", "tls_cert_file", "tls_key_file"))
 
 
 def _vhost(url: str) -> str:

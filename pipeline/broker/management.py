@@ -90,6 +90,11 @@ class ManagementAPI:
                 "broker amqp_url names (and enable its plugin: rabbitmq-plugins enable "
                 "rabbitmq_management)")
 
+    async def check_same_broker(self) -> None:
+        """Refuse now (:class:`TopologyError`), before anything is started or written,
+        when the API belongs to another broker than ``amqp_url``'s; once per client."""
+        await self._check_same_broker()
+
     async def __aenter__(self) -> ManagementAPI:
         return self
 

@@ -11,8 +11,8 @@
 - :mod:`pipeline.cli.demo`: ``hutch demo``;
 - :mod:`pipeline.cli.dlq`: ``hutch dlq list|replay|purge``.
 
-``hutch bench`` is registered by :mod:`pipeline.bench.commands`, ``hutch topology``,
-``client`` and ``worker-user`` by :mod:`topology.commands` (an entry point). Importing
+``hutch bench`` is registered by :mod:`hutch_bench.commands`, ``hutch topology``,
+``client`` and ``worker-user`` by :mod:`topology.commands` (both entry points). Importing
 this package imports nothing else.
 """
 

@@ -29,7 +29,6 @@ GROUPS = (
     "pipeline.cli.mock",
     "pipeline.cli.status",
     "pipeline.cli.pool",
-    "pipeline.bench.commands",
     "pipeline.cli.demo",
     "pipeline.cli.dlq",
     "pipeline.cli.cancel",
@@ -56,10 +55,22 @@ def _registrations() -> Iterator[Register]:
                   file=sys.stderr)
 
 
+def _version() -> str:
+    """The installed distribution's version (its metadata: one source, pyproject.toml)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hutch")
+    except PackageNotFoundError:  # a source tree on sys.path, never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``hutch`` parser: every command group registered."""
     parser = argparse.ArgumentParser(
         prog="hutch", description="Hutch: a RabbitMQ request queue for LLM backends.")
+    parser.add_argument("--version", action="version", version=f"hutch {_version()}",
+                        help="print the installed version and exit")
     sub = add_subcommands(parser, dest="command", required=True, metavar="COMMAND")
     for register in _registrations():
         register(sub)

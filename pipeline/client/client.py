@@ -38,6 +38,7 @@ from aio_pika.exceptions import DeliveryError
 from pipeline import protocol as p
 from pipeline.broker.connection import tls_context
 from pipeline.broker.names import Names
+from pipeline.broker.tls import TLSFiles
 from pipeline.client.cancel import BackgroundCancels, cancel_message
 from pipeline.client.connection import ClientConnection, ReplyQueue
 from pipeline.client.messages import chat_body, default_client_id, request_headers
@@ -74,10 +75,16 @@ class HutchClient:
     #: Chunk messages a stream holds for a slow reader; beyond, its final fills the rest.
     stream_buffer = 1000
 
-    def __init__(self, amqp_url: str = DEFAULT_AMQP_URL, *, client_id: str | None = None,
+    # The public constructor: every option after the URL keyword-only, each with a default.
+    def __init__(self, amqp_url: str = DEFAULT_AMQP_URL, *,  # noqa: PLR0913
+                 client_id: str | None = None,
                  prefix: str = "llm", reply_queue_expires_s: int = 3600,
                  default_timeout_s: float = 120.0, reply_prefetch: int = 1000,
-                 temporary_reply_queue: bool = False) -> None:
+                 temporary_reply_queue: bool = False,
+                 tls: TLSFiles | ssl.SSLContext | None = None) -> None:
+        """``tls``: for an ``amqps://`` URL, the CA bundle to trust and, for mutual TLS,
+        the client certificate and key (:class:`TLSFiles`), or a ready ``SSLContext``;
+        without it the system's trust store. A file it cannot read is a ConfigError."""
         self.amqp_url = amqp_url
         self._user = unquote(urlsplit(amqp_url).username or "guest")
         self.client_id = client_id or default_client_id(self._user)
@@ -95,6 +102,7 @@ class HutchClient:
         self._cancels = BackgroundCancels(self.cancel)
         self._cancel_checked = False
         self._closing = False
+        self.use_tls(tls.context() if isinstance(tls, TLSFiles) else tls)
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> HutchClient:

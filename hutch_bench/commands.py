@@ -2,7 +2,7 @@
 
 The registration only: it lives in the bench package so the benchmark's options evolve
 with the benchmark, and it imports nothing of it, so ``hutch --help`` stays fast. The
-runs are in :mod:`pipeline.bench.cli`; a scenario's options are the fields of its
+runs are in :mod:`hutch_bench.cli`; a scenario's options are the fields of its
 dataclass, added when ``bench scenario`` is chosen.
 """
 
@@ -100,7 +100,7 @@ def _option_type(default: Any) -> Callable[[str], Any]:
 
 def _add_scenarios(scenario: argparse.ArgumentParser) -> None:
     """One subcommand per scenario, one option per field of its options dataclass."""
-    from pipeline.bench.scenarios import SCENARIOS
+    from hutch_bench.scenarios import SCENARIOS
 
     names = scenario.add_subparsers(dest="scenario", required=True, metavar="NAME")
     for item in SCENARIOS.values():
@@ -128,18 +128,18 @@ def _add_scenarios(scenario: argparse.ArgumentParser) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench.cli import cmd_bench
+    from hutch_bench.cli import cmd_bench
 
     return cmd_bench(args)
 
 
 def _run_scenario(args: argparse.Namespace) -> int:
-    from pipeline.bench.cli import cmd_scenario
+    from hutch_bench.cli import cmd_scenario
 
     return cmd_scenario(args)
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    from pipeline.bench.cli import cmd_plot
+    from hutch_bench.cli import cmd_plot
 
     return cmd_plot(args)

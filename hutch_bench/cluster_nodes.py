@@ -5,8 +5,9 @@ pointed at: it starts nodes of its own from the installed RabbitMQ server with t
 the tests use (scripts/rabbitmq-node: every path, port and name its own, state under
 ``$HUTCH_NODES_DIR/hutch-b<pid>-<label>``), and deletes them when it ends. The names carry
 the owning process's pid, so nodes left by a run that was itself killed are deleted by
-the next run. Needs a Hutch source checkout (the script is not installed with the
-package) and the RabbitMQ server (Debian: ``apt-get install rabbitmq-server``).
+the next run. The script ships in this package (``hutch_bench/nodes/``: package data, a
+link to scripts/rabbitmq-node in a source checkout), so it runs from a wheel too; it needs
+the RabbitMQ server (Debian: ``apt-get install rabbitmq-server``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pipeline.errors import StackError
 
 __all__ = ["SCRIPT", "BenchNode", "BenchNodes", "KillAt", "free_ports"]
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "rabbitmq-node"
+SCRIPT = Path(__file__).resolve().parent / "nodes" / "rabbitmq-node"
 NODES_DIR = Path(os.environ.get("HUTCH_NODES_DIR", "/tmp/hutch-nodes"))
 #: The script's exit code when the RabbitMQ server is not installed.
 _MISSING = 127
@@ -51,9 +52,9 @@ async def _script(*args: str, timeout_s: float = 60) -> str:
     """Run scripts/rabbitmq-node; its failures become :class:`StackError` quoting it."""
     if not SCRIPT.is_file():
         raise StackError(f"{SCRIPT} not found: the cluster scenario starts RabbitMQ nodes "
-                         "with the scripts of a Hutch source checkout; run it from one")
+                         "with it; reinstall hutch (the script is its package data)")
     process = await asyncio.create_subprocess_exec(
-        str(SCRIPT), *args, stdin=asyncio.subprocess.DEVNULL,
+        "bash", str(SCRIPT), *args, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         async with asyncio.timeout(timeout_s):

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
-from pipeline.bench.report import RequestRecord
+from hutch_bench.report import RequestRecord
 from pipeline.errors import ConfigError, RequestFailed
 
 __all__ = [

@@ -11,6 +11,10 @@ what stands between the client and the mock:
   or ``litellm`` on PATH). Without it the scenario says how to install it and runs the
   rest.
 
+``--gateway-port`` and ``--litellm-port`` pin their ports (a firewall, a profiler);
+by default each takes a free one. The broker is the one configured (``HUTCH_AMQP_URL`` or
+``-c FILE``), checked against its management API before anything starts.
+
 Measured: the latency each adds at a light load (p50, p99 over ``direct``), the highest
 throughput each sustains over a sweep of offered loads, and, through the gateway, the
 latency of each priority class under 3x overload of a backend of ``overload_capacity``
@@ -22,10 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import shutil
-import socket
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,10 +33,8 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from pipeline import protocol as p
-from pipeline.bench.report import latency_series
-from pipeline.bench.scenarios.common import (
-    MODEL,
+from hutch_bench.report import latency_series
+from hutch_bench.scenarios.common import (
     BackendLoad,
     LoadRun,
     LoadShape,
@@ -48,22 +46,21 @@ from pipeline.bench.scenarios.common import (
     start_hutch,
     targets_report,
 )
-from pipeline.bench.stack import Child, MockProcess, Stack
-from pipeline.errors import RequestFailed, StackError
+from hutch_bench.scenarios.litellm import (
+    API_KEY,
+    LITELLM_HINT,
+    find_litellm,
+    start_litellm,
+    versus_litellm,
+)
+from hutch_bench.stack import Stack, free_port, until_http
+from pipeline import protocol as p
+from pipeline.errors import RequestFailed
 from pipeline.settings import Settings, dump_toml
 
-__all__ = ["GatewayOptions", "HttpLoadClient", "find_litellm", "run"]
+__all__ = ["GatewayOptions", "HttpLoadClient", "run", "start_gateway"]
 
 SYSTEMS = ("direct", "gateway", "litellm")
-#: Where the scenario looks for LiteLLM's proxy when ``--litellm-bin`` is not given.
-LITELLM_ENV = "HUTCH_LITELLM_BIN"
-LITELLM_HINT = (
-    "LiteLLM's proxy was not found (--litellm-bin, $HUTCH_LITELLM_BIN, or `litellm` on "
-    "PATH), so it is left out of this run. Install it in a virtualenv of its own (it pins "
-    "many packages): python -m venv /opt/litellm && /opt/litellm/bin/pip install "
-    "'litellm[proxy]==1.77.7' (the `litellm` extra of hutch), then pass --litellm-bin "
-    "/opt/litellm/bin/litellm.")
-_START_TIMEOUT_S = 180.0  # LiteLLM's proxy imports for ~15 s on an idle machine
 
 
 @dataclass(frozen=True)
@@ -84,6 +81,9 @@ class GatewayOptions:
     overload_mix: str = "high=0.1,low=0.9"
     overload_timeout_s: float = 30.0
     litellm_bin: str = ""
+    #: Ports of the gateway and of LiteLLM's proxy on 127.0.0.1; 0: a free one each.
+    gateway_port: int = 0
+    litellm_port: int = 0
     seed: int = 1
     progress: bool = False
 
@@ -93,17 +93,6 @@ class GatewayOptions:
                            duration_s=self.overload_s, mix=self.overload_mix,
                            timeout_s=self.overload_timeout_s, seed=self.seed,
                            progress=self.progress)
-
-
-def find_litellm(given: str = "") -> str | None:
-    """The ``litellm`` executable: ``given``, else ``$HUTCH_LITELLM_BIN``, else PATH."""
-    for candidate in (given, os.environ.get(LITELLM_ENV, "")):
-        if candidate:
-            found = shutil.which(candidate)
-            if found is None:
-                raise StackError(f"LiteLLM's proxy {candidate!r} is not an executable")
-            return found
-    return shutil.which("litellm")
 
 
 @dataclass(frozen=True)
@@ -125,7 +114,7 @@ def _failure(status: int, body: bytes) -> RequestFailed:
 
 class HttpLoadClient:
     """An OpenAI ``/chat/completions`` endpoint driven like the generator's other paths
-    (:class:`~pipeline.bench.loadgen.LoadClient`). ``hutch``: send the priority and the
+    (:class:`~hutch_bench.loadgen.LoadClient`). ``hutch``: send the priority and the
     deadline as the gateway's headers."""
 
     def __init__(self, base_url: str, *, connections: int, hutch: bool = False) -> None:
@@ -133,7 +122,7 @@ class HttpLoadClient:
         self._hutch = hutch
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=connections, force_close=False),
-            headers={"Authorization": "Bearer sk-hutch-bench"})
+            headers={"Authorization": f"Bearer {API_KEY}"})
         self._calls: dict[str, asyncio.Task[HttpReply]] = {}
 
     async def aclose(self) -> None:
@@ -165,62 +154,19 @@ class HttpLoadClient:
         return await self._calls.pop(correlation_id)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-async def _until_http(child: Child, url: str, timeout_s: float = _START_TIMEOUT_S) -> None:
-    """Wait until ``url`` answers 200 (``child`` serves it); fail if it exits first."""
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            if child.process.returncode is not None:
-                raise StackError(f"{child.name} exited with {child.process.returncode} "
-                                 f"while starting:\n{child.log_tail()}")
-            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-                async with http.get(url, timeout=aiohttp.ClientTimeout(total=2)) as answer:
-                    if answer.status == 200:
-                        return
-            await asyncio.sleep(0.2)
-    raise StackError(f"{child.name} did not answer {url} within {timeout_s:g}s:\n"
-                     f"{child.log_tail()}")
-
-
-async def start_gateway(stack: Stack, settings: Settings) -> str:
-    """``hutch gateway`` (open mode) as a child process; its OpenAI base URL once ready."""
+async def start_gateway(stack: Stack, settings: Settings, port: int = 0) -> str:
+    """``hutch gateway`` (open mode) as a child process on ``port`` (0: a free one); its
+    OpenAI base URL once ready."""
     index = sum(c.name.startswith("gateway-") for c in stack.children) + 1
     config = stack.dir / f"gateway-{index}.toml"
     config.touch(mode=0o600)
     config.write_text(dump_toml(settings))
-    port, replica = _free_port(), f"bench-{index}"
+    port, replica = port or free_port(), f"bench-{index}"
     stack.client_ids.append(f"{settings.amqp_user}.{replica}")  # its reply queue goes too
     child = await stack.spawn(f"gateway-{index}", "pipeline.cli.main", [
         "gateway", "-c", str(config), "--host", "127.0.0.1", "--port", str(port),
         "--replica-id", replica, "--log-level", "WARNING"])
-    await _until_http(child, f"http://127.0.0.1:{port}/readyz", timeout_s=30)
-    return f"http://127.0.0.1:{port}/v1"
-
-
-async def start_litellm(stack: Stack, executable: str, mock: MockProcess) -> str:
-    """LiteLLM's proxy (one worker process) with one deployment, ``mock``; its base URL.
-    It is kept from the network: its price list is its local copy, telemetry is off."""
-    config = stack.dir / "litellm.json"  # JSON is YAML: no yaml package needed here
-    config.write_text(json.dumps({"model_list": [{"model_name": MODEL, "litellm_params": {
-        "model": f"openai/{MODEL}", "api_base": mock.url, "api_key": "sk-unused"}}]}))
-    port, log_path = _free_port(), stack.dir / "litellm.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-           "LITELLM_TELEMETRY": "False", "NO_COLOR": "1"}
-    with log_path.open("wb") as log:
-        process = await asyncio.create_subprocess_exec(
-            executable, "--config", str(config), "--host", "127.0.0.1", "--port",
-            str(port), "--num_workers", "1", stdin=asyncio.subprocess.DEVNULL, stdout=log,
-            stderr=asyncio.subprocess.STDOUT, env=env)
-    child = Child("litellm", process, log_path)
-    stack.children.append(child)
-    await _until_http(child, f"http://127.0.0.1:{port}/health/liveliness")
+    await until_http(child, f"http://127.0.0.1:{port}/readyz", timeout_s=30)
     return f"http://127.0.0.1:{port}/v1"
 
 
@@ -273,9 +219,12 @@ async def _compare(amqp_url: str, options: GatewayOptions, litellm: str | None,
         mock = await stack.mock(capacity=max(256, 4 * options.concurrency), latency_ms=0)
         settings = await start_hutch(stack, mock, capacity=options.concurrency,
                                      max_queue_length=1_000_000)
-        urls = {"direct": mock.url, "gateway": await start_gateway(stack, settings)}
+        urls = {"direct": mock.url,
+                "gateway": await start_gateway(stack, settings, options.gateway_port)}
         if litellm is not None:
-            urls["litellm"] = await start_litellm(stack, litellm, mock)
+            urls["litellm"] = await start_litellm(stack, litellm, mock, options.litellm_port)
+        print("systems: " + ", ".join(f"{name} {url}" for name, url in urls.items()),
+              file=out, flush=True)
         clients = {name: HttpLoadClient(url, connections=options.concurrency,
                                         hutch=name == "gateway") for name, url in urls.items()}
         for client in clients.values():
@@ -289,15 +238,16 @@ async def _compare(amqp_url: str, options: GatewayOptions, litellm: str | None,
     return light, sweep
 
 
-async def _overload(amqp_url: str, load: BackendLoad) -> tuple[LoadRun, dict[str, Any]]:
+async def _overload(amqp_url: str, load: BackendLoad, gateway_port: int
+                    ) -> tuple[LoadRun, dict[str, Any]]:
     """Priority under overload, through the gateway: one worker, one backend."""
     async with Stack(amqp_url) as stack, contextlib.AsyncExitStack() as opened:
         mock = await stack.mock(capacity=load.capacity, latency_ms=load.service_ms)
         settings = await start_hutch(stack, mock, capacity=load.capacity)
         # Every waiting request holds its HTTP connection: no client-side pool limit (a
         # pool's FIFO wait would hide the queue's priority order).
-        client = HttpLoadClient(await start_gateway(stack, settings), connections=0,
-                                hutch=True)
+        client = HttpLoadClient(await start_gateway(stack, settings, gateway_port),
+                                connections=0, hutch=True)
         opened.push_async_callback(client.aclose)
         run_, backend = await loaded_backend(mock, [client], load.shape())
     return run_, backend.figures()
@@ -316,10 +266,9 @@ def _added(light: dict[str, LoadRun]) -> dict[str, dict[str, float]]:
             for name in ms if name != "direct"}
 
 
-def _targets(added: dict[str, float], best: dict[str, float], high: dict[str, Any] | None,
-             load: BackendLoad) -> list[Target]:
+def _targets(added: dict[str, float], versus_litellm: tuple[str, bool],
+             high: dict[str, Any] | None, load: BackendLoad) -> list[Target]:
     nan = float("nan")
-    ratio = best["gateway"] / best["litellm"] if best.get("litellm") else None
     limit = 2 * load.service_ms
     p99 = high["latency_ms"]["p99"] if high else None
     errors = high["error_count"] if high else 0
@@ -328,10 +277,7 @@ def _targets(added: dict[str, float], best: dict[str, float], high: dict[str, An
                f"{added.get('p50', nan):.2f} ms", added.get("p50", 99) < 3),
         Target("gateway added latency p99 < 10 ms (light load)",
                f"{added.get('p99', nan):.2f} ms", added.get("p99", 99) < 10),
-        Target("gateway throughput >= 3x LiteLLM's proxy",
-               "LiteLLM's proxy not run" if ratio is None else
-               f"{best['gateway']:.0f} vs {best['litellm']:.0f} req/s = {ratio:.2f}x",
-               ratio is not None and ratio >= 3),
+        Target("gateway throughput >= 3x LiteLLM's proxy", *versus_litellm),
         Target(f"overload: high-priority p99 < {limit:g} ms (2x service)",
                "no answer" if p99 is None else f"{p99:.1f} ms", p99 is not None and p99 < limit),
         Target("overload: zero high-priority errors",
@@ -388,9 +334,9 @@ async def run(amqp_url: str, options: GatewayOptions, out: TextIO) -> dict[str, 
     light, sweep = await _compare(amqp_url, options, litellm, out)
     _print_light(light, options, out)
     print(f"overload through the gateway: {load.describe()}", file=out, flush=True)
-    overload = await _overload(amqp_url, load)
+    overload = await _overload(amqp_url, load, options.gateway_port)
     run_, best = overload[0], _best(sweep)
-    targets = _targets(_added(light).get("gateway", {}), best,
+    targets = _targets(_added(light).get("gateway", {}), versus_litellm(best, sweep),
                        run_.summary["classes"].get("high"), load)
     print("max sustained throughput (req/s): " + ", ".join(
         f"{name} {value:.0f}" for name, value in best.items()), file=out)

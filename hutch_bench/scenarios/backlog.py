@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from pipeline.bench.loadgen import build_prompt
-from pipeline.bench.scenarios.common import (
+from hutch_bench.loadgen import build_prompt
+from hutch_bench.scenarios.common import (
     MODEL,
     Target,
     apply_hutch,
@@ -25,7 +25,7 @@ from pipeline.bench.scenarios.common import (
     start_workers,
     targets_report,
 )
-from pipeline.bench.stack import Child, Stack
+from hutch_bench.stack import Child, Stack
 from pipeline.broker.connection import connect_url
 from pipeline.client.client import HutchClient
 from pipeline.errors import RequestFailed

@@ -16,7 +16,7 @@ is confirmed. Where it differs (its reply queue, fewer headers) it is on purpose
 
 Run a worker as a process of its own (the parent waits for the ready line)::
 
-    python -m pipeline.bench.baseline --amqp-url URL --queue NAME \\
+    python -m hutch_bench.baseline --amqp-url URL --queue NAME \\
         --backend-url http://127.0.0.1:8000/v1 --prefetch 16
 """
 
@@ -212,7 +212,7 @@ class BaselineClient:
     """Publish requests to ``queue`` and match replies by correlation id.
 
     The call shape is HutchClient's (``submit`` then ``result``) so that
-    :func:`pipeline.bench.loadgen.run_load` drives either. One connection, one confirming
+    :func:`hutch_bench.loadgen.run_load` drives either. One connection, one confirming
     channel, and a server-named exclusive reply queue consumed without acks (the broker
     drops it with the connection). Hutch's reply queue is durable and acked, so that
     replies survive a client restart: a cost this baseline does not pay.
@@ -326,7 +326,7 @@ class BaselineClient:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.bench.baseline",
+        prog="python -m hutch_bench.baseline",
         description="Run the bench's baseline RPC worker until SIGTERM/SIGINT.")
     parser.add_argument("--amqp-url", required=True)
     parser.add_argument("--queue", required=True)
@@ -347,7 +347,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 async def serve(worker: BaselineWorker) -> int:
     """Run ``worker`` until SIGTERM/SIGINT, printing :data:`READY_LINE` once it consumes
-    (also the streaming relay's, :mod:`pipeline.bench.stream_baseline`)."""
+    (also the streaming relay's, :mod:`hutch_bench.stream_baseline`)."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
@@ -367,7 +367,7 @@ async def serve(worker: BaselineWorker) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m pipeline.bench.baseline``; 0 after a clean stop."""
+    """Entry point of ``python -m hutch_bench.baseline``; 0 after a clean stop."""
     args = _parser().parse_args(argv)
     if args.prefetch < 1:
         print("--prefetch must be at least 1", file=sys.stderr)

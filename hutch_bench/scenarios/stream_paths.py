@@ -2,7 +2,7 @@
 
 Each path yields once per content token, as it reaches the application: ``direct`` from
 the mock's server-sent events (Hutch's own HTTP client and SSE reader), ``relay`` from
-the chunk messages of :mod:`pipeline.bench.stream_baseline`, ``hutch`` from
+the chunk messages of :mod:`hutch_bench.stream_baseline`, ``hutch`` from
 ``HutchClient.chat_stream``. :func:`measure` times one stream: time to first token from
 its intended start, and the gap before each later token (tokens delivered in one chunk
 message arrive together: a gap of about zero). :func:`run_step` keeps ``N`` streams in
@@ -24,10 +24,10 @@ from typing import Any, Protocol
 
 import httpx
 
+from hutch_bench.report import distribution
+from hutch_bench.stream_baseline import RelayClient
 from pipeline.backends.http import Backend
 from pipeline.backends.sse import SSEReader
-from pipeline.bench.report import distribution
-from pipeline.bench.stream_baseline import RelayClient
 from pipeline.client.client import HutchClient
 from pipeline.errors import RequestCancelledError
 from pipeline.models import ChatCompletionChunk

@@ -1,9 +1,9 @@
 """What every scenario shares: the one-backend pool, the open-loop run, targets.
 
 A scenario is a function ``run(amqp_url, options, out) -> report``: it starts what it
-needs in a :class:`~pipeline.bench.stack.Stack`, measures, prints its tables and targets
+needs in a :class:`~hutch_bench.stack.Stack`, measures, prints its tables and targets
 to ``out``, and returns every figure as a JSON-able dict (what ``--json`` writes and
-:mod:`pipeline.bench.plots` draws).
+:mod:`hutch_bench.plots` draws).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
-from pipeline.bench.loadgen import (
+from hutch_bench.loadgen import (
     LoadClient,
     LoadPlan,
     Progress,
@@ -23,8 +23,8 @@ from pipeline.bench.loadgen import (
     run_load,
     schedule,
 )
-from pipeline.bench.report import RequestRecord, format_table, summarize
-from pipeline.bench.stack import Child, MockProcess, Stack
+from hutch_bench.report import RequestRecord, format_table, summarize
+from hutch_bench.stack import Child, MockProcess, Stack
 from pipeline.client.client import HutchClient
 from pipeline.settings import Settings
 

@@ -1,4 +1,4 @@
-"""``hutch bench``: the runs behind the command line of :mod:`pipeline.bench.commands`.
+"""``hutch bench``: the runs behind the command line of :mod:`hutch_bench.commands`.
 
 ``cmd_bench``, ``cmd_scenario`` and ``cmd_plot`` are what the commands call; ``run_bench``
 and ``run_scenario`` return the report, for tests and scripts.
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench.commands import register
-from pipeline.bench.loadgen import (
+from hutch_bench.commands import register
+from hutch_bench.loadgen import (
     LoadPlan,
     Progress,
     assign_classes,
@@ -29,9 +29,10 @@ from pipeline.bench.loadgen import (
     run_load,
     schedule,
 )
-from pipeline.bench.plots import plot_report, require_matplotlib
-from pipeline.bench.report import format_table, summarize
-from pipeline.bench.scenarios import SCENARIOS
+from hutch_bench.plots import plot_report, require_matplotlib
+from hutch_bench.report import format_table, summarize
+from hutch_bench.scenarios import SCENARIOS
+from hutch_bench.stack import check_broker, on_broker
 from pipeline.cli.common import add_subcommands
 from pipeline.client.client import HutchClient
 from pipeline.errors import ConfigError
@@ -70,7 +71,11 @@ async def run_scenario(args: argparse.Namespace, *, out: Any = None) -> dict[str
     item = SCENARIOS[args.scenario]
     if args.plot_dir:
         require_matplotlib()
-    report = await item.run(settings.amqp_url, scenario_options(args), out)
+    options = scenario_options(args)
+    if item.on_user_broker:
+        await check_broker(settings)
+    with on_broker(settings):
+        report = await item.run(settings.amqp_url, options, out)
     report = {**report, "started_by": "hutch bench scenario " + item.name,
               "quick": bool(args.quick), "machine": machine()}
     if args.json_path:

@@ -16,11 +16,13 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -29,14 +31,56 @@ from typing import Any, TypeVar
 import httpx
 
 from pipeline.broker.connection import connect_url
+from pipeline.broker.management import ManagementAPI
 from pipeline.broker.names import Names
 from pipeline.broker.topology import apply_topology, delete_topology
-from pipeline.errors import StackError
+from pipeline.errors import StackError, TopologyError
 from pipeline.settings import Settings, dump_toml, load_settings
 
-__all__ = ["Child", "MockProcess", "Stack"]
+__all__ = [
+    "BROKER_KEYS",
+    "Child",
+    "MockProcess",
+    "Stack",
+    "check_broker",
+    "free_port",
+    "on_broker",
+    "until_http",
+]
 
 _READY_TIMEOUT_S = 20.0
+#: The keys of the user's configuration, besides ``amqp_url``, that a stack on that broker
+#: carries into its settings (and its children's): the management API and TLS files.
+BROKER_KEYS = ("management_url", "tls_ca_file", "tls_cert_file", "tls_key_file")
+#: The user's broker (``amqp_url`` and :data:`BROKER_KEYS`) while a scenario runs.
+_BROKER: ContextVar[dict[str, Any] | None] = ContextVar("hutch_bench_broker", default=None)
+_MANAGEMENT_HINT = (
+    "With only HUTCH_AMQP_URL set, the management API is looked for on port 15672 (15671 "
+    "for amqps) of its host: set HUTCH_MANAGEMENT_URL (or management_url in -c FILE) to "
+    "the API of that broker.")
+
+
+async def check_broker(settings: Settings) -> None:
+    """Before a scenario starts anything on the user's broker: its management API (which
+    applies and deletes the scenario's topology) must belong to that broker."""
+    try:
+        async with ManagementAPI.from_settings(settings) as api:
+            await api.check_same_broker()
+    except TopologyError as exc:
+        hint = "" if "HUTCH_MANAGEMENT_URL" in str(exc) else " " + _MANAGEMENT_HINT
+        raise TopologyError(f"{str(exc).rstrip('.')}.{hint}") from None
+
+
+@contextlib.contextmanager
+def on_broker(settings: Settings) -> Iterator[None]:
+    """Stacks on ``settings.amqp_url`` (the user's broker) use its :data:`BROKER_KEYS`
+    too, from the configuration file as much as from the environment."""
+    keys = {key: getattr(settings, key) for key in BROKER_KEYS if getattr(settings, key)}
+    token = _BROKER.set({"amqp_url": settings.amqp_url, **keys})
+    try:
+        yield
+    finally:
+        _BROKER.reset(token)
 
 T = TypeVar("T")
 
@@ -68,6 +112,26 @@ async def _wait_until(check: Callable[[], Awaitable[T | None]], children: Sequen
             tails = "".join(f"\n--- {c.name}:\n{c.log_tail(5)}" for c in children)
             raise StackError(f"no {what} after {timeout_s:g}s{tails}")
         await asyncio.sleep(interval_s)
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 nothing listens on now (for a child to bind)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def until_http(child: Child, url: str, timeout_s: float) -> None:
+    """Wait until ``url`` answers 200 (``child`` serves it); fail at once if it exits."""
+    async with httpx.AsyncClient(timeout=2) as http:
+
+        async def answers() -> bool | None:
+            with contextlib.suppress(httpx.HTTPError, OSError):
+                return (await http.get(url)).status_code == 200 or None
+            return None
+
+        await _wait_until(answers, [child], f"answer from {url}", timeout_s, 0.2)
 
 
 @dataclass
@@ -220,9 +284,12 @@ class Stack:
         return mock
 
     def settings(self, pools: list[dict[str, Any]], **overrides: Any) -> Settings:
-        """Validated settings under this stack's prefix."""
-        return load_settings(amqp_url=self.amqp_url, prefix=self.prefix, pools=pools,
-                             **overrides)
+        """Validated settings under this stack's prefix (on the user's broker, with its
+        management API and TLS files: :func:`on_broker`)."""
+        broker = _BROKER.get() or {}
+        keys = broker if broker.get("amqp_url") == self.amqp_url else {}
+        return load_settings(**{**keys, "amqp_url": self.amqp_url, "prefix": self.prefix,
+                                "pools": pools, **overrides})
 
     async def apply(self, settings: Settings) -> None:
         await apply_topology(settings)

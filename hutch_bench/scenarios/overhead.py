@@ -4,7 +4,7 @@ Three ways to make the same HTTP call to an instant mock backend, in one run on 
 
 * ``direct``: the benchmark calls the mock itself, with Hutch's own HTTP client
   (:class:`~pipeline.backends.http.Backend`): the floor;
-* ``baseline``: a minimal hand-written aio-pika RPC (:mod:`pipeline.bench.baseline`):
+* ``baseline``: a minimal hand-written aio-pika RPC (:mod:`hutch_bench.baseline`):
   publish, consume, the same call, reply; what any queue in front of a backend costs;
 * ``hutch``: the full path (client, exchange, priority queue, worker, dispatch, reply).
 
@@ -24,10 +24,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from pipeline.backends.http import Backend
-from pipeline.bench.baseline import READY_LINE, BaselineClient
-from pipeline.bench.loadgen import LoadClient
-from pipeline.bench.scenarios.common import (
+from hutch_bench.baseline import READY_LINE, BaselineClient
+from hutch_bench.loadgen import LoadClient
+from hutch_bench.scenarios.common import (
     LoadRun,
     LoadShape,
     Target,
@@ -38,7 +37,8 @@ from pipeline.bench.scenarios.common import (
     start_hutch,
     targets_report,
 )
-from pipeline.bench.stack import Stack
+from hutch_bench.stack import Stack
+from pipeline.backends.http import Backend
 from pipeline.errors import BackendCallError, BackendError, ConfigError
 from pipeline.runtime.eventloop import LOOPS
 from pipeline.settings import BackendSettings
@@ -119,7 +119,7 @@ async def _start_systems(stack: Stack, opened: contextlib.AsyncExitStack, amqp_u
                                  loop=options.loop, max_queue_length=1_000_000)
     queue = f"{stack.prefix}.baseline"
     stack.queues.append(queue)
-    baseline = await stack.spawn("baseline", "pipeline.bench.baseline", [
+    baseline = await stack.spawn("baseline", "hutch_bench.baseline", [
         "--amqp-url", amqp_url, "--queue", queue, "--backend-url", mock.url,
         "--prefetch", str(options.concurrency), "--loop", options.loop])
     await baseline.wait_for_line(READY_LINE)

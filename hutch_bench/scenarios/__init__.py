@@ -1,14 +1,14 @@
 """The benchmark scenarios of ``hutch bench scenario NAME``: one module each.
 
-- :mod:`~pipeline.bench.scenarios.overhead`: direct call vs minimal aio-pika RPC vs Hutch;
-- :mod:`~pipeline.bench.scenarios.overload`: priority under 3x overload;
-- :mod:`~pipeline.bench.scenarios.globalcap`: one backend's cap across 3 worker processes;
-- :mod:`~pipeline.bench.scenarios.backlog`: 100,000 queued requests drained by one worker;
-- :mod:`~pipeline.bench.scenarios.streaming`: streams direct vs a minimal aio-pika relay vs
+- :mod:`~hutch_bench.scenarios.overhead`: direct call vs minimal aio-pika RPC vs Hutch;
+- :mod:`~hutch_bench.scenarios.overload`: priority under 3x overload;
+- :mod:`~hutch_bench.scenarios.globalcap`: one backend's cap across 3 worker processes;
+- :mod:`~hutch_bench.scenarios.backlog`: 100,000 queued requests drained by one worker;
+- :mod:`~hutch_bench.scenarios.streaming`: streams direct vs a minimal aio-pika relay vs
   Hutch, and cancels (issue 15);
-- :mod:`~pipeline.bench.scenarios.cluster`: a classic pool on one node vs a quorum pool on
+- :mod:`~hutch_bench.scenarios.cluster`: a classic pool on one node vs a quorum pool on
   three, and the work queue leader's node killed under load (issue 13);
-- :mod:`~pipeline.bench.scenarios.gateway`: OpenAI HTTP calls to the mock directly vs
+- :mod:`~hutch_bench.scenarios.gateway`: OpenAI HTTP calls to the mock directly vs
   through Hutch's gateway vs LiteLLM's proxy, and priority under overload (issue 12).
 
 Each has an options dataclass (its defaults are issue 5's measurements; every field is a
@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from pipeline.bench.scenarios import (
+from hutch_bench.scenarios import (
     backlog,
     cluster,
     gateway,
@@ -42,6 +42,8 @@ class Scenario:
     options: type[Any]
     run: Callable[[str, Any, TextIO], Awaitable[dict[str, Any]]]
     quick: dict[str, Any]
+    #: False: it runs nodes of its own and never touches the broker it was given.
+    on_user_broker: bool = True
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
@@ -66,7 +68,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "(nodes of its own): throughput, latency, kill -9 of the leader under load",
              cluster.ClusterOptions, cluster.run,
              {"light_rps": 20, "light_s": 1, "warmup_s": 0.5, "rates": (40,), "step_s": 1,
-              "failover_s": 4, "kill_at_s": 1.5}),
+              "failover_s": 4, "kill_at_s": 1.5}, on_user_broker=False),
     Scenario("gateway", "OpenAI HTTP to the mock directly vs Hutch's gateway vs LiteLLM's "
              "proxy: added latency, max throughput; priority under 3x overload",
              gateway.GatewayOptions, gateway.run,

@@ -1,7 +1,7 @@
 """Scenario ``cluster``: what a replicated pool costs, and what a node loss does to it.
 
 The same load on two deployments, in one run, on RabbitMQ nodes the scenario starts
-itself (:mod:`pipeline.bench.cluster_nodes`; the broker it was pointed at is not used,
+itself (:mod:`hutch_bench.cluster_nodes`; the broker it was pointed at is not used,
 since a node gets killed):
 
 * ``classic``: a classic pool on a standalone node, workers and client connected to it
@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
-from pipeline.bench.cluster_nodes import BenchNode, BenchNodes, KillAt
-from pipeline.bench.loadgen import (
+from hutch_bench.cluster_nodes import BenchNode, BenchNodes, KillAt
+from hutch_bench.loadgen import (
     LoadClient,
     LoadPlan,
     PriorityClass,
@@ -39,8 +39,8 @@ from pipeline.bench.loadgen import (
     run_load,
     schedule,
 )
-from pipeline.bench.report import RequestRecord, distribution, summarize
-from pipeline.bench.scenarios.common import (
+from hutch_bench.report import RequestRecord, distribution, summarize
+from hutch_bench.scenarios.common import (
     MODEL,
     LoadRun,
     LoadShape,
@@ -51,7 +51,7 @@ from pipeline.bench.scenarios.common import (
     print_lines,
     targets_report,
 )
-from pipeline.bench.stack import MockProcess, Stack
+from hutch_bench.stack import MockProcess, Stack
 from pipeline.broker.connection import connect
 from pipeline.broker.management import ManagementAPI
 from pipeline.broker.names import Names

@@ -6,7 +6,7 @@ token, inter-token latency, jitter), in one run on one broker:
 
 * ``direct``: the generator reads the mock's server-sent events itself, with Hutch's own
   HTTP client and SSE reader: the floor;
-* ``relay``: a minimal hand-written aio-pika relay (:mod:`pipeline.bench.stream_baseline`)
+* ``relay``: a minimal hand-written aio-pika relay (:mod:`hutch_bench.stream_baseline`)
   doing the same I/O, coalescing chunks as Hutch does;
 * ``hutch``: ``HutchClient.chat_stream`` through a ``hutch worker`` process.
 
@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
-from pipeline.bench.loadgen import schedule
-from pipeline.bench.report import distribution
-from pipeline.bench.scenarios.common import (
+from hutch_bench.loadgen import schedule
+from hutch_bench.report import distribution
+from hutch_bench.scenarios.common import (
     MODEL,
     Target,
     apply_hutch,
@@ -38,7 +37,7 @@ from pipeline.bench.scenarios.common import (
     print_lines,
     targets_report,
 )
-from pipeline.bench.scenarios.stream_paths import (
+from hutch_bench.scenarios.stream_paths import (
     DirectPath,
     HutchPath,
     RelayPath,
@@ -50,8 +49,8 @@ from pipeline.bench.scenarios.stream_paths import (
     run_step,
     step_figures,
 )
-from pipeline.bench.stack import MockProcess, Stack
-from pipeline.bench.stream_baseline import READY_LINE, RelayClient
+from hutch_bench.stack import MockProcess, Stack, free_port
+from hutch_bench.stream_baseline import READY_LINE, RelayClient
 from pipeline.errors import ConfigError
 
 __all__ = ["StreamingOptions", "run"]
@@ -108,13 +107,6 @@ class StreamingOptions:
                 "messages": [{"role": "user", "content": "stream me a story"}]}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def _start_mock(stack: Stack, options: StreamingOptions) -> MockProcess:
     top = max(options.steps)
     return await stack.mock(capacity=top + options.cancel_concurrency + 64,
@@ -130,7 +122,7 @@ async def _start_hutch(stack: Stack, mock: MockProcess, options: StreamingOption
     """The pool, one worker serving its metrics, and the probe reading both."""
     settings = await apply_hutch(stack, mock, capacity=max(options.steps), overrides={
         "stream_window_ms": options.window_ms, "stream_max_chunks": options.max_chunks})
-    port = _free_port()
+    port = free_port()
     worker = await stack.worker(settings, extra=["--metrics-port", str(port)])
     await stack.wait_for_consumers(stack.names.triage_queue, 1)
     await stack.wait_for_consumers(stack.names.work_queue("bench"), 1)
@@ -147,7 +139,7 @@ async def _start_relay(stack: Stack, opened: contextlib.AsyncExitStack, amqp_url
                        ) -> tuple[RelayPath, _Probe]:
     queue = f"{stack.prefix}.relay"
     stack.queues.append(queue)
-    relay = await stack.spawn("relay", "pipeline.bench.stream_baseline", [
+    relay = await stack.spawn("relay", "hutch_bench.stream_baseline", [
         "--amqp-url", amqp_url, "--queue", queue, "--backend-url", mock.url,
         "--prefetch", str(max(options.steps)), "--window-ms", str(options.window_ms),
         "--max-chunks", str(options.max_chunks)])

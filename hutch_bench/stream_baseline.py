@@ -16,7 +16,7 @@ every message ``mandatory`` with a confirm on one confirming channel, in order.
 
 Run a worker as a process of its own (the parent waits for the ready line)::
 
-    python -m pipeline.bench.stream_baseline --amqp-url URL --queue NAME \\
+    python -m hutch_bench.stream_baseline --amqp-url URL --queue NAME \\
         --backend-url http://127.0.0.1:8000/v1 --prefetch 256
 """
 
@@ -35,7 +35,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aio_pika.exceptions import PublishError
 
-from pipeline.bench.baseline import READY_LINE, BaselineClient, BaselineWorker, serve
+from hutch_bench.baseline import READY_LINE, BaselineClient, BaselineWorker, serve
 from pipeline.errors import BackendError, DeadlineExceededError
 from pipeline.runtime import eventloop
 
@@ -229,7 +229,7 @@ class RelayClient(BaselineClient):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.bench.stream_baseline",
+        prog="python -m hutch_bench.stream_baseline",
         description="Run the streaming bench's relay worker until SIGTERM/SIGINT.")
     parser.add_argument("--amqp-url", required=True)
     parser.add_argument("--queue", required=True)
@@ -247,7 +247,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m pipeline.bench.stream_baseline``; 0 after a clean stop."""
+    """Entry point of ``python -m hutch_bench.stream_baseline``; 0 after a clean stop."""
     args = _parser().parse_args(argv)
     if args.prefetch < 1 or args.max_chunks < 1:
         _parser().error("--prefetch and --max-chunks must be at least 1")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from pipeline.bench.scenarios.common import (
+from hutch_bench.scenarios.common import (
     BackendLoad,
     Target,
     format_targets,

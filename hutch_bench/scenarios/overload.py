@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from pipeline.bench.report import latency_series
-from pipeline.bench.scenarios.common import (
+from hutch_bench.report import latency_series
+from hutch_bench.scenarios.common import (
     BackendLoad,
     Target,
     format_targets,
