@@ -70,6 +70,7 @@ __all__ = [
     "InvalidCompletionError",
     "InvalidRequestError",
     "OperationError",
+    "PauseStateError",
     "QueueFullError",
     "RequestCancelledError",
     "RequestFailed",
@@ -138,6 +139,11 @@ class StatusError(OperationError):
 
 class UserError(OperationError):
     """A user cannot be added or removed (it exists, or it is not a Hutch user)."""
+
+
+class PauseStateError(OperationError):
+    """A pool's pause state cannot be read or changed now (its queue's node is down, its
+    quorum queue has no leader): the message says which pool and why."""
 
 
 class StackError(OperationError):
