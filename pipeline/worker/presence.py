@@ -106,6 +106,7 @@ class PoolPresence:
         self.shares = {pool: FairShare(count, fresh_for_s, clock)
                        for pool, count in backends.items()}
         self._joined: set[str] = set()
+        self._down: set[str] = set()
         self._channel: AbstractChannel | None = None
 
     def reached(self, pool: str, held: int) -> bool:
@@ -124,10 +125,13 @@ class PoolPresence:
                     raise TopologyError(
                         f"queue {member.queue!r} does not exist: run `hutch topology apply "
                         "--config <file>` first (presence per pool)") from None
-                log.warning("presence.pool_unavailable", pool=pool, queue=member.queue,
-                            reason=amqp_reason(exc), note="joined when its node is back")
+                if pool not in self._down:  # once per outage
+                    self._down.add(pool)
+                    log.warning("presence.pool_unavailable", pool=pool, queue=member.queue,
+                                reason=amqp_reason(exc), note="joined when its node is back")
                 continue
             self._joined.add(pool)
+            self._down.discard(pool)
 
     async def refresh(self, connection: AbstractConnection) -> dict[str, tuple[int, int]]:
         """Join what is left to join, then count each pool's live workers and update its
