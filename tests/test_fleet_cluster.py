@@ -172,6 +172,7 @@ async def test_worker_starts_while_a_classic_pools_node_is_down(
     assert [line.split()[:2] for line in listed[1].splitlines()] == [
         ["chat", "running"], ["batch", "unknown"]]
     assert resumed[0] == 1 and len(resumed[2].strip().splitlines()) == 1, resumed
+    assert "cannot resume pool 'batch' now" in resumed[2] and "is down" in resumed[2]
     print(f"\nclassic pool's node down at worker start: `pool resume batch`: {resumed[2]}")
     unavailable = [r for r in caplog.records if r.getMessage() == "worker.queue_unavailable"]
     assert Names(prefix).work_queue("batch") in {

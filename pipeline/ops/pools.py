@@ -58,8 +58,8 @@ async def _exists(connection: AbstractConnection, queue: str) -> bool:
         await channel.declare_queue(queue, passive=True)
     except aiormq.exceptions.ChannelNotFoundEntity as exc:
         if home_node_down(exc):
-            raise PauseStateError(f"{queue} cannot be reached now: {amqp_reason(exc)}"
-                                  ) from None
+            raise PauseStateError(f"{queue} cannot be reached now ({amqp_reason(exc)}): "
+                                  "try again once its node is back") from None
         return False
     await channel.close()
     return True
@@ -90,20 +90,24 @@ async def pool_states(settings: Settings) -> list[PoolState]:
     return states
 
 
-async def _require_work_queue(settings: Settings, pool: str) -> None:
+async def _require_work_queue(settings: Settings, pool: str, action: str) -> None:
     settings.pool(pool)  # KeyError for a pool the configuration does not have
     async with await _connect(settings) as connection:
-        if not await _exists(connection, Names(settings.prefix).work_queue(pool)):
+        try:
+            exists = await _exists(connection, Names(settings.prefix).work_queue(pool))
+        except PauseStateError as exc:
+            raise PauseStateError(f"cannot {action} pool {pool!r} now: {exc}") from None
+        if not exists:
             raise missing_pools_error(settings, [pool])
 
 
 async def pause(settings: Settings, pool: str) -> None:
     """Pause ``pool``; a :class:`TopologyError` if the broker has no queue for it."""
-    await _require_work_queue(settings, pool)
+    await _require_work_queue(settings, pool, "pause")
     await pause_pool(settings, pool)
 
 
 async def resume(settings: Settings, pool: str) -> None:
     """Resume ``pool``; a :class:`TopologyError` if the broker has no queue for it."""
-    await _require_work_queue(settings, pool)
+    await _require_work_queue(settings, pool, "resume")
     await resume_pool(settings, pool)
