@@ -60,8 +60,10 @@ async def test_apply_twice_is_idempotent(make_settings: SettingsFactory,
     assert [line for line in first.lines() if not line.startswith("pause")] == second.lines()
     assert second.unbound == []
     tiers = {names.retry_queue(delay) for delay in (1000, 5000, 30000)}
+    lanes = {names.lane_queue("chat", "default", n) for n in range(16)}
     assert set(second.queues) == {names.triage_queue, names.parked_queue,
                                   names.workers_queue, names.work_queue("chat"), *tiers,
+                                  *lanes,
                                   names.pool_workers_queue("chat"),
                                   names.pause_state_queue("chat")}
     assert set(second.exchanges) == {names.requests_exchange, names.unrouted_exchange,
