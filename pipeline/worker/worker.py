@@ -13,6 +13,7 @@ Shape (see the README's architecture section):
   ``<prefix>.workers.<pool>`` once per pool it serves (:mod:`pipeline.worker.presence`):
   a pool's consumer count is the number of live workers serving it, from which each
   worker's fair share of that pool's leases follows (whatever pools the others serve).
+* Before a session, :mod:`pipeline.worker.startup` waits for queues whose node is down.
 * Every pool's pause state is read every ``2 x lease_retry_s``
   (:mod:`pipeline.worker.pause`); a read that cannot tell keeps the last known state.
 * Every worker also consumes the triage queue (dead letters and unknown models).
@@ -44,12 +45,10 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from pipeline.backends.breaker import BackendGate, BreakerPolicy
 from pipeline.backends.http import Backend
-from pipeline.broker.availability import amqp_reason, home_node_down
 from pipeline.broker.connection import Reconnect
 from pipeline.broker.names import Names
 from pipeline.dispatch.cancels import CancelRegistry
 from pipeline.dispatch.dispatcher import Dispatcher
-from pipeline.errors import TopologyError
 from pipeline.observe.hooks import DeliveryHook
 from pipeline.observe.log import get_logger
 from pipeline.observe.metrics import Metrics
@@ -64,6 +63,7 @@ from pipeline.worker.health import BackendHealthReporter
 from pipeline.worker.lease import Intake, Lease, LeaseHolder, LeaseTiming
 from pipeline.worker.pause import PauseFollower
 from pipeline.worker.presence import PoolPresence, Presence
+from pipeline.worker.startup import await_topology
 
 __all__ = ["Worker"]
 
@@ -199,41 +199,6 @@ class Worker:
         except TimeoutError:
             pass
 
-    async def _check_topology(self, connection: AbstractConnection) -> None:
-        """Fail fast, with the fix, when the topology was never applied. A queue whose
-        node is down exists: wait for it if every session needs it (triage, parking lot,
-        presence), else go on (a pool's queues: served once the node is back)."""
-        shared = [self.names.triage_queue, self.names.parked_queue,
-                  self.names.workers_queue]
-        pooled = [queue for pool in self.settings.pools for queue in (
-            self.names.work_queue(pool.name), self.names.pool_workers_queue(pool.name),
-            self.names.pause_state_queue(pool.name))]
-        while not self._stopping.is_set():
-            down = {queue: reason for queue in shared + pooled
-                    if (reason := await self._unavailable(connection, queue)) is not None}
-            for queue, reason in down.items():
-                log.warning("worker.queue_unavailable", queue=queue, reason=reason,
-                            action="waiting for its node" if queue in shared
-                            else "serving the other pools meanwhile")
-            if not set(down) & set(shared):
-                return
-            await self._sleep_unless_stopping(self.settings.lease_retry_s * 4)
-
-    async def _unavailable(self, connection: AbstractConnection, queue: str) -> str | None:
-        """Why ``queue`` cannot be used now (its node is down), None if it can; a
-        :class:`TopologyError` if it does not exist."""
-        channel = await connection.channel()
-        try:
-            await channel.declare_queue(queue, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity as exc:
-            if home_node_down(exc):
-                return amqp_reason(exc)
-            raise TopologyError(
-                f"queue {queue!r} does not exist in vhost {self.settings.vhost!r}: run "
-                "`hutch topology apply --config <file>` first") from None
-        await channel.close()
-        return None
-
     async def _handlers(self, connection: AbstractConnection) -> Handlers:
         """This session's delivery handlers, on one confirming publisher."""
         publish_channel = await connection.channel(publisher_confirms=True,
@@ -257,7 +222,7 @@ class Worker:
 
     async def _start(self, connection: AbstractConnection) -> list[asyncio.Task[None]]:
         """Join, consume the triage queue, follow pauses, then compete for the leases."""
-        await self._check_topology(connection)
+        await await_topology(connection, self.settings, self._stopping)
         handlers = await self._handlers(connection)
         self._triage = TrackedConsumer(await connection.channel(), self.names.triage_queue,
                                        self.settings.triage_prefetch, handlers.triage.handle)
