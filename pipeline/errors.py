@@ -71,6 +71,7 @@ __all__ = [
     "InvalidCompletionError",
     "InvalidRequestError",
     "OperationError",
+    "PauseStateError",
     "QueueFullError",
     "QuotaExceededError",
     "RequestCancelledError",
@@ -140,6 +141,11 @@ class StatusError(OperationError):
 
 class UserError(OperationError):
     """A user cannot be added or removed (it exists, or it is not a Hutch user)."""
+
+
+class PauseStateError(OperationError):
+    """A pool's pause state cannot be read or changed now (its queue's node is down, its
+    quorum queue has no leader): the message says which pool and why."""
 
 
 class StackError(OperationError):

@@ -33,7 +33,7 @@ from pipeline.runtime.background import running
 from pipeline.settings import Settings, dump_toml, load_settings
 from pipeline.testing.mock import MockBackend, MockConfig
 from pipeline.worker.worker import Worker
-from tests.nodes import local_node, node_factory  # noqa: F401  (fixtures: local nodes)
+from tests.nodes import local_cluster, local_node, node_factory  # noqa: F401  (fixtures)
 
 _HOW_TO_START = (
     "No RabbitMQ for the integration tests. Start one: `rabbitmq-server -detached` and "

@@ -185,8 +185,9 @@ def test_queue_regexes_pick_the_pools_queues(monkeypatch: pytest.MonkeyPatch) ->
     names = Names(settings.prefix)
     pools = [pool.name for pool in settings.pools]
     kinds = {"work": [names.work_queue(pool) for pool in pools],
-             "paused": [names.pause_queue(pool) for pool in pools]}
+             "paused": [names.pause_state_queue(pool) for pool in pools]}
     others = [names.triage_queue, names.parked_queue, names.workers_queue,
+              *(names.pool_workers_queue(pool) for pool in pools),
               names.retry_queue(1000), names.reply_queue("app"), names.lease_queue("b1"),
               names.cancel_queue("w1")]
     regexes = {_promql_unquote(regex) for rule in _alerts()

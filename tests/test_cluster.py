@@ -25,7 +25,7 @@ from pipeline.client.client import HutchClient
 from pipeline.settings import Settings, load_settings
 from pipeline.testing.mock import MockBackend, MockConfig
 from pipeline.worker.worker import Worker
-from tests.nodes import LocalCluster, LocalNode, local_cluster  # noqa: F401  (fixture)
+from tests.nodes import LocalCluster, LocalNode
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ VHOST = "hutch-cluster"
 
 
 @pytest.fixture(scope="module")
-def cluster(local_cluster: LocalCluster) -> Iterator[LocalCluster]:  # noqa: F811
+def cluster(local_cluster: LocalCluster) -> Iterator[LocalCluster]:
     """The shared cluster with this module's vhost (guest may use it)."""
     base = local_cluster.nodes[0].management_url
     with httpx.Client(auth=("guest", "guest"), timeout=30) as http:

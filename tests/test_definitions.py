@@ -169,7 +169,9 @@ async def test_export_matches_what_apply_declared(make_settings: SettingsFactory
     want, got = hutch_objects(exported, prefix), hutch_objects(live, prefix)
     for kind in KINDS:
         assert got[kind] == want[kind], kind
-    assert len(got["queues"]) == 7 and len(got["bindings"]) == 7
+    # 3 retry tiers, triage, parking lot, presence; per pool its queue, its 16 lanes, its
+    # presence and its pause state.
+    assert len(got["queues"]) == 25 and len(got["bindings"]) == 7
 
 
 async def test_exported_file_imports_into_a_fresh_vhost(make_settings: SettingsFactory,
@@ -242,7 +244,7 @@ def test_cli_export(make_settings: SettingsFactory, tmp_path: Path,
     out = tmp_path / "definitions.json"
     assert cli(["export", "-c", str(config), "-o", str(out)]) == 0
     assert json.loads(out.read_text()) == export_definitions(settings).definitions
-    assert f"wrote {out}: vhost {settings.vhost!r}, 5 exchanges, 7 queues" in (
+    assert f"wrote {out}: vhost {settings.vhost!r}, 5 exchanges, 25 queues" in (
         capsys.readouterr().out)
     assert cli(["export", "-c", str(config)]) == 0
     assert json.loads(capsys.readouterr().out) == export_definitions(settings).definitions
@@ -341,10 +343,11 @@ async def test_diff_objects_no_longer_in_the_config(make_settings: SettingsFacto
     only(lines, "extra", "binding", f"{names.retry_exchange} --hutch-retry-tier=7000--> "
                                     f"{names.retry_queue(7000)}")
     assert only(lines, "extra", "policy", names.work_policy("old")).fix == "manual"
-    assert len(lines) == 5, [line.text() for line in lines]
+    # (the old pool's 16 lanes, presence and pause state queues are extras too)
+    assert len(lines) == 23, [line.text() for line in lines]
     text = format_diff(lines, vhost=make_settings().vhost)
     assert f"- queue {names.work_queue('old')}" in text
-    assert "5 differences: 5 left to you" in text
+    assert "23 differences: 23 left to you" in text
 
 
 async def test_diff_binding_of_a_removed_model(make_settings: SettingsFactory) -> None:

@@ -147,7 +147,8 @@ def _queue_patterns(names: Names) -> list[str]:
     return [names.triage_queue, names.parked_queue, names.workers_queue,
             names.work_queue("<pool>"), names.lane_prefix("<pool>") + "<band>.<n>",
             names.retry_queue(0).replace("0ms", "<delay>ms"),
-            names.pause_queue("<pool>"), names.lease_queue("<backend>"),
+            names.pause_queue("<pool>"), names.pause_state_queue("<pool>"),
+            names.pool_workers_queue("<pool>"), names.lease_queue("<backend>"),
             names.reply_queue("<client>"), names.cancel_queue("<worker id>")]
 
 
@@ -160,6 +161,7 @@ def test_topology_page_lists_every_object_apply_declares() -> None:
         shown = re.sub(r"\.retry\.\d+ms$", ".retry.<delay>ms", name).replace(
             ".work.p", ".work.<pool>")
         shown = re.sub(r"\.lane\.p\.\w+\.\d+$", ".lane.<pool>.<band>.<n>", shown)
+        shown = re.sub(r"\.(workers|pause)\.p$", r".\1.<pool>", shown)
         assert f"`{shown}`" in text, f"docs/reference/topology.md does not list {shown}"
 
 

@@ -68,8 +68,8 @@ async def test_extra_triage_consumer_does_not_shrink_the_fair_share(
         await triage.consume(noop)
         await asyncio.sleep(rebalance_s * 3)
         assert len(worker.held_backends()) == 2, "an extra triage consumer shrank the share"
-        other = Presence(names.workers_queue)
-        await other.join(conn)  # what a second worker does
+        other = Presence(names.pool_workers_queue("chat"))
+        await other.join(conn)  # what a second worker serving chat does
         async with asyncio.timeout(rebalance_s * 4):
             while len(worker.held_backends()) != 1:
                 await asyncio.sleep(0.05)
@@ -92,14 +92,14 @@ async def test_worker_needs_the_presence_queue(make_settings: SettingsFactory) -
 
 async def test_a_worker_user_without_the_presence_queue_gets_a_clear_error(
         make_settings: SettingsFactory, prefix: str) -> None:
-    """A worker user made before the presence queue existed may not read it: the worker
-    says so and stops, rather than reconnecting forever."""
+    """A worker user made before the per-pool presence queues existed may not read them:
+    the worker says so and stops, rather than reconnecting forever."""
     settings = make_settings()
     await apply_topology(settings)
     user = await add_worker_user(settings, f"{prefix}-old-worker")
     names = Names(settings.prefix)
     now = worker_permissions(names)
-    before = now.read.replace("|" + re.escape(names.workers_queue), "")
+    before = now.read.replace("|" + re.escape(names.pool_workers_queue("")) + ".+", "")
     assert before != now.read
     base, admin, password = settings.management_api()
     try:
@@ -107,7 +107,8 @@ async def test_a_worker_user_without_the_presence_queue_gets_a_clear_error(
             await api.set_permissions(settings.vhost, user.name, configure=now.configure,
                                       write=now.write, read=before)
         worker = Worker(make_settings(amqp_url=user.amqp_url))
-        with pytest.raises(TopologyError, match="presence queue"):
+        with pytest.raises(TopologyError,
+                           match=f"presence queue '{names.pool_workers_queue('chat')}'"):
             async with asyncio.timeout(20):
                 await worker.run()
     finally:

@@ -182,8 +182,10 @@ async def test_status_of_a_paused_pool_with_an_unreachable_worker(
     await pause_pool(settings, "chat")
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
     # A queue's counts appear in the management API at its next statistics emission.
+    # (the pause state's message count too: 2 once the statistics have it).
     report = await poll_status(settings, [dead],
-                               lambda r: r.queue("work", "chat").consumers is not None)
+                               lambda r: r.queue("work", "chat").consumers is not None
+                               and r.queue("work", "chat").paused)
     work = report.queue("work", "chat")
     assert work.exists and work.paused and work.consumers == 0
     assert report.workers[0].url == f"http://{dead}/metrics"

@@ -65,9 +65,19 @@ class Names:
         """A retry tier: a fixed x-message-ttl, then dead-lettered to the request exchange."""
         return f"{self.prefix}.retry.{delay_ms}ms"
 
+    def pool_workers_queue(self, pool: str) -> str:
+        """Presence per pool: every worker serving ``pool`` consumes it once, so its
+        consumer count is the number of live workers that can take the pool's leases."""
+        return f"{self.prefix}.workers.{pool}"
+
+    def pause_state_queue(self, pool: str) -> str:
+        """The pool's pause state, as a message count (see :mod:`pipeline.broker.pauses`):
+        one message while the pool runs, more while it is paused."""
+        return f"{self.prefix}.pause.{pool}"
+
     def pause_queue(self, pool: str) -> str:
-        """While this (empty, durable) queue exists, workers take no new work from
-        ``pool``: an operator can pause a pool in the management UI by creating it."""
+        """The pause flag of Hutch before the pause state queue (a queue that existed
+        while the pool was paused); ``hutch topology apply`` turns it into the state."""
         return f"{self.prefix}.paused.{pool}"
 
     def work_queue(self, pool: str) -> str:

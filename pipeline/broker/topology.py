@@ -10,6 +10,8 @@ What is declared, and why each piece exists, follows the data::
         --TTL expires--> <p>.requests (same model, same priority: any backend may take it)
     worker: <p>.triage --error reply, then--> <p>.parked (the parking lot)
     every worker consumes <p>.workers once (presence: its consumer count = live workers)
+        and <p>.workers.<pool> once per pool it serves (the pool's fair share of leases)
+    <p>.pause.<pool>: the pool's pause state, as a message count (pipeline.broker.pauses)
 
 Queue arguments that can never change (``x-max-priority``) are declared; everything an
 operator may want to tune (dead-lettering, max length, overflow, TTL) is one policy per
@@ -34,6 +36,7 @@ from aio_pika.abc import AbstractExchange, AbstractQueue
 from pipeline.broker.connection import broker_identity, connect
 from pipeline.broker.management import ManagementAPI
 from pipeline.broker.names import Names
+from pipeline.broker.pauses import seed_pause_states
 from pipeline.broker.quorum import (
     QUORUM_QUEUE,
     priority_semantics,
@@ -59,6 +62,7 @@ __all__ = [
     "delete_topology",
     "lane_queue_arguments",
     "plan",
+    "pool_queue_arguments",
     "retry_delays",
     "retry_queue_arguments",
     "shared_queue_arguments",
@@ -74,6 +78,12 @@ def work_queue_arguments(settings: Settings, pool: PoolSettings | None = None
     if pool is not None and pool.queue_type == "quorum":
         return {"x-queue-type": "quorum"}
     return {"x-queue-type": "classic", "x-max-priority": settings.max_priority}
+
+
+def pool_queue_arguments(pool: PoolSettings) -> dict[str, Any]:
+    """A pool's presence and pause state queues: of the pool's type, so they are as
+    available as the pool (a classic one lands on the node of the pool's queue)."""
+    return {"x-queue-type": pool.queue_type}
 
 
 def shared_queue_arguments(settings: Settings) -> dict[str, Any]:
@@ -235,7 +245,11 @@ def plan(settings: Settings) -> Topology:
                                          {"x-match": "all", H_RETRY_TIER: str(delay)}))
     for pool in settings.pools:
         qname = names.work_queue(pool.name)
-        topo.queues.append(QueueSpec(qname, work_queue_arguments(settings, pool)))
+        topo.queues += [QueueSpec(qname, work_queue_arguments(settings, pool)),
+                        QueueSpec(names.pool_workers_queue(pool.name),
+                                  pool_queue_arguments(pool)),
+                        QueueSpec(names.pause_state_queue(pool.name),
+                                  pool_queue_arguments(pool))]
         topo.bindings += [BindingSpec(names.requests_exchange, qname, model)
                           for model in pool.models]
         topo.owned_routes.append((names.requests_exchange, qname))
@@ -264,6 +278,8 @@ class TopologyReport:
     unbound: list[str] = field(default_factory=list)
     #: Per quorum pool, the priority semantics the broker's version gives it.
     priorities: list[str] = field(default_factory=list)
+    #: Pause states set (new state queues, old pause flags turned into states).
+    pauses: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [f"exchange {name}" for name in self.exchanges]
@@ -272,6 +288,7 @@ class TopologyReport:
         out += [f"policy   {name}" for name in self.policies]
         out += [f"unbound  {name} (model no longer in the config)" for name in self.unbound]
         out += [f"priority {line}" for line in self.priorities]
+        out += [f"pause    {line}" for line in self.pauses]
         return out
 
 
@@ -307,8 +324,9 @@ async def apply_topology(settings: Settings) -> TopologyReport:
         await api.check()
         # A queue's type never changes in place: a pool switched to (or from) quorum is a
         # migration the operator runs, never something apply does on the side.
+        listed = await api.list_queues(topo.vhost)
         refuse_type_changes(type_changes(((q.name, q.arguments) for q in topo.queues),
-                                         await api.list_queues(topo.vhost)))
+                                         listed))
         version = broker_identity(connection).version
         report.priorities = [
             f"{pool.name} (quorum, RabbitMQ {version or '?'}): {priority_semantics(version)}"
@@ -335,6 +353,8 @@ async def apply_topology(settings: Settings) -> TopologyReport:
                 q.name, durable=q.durable, auto_delete=q.auto_delete,
                 arguments=q.arguments or None))
             report.queues.append(q.name)
+        report.pauses = await _declare("the pools' pause states", seed_pause_states(
+            settings, channel, {q["name"] for q in listed if not q.get("exclusive")}))
         for binding in topo.bindings:
             assert binding.destination_type == "queue", binding
             await _declare(f"binding {binding.label()}", queues[binding.destination].bind(

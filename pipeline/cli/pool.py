@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     """List the pools with their state, or pause or resume one. A pool whose work queue
     the broker does not have is an error (exit 1): the topology is missing."""
     import asyncio
+    import sys
 
     from pipeline.errors import ConfigError
     from pipeline.ops.pools import missing_pools_error, pause, pool_states, resume
@@ -37,6 +38,12 @@ def run(args: argparse.Namespace) -> int:
         states = asyncio.run(pool_states(settings))
         for pool in states:
             print(f"{pool.name:<24} {pool.state:<8} models: {', '.join(pool.models)}")
+        unknown = [pool.name for pool in states if pool.exists and pool.paused is None]
+        if unknown:
+            print(f"hutch: the pause state of {', '.join(unknown)} cannot be read now (a "
+                  "node down, a quorum queue without a leader, or `hutch topology apply` "
+                  "not run since the upgrade): workers keep the state they knew",
+                  file=sys.stderr)
         missing = [pool.name for pool in states if not pool.exists]
         if missing:
             raise missing_pools_error(settings, missing)

@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.broker.management import ManagementAPI
 from pipeline.broker.names import Names
+from pipeline.broker.pauses import state_of
 from pipeline.errors import StatusError, TopologyError
 from pipeline.ops.tenant_status import (
     TenantStatus,
@@ -214,16 +215,25 @@ async def _queues(settings: Settings) -> tuple[list[QueueStatus], StatsFreshness
                 *(_queue(api, vhost, lane, "lane", pool.name) for pool in settings.pools
                   if pool.scheduling.policy == "fair"
                   for lane in LaneMap(names, pool.name, pool.scheduling).queues()))
+            # The pause state's message count (pipeline.broker.pauses); an old flag queue
+            # (before `topology apply` turned it into the state) still counts.
             paused = await asyncio.gather(
-                *(api.get_queue(vhost, names.pause_queue(pool.name)) for pool in settings.pools))
+                *(_paused(api, vhost, names, pool.name) for pool in settings.pools))
             if not any(queue.exists for queue in queues):
                 await _check_vhost(api, vhost)
     except TopologyError as exc:
         raise StatusError(str(exc)) from None
     # The work queues come first, in pool order, like the pause flags.
     for queue, flag in zip(queues[:len(paused)], paused, strict=True):
-        queue.paused = flag is not None
+        queue.paused = flag
     return list(queues), freshness
+
+
+async def _paused(api: ManagementAPI, vhost: str, names: Names, pool: str) -> bool:
+    state = await api.get_queue(vhost, names.pause_state_queue(pool))
+    if state_of((state or {}).get("messages")):
+        return True
+    return await api.get_queue(vhost, names.pause_queue(pool)) is not None
 
 
 async def _check_vhost(api: ManagementAPI, vhost: str) -> None:

@@ -1,10 +1,16 @@
-"""Who is alive: every worker consumes ``<prefix>.workers`` once, nothing else does.
+"""Who is alive: every worker consumes ``<prefix>.workers`` once, and
+``<prefix>.workers.<pool>`` once for every pool it serves; nothing else does.
 
-Leases spread over the replicas by a fair share, ``ceil(backends / live workers)``. The
-number of live workers is the consumer count of this dedicated queue: the broker keeps it
-exact (a consumer goes with its connection) and, unlike the triage queue's, no operator
-tool ever consumes it, so an extra triage consumer cannot shrink every worker's share.
-Nothing is published to the queue; a stray message is dropped.
+Leases spread over the replicas by a fair share computed **per pool**:
+``ceil(the pool's backends / live workers serving the pool)``. A share over all workers
+would strand backends when workers serve different pools (a worker of pool A next to one
+of pools B and C: the second's share is one backend, and nobody else may take the
+other). Per pool, the shares of the workers that can take a pool's leases add up to at
+least its backends, so a free lease always has a taker, and a lease given up by
+rebalancing goes to a worker of the same pool. The counts are consumer counts of
+dedicated queues: the broker keeps them exact (a consumer goes with its connection) and
+no operator tool consumes them. ``<prefix>.workers`` (all workers) stays for
+``hutch status``. Nothing is published to these queues; a stray message is dropped.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ from collections.abc import Callable
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
+from pipeline.broker.availability import amqp_reason, home_node_down
+from pipeline.broker.names import Names
 from pipeline.errors import TopologyError
 from pipeline.observe.log import get_logger
 from pipeline.worker.consumer import TrackedConsumer
 
-__all__ = ["FairShare", "Presence"]
+__all__ = ["FairShare", "PoolPresence", "Presence"]
 
 log = get_logger("hutch.worker")
 
@@ -84,3 +92,65 @@ class FairShare:
         stale count never holds a worker back from a free lease)."""
         fresh = self._clock() - self._measured_at < self._fresh_for_s
         return fresh and held >= self._share
+
+
+class PoolPresence:
+    """This worker's mark in the presence queue of each pool it serves, and each pool's
+    fair share for it. A pool whose presence queue is on a node that is down is joined
+    when the node is back (:meth:`refresh`); meanwhile its share is never fresh, so it
+    holds nobody back."""
+
+    def __init__(self, names: Names, backends: dict[str, int], fresh_for_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._members = {pool: Presence(names.pool_workers_queue(pool)) for pool in backends}
+        self.shares = {pool: FairShare(count, fresh_for_s, clock)
+                       for pool, count in backends.items()}
+        self._joined: set[str] = set()
+        self._down: set[str] = set()
+        self._channel: AbstractChannel | None = None
+
+    def reached(self, pool: str, held: int) -> bool:
+        """True while ``held`` leases of ``pool`` are this worker's share of it."""
+        return self.shares[pool].reached(held)
+
+    async def join(self, connection: AbstractConnection) -> None:
+        """Join every pool not joined yet; a missing queue is a set-up error."""
+        for pool, member in self._members.items():
+            if pool in self._joined:
+                continue
+            try:
+                await member.join(connection)
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                if not home_node_down(exc):
+                    raise TopologyError(
+                        f"queue {member.queue!r} does not exist: run `hutch topology apply "
+                        "--config <file>` first (presence per pool)") from None
+                if pool not in self._down:  # once per outage
+                    self._down.add(pool)
+                    log.warning("presence.pool_unavailable", pool=pool, queue=member.queue,
+                                reason=amqp_reason(exc), note="joined when its node is back")
+                continue
+            self._joined.add(pool)
+            self._down.discard(pool)
+
+    async def refresh(self, connection: AbstractConnection) -> dict[str, tuple[int, int]]:
+        """Join what is left to join, then count each pool's live workers and update its
+        share: {pool: (workers, share)} for the pools counted (not one whose queue is
+        down)."""
+        await self.join(connection)
+        counted = {}
+        for pool, member in self._members.items():
+            if self._channel is None or self._channel.is_closed:
+                self._channel = await connection.channel(publisher_confirms=False)
+            try:
+                workers = await member.count(self._channel)
+            except aiormq.exceptions.ChannelClosed:
+                continue
+            counted[pool] = (workers, self.shares[pool].update(workers))
+        return counted
+
+    async def leave(self) -> None:
+        for member in self._members.values():
+            await member.leave()
+        self._joined.clear()
+        self._channel = None

@@ -9,9 +9,13 @@ Shape (see the README's architecture section):
   (:mod:`pipeline.worker.capacity` keeps it equal to what the backend's health and the
   pool's pause allow, :mod:`pipeline.worker.health`): the broker hands over a request only
   when a backend slot is free, in priority order at that moment.
-* Every worker consumes the presence queue ``<prefix>.workers`` once
-  (:mod:`pipeline.worker.presence`): its consumer count is the number of live workers,
-  from which each worker's fair share of the leases follows.
+* Every worker consumes the presence queue ``<prefix>.workers`` once, and
+  ``<prefix>.workers.<pool>`` once per pool it serves (:mod:`pipeline.worker.presence`):
+  a pool's consumer count is the number of live workers serving it, from which each
+  worker's fair share of that pool's leases follows (whatever pools the others serve).
+* Before a session, :mod:`pipeline.worker.startup` waits for queues whose node is down.
+* Every pool's pause state is read every ``2 x lease_retry_s``
+  (:mod:`pipeline.worker.pause`); a read that cannot tell keeps the last known state.
 * Every worker also consumes the triage queue (dead letters and unknown models).
 * The connection is supervised here rather than by aio-pika's RobustConnection: a lease
   must not be silently re-declared on reconnect (another worker may hold it by then),
@@ -45,7 +49,6 @@ from pipeline.broker.connection import Reconnect
 from pipeline.broker.names import Names
 from pipeline.dispatch.cancels import CancelRegistry
 from pipeline.dispatch.dispatcher import Dispatcher
-from pipeline.errors import TopologyError
 from pipeline.observe.hooks import DeliveryHook
 from pipeline.observe.log import get_logger
 from pipeline.observe.metrics import Metrics
@@ -58,8 +61,9 @@ from pipeline.worker.consumer import Handler, TrackedConsumer
 from pipeline.worker.handlers import Handlers
 from pipeline.worker.health import BackendHealthReporter
 from pipeline.worker.lease import Intake, Lease, LeaseHolder, LeaseTiming
-from pipeline.worker.pause import is_paused
-from pipeline.worker.presence import FairShare, Presence
+from pipeline.worker.pause import PauseFollower
+from pipeline.worker.presence import PoolPresence, Presence
+from pipeline.worker.startup import await_topology
 
 __all__ = ["Worker"]
 
@@ -115,8 +119,10 @@ class Worker:
         self._admissions: dict[str, Admission] = {}
         self._triage: TrackedConsumer | None = None
         self._presence = Presence(self.names.workers_queue)
-        backends = sum(len(pool.backends) for pool in settings.pools)
-        self._fair_share = FairShare(backends, fresh_for_s=settings.lease_retry_s * 12)
+        self._pool_presence = PoolPresence(
+            self.names, {pool.name: len(pool.backends) for pool in settings.pools},
+            fresh_for_s=settings.lease_retry_s * 12)
+        self._pauses = PauseFollower(self.names, [pool.name for pool in settings.pools])
         self.name = f"hutch-worker {socket.gethostname()}:{os.getpid()}"
         #: Cancels outlive a reconnect: one registry per worker, fed by one subscription
         #: (an exclusive queue of this worker's) per connection.
@@ -168,7 +174,8 @@ class Worker:
         intake = Intake(self.names.work_queue(pool.name), self._admissions[pool.name], lanes)
         holder = LeaseHolder(lease, health, pool.name, intake,
                              self.metrics.capacity.labels(settings.name),
-                             may_take=self._may_take_more, draining=self._stopping)
+                             may_take=functools.partial(self._may_take_more, pool.name),
+                             draining=self._stopping)
         return _Slot(Backend(settings, transport), holder)
 
     def _admission(self, pool: PoolSettings) -> Admission:
@@ -177,30 +184,20 @@ class Worker:
         return Admission(self.schedulers[pool.name].policy(), lookahead=scheduling.lookahead,
                          sorts=scheduling.policy == "fair" and scheduling.lookahead > 0)
 
-    def _may_take_more(self) -> bool:
-        """False while this worker holds its share: leave free leases to the others."""
-        return not self._fair_share.reached(len(self.held_backends()))
+    def _holders(self, pool: str) -> list[LeaseHolder]:
+        return [slot.holder for slot in self._slots if slot.holder.pool == pool]
+
+    def _may_take_more(self, pool: str) -> bool:
+        """False while this worker holds its share of ``pool``: leave its free leases to
+        the pool's other workers."""
+        held = sum(1 for holder in self._holders(pool) if holder.lease.held)
+        return not self._pool_presence.reached(pool, held)
 
     async def _sleep_unless_stopping(self, seconds: float) -> None:
         try:
             await asyncio.wait_for(self._stopping.wait(), seconds)
         except TimeoutError:
             pass
-
-    async def _check_topology(self, connection: AbstractConnection) -> None:
-        """Fail fast, with the fix, when the topology was never applied."""
-        required = [self.names.triage_queue, self.names.parked_queue,
-                    self.names.workers_queue]
-        required += [self.names.work_queue(pool.name) for pool in self.settings.pools]
-        for queue in required:
-            channel = await connection.channel()
-            try:
-                await channel.declare_queue(queue, passive=True)
-            except aiormq.exceptions.ChannelNotFoundEntity:
-                raise TopologyError(
-                    f"queue {queue!r} does not exist in vhost {self.settings.vhost!r}: run "
-                    "`hutch topology apply --config <file>` first") from None
-            await channel.close()
 
     async def _handlers(self, connection: AbstractConnection) -> Handlers:
         """This session's delivery handlers, on one confirming publisher."""
@@ -225,15 +222,21 @@ class Worker:
 
     async def _start(self, connection: AbstractConnection) -> list[asyncio.Task[None]]:
         """Join, consume the triage queue, follow pauses, then compete for the leases."""
-        await self._check_topology(connection)
+        await await_topology(connection, self.settings, self._stopping)
         handlers = await self._handlers(connection)
         self._triage = TrackedConsumer(await connection.channel(), self.names.triage_queue,
                                        self.settings.triage_prefetch, handlers.triage.handle)
         await self._triage.start()
         await self._presence.join(connection)
+        await self._pool_presence.join(connection)
         await CancelSubscription(self.names, self._cancel_queue_id, self._cancels).start(
             connection)
         await self._check_pauses(connection)  # before any consumer starts
+        for _ in range(2):  # a state that cannot be read yet: a few tries, then running
+            if not self._pauses.unknown():
+                break
+            await asyncio.sleep(self.settings.lease_retry_s)
+            await self._check_pauses(connection)
         by_pool: dict[str, dict[str, _Slot]] = {}
         for slot in self._slots:
             by_pool.setdefault(slot.holder.pool, {})[slot.holder.name] = slot
@@ -282,6 +285,7 @@ class Worker:
             await self._triage.abort()
             self._triage = None
         await self._presence.leave()
+        await self._pool_presence.leave()
         if not connection.is_closed:
             try:
                 await connection.close()
@@ -320,40 +324,39 @@ class Worker:
             await asyncio.sleep(2.0)
 
     async def _watch_pauses(self, connection: AbstractConnection) -> None:
-        """Follow the pause flags (queues named <prefix>.paused.<pool>)."""
+        """Follow the pools' pause states (``<prefix>.pause.<pool>``)."""
         while True:
             await asyncio.sleep(self.settings.lease_retry_s * 2)
             await self._check_pauses(connection)
 
     async def _check_pauses(self, connection: AbstractConnection) -> None:
-        for pool in self.settings.pools:
-            channel = await connection.channel(publisher_confirms=False)
-            paused = await is_paused(channel, self.names, pool.name)
-            if not channel.is_closed:
-                await channel.close()
-            for slot in (s for s in self._slots if s.holder.pool == pool.name):
-                health = slot.holder.health
-                if health.pause() if paused else health.resume():
-                    log.warning("pool.paused" if paused else "pool.resumed",
-                                pool=pool.name, backend=slot.holder.name)
+        """Read the states (keeping the last known where a read cannot tell); pause or
+        resume the backends whose pool changed."""
+        await self._pauses.poll(connection)
+        for slot in self._slots:
+            pool, health = slot.holder.pool, slot.holder.health
+            paused = self._pauses.paused(pool)
+            if health.pause() if paused else health.resume():
+                log.warning("pool.paused" if paused else "pool.resumed",
+                            pool=pool, backend=slot.holder.name)
 
     async def _rebalance(self, connection: AbstractConnection) -> None:
-        """Spread leases over the replicas: a worker holding more than its fair share of
-        backends (by the presence count of live workers) gives one up, so new replicas
-        get work, not only failover duty."""
+        """Spread each pool's leases over the workers serving it: a worker holding more
+        than its fair share of a pool's backends (by the pool's presence count) gives
+        one up, which only a worker serving that pool competes for, so new replicas get
+        work, not only failover duty, and no backend is left without a taker."""
         interval = self.settings.lease_retry_s * 5
-        channel = await connection.channel(publisher_confirms=False)
         while True:
             await asyncio.sleep(interval * random.uniform(0.8, 1.2))
-            workers = await self._presence.count(channel)
-            fair = self._fair_share.update(workers)
-            held = [slot.holder for slot in self._slots
-                    if slot.holder.lease.held and not slot.holder.lease.releasing]
-            if len(held) > fair:
-                holder = random.choice(held)
-                log.info("lease.rebalance", backend=holder.name, held=len(held),
-                         fair_share=fair, workers=workers)
-                holder.lease.release()
+            for pool, (workers, fair) in (await self._pool_presence.refresh(connection)
+                                          ).items():
+                held = [holder for holder in self._holders(pool)
+                        if holder.lease.held and not holder.lease.releasing]
+                if len(held) > fair:
+                    holder = random.choice(held)
+                    log.info("lease.rebalance", backend=holder.name, pool=pool,
+                             held=len(held), fair_share=fair, workers=workers)
+                    holder.lease.release()
 
     @staticmethod
     async def _guard(name: str, work: Callable[[], Awaitable[None]]) -> None:
