@@ -302,10 +302,12 @@ async def test_diff_changed_max_priority_needs_recreate(make_settings: SettingsF
                                                         tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]
                                                         ) -> None:
-    settings = make_settings(max_priority=5)
+    # FIFO pools have no lanes (whose x-max-priority would change too): one line.
+    fifo = {"scheduling": {"policy": "fifo"}}
+    settings = make_settings(max_priority=5, pool=fifo)
     qname = Names(settings.prefix).work_queue("chat")
     await apply_topology(settings)
-    changed = make_settings(max_priority=9)
+    changed = make_settings(max_priority=9, pool=fifo)
     [line] = await diff_topology(changed)
     assert (line.kind, line.object, line.name, line.fix) == ("changed", "queue", qname,
                                                              "recreate")

@@ -170,7 +170,7 @@ async def test_running_out_of_time_is_not_a_backend_failure(
                     await asyncio.sleep(0.02)
             assert sample("hutch_backend_state", {"backend": backend}) == 0  # closed
             assert sample("hutch_backend_errors_total",
-                          {"backend": backend, "kind": "retryable"}) is None
+                          {"backend": backend, "kind": "retryable"}) == 0  # created at 0
             await client.chat(model="mock-small", messages=USER, timeout=10)
             served = slow.stats()["served"]
             started = time.monotonic()
@@ -210,7 +210,7 @@ async def test_429_sends_work_to_the_other_backend_and_is_not_a_failure(
     assert sample("hutch_backend_capacity", {"backend": backend_a}) == 0
     # 429s are throttling, not failures: the circuit (threshold 2) never opened.
     assert sample("hutch_backend_errors_total", {"backend": backend_a, "kind": "retryable"}
-                  ) is None
+                  ) == 0  # created at 0
 
 
 async def test_circuit_opens_then_a_probe_closes_it(make_settings: SettingsFactory) -> None:

@@ -54,7 +54,9 @@ async def test_high_priority_is_served_next_on_a_saturated_backend(
         make_settings: SettingsFactory) -> None:
     """Capacity 1, a queue full of low-priority work, then one high: it is served next."""
     async with MockBackend(MockConfig(latency_ms=150, capacity=1)) as mock:
-        settings = make_settings([("b1", mock.base_url, 1)])
+        # No lookahead: the prefetch is the free slot, so the lows wait in the queue.
+        settings = make_settings([("b1", mock.base_url, 1)],
+                                 pool={"scheduling": {"lookahead": 0}})
         names = Names(settings.prefix)
         async with hutch(settings) as client, amqp(settings.amqp_url) as conn:
             channel = await conn.channel()
@@ -71,6 +73,27 @@ async def test_high_priority_is_served_next_on_a_saturated_backend(
         assert served[0] == low_replies[0].correlation_id  # was already in service
         assert served[1] == high.correlation_id  # overtook all seven queued lows
         assert set(served[2:]) == {r.correlation_id for r in low_replies[1:]}
+        assert mock.stats()["max_in_flight"] == 1
+
+
+async def test_high_priority_is_served_next_with_the_fair_scheduler(
+        make_settings: SettingsFactory) -> None:
+    """The same with the fair scheduler's lookahead and lanes (the default): the lows wait
+    in the queue, at the worker or in a lane; the high overtakes them wherever they are."""
+    async with MockBackend(MockConfig(latency_ms=300, capacity=1)) as mock:
+        settings = make_settings([("b1", mock.base_url, 1)])
+        async with hutch(settings) as client:
+            lows = [await client.submit(body(content=f"low {i}"), model="mock-small",
+                                        priority=0, timeout=60) for i in range(8)]
+            async with asyncio.timeout(30):
+                while mock.stats()["in_service"] != 1:
+                    await asyncio.sleep(0.01)
+            high = await client.request(body(content="high"), model="mock-small", priority=9,
+                                        timeout=60)
+            for cid in lows:
+                await client.result(cid, timeout=60)
+        served = mock.stats()["served_ids"]
+        assert served.index(high.correlation_id) <= 2  # after what had already started
         assert mock.stats()["max_in_flight"] == 1
 
 

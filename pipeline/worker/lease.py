@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
+from pipeline.broker.availability import amqp_reason, home_node_down
 from pipeline.observe.log import get_logger
 from pipeline.worker.admission import Admission
 from pipeline.worker.capacity import CapacityController
@@ -182,9 +183,13 @@ class LeaseHolder:
                 await self._hand_over(connection, consumer)
                 return True
             log.warning("consumer.channel_closed", backend=self.name)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            log.error("work_queue.missing", queue=self._work_queue,
-                      lanes=len(self.intake.lanes), hint="run `hutch topology apply`")
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            if home_node_down(exc):
+                log.warning("work_queue.unavailable", queue=self._work_queue,
+                            reason=amqp_reason(exc), note="its node is down; retrying")
+            else:
+                log.error("work_queue.missing", queue=self._work_queue,
+                          lanes=len(self.intake.lanes), hint="run `hutch topology apply`")
             await asyncio.sleep(5)
         finally:
             self.lease.dropped()
