@@ -10,7 +10,7 @@ running Hutch that serves `mock-small`, such as the compose stack. Run:
 
 import asyncio
 
-from pipeline import (
+from hutch import (
     DeadlineExceededError,
     HutchClient,
     QueueFullError,

@@ -10,7 +10,7 @@ serves `mock-small`, such as the compose stack. Run:
 
 import asyncio
 
-from pipeline import HutchClient, load_settings
+from hutch import HutchClient, load_settings
 
 
 async def ask(client: HutchClient, number: int, priority: int) -> str:

@@ -7,7 +7,7 @@ Run it against a running Hutch that serves `mock-small`, such as the compose sta
 
 import asyncio
 
-from pipeline import HutchClient, load_settings
+from hutch import HutchClient, load_settings
 
 
 async def main() -> None:

@@ -10,7 +10,7 @@ Run:
 
 import asyncio
 
-from pipeline import HutchClient, load_settings
+from hutch import HutchClient, load_settings
 
 
 async def main() -> None:

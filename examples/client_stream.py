@@ -13,8 +13,7 @@ serves `mock-small`, such as the compose stack. Run:
 
 import asyncio
 
-from pipeline import HutchClient, RequestFailed, StreamInterruptedError, load_settings
-from pipeline.client.stream import ChatStream
+from hutch import ChatStream, HutchClient, RequestFailed, StreamInterruptedError, load_settings
 
 HELLO = [{"role": "user", "content": "hello"}]
 

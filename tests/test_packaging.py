@@ -29,7 +29,8 @@ PUBLIC = {
     "load_settings", "ChatCompletion", "ChatCompletionChunk", "ChatMessage",
     "HutchError", "ConfigError", "TopologyError", "BrokerConnectionError",
     "BrokerUnreachableError", "BrokerAuthError", "BrokerAccessError", "BrokerTLSError",
-    "RequestFailed", "QueueFullError", "UnknownModelError", "DeadlineExceededError",
+    "RequestFailed", "QueueFullError", "QuotaExceededError", "UnknownModelError",
+    "DeadlineExceededError",
     "InvalidRequestError", "BackendError", "StreamInterruptedError", "RequestCancelledError",
     "__version__",
 }
