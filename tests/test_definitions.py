@@ -110,9 +110,11 @@ def test_export_is_a_definitions_file(make_settings: SettingsFactory) -> None:
     assert queues[names.work_queue("chat")]["arguments"] == {
         "x-queue-type": "classic", "x-max-priority": settings.max_priority}
     assert all(q["durable"] and not q["auto_delete"] for q in queues.values())
-    [policy] = document["policies"]
+    policy, lanes = document["policies"]
     assert policy["name"] == names.work_policy("chat")
     assert policy["definition"]["message-ttl"] == 30_000
+    assert lanes["name"] == names.lane_policy("chat")
+    assert lanes["definition"]["overflow"] == "reject-publish"  # a full lane refuses a move
     routes = {(b["source"], b["routing_key"]) for b in document["bindings"]
               if b["destination"] == names.work_queue("chat")}
     assert routes == {(names.requests_exchange, "mock-small"),
@@ -345,11 +347,11 @@ async def test_diff_objects_no_longer_in_the_config(make_settings: SettingsFacto
     only(lines, "extra", "binding", f"{names.retry_exchange} --hutch-retry-tier=7000--> "
                                     f"{names.retry_queue(7000)}")
     assert only(lines, "extra", "policy", names.work_policy("old")).fix == "manual"
-    # (the old pool's 16 lanes, presence and pause state queues are extras too)
-    assert len(lines) == 23, [line.text() for line in lines]
+    # (the old pool's 16 lanes and their policy, presence and pause state queues too)
+    assert len(lines) == 24, [line.text() for line in lines]
     text = format_diff(lines, vhost=make_settings().vhost)
     assert f"- queue {names.work_queue('old')}" in text
-    assert "23 differences: 23 left to you" in text
+    assert "24 differences: 24 left to you" in text
 
 
 async def test_diff_binding_of_a_removed_model(make_settings: SettingsFactory) -> None:

@@ -458,3 +458,18 @@ def test_worker_users_may_read_every_lane_and_triage_knows_a_lanes_pool() -> Non
              "x-first-death-reason": "expired", "x-first-death-queue": lane}
     _, pool = triage_failure(death, lane, names, "llm.dlx")
     assert pool == "chat.eu"
+
+
+def test_an_answer_without_usage_is_charged_for_its_text_not_its_envelope() -> None:
+    import json as _json
+
+    from pipeline.delivery import StreamProgress
+    from pipeline.scheduling.meter import completion_estimate
+
+    body = _json.dumps({"id": "x" * 80, "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "y" * 40}}]}).encode()
+    assert completion_estimate(delivery(), body) == 10
+    streamed = delivery()
+    streamed.stream = StreamProgress("s", chunks=32)
+    assert completion_estimate(streamed, body) == 32
+    assert completion_estimate(delivery(), b"not json at all!") == 4

@@ -74,7 +74,7 @@ async def test_apply_twice_is_idempotent(make_settings: SettingsFactory,
         assert tier is not None
         assert tier["arguments"]["x-message-ttl"] == delay
         assert tier["arguments"]["x-dead-letter-exchange"] == names.requests_exchange
-    assert second.policies == [names.work_policy("chat")]
+    assert second.policies == [names.work_policy("chat"), names.lane_policy("chat")]
     assert await routing_keys(api, settings, "chat") == {"mock-small", "mock-large"}
     for qname in second.queues:
         info = await api.get_queue(settings.vhost, qname)

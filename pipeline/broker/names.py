@@ -92,6 +92,10 @@ class Names:
         """What every lane of ``pool`` starts with."""
         return f"{self.lanes_prefix}{pool}."
 
+    def lane_policy(self, pool: str) -> str:
+        """The policy of ``pool``'s lanes (dead-lettering, max length)."""
+        return f"{self.prefix}.lane.{pool}"
+
     @property
     def lanes_prefix(self) -> str:
         """What every lane of every pool starts with."""

@@ -60,7 +60,6 @@ __all__ = [
     "TopologyReport",
     "apply_topology",
     "delete_topology",
-    "lane_queue_arguments",
     "plan",
     "pool_queue_arguments",
     "retry_delays",
@@ -105,23 +104,17 @@ def retry_queue_arguments(settings: Settings, delay_ms: int) -> dict[str, Any]:
             "x-dead-letter-exchange": Names(settings.prefix).requests_exchange}
 
 
-def lane_queue_arguments(settings: Settings, pool: PoolSettings) -> dict[str, Any]:
-    """A lane (:mod:`pipeline.scheduling.lanes`): the pool's kind of queue, its priorities
-    (classic), dead-lettered like the pool's queue when a request's deadline passes in it,
-    and bounded like it: a full lane refuses the move and the request stays where it was."""
-    names = Names(settings.prefix)
-    limits = {"x-dead-letter-exchange": names.dead_letter_exchange,
-              "x-max-length": pool.max_queue_length, "x-overflow": "reject-publish"}
-    return {**work_queue_arguments(settings, pool), **limits}
-
-
-def work_policy(settings: Settings, pool: PoolSettings) -> dict[str, Any]:
-    """The one policy of a pool's work queue (at most one policy applies to a queue)."""
+def work_policy(settings: Settings, pool: PoolSettings, *, lanes: bool = False
+                ) -> dict[str, Any]:
+    """The one policy of a pool's work queue (at most one policy applies to a queue), or
+    (``lanes``) of its lanes (:mod:`pipeline.scheduling.lanes`): dead-lettered like the
+    pool's queue when a deadline passes there, and bounded like it, but a full lane
+    refuses the move (``reject-publish``) and the request goes back where it was."""
     names = Names(settings.prefix)
     definition: dict[str, Any] = {
         "dead-letter-exchange": names.dead_letter_exchange,
         "max-length": pool.max_queue_length,
-        "overflow": "reject-publish-dlx",
+        "overflow": "reject-publish" if lanes else "reject-publish-dlx",
     }
     if pool.message_ttl_ms is not None:
         definition["message-ttl"] = pool.message_ttl_ms
@@ -129,8 +122,12 @@ def work_policy(settings: Settings, pool: PoolSettings) -> dict[str, Any]:
         definition = quorum_policy_definition(names.dead_letter_exchange,
                                               pool.max_queue_length, pool.delivery_limit,
                                               pool.message_ttl_ms)
+    pattern = f"^{re.escape(names.work_queue(pool.name))}$"
+    if lanes:
+        bands = "|".join(re.escape(band.name) for band in pool.scheduling.bands)
+        pattern = f"^{re.escape(names.lane_prefix(pool.name))}({bands})\\.[0-9]+$"
     return {
-        "pattern": f"^{re.escape(names.work_queue(pool.name))}$",
+        "pattern": pattern,
         "apply-to": "queues",
         "priority": 0,
         "definition": definition,
@@ -253,14 +250,16 @@ def plan(settings: Settings) -> Topology:
         topo.bindings += [BindingSpec(names.requests_exchange, qname, model)
                           for model in pool.models]
         topo.owned_routes.append((names.requests_exchange, qname))
+        policies = [(names.work_policy(pool.name), work_policy(settings, pool))]
         if pool.scheduling.policy == "fair":
-            topo.queues += [QueueSpec(lane, lane_queue_arguments(settings, pool))
+            topo.queues += [QueueSpec(lane, work_queue_arguments(settings, pool))
                             for lane in LaneMap(names, pool.name, pool.scheduling).queues()]
-        policy = work_policy(settings, pool)
-        topo.policies.append(PolicySpec(
-            names.work_policy(pool.name), pattern=policy["pattern"],
-            apply_to=policy["apply-to"], priority=policy["priority"],
-            definition=policy["definition"]))
+            policies.append((names.lane_policy(pool.name),
+                             work_policy(settings, pool, lanes=True)))
+        topo.policies += [PolicySpec(name, pattern=policy["pattern"],
+                                     apply_to=policy["apply-to"], priority=policy["priority"],
+                                     definition=policy["definition"])
+                          for name, policy in policies]
     return topo
 
 

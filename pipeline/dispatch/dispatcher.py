@@ -43,6 +43,11 @@ __all__ = ["BackendHealth", "Dispatcher", "backend_body", "backoff_s"]
 
 log = get_logger("hutch.dispatch")
 
+#: The channel or connection is gone (a closed channel raises a RuntimeError in aiormq):
+#: the broker redelivers what was unacked on it.
+_CHANNEL_GONE = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError,
+                 ConnectionError)
+
 #: Jittered exponential backoff between in-place attempts (tenacity's strategy).
 _BACKOFF = wait_random_exponential(multiplier=0.05, max=2.0)
 _RETRYING = AsyncRetrying()
@@ -115,7 +120,7 @@ class Dispatcher:
                                                          self.lanes.lane_for(delivery))
             if not moved:
                 await delivery.message.nack(requeue=True)
-        except (aiormq.exceptions.AMQPError, ConnectionError):
+        except _CHANNEL_GONE:
             pass  # the channel is gone: the broker redelivers it
         self._hooks.set_aside(delivery, moved)
 
@@ -130,7 +135,7 @@ class Dispatcher:
         try:
             outcome = await self._run(delivery, backend, health)
             await self._settler.settle(delivery, outcome)
-        except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+        except _CHANNEL_GONE as exc:
             # The channel or connection is gone: the broker redelivers this request.
             self._settler.abandoned(delivery, exc)
         except Exception:

@@ -11,6 +11,7 @@ The per-tenant metrics are kept here too, and :func:`sample` exports the schedul
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 from pipeline.delivery import Delivery
@@ -19,7 +20,21 @@ from pipeline.observe.metrics import Metrics
 from pipeline.outcome import Completed, Outcome
 from pipeline.scheduling.policy import PoolScheduler, prompt_tokens
 
-__all__ = ["TenantMeter", "sample"]
+__all__ = ["TenantMeter", "completion_estimate", "sample"]
+
+
+def completion_estimate(delivery: Delivery, body: bytes) -> int:
+    """Completion tokens of an answer without ``usage``: a stream's chunks (about one a
+    token), else its text at about four characters a token, never the JSON around it."""
+    if delivery.stream is not None:
+        return delivery.stream.chunks
+    try:
+        answer = json.loads(body)
+        choices = answer.get("choices") or [{}]
+        text = choices[0].get("message", {}).get("content") or choices[0].get("text") or ""
+    except (ValueError, AttributeError, TypeError, IndexError):
+        return len(body) // 4
+    return len(text) // 4 if isinstance(text, str) else len(body) // 4
 
 
 class TenantMeter(DeliveryHook):
@@ -55,7 +70,8 @@ class TenantMeter(DeliveryHook):
         if isinstance(outcome, Completed):
             usage = outcome.usage
             prompt = usage.prompt_tokens if usage else prompt_tokens(delivery)
-            completion = usage.completion_tokens if usage else len(outcome.body) // 4
+            completion = (usage.completion_tokens if usage
+                          else completion_estimate(delivery, outcome.body))
             scheduler.quota.record(delivery.tenant, prompt + completion)
             for kind, count in (("prompt", prompt), ("completion", completion)):
                 self._m.child(self._m.tenant_tokens, *self._labels(delivery), kind).inc(count)

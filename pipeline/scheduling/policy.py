@@ -49,6 +49,7 @@ class WaitingPolicy(Protocol):
     def pop(self) -> Delivery | None: ...
     def remove(self, delivery: Delivery) -> bool: ...
     def last_movable(self) -> Delivery | None: ...
+    def movable(self) -> int: ...
     def entries(self) -> list[Delivery]: ...
 
 
@@ -214,8 +215,14 @@ class _Ordered:
         return best
 
     def last_movable(self) -> Delivery | None:
+        """What would be served last among the requests from the pool's queue (a lane's
+        requests are sorted already)."""
         movable = [entry for entry in self._entries if entry.lane is None]
         return max(movable, key=self.key) if movable else None
+
+    def movable(self) -> int:
+        """How many waiting requests came from the pool's queue."""
+        return sum(1 for entry in self._entries if entry.lane is None)
 
 
 class FifoPolicy(_Ordered):

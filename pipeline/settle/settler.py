@@ -34,6 +34,9 @@ from pipeline.settle.stream import StreamSink
 
 __all__ = ["Settler"]
 
+#: The longest per-message TTL RabbitMQ accepts (milliseconds, a signed 32-bit value).
+_MAX_EXPIRATION_S = (2**31 - 1) / 1000
+
 class Settler:
     """Carries out outcomes on one confirming :class:`Publisher`."""
 
@@ -202,9 +205,10 @@ class Settler:
         message = copy_message(delivery.message, headers,
                                user_id=self._worker_user if vouch else None)
         remaining = delivery.remaining_s()
-        if expire and remaining is not None:
+        if expire and remaining is not None and remaining < _MAX_EXPIRATION_S:
             # Back in a queue, the broker expires it at its deadline (and triage answers
-            # it) even while no consumer can take it.
+            # it) even while no consumer can take it. A deadline beyond what the broker
+            # accepts as a TTL (refused with a channel error) is left to the header.
             message.expiration = max(0.001, remaining)
         return message
 

@@ -165,7 +165,7 @@ class Admission:
         if not self._sorts or self._free_backend(None) is not None:
             return
         serving = sum(1 for p in self._permits.values() if p.limit > 0)
-        while len(self._policy) > self.lookahead * max(1, serving):
+        while self._policy.movable() > self.lookahead * max(1, serving):
             last = self._policy.last_movable()
             if last is None:
                 return

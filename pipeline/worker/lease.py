@@ -160,7 +160,8 @@ class LeaseHolder:
                 continue
             consumer = TrackedConsumer(channel, self._work_queue,
                                        self.health.max_concurrency, handler,
-                                       lanes=self.intake.lanes, lane_prefetch=2)
+                                       lanes=self.intake.lanes,
+                                       lane_prefetch=self.health.max_concurrency + 2)
             if await self._hold(connection, consumer):
                 continue  # handed over, and stayed away already
             # The lease stays ours while the connection lives; re-consume after a pause.

@@ -88,6 +88,11 @@ class _Slot:
         async def handle(message: AbstractIncomingMessage) -> None:
             delivery = dispatcher.parse(message, self.http.name)
             grant = await admission.acquire(delivery)
+            if grant.verdict is Verdict.MOVE and delivery.deadline_passed():
+                # Out of time already: answered now (refused or deadline_exceeded, never a
+                # backend call), not moved to expire in a lane with a vaguer answer.
+                await dispatcher.handle(delivery, self.http, self.holder.health)
+                return
             if grant.verdict is not Verdict.START or grant.backend is None:
                 await dispatcher.set_aside(delivery, move=grant.verdict is Verdict.MOVE)
                 return
