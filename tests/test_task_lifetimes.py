@@ -148,7 +148,7 @@ async def test_a_cancel_aborts_every_delivery_of_the_id() -> None:
         for _ in tasks:
             await entered.acquire()
     assert reg.cancel("dup", "app")
-    done, pending = await asyncio.wait(tasks, timeout=10)
+    _, pending = await asyncio.wait(tasks, timeout=10)
     for task in pending:
         task.cancel()
     assert not pending
