@@ -132,6 +132,9 @@ class ErrorCode(StrEnum):
     CANCELLED = "cancelled"
     #: A stream failed after chunks were sent; the error says how much was sent.
     STREAM_INTERRUPTED = "stream_interrupted"
+    #: The broker blocked the publish (a resource alarm): never a reply, raised by the
+    #: client (and answered 503 by the gateway) when its publish bound passed.
+    BROKER_BLOCKED = "broker_blocked"
 
 
 class ParkReason(StrEnum):
@@ -167,6 +170,7 @@ _ERROR_TYPE = {
     ErrorCode.INTERNAL_ERROR: "api_error",
     ErrorCode.CANCELLED: "invalid_request_error",
     ErrorCode.STREAM_INTERRUPTED: "api_error",
+    ErrorCode.BROKER_BLOCKED: "api_error",
 }
 
 

@@ -14,6 +14,8 @@ code                          status  note
 ``stream_interrupted``        502
 ``cancelled``                 503     an operator cancelled it (the gateway cancels
                                       only for clients that are gone)
+``broker_blocked``            503     with ``Retry-After``: a resource alarm of the
+                                      broker blocks publishing (nothing was queued)
 ``internal_error``            500
 ============================  ======  ==============================================
 
@@ -59,6 +61,7 @@ _STATUS: dict[str, int] = {
     p.ErrorCode.BACKEND_ERROR: 502,
     p.ErrorCode.STREAM_INTERRUPTED: 502,
     p.ErrorCode.CANCELLED: 503,
+    p.ErrorCode.BROKER_BLOCKED: 503,
 }
 #: Reply headers passed on to the HTTP response (the worker's names).
 _PASSED = (p.H_QUEUE_WAIT_MS, p.H_BACKEND, p.H_BACKEND_MS, p.H_ATTEMPTS, p.H_POOL)
@@ -97,7 +100,7 @@ def error_response(error: RequestFailed, *, correlation_id: str | None,
     """The HTTP answer of an error."""
     status = status_of(error)
     headers = {} if correlation_id is None else {H_REQUEST_ID: correlation_id}
-    if status == 429:
+    if status == 429 or error.code == p.ErrorCode.BROKER_BLOCKED:
         headers["Retry-After"] = str(retry_after_s)
     return web.json_response(error_body(error), status=status, headers=headers)
 
