@@ -94,6 +94,29 @@ def _slug(heading: str) -> str:
 
 
 def _runbook() -> dict[str, str]:
+    """Alert heading -> its text: the README's "Alerts" section of the operator guide, and
+    the "## Alerts" sections of the pages under docs/ (see :func:`_runbook_pages`)."""
+    return {heading: body for heading, (_, body) in _runbook_pages().items()}
+
+
+def _runbook_pages() -> dict[str, tuple[str, str]]:
+    """Alert heading -> (the page that holds its entry, relative to the repository, and
+    the entry's text). Pages under docs/ hold theirs as ``### `Alert` `` headings of a
+    ``## Alerts`` section."""
+    entries = {heading: ("README.md", body) for heading, body in _readme_runbook().items()}
+    for page in sorted((ROOT / "docs").rglob("*.md")):
+        text = page.read_text()
+        if "\n## Alerts\n" not in text:
+            continue
+        section = text.split("\n## Alerts\n", 1)[1].split("\n## ", 1)[0]
+        parts = re.split(r"^### (.+)$", section, flags=re.M)
+        for heading, body in zip(parts[1::2], parts[2::2], strict=True):
+            assert heading.strip() not in entries, f"two runbook entries for {heading}"
+            entries[heading.strip()] = (str(page.relative_to(ROOT)), body.strip())
+    return entries
+
+
+def _readme_runbook() -> dict[str, str]:
     """Alert heading -> its text, from the README's "Alerts" section of the operator guide."""
     text = README.read_text()
     assert "\n## Operator guide\n" in text
@@ -209,6 +232,7 @@ def test_queue_regexes_pick_the_pools_queues(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_every_alert_is_labelled_and_described() -> None:
+    pages = {heading: page for heading, (page, _) in _runbook_pages().items()}
     names = [rule["alert"] for rule in _alerts()]
     assert len(names) == len(set(names)), "duplicate alert names"
     for rule in _alerts():
@@ -216,7 +240,8 @@ def test_every_alert_is_labelled_and_described() -> None:
         annotations = rule["annotations"]
         assert annotations["summary"] and annotations["description"], rule["alert"]
         heading = f"`{rule['alert']}`"
-        assert annotations["runbook_url"] == f"README.md#{_slug(heading)}", rule["alert"]
+        page = pages.get(heading, "README.md")
+        assert annotations["runbook_url"] == f"{page}#{_slug(heading)}", rule["alert"]
 
 
 def test_every_alert_has_tests_that_fire_it_and_keep_it_silent() -> None:

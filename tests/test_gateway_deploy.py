@@ -17,7 +17,7 @@ from pipeline.gateway.metrics import GatewayMetrics
 from pipeline.gateway.settings import GatewaySettings
 from pipeline.settings import load_settings
 from pipeline.settings_text import dump_toml
-from tests.test_metrics import _dashboard, _queries
+from tests.test_metrics import _dashboard, _queries, metric_rows_of_docs
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
@@ -50,7 +50,7 @@ def test_compose_runs_the_gateway_with_its_config_and_metrics(
 
 def test_dashboard_and_readme_show_every_gateway_metric() -> None:
     queried = {name for query in _queries(_dashboard()) for name in query.names}
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text() + metric_rows_of_docs()
     for info in GatewayMetrics().catalog:
         assert info.sample_names() & queried, f"no dashboard panel shows {info.name}"
         row = f"| `{info.name}` | {info.type} |"

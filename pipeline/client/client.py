@@ -183,7 +183,8 @@ class HutchClient:
         if not 0 <= priority <= 255:
             raise ValueError(f"priority must be in 0..255, got {priority}")
         sent_ms = p.now_ms()
-        headers: dict[str, Any] = {p.H_SENT_AT: sent_ms,
+        headers: dict[str, Any] = {p.H_SENT_AT: sent_ms,  # the timeout wins over the deadline
+                                   p.H_TIMEOUT_MS: max(1, int(timeout_s * 1000)),
                                    p.H_DEADLINE: sent_ms + int(timeout_s * 1000)}
         if extra:
             headers.update(extra)
