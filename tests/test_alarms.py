@@ -133,6 +133,8 @@ async def test_the_gateway_answers_503_and_is_not_ready_while_blocked(
         await alarm.raise_()
         answers = [await http.post("/v1/chat/completions", json=body, headers=headers)
                    for _ in range(3)]
+        answers.append(await http.post("/v1/chat/completions", headers=headers,
+                                       json={**body, "stream": True}))
         for answer in answers:
             assert answer.status_code == 503, answer.text
             assert answer.headers["Retry-After"] == "3"
