@@ -12,9 +12,10 @@ answers 503 at once, readiness probes say not ready, and a gauge shows it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from aio_pika.abc import AbstractConnection
@@ -51,6 +52,8 @@ class BlockedState:
         self._unblocked.set()
         self._blocked = asyncio.Event()
         self._on_change = on_change
+        #: Timeouts of publishes in progress and their bounds (see :meth:`bounding`).
+        self._bounded: dict[asyncio.Timeout, float] = {}
         self._generation = 0
         #: The broker's reason (``low on memory``, ``low on disk``) while blocked.
         self.reason: str | None = None
@@ -96,12 +99,16 @@ class BlockedState:
             self.since, self.reason = time.monotonic(), reason
             self._unblocked.clear()
             self._blocked.set()
+            for timeout, bound_s in self._bounded.items():
+                timeout.reschedule(asyncio.get_running_loop().time() + bound_s)
             log.warning("broker.blocked", reason=reason)
         else:
             log.info("broker.unblocked", blocked_s=round(self.blocked_for_s(), 3))
             self.since = self.reason = None
             self._blocked.clear()
             self._unblocked.set()
+            for timeout in self._bounded:
+                timeout.reschedule(None)
         if self._on_change is not None:
             self._on_change(blocked)
 
@@ -109,6 +116,19 @@ class BlockedState:
         """The connection is gone: not blocked any more (the next one starts unblocked)."""
         self._generation += 1
         self._set(False, None)
+
+    @contextlib.contextmanager
+    def bounding(self, timeout: asyncio.Timeout, bound_s: float) -> Iterator[None]:
+        """While inside, ``timeout`` (entered, unarmed) expires once a block has lasted
+        ``bound_s``, and is disarmed again if the block ends first."""
+        if self.blocked:
+            timeout.reschedule(asyncio.get_running_loop().time() + bound_s
+                               - self.blocked_for_s())
+        self._bounded[timeout] = bound_s
+        try:
+            yield
+        finally:
+            del self._bounded[timeout]
 
     async def wait_unblocked(self, timeout_s: float) -> bool:
         """Wait until not blocked, at most ``timeout_s``; True if unblocked by then."""

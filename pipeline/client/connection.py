@@ -273,19 +273,17 @@ class ClientConnection:
     async def _unless_blocked(self, publish: Awaitable[Any], bound_s: float) -> None:
         """Await ``publish`` (its confirm), unless a block that began meanwhile lasts
         ``bound_s``: then it is abandoned and :class:`BrokerBlockedError` raised (the
-        broker may still take the message once the alarm clears)."""
-        task = asyncio.ensure_future(publish)
-        watch = asyncio.ensure_future(self.blocked_state.wait_blocked_for(bound_s))
+        broker may still take the message once the alarm clears). A timeout that only a
+        block arms: nothing more per publish than entering it."""
+        timeout = asyncio.timeout(None)
         try:
-            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watch.cancel()
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        if task.cancelled():  # abandoned above: the block outlasted the bound
-            raise self.blocked_error(may_have_gone_out=True)
-        task.result()
+            async with timeout:
+                with self.blocked_state.bounding(timeout, bound_s):
+                    await publish
+        except TimeoutError:
+            if timeout.expired():
+                raise self.blocked_error(may_have_gone_out=True) from None
+            raise
 
     async def _restart_channel(self) -> None:
         """The channel died but the connection lives: start over on a new one."""
