@@ -36,7 +36,8 @@ worker, the client::
         ├── InvalidRequestError  the request itself is malformed or too large
         ├── BackendError         the backend failed or refused, after retries
         │   └── StreamInterruptedError  a stream ended or restarted after chunks were sent
-        └── RequestCancelledError       the request was cancelled by its owner or an operator
+        ├── RequestCancelledError       the request was cancelled by its owner or an operator
+        └── BrokerBlockedError   the broker blocks publishing (a memory or disk alarm)
 
 A :class:`RequestFailed` carries the OpenAI-shaped error of the reply (``code``, ``type``,
 ``message``); :func:`error_for_code` maps a reply's code to its class, so a caller can catch
@@ -61,6 +62,7 @@ __all__ = [
     "BackendUnreachableError",
     "BrokerAccessError",
     "BrokerAuthError",
+    "BrokerBlockedError",
     "BrokerConnectionError",
     "BrokerTLSError",
     "BrokerUnreachableError",
@@ -300,6 +302,19 @@ class RequestCancelledError(RequestFailed):
     code = "cancelled"
 
 
+class BrokerBlockedError(RequestFailed):
+    """The broker blocked the publish (a memory or disk alarm) for longer than the
+    client's bound: the request was not accepted; try again once the alarm has cleared.
+    ``may_have_gone_out``: the block began mid-publish, so the broker may still take the
+    request (the client then cancels it)."""
+
+    code = "broker_blocked"
+
+    def __init__(self, message: str, *, may_have_gone_out: bool = False) -> None:
+        super().__init__(message, type="api_error")
+        self.may_have_gone_out = may_have_gone_out
+
+
 class GatewayRefusal(RequestFailed):
     """The HTTP gateway answers a request itself, before or instead of the queue (a bad
     key, body or header): ``status`` is the HTTP status it answers with."""
@@ -335,6 +350,7 @@ _BY_CODE: dict[str, type[RequestFailed]] = {
         BackendError,
         RequestCancelledError,
         StreamInterruptedError,
+        BrokerBlockedError,
     )
 }
 

@@ -39,6 +39,7 @@ __all__ = [
     "H_SENT_AT",
     "H_SEQ",
     "H_STREAM_ID",
+    "H_TIMEOUT_MS",
     "H_USER",
     "KIND_CHUNK",
     "KIND_FINAL",
@@ -53,11 +54,17 @@ __all__ = [
     "now_ms",
     "sent_at_ms",
     "text_header",
+    "timeout_ms",
 ]
 
 # Request headers (optional; set by pipeline.client.client, any client may set them).
 H_DEADLINE = "x-hutch-deadline"  # absolute deadline, epoch milliseconds
 H_SENT_AT = "x-hutch-sent-at"  # publish time, epoch milliseconds (queue wait metric)
+# The timeout relative to the first receipt, milliseconds: the worker that receives the
+# request turns it into a deadline on its own clock, so a client's clock does not matter.
+# It wins over x-hutch-deadline; a worker republishing the request (a retry tier, a
+# hand-back) replaces it with the absolute deadline it computed (docs/operations/clocks.md).
+H_TIMEOUT_MS = "x-hutch-timeout-ms"
 
 # Which OpenAI endpoint a request is for (absent: chat completions). The worker validates
 # the body for it and calls the backend's matching endpoint.
@@ -138,6 +145,9 @@ class ErrorCode(StrEnum):
     STREAM_INTERRUPTED = "stream_interrupted"
     #: The tenant used its token quota and its configuration refuses the excess.
     QUOTA_EXCEEDED = "quota_exceeded"
+    #: The broker blocked the publish (a resource alarm): never a reply, raised by the
+    #: client (and answered 503 by the gateway) when its publish bound passed.
+    BROKER_BLOCKED = "broker_blocked"
 
 
 class ParkReason(StrEnum):
@@ -176,6 +186,7 @@ _ERROR_TYPE = {
     ErrorCode.CANCELLED: "invalid_request_error",
     ErrorCode.STREAM_INTERRUPTED: "api_error",
     ErrorCode.QUOTA_EXCEEDED: "rate_limit_error",
+    ErrorCode.BROKER_BLOCKED: "api_error",
 }
 
 
@@ -236,14 +247,29 @@ def _epoch_header(headers: Mapping[str, Any], name: str, *, clamp: bool) -> int 
     return max(_MIN_EPOCH_MS, min(value, _MAX_EPOCH_MS)) if clamp else None
 
 
-def deadline_ms(headers: Mapping[str, Any], expiration_s: float | None,
-                timestamp_s: float | None) -> int | None:
-    """The request's absolute deadline (epoch ms), or None if it has none.
+#: A relative timeout is believed from 1 ms to 30 days.
+_MAX_TIMEOUT_MS = 30 * 24 * 3600 * 1000
 
-    An explicit ``x-hutch-deadline`` header wins. Otherwise a request that carries both
-    ``expiration`` and ``timestamp`` may wait until timestamp + expiration. A request with
-    only ``expiration`` is bounded by the broker alone (it expires it while queued).
+
+def timeout_ms(headers: Mapping[str, Any]) -> int | None:
+    """``x-hutch-timeout-ms``: a whole number of milliseconds in 1..30 days, else None."""
+    return int_header(headers, H_TIMEOUT_MS, low=1, high=_MAX_TIMEOUT_MS)
+
+
+def deadline_ms(headers: Mapping[str, Any], expiration_s: float | None,
+                timestamp_s: float | None, received_ms: int | None = None) -> int | None:
+    """The request's absolute deadline (epoch ms, the worker's clock), or None.
+
+    A relative ``x-hutch-timeout-ms`` wins: the deadline is that long after
+    ``received_ms`` (default: now), the receipt by this worker, so the client's clock
+    does not count. Then an explicit ``x-hutch-deadline`` header (epoch ms of the client's
+    clock). Otherwise a request that carries both ``expiration`` and ``timestamp`` may
+    wait until timestamp + expiration. A request with only ``expiration`` is bounded by
+    the broker alone (it expires it while queued).
     """
+    relative = timeout_ms(headers)
+    if relative is not None:
+        return (now_ms() if received_ms is None else received_ms) + relative
     explicit = _epoch_header(headers, H_DEADLINE, clamp=True)
     if explicit is not None:
         return explicit

@@ -141,10 +141,8 @@ async def test_deadline_bounds_the_retries(make_settings: SettingsFactory) -> No
     await apply_topology(settings)
     async with running_worker(settings, transport_factory=transports({"-a": broken})), \
             HutchClient.from_settings(settings) as client:
-        started = time.monotonic()
-        with pytest.raises(BackendError):
+        with pytest.raises(BackendError):  # a scheduled retry would end deadline_exceeded
             await client.chat(model="mock-small", messages=USER, timeout=2)
-        assert time.monotonic() - started < 1.5
     assert broken.calls == 1
 
 
@@ -173,10 +171,10 @@ async def test_running_out_of_time_is_not_a_backend_failure(
                           {"backend": backend, "kind": "retryable"}) == 0  # created at 0
             await client.chat(model="mock-small", messages=USER, timeout=10)
             served = slow.stats()["served"]
-            started = time.monotonic()
             with pytest.raises(DeadlineExceededError) as failed:
                 await client.chat(model="mock-small", messages=USER, timeout=0.2)
-            assert time.monotonic() - started < 0.2
+            # Answered by the worker without a call (not the client's own timeout): the
+            # outcome says so, whatever the wall time on a loaded machine.
             assert "fastest recent answer" in failed.value.message
             assert slow.stats()["served"] == served
             assert slow.stats()["disconnected"] == 1  # never called

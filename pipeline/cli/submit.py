@@ -55,12 +55,15 @@ def run(args: argparse.Namespace) -> int:
             body = {"model": args.model, "messages": [{"role": "user", "content": args.prompt}]}
             if args.max_tokens:
                 body["max_tokens"] = args.max_tokens
+            failure: RequestFailed | None = None
             try:
                 reply = await client.request(body, model=args.model, priority=args.priority,
                                              timeout=args.timeout)
             except RequestFailed as exc:
-                print(f"error {exc.code}: {exc.message}", file=sys.stderr)
-                return EXIT_FAILED
+                failure = exc
+        if failure is not None:  # printed last, after whatever closing the client logged
+            print(f"error {failure.code}: {failure.message}", file=sys.stderr)
+            return EXIT_FAILED
         if args.json:
             print(reply.completion.model_dump_json(indent=2))
         else:

@@ -1,22 +1,12 @@
 """The async client: publish chat requests, await their answer, whole or streamed.
 
 A :class:`HutchClient` owns one connection, one confirming channel and one reply queue
-(``<prefix>.reply.<client_id>``: durable, removed by the broker after
-``reply_queue_expires_s`` without a consumer; or, with ``temporary_reply_queue``,
-exclusive and gone when the client is). Any number of calls run concurrently on it: each
-registers under its correlation id and the reply router hands it its messages; nothing
-serialises the calls. The parts: :mod:`~pipeline.client.connection` (connection,
-reconnects, publish), :mod:`~pipeline.client.router` (replies to calls),
-:mod:`~pipeline.client.stream` and :mod:`~pipeline.client.assembly` (streams),
-:mod:`~pipeline.client.cancel` (cancels).
-
-    async with HutchClient("amqp://guest:guest@127.0.0.1/") as client:
-        completion = await client.chat(model="mock-small",
-                                       messages=[{"role": "user", "content": "hi"}],
-                                       priority=5, timeout=30)
-
-Cancelling the task that awaits ``chat()``/``result()`` cancels the request on the
-broker too; so does leaving a stream early (see :class:`ChatStream`).
+(``<prefix>.reply.<client_id>``, durable with ``reply_queue_expires_s``; or exclusive with
+``temporary_reply_queue``). Any number of calls run concurrently on it, each under its
+correlation id. Its parts: :mod:`~pipeline.client.connection`, :mod:`~pipeline.client.router`,
+:mod:`~pipeline.client.stream`, :mod:`~pipeline.client.assembly`, :mod:`~pipeline.client.cancel`.
+Cancelling the task that awaits ``chat()``/``result()`` cancels the request on the broker
+too; so does leaving a stream early (see :class:`ChatStream`).
 """
 
 from __future__ import annotations
@@ -53,7 +43,7 @@ from pipeline.client.replies import (
 )
 from pipeline.client.router import ReplyRouter
 from pipeline.client.stream import ChatStream
-from pipeline.errors import DeadlineExceededError, QueueFullError, TopologyError
+from pipeline.errors import BrokerBlockedError, DeadlineExceededError, QueueFullError, TopologyError
 from pipeline.models import ChatCompletion, ChatMessage
 from pipeline.settings import DEFAULT_AMQP_URL, Settings
 
@@ -127,10 +117,21 @@ class HutchClient:
         """Connections made after the first one (the broker restarted, the network broke)."""
         return self._conn.reconnects
 
+    def set_blocked_timeout(self, seconds: float) -> None:
+        """How long a publish waits out a block of the broker (a resource alarm) before
+        :class:`BrokerBlockedError` (default 5 s; 0: as soon as the broker blocks it)."""
+        self._conn.blocked_timeout_s = seconds
+
+    @property
+    def blocked(self) -> bool:
+        """The broker blocks this client's publishes now (a memory or disk alarm; RabbitMQ
+        says so to a connection once it publishes during the alarm)."""
+        return self._conn.blocked_state.blocked
+
     async def ready(self) -> bool:
-        """Connected now, and the exchange ``<prefix>.requests`` exists (for a readiness
-        probe: a passive declare on a short-lived channel)."""
-        if not self._conn.up:
+        """Connected now, not blocked, and the exchange ``<prefix>.requests`` exists (for
+        a readiness probe: a passive declare on a short-lived channel)."""
+        if not self._conn.up or self.blocked:
             return False
         try:
             async with asyncio.timeout(5):
@@ -153,9 +154,10 @@ class HutchClient:
         await self._conn.connect()
 
     async def close(self) -> None:
-        """Publish the cancels still pending (a few seconds at most), then disconnect;
-        calls still waiting get :class:`asyncio.CancelledError`."""
-        await self._cancels.drain(_CANCEL_TIMEOUT_S)
+        """Publish the cancels still pending (a few seconds at most; none while the broker
+        blocks publishing), then disconnect; calls still waiting get
+        :class:`asyncio.CancelledError`."""
+        await self._cancels.drain(0 if self.blocked else _CANCEL_TIMEOUT_S)  # none goes out
         self._closing = True
         self._router.close()
         self._sent.clear()
@@ -179,7 +181,8 @@ class HutchClient:
         if not 0 <= priority <= 255:
             raise ValueError(f"priority must be in 0..255, got {priority}")
         sent_ms = p.now_ms()
-        headers: dict[str, Any] = {p.H_SENT_AT: sent_ms,
+        headers: dict[str, Any] = {p.H_SENT_AT: sent_ms,  # the timeout wins over the deadline
+                                   p.H_TIMEOUT_MS: max(1, int(timeout_s * 1000)),
                                    p.H_DEADLINE: sent_ms + int(timeout_s * 1000)}
         if extra:
             headers.update(extra)
@@ -210,8 +213,14 @@ class HutchClient:
             raise QueueFullError(
                 f"the queue for model {model!r} is full: the broker refused the request",
                 code=p.ErrorCode.QUEUE_FULL) from None
+        except BrokerBlockedError as exc:  # the broker may still take it: then cancel it
+            self._forget(correlation_id, cancel="the broker blocked its publish"
+                         if exc.may_have_gone_out else None)
+            raise
         except TimeoutError:
-            self._forget(correlation_id)
+            self._forget(correlation_id, cancel="its publish timed out" if self.blocked else None)
+            if self.blocked:
+                raise self._conn.blocked_error(may_have_gone_out=True) from None
             raise DeadlineExceededError(
                 f"could not publish within {timeout_s:.1f}s (no broker connection)",
                 code=p.ErrorCode.DEADLINE_EXCEEDED) from None
@@ -380,7 +389,8 @@ class HutchClient:
                     await self._conn.check_exchange(exchange)
                     self._cancel_checked = True
                 await self._conn.publish(cancel_message(correlation_id, self._user),
-                                         exchange=exchange, routing_key="")
+                                         exchange=exchange, routing_key="",
+                                         blocked_timeout_s=_CANCEL_TIMEOUT_S)
         except TimeoutError:
             raise DeadlineExceededError(
                 f"could not publish the cancel within {_CANCEL_TIMEOUT_S:.0f}s "

@@ -9,6 +9,10 @@ connection is supervised here rather than by aio-pika's RobustConnection, whose 
 restore can fail and leave a channel closed for good (seen on 3.10 with
 stop_app/start_app). Retry logs are structured and rate-limited (one line per event and
 interval, with how many were suppressed).
+
+A resource alarm of the broker blocks the connection (``connection.blocked``): a publish
+then waits at most ``blocked_timeout_s`` for the alarm to clear and fails with
+:class:`BrokerBlockedError` instead of hanging (see :mod:`pipeline.broker.blocked`).
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import DeliveryError
 
+from pipeline.broker.blocked import BlockedState
 from pipeline.broker.connection import connect_urls
-from pipeline.errors import TopologyError
+from pipeline.errors import BrokerBlockedError, TopologyError
 from pipeline.observe.log import EventLogger, get_logger
 
 __all__ = ["ClientConnection", "ReplyQueue", "ThrottledLog", "missing_exchange"]
@@ -122,6 +127,10 @@ class ClientConnection:
         self._throttled = ThrottledLog(log)
         #: Connections made after the first one (the broker restarted or the network broke).
         self.reconnects = 0
+        #: Whether the broker blocks this connection now (a memory or disk alarm).
+        self.blocked_state = BlockedState()
+        #: How long a publish waits for a block to end before :class:`BrokerBlockedError`.
+        self.blocked_timeout_s = 5.0
 
     def use_cluster(self, nodes: list[str], reply_queue_type: str) -> None:
         """Connect to any of ``nodes``; declare a durable reply queue of that type."""
@@ -154,6 +163,7 @@ class ClientConnection:
         except BaseException:
             await connection.close()
             raise
+        self.blocked_state.attach(connection)
         self._connection, self._channel, self._exchanges = connection, channel, {}
         self._ready.set()
 
@@ -188,6 +198,7 @@ class ClientConnection:
                     await lost.wait()
                 self._connection = self._channel = None
                 self._ready.clear()
+                self.blocked_state.lost()
                 if self._closing:
                     return
                 self._throttled.warning("amqp.connection_lost", connection=self._name)
@@ -222,18 +233,23 @@ class ClientConnection:
             self._exchanges[name] = exchange
         return exchange
 
-    async def publish(self, message: aio_pika.Message, *, exchange: str,
-                      routing_key: str) -> None:
+    async def publish(self, message: aio_pika.Message, *, exchange: str, routing_key: str,
+                      blocked_timeout_s: float | None = None) -> None:
         """Publish with confirms; across a lost connection, wait for the next one and try
         again (the caller bounds it with its deadline). A retry may duplicate a message
         whose confirm was lost: the worker answers both, the client keeps the first
         answer. A nack raises :class:`DeliveryError`; a missing exchange
-        :class:`TopologyError` at once."""
+        :class:`TopologyError` at once; a block of the broker that lasts
+        ``blocked_timeout_s`` (default: this connection's) :class:`BrokerBlockedError`."""
+        bound = self.blocked_timeout_s if blocked_timeout_s is None else blocked_timeout_s
         while True:
             await self._ready.wait()
+            if not await self.blocked_state.wait_unblocked(bound):
+                raise self.blocked_error(may_have_gone_out=False)
             try:
                 target = await self._exchange(exchange)
-                await target.publish(message, routing_key=routing_key, mandatory=False)
+                await self._unless_blocked(
+                    target.publish(message, routing_key=routing_key, mandatory=False), bound)
                 return
             except DeliveryError:
                 raise
@@ -246,6 +262,28 @@ class ClientConnection:
                                         error=repr(exc))
                 await self._restart_channel()
                 await asyncio.sleep(0.05)
+
+    def blocked_error(self, *, may_have_gone_out: bool) -> BrokerBlockedError:
+        state = self.blocked_state
+        return BrokerBlockedError(
+            f"the broker blocks publishing ({state.reason or 'a resource alarm'}) for "
+            f"{state.blocked_for_s():.1f}s: the request was not accepted; try again once the "
+            "alarm has cleared", may_have_gone_out=may_have_gone_out)
+
+    async def _unless_blocked(self, publish: Awaitable[Any], bound_s: float) -> None:
+        """Await ``publish`` (its confirm), unless a block that began meanwhile lasts
+        ``bound_s``: then it is abandoned and :class:`BrokerBlockedError` raised (the
+        broker may still take the message once the alarm clears). A timeout that only a
+        block arms: nothing more per publish than entering it."""
+        timeout = asyncio.timeout(None)
+        try:
+            async with timeout:
+                with self.blocked_state.bounding(timeout, bound_s):
+                    await publish
+        except TimeoutError:
+            if timeout.expired():
+                raise self.blocked_error(may_have_gone_out=True) from None
+            raise
 
     async def _restart_channel(self) -> None:
         """The channel died but the connection lives: start over on a new one."""

@@ -39,28 +39,29 @@ class CancelRegistry:
         #: Users who may cancel any request: the worker's own and the trusted ones.
         self._privileged = privileged
         self._cancelled: OrderedDict[str, tuple[str, float]] = OrderedDict()
-        self._in_flight: dict[str, tuple[Delivery, asyncio.Task[object]]] = {}
+        #: Per correlation id, every delivery of it at a backend now and its task: two
+        #: deliveries may share an id (a duplicate publish, a redelivery racing the first).
+        self._in_flight: dict[str, dict[int, tuple[Delivery, asyncio.Task[object]]]] = {}
 
     def _allowed(self, user: str, delivery: Delivery) -> bool:
         return user in self._privileged or (delivery.client is not None
                                             and user == delivery.client)
 
     def cancel(self, correlation_id: str, user: str) -> bool:
-        """Record a cancel; abort the request if it is at a backend here. True if aborted."""
+        """Record a cancel; abort every delivery of the request at a backend here.
+        True if one was aborted."""
         now = time.monotonic()
         self._cancelled[correlation_id] = (user, now + self._ttl_s)
         self._cancelled.move_to_end(correlation_id)
         while len(self._cancelled) > self._max_ids:
             self._cancelled.popitem(last=False)
-        found = self._in_flight.get(correlation_id)
-        if found is None:
-            return False
-        delivery, task = found
-        if not self._allowed(user, delivery) or delivery.cancel_requested:
-            return False
-        delivery.cancel_requested = True
-        task.cancel(CANCEL_MESSAGE)
-        return True
+        aborted = False
+        for delivery, task in list(self._in_flight.get(correlation_id, {}).values()):
+            if self._allowed(user, delivery) and not delivery.cancel_requested:
+                delivery.cancel_requested = True
+                task.cancel(CANCEL_MESSAGE)
+                aborted = True
+        return aborted
 
     def is_cancelled(self, delivery: Delivery) -> bool:
         """Whether a valid cancel for this (queued) delivery was received."""
@@ -84,8 +85,11 @@ class CancelRegistry:
         if not cid or task is None:
             yield
             return
-        self._in_flight[cid] = (delivery, task)
+        entries = self._in_flight.setdefault(cid, {})
+        entries[id(delivery)] = (delivery, task)
         try:
             yield
         finally:
-            self._in_flight.pop(cid, None)
+            entries.pop(id(delivery), None)
+            if not entries and self._in_flight.get(cid) is entries:
+                del self._in_flight[cid]

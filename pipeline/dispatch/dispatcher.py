@@ -183,7 +183,8 @@ class Dispatcher:
             task = asyncio.current_task()
             if not delivery.cancel_requested or task is None:
                 raise  # the worker is stopping or lost its connection
-            task.uncancel()
+            if task.uncancel() > 0:
+                raise  # the worker aborts it too (stopping): its cancellation wins
             return Cancelled("in_flight")
         except ReplyQueueGone:
             return Cancelled("client_gone")

@@ -183,7 +183,9 @@ class Gateway:
     async def _readyz(self, request: web.Request) -> web.Response:
         if await self._client.ready():
             return web.json_response({"status": "ready"})
-        error = refusal(503, "not ready: no broker connection, or the topology is missing "
-                        "(run `hutch topology apply`)", code="not_ready", type="api_error")
+        why = ("the broker blocks publishing (a memory or disk alarm)" if self._client.blocked
+               else "no broker connection, or the topology is missing (run `hutch topology "
+               "apply`)")
+        error = refusal(503, f"not ready: {why}", code="not_ready", type="api_error")
         return error_response(error, correlation_id=None, retry_after_s=0)
 

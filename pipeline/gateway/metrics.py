@@ -53,6 +53,9 @@ class GatewayMetrics:
             "hutch_gateway_disconnects", "Clients that went away before their answer: "
             "each request was cancelled on the broker (queued or at a backend).",
             ["endpoint"], registry=self.registry)
+        self.broker_blocked = Gauge(
+            "hutch_broker_blocked", "1 while the broker blocks this process's publishes (a "
+            "memory or disk alarm), else 0.", [], registry=self.registry)
         self.auth_failures = Counter(
             "hutch_gateway_auth_failures", "Requests refused 401, by reason: missing (no "
             "Authorization), malformed (not `Bearer <key>`, or not text), unknown_key.",
@@ -64,7 +67,7 @@ class GatewayMetrics:
         for family, kind in ((self.requests, "counter"), (self.duration, "histogram"),
                              (self.first_byte, "histogram"), (self.in_flight, "gauge"),
                              (self.disconnects, "counter"), (self.auth_failures, "counter"),
-                             (self.key_reloads, "counter")):
+                             (self.key_reloads, "counter"), (self.broker_blocked, "gauge")):
             name = family._name + ("_total" if kind == "counter" else "")
             self.catalog.append(MetricInfo(name, kind, tuple(family._labelnames),
                                            family._documentation))

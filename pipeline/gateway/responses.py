@@ -14,6 +14,8 @@ code                          status  note
 ``stream_interrupted``        502
 ``cancelled``                 503     an operator cancelled it (the gateway cancels
                                       only for clients that are gone)
+``broker_blocked``            503     with ``Retry-After``: a resource alarm of the
+                                      broker blocks publishing (nothing was queued)
 ``internal_error``            500
 ============================  ======  ==============================================
 
@@ -64,6 +66,7 @@ _STATUS: dict[str, int] = {
     p.ErrorCode.BACKEND_ERROR: 502,
     p.ErrorCode.STREAM_INTERRUPTED: 502,
     p.ErrorCode.CANCELLED: 503,
+    p.ErrorCode.BROKER_BLOCKED: 503,
 }
 #: Answers a retry cannot change: the OpenAI SDKs retry 408, 409, 429 and 5xx (twice, by
 #: default) unless ``x-should-retry: false`` says not to. A deadline that passed stays
@@ -108,7 +111,7 @@ def error_response(error: RequestFailed, *, correlation_id: str | None,
     """The HTTP answer of an error."""
     status = status_of(error)
     headers = {} if correlation_id is None else {H_REQUEST_ID: correlation_id}
-    if status == 429:
+    if status == 429 or error.code == p.ErrorCode.BROKER_BLOCKED:
         headers["Retry-After"] = str(retry_after_s)
     if error.code in _NO_RETRY:
         headers[H_SHOULD_RETRY] = "false"

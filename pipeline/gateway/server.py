@@ -106,6 +106,9 @@ class GatewayServer:
             settings, client_id=f"{settings.amqp_user}.{self.replica_id}",
             reply_queue_expires_s=gateway.reply_queue_expires_s,
             default_timeout_s=gateway.default_timeout_s)
+        # While the broker blocks publishing (a resource alarm), answer 503 at once.
+        self.client.set_blocked_timeout(0)
+        self.metrics.broker_blocked.set_function(lambda: float(self.client.blocked))
         self._runner: web.AppRunner | None = None
 
     @property

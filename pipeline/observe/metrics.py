@@ -18,9 +18,11 @@ from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from pipeline import protocol as p
 from pipeline.delivery import Delivery
 from pipeline.errors import BackendCallError
 from pipeline.models import Usage
+from pipeline.observe.clocks import SkewWindow
 from pipeline.observe.hooks import DeliveryHook, Settlement
 from pipeline.observe.known_labels import known_series
 from pipeline.outcome import Cancelled, Completed, Outcome, RetryLater
@@ -120,6 +122,7 @@ class Metrics:
         self._backend_families()
         self._stream_families()
         self._tenant_families()
+        self._broker_families()
         if settings is not None:
             self.configure(settings)
 
@@ -212,6 +215,19 @@ class Metrics:
             self._tenants.add(tenant)
             return tenant
         return OTHER_TENANT
+
+    def _broker_families(self) -> None:
+        """The broker's resource alarms and the clients' clocks, as this worker sees them."""
+        self.broker_blocked = self._gauge(
+            "hutch_broker_blocked", "1 while the broker blocks this process's publishes (a "
+            "memory or disk alarm), else 0.", [])
+        #: The smallest (worker clock - x-hutch-sent-at) of the last minute (see clocks.py).
+        self.skew_window = SkewWindow()
+        self.clock_skew = self._gauge(
+            "hutch_clock_skew_seconds", "This worker's clock minus x-hutch-sent-at, the "
+            "smallest of the last minute's first deliveries: negative, a client's clock is "
+            "ahead; positive, behind (or every request waited that long).", [])
+        self.clock_skew.set_function(self.skew_window.value)
 
     def _record(self, name: str, kind: str, help_text: str, labels: list[str]) -> None:
         exported = name + "_total" if kind == "counter" else name
@@ -330,6 +346,8 @@ class MetricsHook(DeliveryHook):
         m.child(m.in_flight, delivery.backend).inc()
         if delivery.queue_wait_ms is not None:
             m.queue_waited(delivery.pool, delivery.priority, delivery.queue_wait_ms / 1000)
+        if delivery.sent_at_ms is not None and delivery.prior_attempts == delivery.retries == 0:
+            m.skew_window.observe((p.now_ms() - delivery.sent_at_ms) / 1000)
 
     def call_ended(self, delivery: Delivery, kind: str, elapsed_s: float,
                    error: BackendCallError | None) -> None:

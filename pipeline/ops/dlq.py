@@ -69,6 +69,7 @@ _DROPPED_ON_REPLAY = frozenset({
     p.H_QUEUE_WAIT_MS,
     p.H_BACKEND_MS,
     p.H_DEADLINE,
+    p.H_TIMEOUT_MS,
     p.H_RETRIES,
     p.H_RETRY_TIER,
     "x-death",

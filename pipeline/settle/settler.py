@@ -175,6 +175,9 @@ class Settler:
         and where and how it last failed, so whatever answers it later can say so."""
         headers = self._identity_headers(delivery)
         headers[p.H_ATTEMPTS] = delivery.attempts
+        # The deadline this worker computed replaces a relative timeout, which would start
+        # again at the next receipt.
+        headers.pop(p.H_TIMEOUT_MS, None)
         if delivery.deadline_ms is not None:
             headers[p.H_DEADLINE] = delivery.deadline_ms  # survives; expiration does not
         if delivery.last_backend is not None:

@@ -18,13 +18,12 @@ import time
 import uuid
 from typing import Any
 
-import aiormq
-
 from pipeline import protocol as p
 from pipeline.delivery import Delivery, StreamProgress
 from pipeline.settle.publisher import Publisher, reply_properties
 
 __all__ = ["ReplyQueueGone", "StreamSink"]
+
 
 class ReplyQueueGone(Exception):
     """A chunk came back unroutable: the client's reply queue no longer exists."""
@@ -96,7 +95,10 @@ class StreamSink:
             await asyncio.sleep(delay_s)
             self._timer = None
             await self.flush()
-        except (ReplyQueueGone, aiormq.exceptions.AMQPError, ConnectionError) as exc:
+        except Exception as exc:  # kept: raised by the next add() or flush()
+            # Whatever it is (a lost channel, a queue gone, a bug), it belongs to the
+            # stream: nobody awaits this task, so an error left in it would only be logged
+            # as never retrieved while the stream carried on.
             self._failed = exc
 
     async def _publish(self, chunks: list[str]) -> None:

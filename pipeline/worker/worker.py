@@ -45,6 +45,7 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from pipeline.backends.breaker import BackendGate, BreakerPolicy
 from pipeline.backends.http import Backend
+from pipeline.broker.blocked import BlockedState
 from pipeline.broker.connection import Reconnect
 from pipeline.broker.names import Names
 from pipeline.dispatch.cancels import CancelRegistry
@@ -117,6 +118,8 @@ class Worker:
         self.names = Names(settings.prefix)
         self.metrics = metrics or Metrics()
         self.metrics.configure(settings)
+        #: The broker's resource alarms: replies wait them out unacked (nothing is lost).
+        self.blocked = BlockedState(lambda on: self.metrics.broker_blocked.set(int(on)))
         self._transport_factory = transport_factory
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
@@ -206,6 +209,7 @@ class Worker:
 
     async def _handlers(self, connection: AbstractConnection) -> Handlers:
         """This session's delivery handlers, on one confirming publisher."""
+        self.blocked.attach(connection)
         publish_channel = await connection.channel(publisher_confirms=True,
                                                    on_return_raises=True)
         return Handlers.build(self.settings, publish_channel, self.metrics, self._cancels,
