@@ -25,6 +25,7 @@ from pipeline.client.replies import RawReply, Reply
 from pipeline.client.stream import ChatStream
 from pipeline.errors import (
     BackendError,
+    BrokerBlockedError,
     BrokerAccessError,
     BrokerAuthError,
     BrokerConnectionError,
@@ -47,6 +48,7 @@ from pipeline.settings import Settings, load_settings
 
 __all__ = [
     "BackendError",
+    "BrokerBlockedError",
     "BrokerAccessError",
     "BrokerAuthError",
     "BrokerConnectionError",

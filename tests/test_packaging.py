@@ -30,6 +30,7 @@ PUBLIC = {
     "HutchError", "ConfigError", "TopologyError", "BrokerConnectionError",
     "BrokerUnreachableError", "BrokerAuthError", "BrokerAccessError", "BrokerTLSError",
     "RequestFailed", "QueueFullError", "QuotaExceededError", "UnknownModelError",
+    "BrokerBlockedError",
     "DeadlineExceededError",
     "InvalidRequestError", "BackendError", "StreamInterruptedError", "RequestCancelledError",
     "__version__",
