@@ -41,6 +41,7 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from pipeline.backends.breaker import BackendGate, BreakerPolicy
 from pipeline.backends.http import Backend
+from pipeline.backends.probe import probe_backends
 from pipeline.broker.connection import Reconnect
 from pipeline.broker.names import Names
 from pipeline.dispatch.cancels import CancelRegistry
@@ -122,10 +123,14 @@ class Worker:
         # Backoff and a rate-limited log while the broker is unreachable; a refused vhost,
         # credentials or certificate is raised: retrying cannot cure it.
         reconnect = Reconnect(self.settings, name=self.name, heartbeat_s=self.settings.heartbeat_s)
+        # A wrong backend url is logged now, not found on the first request.
+        probe = asyncio.create_task(probe_backends(slot.http for slot in self._slots))
         try:
             while (connection := await reconnect.connect(self._stopping)) is not None:
                 await self._session(connection)
         finally:
+            probe.cancel()
+            await asyncio.gather(probe, return_exceptions=True)
             for slot in self._slots:
                 await slot.http.aclose()
             log.info("worker.stopped")
@@ -287,9 +292,10 @@ class Worker:
                 await channel.close()
             for slot in (s for s in self._slots if s.holder.pool == pool.name):
                 health = slot.holder.health
-                if health.pause() if paused else health.resume():
-                    log.warning("pool.paused" if paused else "pool.resumed",
-                                pool=pool.name, backend=slot.holder.name)
+                if paused and health.pause():
+                    log.warning("pool.paused", pool=pool.name, backend=slot.holder.name)
+                elif not paused and health.resume():
+                    log.info("pool.resumed", pool=pool.name, backend=slot.holder.name)
 
     async def _rebalance(self, connection: AbstractConnection) -> None:
         """Spread leases over the replicas: a worker holding more than its fair share of
