@@ -77,7 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hutch: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except TopologyError as exc:
-        print(f"hutch: topology: {exc}", file=sys.stderr)
+        broker = getattr(args, "broker_urls", None)
+        where = f" (broker: {broker})" if broker and broker not in str(exc) else ""
+        print(f"hutch: topology: {exc}{where}", file=sys.stderr)
         return EXIT_FAILED
     except HutchError as exc:
         print(f"hutch: {exc}", file=sys.stderr)

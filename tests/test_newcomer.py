@@ -1,0 +1,135 @@
+"""What a newcomer tripped on (issue 19, item 5): one-line errors instead of tracebacks,
+misspelt variables, which broker an error is about, and the command line's help."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli.common import settings_of
+from pipeline.cli.main import build_parser
+from pipeline.errors import ConfigError
+from pipeline.settings import load_settings
+from tests.conftest import SettingsFactory, run_hutch, write_config
+
+URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No HUTCH_* variable of the calling shell (or of conftest) in this test."""
+    for name in list(os.environ):
+        if name.startswith("HUTCH_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+# -- finding 3: one line, never a traceback ---------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "env", "code", "expected"), [
+    (["status", "-c", "CONFIG"], {"HUTCH_POOLS": "[{bad"}, 2,
+     "hutch: HUTCH_POOLS: not valid JSON"),
+    (["worker", "-c", "CONFIG", "--log-level", "verbose"], {}, 2,
+     "argument --log-level: invalid choice: 'VERBOSE'"),
+    (["submit", "-m", "mock-small", "-p", "300", "hi"], {}, 2,
+     "argument --priority/-p: must be within 0..255, got 300"),
+    (["submit", "-m", "mock-small", "--timeout", "0", "hi"], {}, 2,
+     "argument --timeout: must be > 0, got 0"),
+    (["status", "-c", "DIR"], {}, 2, "is a directory: give the TOML file in it"),
+], ids=["pools-json", "log-level", "priority", "timeout", "config-dir"])
+async def test_bad_input_is_one_line(args: list[str], env: dict[str, str], code: int,
+                                     expected: str, make_settings: SettingsFactory,
+                                     tmp_path: Path, hutch_env: dict[str, str]) -> None:
+    config = str(write_config(tmp_path / "hutch.toml", make_settings()))
+    argv = [{"CONFIG": config, "DIR": str(tmp_path)}.get(a, a) for a in args]
+    got, _, err = await run_hutch(argv, {**hutch_env, **env})
+    assert "Traceback" not in err
+    assert got == code, err
+    assert expected in err
+    assert len([line for line in err.splitlines() if line.startswith("hutch")]) == 1, err
+
+
+@pytest.mark.parametrize(("value", "nodes"), [
+    (URL, [URL]),
+    (f"{URL}, amqp://guest:guest@10.0.0.2:5672/", [URL, "amqp://guest:guest@10.0.0.2:5672/"]),
+    (f'["{URL}"]', [URL]),
+])
+def test_amqp_urls_takes_one_url_or_a_list(clean_env: pytest.MonkeyPatch, value: str,
+                                           nodes: list[str]) -> None:
+    clean_env.setenv("HUTCH_AMQP_URLS", value)
+    assert load_settings().amqp_nodes() == nodes
+    clean_env.setenv("HUTCH_TRUSTED_USERS", "ops, replayer")
+    assert load_settings().trusted_users == ["ops", "replayer"]
+
+
+def test_bad_json_in_a_structured_variable_names_it(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("HUTCH_POOLS", "[{name: chat}]")
+    with pytest.raises(ConfigError, match=r"^HUTCH_POOLS: not valid JSON"):
+        load_settings()
+
+
+# -- finding 4: misspelt variables, the broker an error is about ---------------------------
+
+
+def test_a_misspelt_variable_is_warned_about(clean_env: pytest.MonkeyPatch, tmp_path: Path,
+                                            make_settings: SettingsFactory,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    settings = make_settings(pool={"backends": [{
+        "name": "b1", "url": "http://127.0.0.1:1/v1", "max_concurrency": 1,
+        "api_key_env": "HUTCH_BACKEND_KEY"}]})
+    config = write_config(tmp_path / "hutch.toml", settings)
+    for name, value in (("HUTCH_AMQP_ULR", URL), ("HUTCH_PREFIX", "llm"),
+                        ("HUTCH_BACKEND_KEY", "sk-x"), ("HUTCH_NODES_DIR", "/tmp"),
+                        ("HUTCH_GATEWAY__PORT", "8081")):
+        clean_env.setenv(name, value)
+    settings_of(argparse.Namespace(config=str(config)))
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "hutch: warning: HUTCH_AMQP_ULR is not a Hutch setting and is ignored; did you "
+        "mean HUTCH_AMQP_URL?"]
+
+
+async def test_topology_errors_say_which_broker(make_settings: SettingsFactory,
+                                                tmp_path: Path,
+                                                hutch_env: dict[str, str]) -> None:
+    settings = make_settings()  # nothing applied under this prefix
+    config = str(write_config(tmp_path / "hutch.toml", settings))
+    code, _, err = await run_hutch(["status", "-c", config], hutch_env)
+    assert code == 1 and err.startswith("hutch: topology: ")
+    assert f"(broker: {settings.redacted_amqp_url()})" in err
+    assert "guest:guest@" not in err  # the password never
+
+
+# -- finding 12: the command line's help ---------------------------------------------------
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    sub = build_parser()._subparsers._group_actions[0]  # type: ignore[union-attr]
+    return dict(sub.choices)  # type: ignore[arg-type]
+
+
+def test_long_running_commands_describe_themselves() -> None:
+    commands = _commands()
+    for name in ("worker", "status", "gateway", "demo"):
+        assert commands[name].description, f"hutch {name} --help has no description"
+    demo = " ".join(commands["demo"].format_help().split())
+    for default in ("(default 60)", "(default 10)", "(default 4)", "(default 100)"):
+        assert default in demo
+    assert "HUTCH_MANAGEMENT_URL" in demo
+    worker = " ".join(commands["worker"].format_help().split())
+    assert "--log-level {DEBUG,INFO,WARNING,ERROR}" in worker
+    assert "lowest level of the JSON log lines" in worker
+
+
+def test_dash_m_means_model_wherever_it_exists() -> None:
+    """-m is --model (submit) and --models (bench), never --metrics (status)."""
+    for name, parser in _commands().items():
+        for action in parser._actions:
+            if "-m" in action.option_strings:
+                assert action.dest in ("model", "models"), (name, action.option_strings)
+    status = build_parser().parse_args(["status", "-c", "x", "--metrics", "h:9100"])
+    assert status.metrics == ["h:9100"]
