@@ -23,7 +23,7 @@ worker, the client::
     │   │   ├── BackendDisconnectedError   closed or reset mid-request         disconnected
     │   │   ├── BackendTimeoutError        no byte for the read timeout             timeout
     │   │   ├── RetryableStatusError       HTTP 408 or 5xx                    http_<status>
-    │   │   ├── BackendNotFoundError       HTTP 404, no error body: wrong url     not_found
+    │   │   ├── BackendNotFoundError       HTTP 404 of a path: a wrong url        not_found
     │   │   ├── BackendProtocolError       malformed HTTP response         invalid_response
     │   │   │   └── InvalidCompletionError HTTP 200, body no completion  invalid_completion
     │   │   └── ThrottledError             429: wait retry_after_s                throttled
@@ -211,8 +211,8 @@ class RetryableStatusError(RetryableError):
 
 
 class BackendNotFoundError(RetryableError):
-    """HTTP 404 without an error body: the path does not exist on the server (a base url
-    without ``/v1``), so the backend is misconfigured, not the request. Retried elsewhere
+    """HTTP 404 whose error names no model: the path does not exist on the server (a base
+    url without ``/v1``), so the backend is misconfigured, not the request. Retried elsewhere
     and counted toward the circuit, so a wrong url takes the backend out of service
     rather than failing every request as the client's fault."""
 

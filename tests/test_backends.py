@@ -188,8 +188,12 @@ async def test_other_4xx_are_terminal_with_the_backends_message(make_backend: Ma
     httpx.Response(404, text="404 page not found"),       # Ollama, Go servers
     httpx.Response(404, json={"detail": "Not Found"}),    # FastAPI (vLLM, LiteLLM)
     httpx.Response(404),
-], ids=["text", "fastapi", "empty"])
-async def test_a_404_without_an_error_body_is_the_backends_fault(
+    httpx.Response(404, json={"error": {"message": "File Not Found",  # llama.cpp
+                                        "type": "not_found_error", "code": 404}}),
+    httpx.Response(404, json={"error": {"message": "Invalid URL (POST /chat/completions)",
+                                        "type": "invalid_request_error"}}),  # OpenAI
+], ids=["text", "fastapi", "empty", "llama.cpp", "openai"])
+async def test_a_404_of_a_path_is_the_backends_fault(
         make_backend: MakeBackend, response: httpx.Response) -> None:
     """A base url without /v1: every request 404s. That is the backend's configuration, so
     it is retried and counts toward the circuit, and the message says what to check."""
@@ -200,11 +204,14 @@ async def test_a_404_without_an_error_body_is_the_backends_fault(
     assert info.value.reason == "not_found"
     assert info.value.status == 404
     assert "check the backend url" in info.value.message
-    # vLLM's unknown model: an error body, so the request's fault (terminal).
-    vllm = make_backend(lambda request: httpx.Response(404, json={
-        "object": "error", "message": "The model `x` does not exist.", "code": 404}))
-    with pytest.raises(TerminalStatusError):
-        await vllm.chat(REQUEST)
+    # An unknown model is the request's fault (terminal): vLLM's, OpenAI's, Ollama's.
+    for body in ({"object": "error", "message": "The model `x` does not exist.", "code": 404},
+                 {"error": {"message": "The model `x` does not exist", "type":
+                            "invalid_request_error", "code": "model_not_found"}},
+                 {"error": "model 'x' not found"}):
+        answer = httpx.Response(404, json=body)
+        with pytest.raises(TerminalStatusError):
+            await make_backend(lambda request, a=answer: a).chat(REQUEST)
 
 
 async def test_probe_at_start_says_check_the_backend_url(

@@ -4,16 +4,30 @@ misspelt variables, which broker an error is about, and the command line's help.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
+import aio_pika
 import pytest
 
+from pipeline import protocol as p
+from pipeline.broker.names import Names
+from pipeline.broker.topology import apply_topology
 from pipeline.cli.common import settings_of
 from pipeline.cli.main import build_parser
-from pipeline.errors import ConfigError
+from pipeline.client.client import HutchClient
+from pipeline.errors import BackendError, ConfigError
 from pipeline.settings import load_settings
-from tests.conftest import SettingsFactory, run_hutch, write_config
+from pipeline.testing.mock import MockBackend
+from tests.conftest import (
+    SettingsFactory,
+    amqp,
+    drain_queue,
+    run_hutch,
+    running_worker,
+    write_config,
+)
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -25,6 +39,31 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
         if name.startswith("HUTCH_"):
             monkeypatch.delenv(name)
     return monkeypatch
+
+
+# -- finding 2: a backend url without /v1 -------------------------------------------------
+
+
+async def test_a_backend_url_without_v1_is_the_backends_fault(
+        make_settings: SettingsFactory, mock: MockBackend,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The worker says "check the backend url" at start; the request's 404 is answered
+    backend_error (retried, counted toward the circuit), not invalid_request."""
+    caplog.set_level("INFO", logger="hutch.backend")
+    root = mock.base_url.removesuffix("/v1")
+    settings = make_settings([("b1", root, 4)], pool={
+        "attempts_per_delivery": 2, "retry_delays_ms": [], "breaker_failures": 50})
+    await apply_topology(settings)
+    async with running_worker(settings), HutchClient.from_settings(settings) as client:
+        with pytest.raises(BackendError) as failed:
+            await client.chat(model="mock-small", timeout=20,
+                              messages=[{"role": "user", "content": "hi"}])
+    assert failed.value.code == "backend_error"
+    assert "check the backend url" in failed.value.message
+    assert "after 2 attempts" in failed.value.message  # retried: the backend's fault
+    [probe] = [r for r in caplog.records if r.getMessage() == "backend.url_not_found"]
+    assert probe.levelname == "WARNING"
+    assert probe.fields["backend"] == settings.pools[0].backends[0].name  # type: ignore[attr-defined]
 
 
 # -- finding 3: one line, never a traceback ---------------------------------------------
@@ -133,3 +172,36 @@ def test_dash_m_means_model_wherever_it_exists() -> None:
                 assert action.dest in ("model", "models"), (name, action.option_strings)
     status = build_parser().parse_args(["status", "-c", "x", "--metrics", "h:9100"])
     assert status.metrics == ["h:9100"]
+
+
+# -- findings 15 and 16: a request refused before any backend call --------------------------
+
+
+async def test_a_request_refused_before_any_call_names_no_backend_and_its_param(
+        make_settings: SettingsFactory, mock: MockBackend) -> None:
+    """The contract: x-hutch-backend is absent when no backend tried the request (not the
+    backend whose consumer happened to pick it up); the error names the field in param."""
+    settings = make_settings([("b1", mock.base_url, 4)])
+    names = Names(settings.prefix)
+    await apply_topology(settings)
+    async with running_worker(settings), amqp(settings.amqp_url) as conn:
+        channel = await conn.channel()
+        replies = await channel.declare_queue(names.reply_queue("raw"), durable=True,
+                                              arguments={"x-expires": 60_000})
+        exchange = await channel.get_exchange(names.requests_exchange)
+        for cid, extra in (("bad", {"temperature": "hot"}), ("good", {})):
+            body = {"model": "mock-small", "messages": [{"role": "user", "content": "hi"}],
+                    **extra}
+            await exchange.publish(aio_pika.Message(
+                json.dumps(body).encode(), correlation_id=cid, reply_to=replies.name,
+                content_type="application/json"), routing_key="mock-small")
+        got = {m.correlation_id: m for m in await drain_queue(channel, replies.name,
+                                                              at_least=2, timeout=30)}
+    bad, good = got["bad"], got["good"]
+    assert bad.headers[p.H_OUTCOME] == "error"
+    assert p.H_BACKEND not in bad.headers, bad.headers
+    assert bad.headers[p.H_ATTEMPTS] == 0
+    error = json.loads(bad.body)["error"]
+    assert (error["code"], error["param"]) == ("invalid_request", "temperature")
+    assert good.headers[p.H_BACKEND] == settings.pools[0].backends[0].name
+    assert mock.stats()["served"] == 1

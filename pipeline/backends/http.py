@@ -10,8 +10,9 @@ httpx's public exception types and the HTTP status (never from a message's text)
 * no byte for the read timeout: ``BackendTimeoutError``;
 * a malformed response: ``BackendProtocolError``; HTTP 200 without a completion:
   ``InvalidCompletionError``;
-* 408 and 5xx: ``RetryableStatusError``; 429: ``ThrottledError``; 404 without an error
-  body (a base url without ``/v1``): ``BackendNotFoundError``, the backend's fault; any
+* 408 and 5xx: ``RetryableStatusError``; 429: ``ThrottledError``; 404 that names no
+  model (a path the server lacks: a base url without ``/v1``): ``BackendNotFoundError``,
+  the backend's fault; any
   other status: ``TerminalStatusError``.
 
 :meth:`Backend.chat` reads the whole answer; :meth:`Backend.stream` opens it for reading
@@ -101,18 +102,16 @@ def _error_of(response: httpx.Response) -> tuple[str, dict[str, Any]]:
     return response.text[:500] or response.reason_phrase, {}
 
 
-def _is_error_body(response: httpx.Response) -> bool:
-    """Whether the body is a server's error object (OpenAI's ``{"error": ...}``, vLLM's
-    ``{"object": "error", ...}``): then a 404 is about the request (an unknown model), not
-    a path the server lacks (a bare 404, or FastAPI's ``{"detail": "Not Found"}``)."""
-    try:
-        body = response.json()
-    except ValueError:
-        return False
-    return isinstance(body, dict) and ("error" in body or body.get("object") == "error")
+def _lacks_the_model(response: httpx.Response) -> bool:
+    """Whether a 404 is about the request: the server's error says which model it lacks
+    (OpenAI's ``model_not_found``, vLLM's "The model `x` does not exist", Ollama's "model
+    'x' not found"). Any other 404 -- a bare one, FastAPI's ``{"detail": "Not Found"}``,
+    llama.cpp's "File Not Found", OpenAI's "Invalid URL" -- is a path the server lacks: a
+    base url without ``/v1``, the backend's configuration, not the client's request."""
+    return "model" in response.text.lower()
 
 
-#: What a 404 without an error body means, for the operator.
+#: What a 404 about a path means, for the operator.
 _URL_HINT = ("check the backend url: the server has no such path (an OpenAI-compatible "
              "base url usually ends in /v1)")
 
@@ -310,6 +309,6 @@ class Backend:
                 message, retry_after_s=retry_after_s(response.headers))
         if status == 408 or status >= 500:
             return RetryableStatusError(message, status=status, detail=detail)
-        if status == 404 and not _is_error_body(response):
+        if status == 404 and not _lacks_the_model(response):
             return BackendNotFoundError(f"{message} ({_URL_HINT})", status=status)
         return TerminalStatusError(message, status=status, detail=detail)

@@ -123,8 +123,10 @@ class Worker:
         # Backoff and a rate-limited log while the broker is unreachable; a refused vhost,
         # credentials or certificate is raised: retrying cannot cure it.
         reconnect = Reconnect(self.settings, name=self.name, heartbeat_s=self.settings.heartbeat_s)
-        # A wrong backend url is logged now, not found on the first request.
-        probe = asyncio.create_task(probe_backends(slot.http for slot in self._slots))
+        # A wrong backend url is logged now, not found on the first request (not through
+        # injected transports: tests and benchmarks script and count every call).
+        probe = asyncio.create_task(probe_backends(
+            [] if self._transport_factory else [slot.http for slot in self._slots]))
         try:
             while (connection := await reconnect.connect(self._stopping)) is not None:
                 await self._session(connection)
