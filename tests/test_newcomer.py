@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 from pathlib import Path
 
 import aio_pika
@@ -28,6 +29,7 @@ from tests.conftest import (
     running_worker,
     write_config,
 )
+from tests.nodes import NodeFactory
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -111,6 +113,19 @@ def test_bad_json_in_a_structured_variable_names_it(clean_env: pytest.MonkeyPatc
         load_settings()
 
 
+async def test_mock_backend_on_a_port_in_use_says_so(hutch_env: dict[str, str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = await run_hutch(["mock-backend", "--port", str(port)], hutch_env)
+    assert code == 1 and "Traceback" not in err
+    assert err.strip() == (f"mock backend: cannot listen on 127.0.0.1:{port}: the port is "
+                           "already in use (another process listens there: stop it, or "
+                           "pick another port with --port)")
+    assert "RabbitMQ" not in err
+
+
 # -- finding 4: misspelt variables, the broker an error is about ---------------------------
 
 
@@ -141,6 +156,26 @@ async def test_topology_errors_say_which_broker(make_settings: SettingsFactory,
     assert code == 1 and err.startswith("hutch: topology: ")
     assert f"(broker: {settings.redacted_amqp_url()})" in err
     assert "guest:guest@" not in err  # the password never
+
+
+# -- finding 5: hutch demo --remove-topology on the wrong broker ---------------------------
+
+
+async def test_demo_remove_topology_refuses_another_brokers_management_api(
+        node_factory: NodeFactory, hutch_env: dict[str, str], amqp_url: str) -> None:
+    """HUTCH_AMQP_URL names a broker without the management plugin; the default API address
+    (:15672) is the main broker's. Listing that broker found nothing and printed "removed
+    0"; now it refuses and says to set HUTCH_MANAGEMENT_URL."""
+    node = node_factory.start("demo-nomgmt", management=False)
+    env = {**hutch_env, "HUTCH_AMQP_URL": node.amqp_url()}
+    code, out, err = await run_hutch(["demo", "--remove-topology", "hutch-demo-1"], env)
+    assert code == 1 and out == "", out
+    assert "belongs to another broker" in err and "HUTCH_MANAGEMENT_URL" in err
+    assert "Traceback" not in err
+    # On the right broker, a prefix with nothing left says so rather than "removed 0".
+    code, out, _ = await run_hutch(["demo", "--remove-topology", "hutch-demo-1"],
+                                   {**hutch_env, "HUTCH_AMQP_URL": amqp_url})
+    assert code == 0 and out.startswith("nothing named hutch-demo-1.* in vhost"), out
 
 
 # -- finding 12: the command line's help ---------------------------------------------------

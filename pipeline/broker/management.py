@@ -86,9 +86,15 @@ class ManagementAPI:
                 f"the management API at {self.base_url} belongs to another broker: cluster "
                 f"{api_cluster!r} (node {overview.get('node')!r}), while "
                 f"{settings.redacted_amqp_url()} reaches cluster {amqp.cluster_name!r}. "
-                "Nothing was written. Set management_url to the management API of the "
-                "broker amqp_url names (and enable its plugin: rabbitmq-plugins enable "
-                "rabbitmq_management)")
+                "Nothing was written. Set management_url (or HUTCH_MANAGEMENT_URL) to the "
+                "management API of the broker amqp_url names (and enable its plugin: "
+                "rabbitmq-plugins enable rabbitmq_management)")
+
+    async def require_same_broker(self) -> None:
+        """Refuse now, not at the first write, when the API belongs to another broker:
+        for a command whose reads decide what it writes (another broker's listing has
+        nothing to delete, and "removed 0" would look like success)."""
+        await self._check_same_broker()
 
     async def __aenter__(self) -> ManagementAPI:
         return self
