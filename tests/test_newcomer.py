@@ -4,6 +4,7 @@ misspelt variables, which broker an error is about, and the command line's help.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import socket
@@ -19,6 +20,7 @@ from pipeline.cli.common import settings_of
 from pipeline.cli.main import build_parser
 from pipeline.client.client import HutchClient
 from pipeline.errors import BackendError, ConfigError
+from pipeline.ops.status import format_status, status
 from pipeline.settings import load_settings
 from pipeline.testing.mock import MockBackend
 from tests.conftest import (
@@ -240,3 +242,29 @@ async def test_a_request_refused_before_any_call_names_no_backend_and_its_param(
     assert (error["code"], error["param"]) == ("invalid_request", "temperature")
     assert good.headers[p.H_BACKEND] == settings.pools[0].backends[0].name
     assert mock.stats()["served"] == 1
+
+
+async def test_status_shows_the_lease_holder_without_metrics(
+        make_settings: SettingsFactory, mock: MockBackend) -> None:
+    """The management API names the connection owning a lease queue: its worker."""
+    settings = make_settings([("b1", mock.base_url, 4)])
+    b1 = settings.pools[0].backends[0].name
+    await apply_topology(settings)
+    before = await status(settings, [])
+    assert before.backends[0].owner is None
+    async with running_worker(settings):
+        # The API's queue details are sampled statistics: the owner shows within seconds.
+        async with asyncio.timeout(30):
+            while (report := await status(settings, [])).backends[0].owner is None:
+                await asyncio.sleep(0.5)
+    worker = f"hutch-worker {socket.gethostname()}:{os.getpid()}"
+    owner = report.backends[0].owner
+    assert owner is not None and owner.startswith(f"{worker} (127.0.0.1:"), owner
+    row = next(line for line in format_status(report).splitlines() if line.startswith(b1))
+    assert row.endswith(owner)
+
+
+async def test_bench_scenario_help_cites_no_issue(
+        hutch_env: dict[str, str]) -> None:
+    code, out, _ = await run_hutch(["bench", "scenario", "--help"], hutch_env)
+    assert code == 0 and "issue" not in out.lower()

@@ -167,6 +167,12 @@ class ManagementAPI:
             "GET", f"/queues/{_q(vhost)}/{_q(name)}", ok_missing=True)
         return result
 
+    async def get_connection(self, name: str) -> dict[str, Any] | None:
+        """One connection (``name``: as a queue's ``owner_pid_details`` gives it)."""
+        result: dict[str, Any] | None = await self._request(
+            "GET", f"/connections/{_q(name)}", ok_missing=True)
+        return result
+
     async def queue_bindings(self, vhost: str, exchange: str, queue: str) -> list[dict[str, Any]]:
         result = await self._request(
             "GET", f"/bindings/{_q(vhost)}/e/{_q(exchange)}/q/{_q(queue)}", ok_missing=True)

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipeline.broker.management import ManagementAPI
 from pipeline.broker.names import Names
 from pipeline.errors import StatusError, TopologyError
+from pipeline.ops.leases import lease_owners
 from pipeline.settings import Settings
 
 __all__ = [
@@ -78,6 +79,8 @@ class BackendStatus:
     holders: list[str] = field(default_factory=list)
     #: closed, half_open, open or throttled, as its lease holder sees it.
     state: str | None = None
+    #: The connection owning its lease queue, as the management API names it.
+    owner: str | None = None
 
 
 @dataclass
@@ -270,8 +273,11 @@ async def _backends(settings: Settings, urls: list[str]
 async def status(settings: Settings, worker_metrics_urls: list[str]) -> StatusReport:
     """Read every pool's queue, the triage, retry and parking-lot queues (management API)
     and each backend's in-flight, capacity, lease and state (the workers' metrics)."""
-    (queues, freshness), (backends, workers) = await asyncio.gather(
-        _queues(settings), _backends(settings, list(worker_metrics_urls)))
+    (queues, freshness), (backends, workers), owners = await asyncio.gather(
+        _queues(settings), _backends(settings, list(worker_metrics_urls)),
+        lease_owners(settings))
+    for backend in backends:
+        backend.owner = owners.get(backend.name)
     return StatusReport(settings.vhost, queues, backends, workers, freshness)
 
 
@@ -299,8 +305,10 @@ def _lease(report: StatusReport, backend: BackendStatus) -> str:
     """Who holds the backend's lease, as far as the metrics read can tell."""
     if backend.holders:
         return ", ".join(backend.holders)
+    if backend.owner is not None:
+        return backend.owner  # the broker knows, metrics or not
     if not report.workers:
-        return "-"  # no metrics asked for
+        return "-"  # no metrics asked for, and the broker named no owner
     # A worker whose metrics were not read may hold it: say so rather than "nobody".
     return "unknown" if report.unread_workers else "nobody"
 
