@@ -19,10 +19,10 @@ from pipeline.broker.topology import apply_topology
 from pipeline.cli.common import settings_of
 from pipeline.cli.main import build_parser
 from pipeline.client.client import HutchClient
-from pipeline.errors import BackendError, ConfigError
+from pipeline.errors import BackendError, ConfigError, RequestCancelledError
 from pipeline.ops.status import format_status, status
 from pipeline.settings import load_settings
-from pipeline.testing.mock import MockBackend
+from pipeline.testing.mock import MockBackend, MockConfig
 from tests.conftest import (
     SettingsFactory,
     amqp,
@@ -268,3 +268,40 @@ async def test_bench_scenario_help_cites_no_issue(
         hutch_env: dict[str, str]) -> None:
     code, out, _ = await run_hutch(["bench", "scenario", "--help"], hutch_env)
     assert code == 0 and "issue" not in out.lower()
+
+
+# -- finding 8: the ids `hutch cancel` needs, and what became of a cancel -------------------
+
+
+async def test_cancel_says_what_became_of_each_id(
+        make_settings: SettingsFactory, tmp_path: Path, hutch_env: dict[str, str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG", logger="hutch.hooks")
+    async with MockBackend(MockConfig(latency_ms=20_000, capacity=1)) as slow:
+        settings = make_settings([("b1", slow.base_url, 1)])
+        config = str(write_config(tmp_path / "hutch.toml", settings))
+        await apply_topology(settings)
+        # No worker: the mandatory cancel comes back, and the command says so.
+        code, out, _ = await run_hutch(["cancel", "-c", config, "id-1"], hutch_env)
+        assert code == 1
+        assert out.splitlines()[0] == ("id-1: not delivered: no worker is listening for "
+                                       "cancels (is any worker running?); nothing was "
+                                       "cancelled")
+        async with running_worker(settings), HutchClient.from_settings(settings) as client:
+            cid = await client.submit({"model": "mock-small", "messages": [
+                {"role": "user", "content": "long"}]}, model="mock-small", timeout=60)
+            async with asyncio.timeout(10):
+                while not (started := [r for r in caplog.records
+                                       if r.getMessage() == "request.started"]):
+                    await asyncio.sleep(0.05)
+            # The worker's debug line shows the id the operator needs.
+            assert started[0].fields["correlation_id"] == cid  # type: ignore[attr-defined]
+            code, out, err = await run_hutch(["cancel", "-c", config, cid, "no-such-id"],
+                                             hutch_env)
+            assert code == 0, err
+            lines = out.splitlines()
+            assert lines[0].startswith(f"{cid}: aborted at a backend (worker "), out
+            assert lines[1].startswith("no-such-id: at no backend now (1 worker answered)")
+            assert "otherwise the id is unknown" in lines[1]
+            with pytest.raises(RequestCancelledError):
+                await client.result(cid)
