@@ -20,6 +20,7 @@ from pipeline.cli.common import settings_of
 from pipeline.cli.main import build_parser
 from pipeline.client.client import HutchClient
 from pipeline.errors import BackendError, ConfigError, RequestCancelledError
+from pipeline.ops import dlq
 from pipeline.ops.status import format_status, status
 from pipeline.settings import load_settings
 from pipeline.testing.mock import MockBackend, MockConfig
@@ -305,3 +306,53 @@ async def test_cancel_says_what_became_of_each_id(
             assert "otherwise the id is unknown" in lines[1]
             with pytest.raises(RequestCancelledError):
                 await client.result(cid)
+
+
+# -- finding 7: replaying requests nobody can be answered for ------------------------------
+
+
+async def test_replay_leaves_requests_whose_reply_queue_is_gone(
+        make_settings: SettingsFactory, mock: MockBackend, tmp_path: Path,
+        hutch_env: dict[str, str]) -> None:
+    """A completion for a reply queue that is gone is parked as the client's (not as
+    backend_error); `dlq replay` leaves it parked (it would call the backend again for
+    nobody) unless --force, and says how many it left."""
+    settings = make_settings([("b1", mock.base_url, 4)])
+    names = Names(settings.prefix)
+    gone, alive = names.reply_queue("gone"), names.reply_queue("alive")
+    await apply_topology(settings)
+    async with amqp(settings.amqp_url) as conn, amqp(settings.amqp_url) as other:
+        channel = await conn.channel()
+        await channel.declare_queue(alive, durable=True, arguments={"x-expires": 60_000})
+        # A one-shot client's exclusive queue, held by its connection: it exists.
+        held = names.reply_queue("held")
+        await (await other.channel()).declare_queue(held, exclusive=True)
+        exchange = await channel.get_exchange(names.requests_exchange)
+        async with running_worker(settings):
+            body = {"model": "mock-small", "messages": [{"role": "user", "content": "hi"}]}
+            await exchange.publish(aio_pika.Message(
+                json.dumps(body).encode(), correlation_id="to-gone", reply_to=gone,
+                content_type="application/json"), routing_key="mock-small")
+            [parked] = await drain_queue(channel, names.parked_queue, at_least=1)
+        assert mock.stats()["served"] == 1
+        assert parked.headers[p.H_REASON] == "no_reply_to"
+        assert parked.headers[p.H_ERROR_CODE] == "invalid_request"  # not backend_error
+        assert "could not be delivered" in str(parked.headers[p.H_ERROR_MESSAGE])
+        # Three parked: the undeliverable one, and two whose reply queues exist.
+        for cid, reply_to in (("to-gone", gone), ("to-alive", alive), ("to-held", held)):
+            await channel.default_exchange.publish(aio_pika.Message(
+                json.dumps({"model": "mock-small", "messages": []}).encode(),
+                correlation_id=cid, reply_to=reply_to, headers={
+                    p.H_REASON: "backend_error", p.H_ORIGINAL_ROUTING_KEY: "mock-small"}),
+                routing_key=names.parked_queue)
+        config = str(write_config(tmp_path / "hutch.toml", settings))
+        code, out, err = await run_hutch(["dlq", "replay", "-c", config], hutch_env)
+        assert code == 0, err
+        assert out.strip() == ("replayed 2 (skipped 0 with other reasons, 0 unroutable, 1 "
+                               "whose reply queue is gone: left parked, --force replays "
+                               "them)")
+        assert [m.correlation_id for m in await dlq.list_parked(settings)] == ["to-gone"]
+        assert await dlq.replay(settings, force=True) == dlq.ReplayResult(replayed=1)
+        work = await drain_queue(channel, names.work_queue("chat"))
+        assert sorted(m.correlation_id or "" for m in work) == [
+            "to-alive", "to-gone", "to-held"]
