@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ssl
 from typing import Any, Self
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 from aio_pika.abc import AbstractConnection
@@ -28,6 +28,7 @@ from pipeline.broker.connection import (
     tls_failure,
     tls_problem,
 )
+from pipeline.broker.tls_probe import speaks_tls
 from pipeline.errors import TopologyError
 from pipeline.settings import Settings
 
@@ -49,6 +50,7 @@ class ManagementAPI:
     def __init__(self, base_url: str, user: str, password: str, *, timeout_s: float = 10.0,
                  tls: ssl.SSLContext | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self._user = user
         self._http = httpx.AsyncClient(
             base_url=self.base_url + "/api", auth=(user, password), timeout=timeout_s,
             verify=tls if tls is not None else True)
@@ -111,21 +113,12 @@ class ManagementAPI:
             await self._check_same_broker()
         try:
             response = await self._http.request(method, path, json=json)
-        except httpx.HTTPError as exc:
-            tls = tls_failure(exc)
-            if tls is not None:
-                raise TopologyError(f"management API at {self.base_url}: TLS handshake "
-                                    f"failed: {tls_problem(tls)}") from None
-            raise TopologyError(
-                f"management API at {self.base_url} is not reachable ({exc!r}): {_ENABLE_HINT}"
-            ) from None
+        except (httpx.HTTPError, ssl.SSLError) as exc:  # a TLS 1.3 alert can come bare
+            raise await self._unreachable(exc) from None
         if response.status_code == 404 and ok_missing:
             return None
         if response.status_code == 401:
-            raise TopologyError(
-                f"management API at {self.base_url} refused the credentials (401); the user "
-                "needs the 'policymaker' or 'administrator' tag"
-            )
+            raise self._refused(response)
         if response.status_code >= 400:
             raise TopologyError(
                 f"management API {method} {path} failed with HTTP {response.status_code}: "
@@ -134,6 +127,36 @@ class ManagementAPI:
         if response.status_code == 204 or not response.content:
             return None
         return response.json()
+
+    async def _unreachable(self, exc: Exception) -> TopologyError:
+        """Why the API could not be asked: TLS, https spoken on an http:// URL, or down."""
+        tls = tls_failure(exc)
+        if tls is not None:
+            return TopologyError(f"management API at {self.base_url}: TLS handshake "
+                                 f"failed: {tls_problem(tls)}")
+        parts = urlsplit(self.base_url)
+        if (parts.scheme == "http" and parts.hostname and parts.port
+                and await speaks_tls(parts.hostname, parts.port)):
+            return TopologyError(
+                f"management API at {self.base_url} speaks https on that port: use https:// "
+                "in management_url (or HUTCH_MANAGEMENT_URL)")
+        return TopologyError(
+            f"management API at {self.base_url} is not reachable ({exc!r}): {_ENABLE_HINT}")
+
+    def _refused(self, response: httpx.Response) -> TopologyError:
+        """A 401: a failed login (user or password) is not a missing tag."""
+        try:
+            reason = str(response.json().get("reason", ""))
+        except (ValueError, AttributeError):
+            reason = ""
+        who = f"management API at {self.base_url} refused user {self._user!r}"
+        if reason == "Login failed":
+            return TopologyError(f"{who}: login failed, a wrong user or password (those of "
+                                 "management_url if it has any, else amqp_url's)")
+        return TopologyError(
+            f"{who} ({reason or 'HTTP 401'}): the user logs in but lacks a tag; it needs "
+            "'management' to read (hutch status), 'policymaker' or 'administrator' to set "
+            "policies (hutch topology apply)")
 
     async def check(self) -> None:
         """Fail early (before anything is declared) when the API is unreachable."""
