@@ -39,6 +39,7 @@ class ReplyPolicy(Protocol):
 
     def valid_reply_to(self, reply_to: str | None) -> bool: ...
 
+    def vouches(self, user_id: str | None) -> bool: ...
 
 
 def _endpoint(value: Any) -> p.Endpoint | None:
@@ -108,12 +109,30 @@ class Delivery:
     last_backend: str | None = None
     last_error: str | None = None
     received_at: float = field(default_factory=time.monotonic)
+    #: The model (the routing key, or ``x-hutch-model`` of a request moved into a lane).
+    model_name: str | None = None
+    #: The lane it was delivered from (:mod:`pipeline.worker.lanes`), or None (the pool's
+    #: queue): a request already sorted is never moved again.
+    lane: str | None = None
+    #: Who goes next (:mod:`pipeline.scheduling`): its tenant, its band (0: lowest), the
+    #: priority it is served at (a tenant's ceiling lowers it) and the virtual tokens
+    #: charged to its tenant so far.
+    tenant: str = "default"
+    band: int = 0
+    served_priority: int = 0
+    charged: float = 0.0
 
     @classmethod
     def parse(cls, message: AbstractIncomingMessage, *, pool: str, backend: str | None,
-              policy: ReplyPolicy, max_attempts: int) -> Delivery:
-        """Read everything the later stages need from ``message``, once."""
+              policy: ReplyPolicy, max_attempts: int,
+              lane_prefix: str | None = None) -> Delivery:
+        """Read everything the later stages need from ``message``, once. ``lane_prefix``:
+        the names of the pool's lanes (a request in one keeps its model in a header)."""
         headers = message.headers or {}
+        model, lane = message.routing_key, None
+        if (lane_prefix and model and model.startswith(lane_prefix)
+                and policy.vouches(message.user_id)):
+            model, lane = p.text_header(headers.get(p.H_MODEL)), model
         timestamp = message.timestamp.timestamp() if message.timestamp else None
         expiration = message.expiration
         expiration_s = float(expiration) if isinstance(expiration, int | float) else None
@@ -134,6 +153,7 @@ class Delivery:
             endpoint=_endpoint(headers.get(p.H_ENDPOINT)),
             last_backend=p.text_header(headers.get(p.H_LAST_BACKEND)),
             last_error=p.text_header(headers.get(p.H_LAST_ERROR)),
+            model_name=model, lane=lane, served_priority=message.priority or 0,
         )
 
     # -- facts read by several stages -------------------------------------------------------
@@ -157,8 +177,9 @@ class Delivery:
 
     @property
     def model(self) -> str | None:
-        """The routing key: requests are routed by model; retries and dead letters keep it."""
-        return self.message.routing_key
+        """The routing key: requests are routed by model; retries and dead letters keep it
+        (a request moved into a lane carries it in ``x-hutch-model``)."""
+        return self.model_name
 
     def remaining_s(self) -> float | None:
         """Seconds until the deadline (negative once past), None without a deadline."""

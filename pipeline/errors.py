@@ -31,6 +31,7 @@ worker, the client::
     │       └── TerminalStatusError        HTTP 4xx other than 408 and 429            other
     └── RequestFailed            client side: the request ended in an error reply
         ├── QueueFullError       the pool's queue is at its limit (publish was nacked)
+        ├── QuotaExceededError   the tenant used its token quota (configured to refuse)
         ├── UnknownModelError    no pool serves the model
         ├── DeadlineExceededError the request's deadline passed before an answer
         ├── InvalidRequestError  the request itself is malformed or too large
@@ -74,6 +75,7 @@ __all__ = [
     "InvalidRequestError",
     "OperationError",
     "QueueFullError",
+    "QuotaExceededError",
     "RequestCancelledError",
     "RequestFailed",
     "RetryableError",
@@ -276,6 +278,12 @@ class QueueFullError(RequestFailed):
     code = "queue_full"
 
 
+class QuotaExceededError(RequestFailed):
+    """The tenant is over its ``tokens_per_minute`` and its ``over_quota`` is ``reject``."""
+
+    code = "quota_exceeded"
+
+
 class UnknownModelError(RequestFailed):
     code = "unknown_model"
 
@@ -326,6 +334,7 @@ _BY_CODE: dict[str, type[RequestFailed]] = {
     cls.code: cls
     for cls in (
         QueueFullError,
+        QuotaExceededError,
         UnknownModelError,
         DeadlineExceededError,
         InvalidRequestError,

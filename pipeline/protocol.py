@@ -26,6 +26,7 @@ __all__ = [
     "H_KIND",
     "H_LAST_BACKEND",
     "H_LAST_ERROR",
+    "H_MODEL",
     "H_ORIGINAL_ROUTING_KEY",
     "H_OUTCOME",
     "H_PARKED_AT",
@@ -90,6 +91,9 @@ H_LAST_ERROR = "x-hutch-last-error"
 # themselves. Believed only when the message's own ``user_id`` is the worker's user (or a
 # trusted one): a client cannot set that user_id, so it cannot forge this header.
 H_USER = "x-hutch-user"
+#: A request moved into a lane keeps its model here (its routing key is the lane's name);
+#: believed only from a trusted publisher (a worker).
+H_MODEL = "x-hutch-model"
 
 # Reply headers.
 H_OUTCOME = "x-hutch-outcome"  # "ok" or "error"
@@ -132,6 +136,8 @@ class ErrorCode(StrEnum):
     CANCELLED = "cancelled"
     #: A stream failed after chunks were sent; the error says how much was sent.
     STREAM_INTERRUPTED = "stream_interrupted"
+    #: The tenant used its token quota and its configuration refuses the excess.
+    QUOTA_EXCEEDED = "quota_exceeded"
 
 
 class ParkReason(StrEnum):
@@ -155,6 +161,8 @@ class ParkReason(StrEnum):
     DELIVERY_LIMIT = "delivery_limit"
     #: A stream failed after chunks were sent (the client got ``stream_interrupted``).
     STREAM_INTERRUPTED = "stream_interrupted"
+    #: Refused: its tenant is over a token quota configured to ``reject`` the excess.
+    QUOTA_EXCEEDED = "quota_exceeded"
 
 
 #: The OpenAI ``error.type`` for each code.
@@ -167,6 +175,7 @@ _ERROR_TYPE = {
     ErrorCode.INTERNAL_ERROR: "api_error",
     ErrorCode.CANCELLED: "invalid_request_error",
     ErrorCode.STREAM_INTERRUPTED: "api_error",
+    ErrorCode.QUOTA_EXCEEDED: "rate_limit_error",
 }
 
 

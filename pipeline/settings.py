@@ -21,6 +21,13 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from pipeline.errors import ConfigError
 from pipeline.gateway.settings import GatewaySettings
+from pipeline.scheduling.settings import (
+    QUORUM_LANES,
+    PoolScheduling,
+    TenantSettings,
+    check_tenants,
+)
+from pipeline.settings_checks import check_names
 from pipeline.settings_env import HutchEnvSource, read_config_file
 from pipeline.settings_text import dump_toml, environment_keys, format_errors, redact_url
 
@@ -110,14 +117,16 @@ class PoolSettings(_Strict):
     breaker_failures: int = Field(default=5, ge=1, le=1000)
     breaker_cooldown_s: float = Field(default=10.0, gt=0, le=3600)
     #: ``quorum``: the pool's work queue (and the queues every pool shares: retry tiers,
-    #: triage, parking lot, presence) are replicated quorum queues; see "Running on a
-    #: cluster" in the README. Changing it later is a migration, never done by apply.
+    #: triage, parking lot, presence) are replicated quorum queues; see the docs, page
+    #: "Cluster" (docs/cluster.md). Changing it later is a migration, never done by apply.
     queue_type: QueueType = "classic"
     #: Quorum pools: returns (a nack with requeue on a 429, a pause or an open circuit, a
     #: lost consumer) after which the broker dead-letters a request. Every return counts,
     #: so it is high: a request handed back once per throttled probe must not exhaust it.
     delivery_limit: int = Field(default=1000, ge=1, le=1_000_000)
     backends: list[BackendSettings] = Field(min_length=1)
+    #: Who goes next at each backend: bands, tenants' fair share, lookahead, lanes.
+    scheduling: PoolScheduling = Field(default_factory=PoolScheduling)
 
     @model_validator(mode="after")
     def _attempts_fit_consumer_timeout(self) -> PoolSettings:
@@ -130,6 +139,14 @@ class PoolSettings(_Strict):
                     f"backends.{j}.timeout_s: {backend.timeout_s:g}s x attempts_per_delivery "
                     f"{self.attempts_per_delivery} = {worst:g}s comes too close to RabbitMQ's "
                     f"consumer_timeout ({CONSUMER_TIMEOUT_S}s); lower one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _quorum_lanes(self) -> PoolSettings:
+        # Each quorum lane is a Raft group on every node: fewer of them unless asked for.
+        if self.queue_type == "quorum" and "lanes" not in self.scheduling.model_fields_set:
+            object.__setattr__(self, "scheduling",
+                               self.scheduling.model_copy(update={"lanes": QUORUM_LANES}))
         return self
 
     @field_validator("retry_delays_ms")
@@ -219,6 +236,9 @@ class Settings(BaseSettings):
     cancel_ttl_s: float = Field(default=600.0, gt=0, le=86_400)
     cancel_max_ids: int = Field(default=100_000, ge=100, le=10_000_000)
     pools: list[PoolSettings] = Field(default_factory=list)
+    #: Tenants the configuration says something about (weights, ceilings, quotas, teams);
+    #: every other user is a tenant of its own, served fairly all the same.
+    tenants: dict[str, TenantSettings] = Field(default_factory=dict)
     #: ``hutch gateway``, the OpenAI-compatible HTTP front door (pipeline/gateway).
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
 
@@ -279,28 +299,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:
-        seen_pools: set[str] = set()
-        seen_backends: dict[str, str] = {}
-        seen_models: dict[str, str] = {}
-        for i, pool in enumerate(self.pools):
-            if pool.name in seen_pools:
-                raise ValueError(f"pools.{i}.name: pool {pool.name!r} is defined twice")
-            seen_pools.add(pool.name)
-            for model in pool.models:
-                if model in seen_models:
-                    raise ValueError(
-                        f"pools.{i}.models: model {model!r} is already served by pool "
-                        f"{seen_models[model]!r}; a model routes to exactly one pool"
-                    )
-                seen_models[model] = pool.name
-            for j, backend in enumerate(pool.backends):
-                if backend.name in seen_backends:
-                    raise ValueError(
-                        f"pools.{i}.backends.{j}.name: backend {backend.name!r} is already "
-                        f"defined in pool {seen_backends[backend.name]!r}; backend names "
-                        "name leases and must be unique"
-                    )
-                seen_backends[backend.name] = pool.name
+        check_names(self.pools)
+        check_tenants(self.tenants)
         return self
 
     # -- derived values -------------------------------------------------------------

@@ -80,6 +80,8 @@ def dump_toml(settings: Settings) -> str:
             return repr(v)
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):  # an inline table (tenants, a pool's scheduling)
+            return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
         return json.dumps(str(v), ensure_ascii=False)  # a JSON string is a valid TOML basic string
 
     data = settings.model_dump(mode="json", exclude_none=True)

@@ -8,8 +8,9 @@
   the RabbitMQ allow-list of tests/test_metrics.py (from a scrape job that provides it),
   ``up`` of a scrape job that exists.
 * Every alert has a unit test that fires it and one where it stays silent, a severity, a
-  summary, a description and a runbook entry in the README (and the runbook no entry for an
-  alert that does not exist).
+  summary, a description and a runbook entry in the docs, a heading of a page of
+  docs/operations/ that its ``runbook_url`` links to (and the runbook no entry for an alert
+  that does not exist).
 * The queue regexes pick exactly the work (or pause) queues of deploy/hutch.toml's prefix.
 """
 
@@ -26,9 +27,11 @@ import pytest
 import yaml
 
 from pipeline.broker.names import Names
+from pipeline.gateway.metrics import GatewayMetrics
 from pipeline.observe.metrics import Metrics
 from pipeline.settings import Settings, load_settings
 from tests.test_compose import _rule_files
+from tests.test_docs import resolve_runbook
 from tests.test_metrics import (
     PROMETHEUS_BUILTINS,
     RABBITMQ_METRICS,
@@ -42,7 +45,7 @@ RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "alerts.test.yml"
 PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
 COMPOSE = ROOT / "docker-compose.yml"
-README = ROOT / "README.md"
+OPERATIONS = ROOT / "docs" / "operations"
 #: The oldest promtool the rules are written for: Debian bookworm's `prometheus` package.
 MIN_PROMTOOL = (2, 42)
 SEVERITIES = {"warning", "critical"}
@@ -87,22 +90,15 @@ def _run(*args: str) -> str:
     return output
 
 
-def _slug(heading: str) -> str:
-    """The anchor GitHub gives a Markdown heading."""
-    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
-    return text.replace(" ", "-")
-
-
 def _runbook() -> dict[str, str]:
-    """Alert heading -> its text, from the README's "Alerts" section of the operator guide."""
-    text = README.read_text()
-    assert "\n## Operator guide\n" in text
-    guide = text.split("\n## Operator guide\n", 1)[1].split("\n## ", 1)[0]
-    assert "\n### Alerts\n" in guide, "the operator guide has no '### Alerts' section"
-    section = guide.split("\n### Alerts\n", 1)[1].split("\n### ", 1)[0]
-    parts = re.split(r"^#### (.+)$", section, flags=re.M)
-    return {heading.strip(): body.strip() for heading, body in zip(parts[1::2], parts[2::2],
-                                                                    strict=True)}
+    """Alert heading (`` `HutchX` ``) -> its text, from the pages of docs/operations/."""
+    entries: dict[str, str] = {}
+    for page in sorted(OPERATIONS.rglob("*.md")):
+        parts = re.split(r"^#{2,4} (`Hutch\w+`)\s*$", page.read_text(), flags=re.M)
+        for heading, body in zip(parts[1::2], parts[2::2], strict=True):
+            assert heading not in entries, f"two runbook entries for {heading}"
+            entries[heading] = re.split(r"^#{1,4} ", body, flags=re.M)[0].strip()
+    return entries
 
 
 def _deploy_settings(monkeypatch: pytest.MonkeyPatch) -> Settings:
@@ -155,7 +151,7 @@ def test_promtool_checks_the_compose_prometheus_config(tmp_path: Path) -> None:
 
 def test_rules_use_only_metrics_and_labels_that_exist() -> None:
     metrics = Metrics()
-    exported = metrics.names()
+    exported = metrics.names() | GatewayMetrics().names()
     for rule in _alerts():
         expr = rule["expr"]
         query = parse_promql(expr)
@@ -215,8 +211,9 @@ def test_every_alert_is_labelled_and_described() -> None:
         assert rule["labels"]["severity"] in SEVERITIES, rule["alert"]
         annotations = rule["annotations"]
         assert annotations["summary"] and annotations["description"], rule["alert"]
-        heading = f"`{rule['alert']}`"
-        assert annotations["runbook_url"] == f"README.md#{_slug(heading)}", rule["alert"]
+        page, anchor = resolve_runbook(annotations["runbook_url"])
+        assert anchor == rule["alert"].lower(), rule["alert"]
+        assert f"`{rule['alert']}`" in _runbook(), f"{page.name} is not its runbook entry"
 
 
 def test_every_alert_has_tests_that_fire_it_and_keep_it_silent() -> None:
@@ -232,7 +229,7 @@ def test_every_alert_has_tests_that_fire_it_and_keep_it_silent() -> None:
     assert silent == alerts, f"no test keeps {alerts - silent} silent; unknown: {silent - alerts}"
 
 
-def test_the_readme_has_a_runbook_entry_per_alert() -> None:
+def test_the_docs_have_a_runbook_entry_per_alert() -> None:
     runbook = _runbook()
     alerts = {f"`{rule['alert']}`": rule for rule in _alerts()}
     assert set(runbook) == set(alerts), (

@@ -1,10 +1,12 @@
-"""The prefetch controller against a fake consumer: it follows the health (no broker)."""
+"""The capacity controller against a fake consumer: the admission's permits and the
+consumer's prefetch follow the health (no broker)."""
 
 from __future__ import annotations
 
 import asyncio
 
 from pipeline.backends.breaker import BackendGate, BreakerPolicy
+from pipeline.worker.admission import Admission
 from pipeline.worker.capacity import CapacityController
 from pipeline.worker.health import BackendHealthReporter
 from tests.test_health import FakeClock, FakeGauge
@@ -29,40 +31,48 @@ class FakeConsumer:
         self.consuming = False
         self.calls.append(("stop", 0))
 
-    async def wait_in_flight_at_most(self, n: int) -> None:
-        self.calls.append(("wait_in_flight_at_most", n))
 
 
-def setup(clock: FakeClock | None = None, cooldown_s: float = 10.0
+def setup(clock: FakeClock | None = None, cooldown_s: float = 10.0, lookahead: int = 0
           ) -> tuple[BackendHealthReporter, FakeConsumer, FakeGauge, CapacityController]:
     kwargs = {"clock": clock} if clock is not None else {}
     gate = BackendGate(BreakerPolicy(failure_threshold=1, cooldown_s=cooldown_s), **kwargs)
     health = BackendHealthReporter("b1", 4, gate, FakeGauge())
     consumer, gauge = FakeConsumer(), FakeGauge()
-    return health, consumer, gauge, CapacityController(consumer, health, gauge)
+    admission = Admission(lookahead=lookahead)
+    return health, consumer, gauge, CapacityController(consumer, health, gauge, admission)
 
 
 async def test_prefetch_follows_the_gate() -> None:
     clock = FakeClock()
     health, consumer, gauge, controller = setup(clock)
     await controller.adjust()
-    assert consumer.calls == [("wait_in_flight_at_most", 0), ("start", 4)]
+    assert consumer.calls == [("start", 4)]
     assert gauge.values == [4]
     await controller.adjust()  # nothing changed: nothing done
-    assert len(consumer.calls) == 2
+    assert len(consumer.calls) == 1
     health.failure()  # open: no consumer at all
     await controller.adjust()
     assert consumer.calls[-1] == ("stop", 0) and not consumer.consuming
     assert gauge.values[-1] == 0
-    clock.now += 10.0  # half-open: one probe, once the old leftovers leave room for it
+    clock.now += 10.0  # half-open: one probe (the permits keep leftovers within the cap)
     consumer.calls.clear()
     await controller.adjust()
-    assert consumer.calls == [("wait_in_flight_at_most", 3), ("start", 1)]
+    assert consumer.calls == [("start", 1)]
     assert gauge.values[-1] == 1
     health.success(0.1)  # closed again: cancel and consume with the whole cap
     consumer.calls.clear()
     await controller.adjust()
-    assert consumer.calls == [("stop", 0), ("wait_in_flight_at_most", 0), ("start", 4)]
+    assert consumer.calls == [("stop", 0), ("start", 4)]
+
+
+async def test_lookahead_adds_to_the_prefetch_not_to_the_permits() -> None:
+    health, consumer, gauge, controller = setup(lookahead=3)
+    await controller.adjust()
+    assert consumer.calls == [("start", 7)] and gauge.values == [4]
+    health.failure()
+    await controller.adjust()
+    assert not consumer.consuming
 
 
 async def test_pause_takes_the_prefetch_to_zero_and_resume_restores_it() -> None:
@@ -79,7 +89,7 @@ async def test_pause_takes_the_prefetch_to_zero_and_resume_restores_it() -> None
 async def test_run_wakes_on_changes_and_on_the_cooldown_timer() -> None:
     health, consumer, _, controller = setup(cooldown_s=0.1)
     until = asyncio.Event()
-    task = asyncio.create_task(controller.run(until))
+    task = asyncio.create_task(controller.run([until]))
     async with asyncio.timeout(2):
         while not consumer.consuming:
             await asyncio.sleep(0.01)
@@ -97,7 +107,7 @@ async def test_run_wakes_on_changes_and_on_the_cooldown_timer() -> None:
 
 async def test_run_ends_when_the_channel_closes() -> None:
     _, consumer, _, controller = setup()
-    task = asyncio.create_task(controller.run(asyncio.Event()))
+    task = asyncio.create_task(controller.run([asyncio.Event()]))
     await asyncio.sleep(0.05)
     consumer.closed.set()
     async with asyncio.timeout(1):

@@ -4,7 +4,7 @@ The cluster (tests/nodes.py ``local_cluster``: three 3.10 nodes started by
 scripts/rabbitmq-node beside the suite's broker, on free ports) is shared by this module;
 a test that kills or stops nodes starts them again before it ends. Every test checks at a
 client of its own, connected to another node than the one it kills. Startup costs about
-50 s, each test 10-40 s (see the README, "Running on a cluster").
+50 s, each test 10-40 s (see docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ async def test_whole_cluster_restart_with_requests_queued(cluster: LocalCluster,
 
 async def test_classic_pool_on_a_dead_node(cluster: LocalCluster, prefix: str,
                                            restore: None) -> None:
-    """What the README promises for a classic pool: while its queue's node is down the
+    """What docs/cluster.md promises for a classic pool: while its queue's node is down the
     pool is unavailable (its queue cannot be used from the other nodes); nothing queued
     is lost, and every request is answered once the node is back."""
     n = 50

@@ -1,4 +1,4 @@
-"""The docker-compose stack and the README, checked without Docker.
+"""The docker-compose stack, the README and the docs, checked without Docker.
 
 There is no Docker engine on the CI machine, so `docker compose up` cannot prove the stack
 works. These tests keep it honest instead: images are pinned to exact versions (RabbitMQ a
@@ -7,8 +7,8 @@ mounted file exists, the compose config loads with the real settings loader, the
 config, plugins and boot-time definitions agree with each other and with the Hutch config
 (the user the workers log in with, the queues and policies the UI shows), and the ports and
 host names the services use for each other agree: Prometheus' targets, Grafana's
-datasource and dashboards. The README's quick start and metric names are checked the same
-way (the metrics in detail: tests/test_metrics.py).
+datasource and dashboards. The README's quick start and the metric names of the docs are
+checked the same way (the metrics in detail: tests/test_metrics.py).
 """
 
 from __future__ import annotations
@@ -613,12 +613,12 @@ def test_readme_quick_start_commands_are_verbatim() -> None:
     assert _shell_blocks(quick_start) == list(QUICK_START)
 
 
-def test_readme_names_every_metric() -> None:
-    text = README.read_text()
+def test_docs_name_every_metric() -> None:
+    text = (ROOT / "docs" / "reference" / "metrics.md").read_text()
     names = [metric.name for metric in Metrics().registry.collect()]
     assert names, "no metrics collected"
     missing = [name for name in names if name not in text]
-    assert not missing, f"README does not document metrics: {missing}"
+    assert not missing, f"docs/reference/metrics.md does not document metrics: {missing}"
 
 
 def test_ci_script_runs_the_readme_test_command() -> None:

@@ -1,5 +1,5 @@
-"""The dispatcher's decisions, one test per row of the README's failure table that a
-worker decides (no broker: these are pure functions over the delivery context)."""
+"""The dispatcher's decisions, one test per row of the failure table that a worker decides
+(docs/concepts/failures.md) (no broker: these are pure functions over the delivery context)."""
 
 from __future__ import annotations
 

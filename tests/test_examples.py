@@ -1,10 +1,10 @@
-"""The files of examples/ run against the real broker, and the README shows them verbatim.
+"""The files of examples/ run against the real broker, and the docs show them verbatim.
 
 Each example runs as its user would run it: a separate Python process whose only
 configuration is ``HUTCH_AMQP_URL`` and ``HUTCH_PREFIX``, against a topology and a worker
-(with the mock backend) of this test's own. The README embeds each file in the fenced
-block after an ``<!-- example: examples/NAME.py -->`` marker, and that block must equal
-the file, so the README's code cannot rot.
+(with the mock backend) of this test's own. A page of docs/ (or the README) embeds each
+file in the fenced block after an ``<!-- example: examples/NAME.py -->`` marker, and that
+block must equal the file, so the documentation's code cannot rot.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tests.conftest import SettingsFactory, run_process, running_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-README = ROOT / "README.md"
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 #: The client id every example uses: its reply queue is removed after the test.
 CLIENT_ID = "my-app-1"
 RUN_TIMEOUT_S = 60
@@ -36,6 +36,7 @@ _MARKED_BLOCK = re.compile(
 EXPECTED = {
     "raw_aio_pika.py": [r"mock reply to: hello"],
     "client_chat.py": [r"mock reply to: hello"],
+    "client_minimal.py": [r"mock reply to: hello"],
     "client_request.py": [r"mock reply to: hi",
                           r"backend t\w+-b1, queued \d+ ms, \d+ ms in all"],
     "client_concurrent.py": [r"25 answers; the last one: mock reply to: question 24"],
@@ -45,21 +46,25 @@ EXPECTED = {
 }
 
 
-def _readme_blocks() -> dict[str, str]:
-    return {m["path"]: m["code"] for m in _MARKED_BLOCK.finditer(README.read_text())}
+def _docs_blocks() -> dict[str, str]:
+    """``page: example path`` -> the code block after its marker, over the README and docs/."""
+    return {f"{page.relative_to(ROOT)}: {match['path']}": match["code"] for page in PAGES
+            for match in _MARKED_BLOCK.finditer(page.read_text())}
 
 
-def test_every_example_is_tested_and_shown_in_the_readme() -> None:
+def test_every_example_is_tested_and_shown_in_the_docs() -> None:
     files = {path.name for path in EXAMPLES.glob("*.py")}
     assert files == set(EXPECTED), "list each example's expected output in EXPECTED"
-    assert set(_readme_blocks()) == {f"examples/{name}" for name in files}
+    shown = {key.split(": ", 1)[1] for key in _docs_blocks()}
+    assert shown == {f"examples/{name}" for name in files}
 
 
-@pytest.mark.parametrize("path", sorted(_readme_blocks()))
-def test_readme_block_is_the_file(path: str) -> None:
-    assert _readme_blocks()[path] == (ROOT / path).read_text(), (
-        f"README's block after '<!-- example: {path} -->' differs from {path}; "
-        "copy the file into the README")
+@pytest.mark.parametrize("shown", sorted(_docs_blocks()))
+def test_docs_block_is_the_file(shown: str) -> None:
+    path = shown.split(": ", 1)[1]
+    assert _docs_blocks()[shown] == (ROOT / path).read_text(), (
+        f"the docs' block after '<!-- example: {path} -->' differs from {path}; "
+        "copy the file into the page")
 
 
 @pytest.fixture

@@ -236,3 +236,27 @@ def test_error_bodies_are_openai_shaped() -> None:
     assert status_of(QueueFullError("full", code="queue_full")) == 429
     assert json.dumps(error_body(QueueFullError("full")))
 
+
+
+async def test_a_tenants_ceiling_applies_at_the_gateway_too(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """team-b's key allows 9, but its tenant (a team of both keys' identities) is capped
+    at 3: the request is published at 3, as the worker would serve it anyway."""
+    tenants = {"research": {"users": ["team-b"], "max_priority": 3}}
+    async with gateway_stack(make_settings, gateway=keyed(monkeypatch),
+                             tenants=tenants) as stack:
+        b = stack.openai(KEY_B)
+        create = {"model": "mock-small", "messages": HELLO}
+        await b.chat.completions.create(**create, extra_body={"priority": 8})  # type: ignore[call-overload]
+        sample = stack.worker.metrics.registry.get_sample_value
+
+        def count(priority: int) -> float:
+            return sample("hutch_request_outcomes_total", {
+                "pool": "chat", "model": "mock-small", "priority": str(priority),
+                "outcome": "ok"}) or 0.0
+
+        await until(lambda: count(3) + count(8) >= 1)
+        tokens = sample("hutch_tenant_requests_total",
+                        {"pool": "chat", "tenant": "research", "outcome": "ok"})
+    assert (count(3), count(8)) == (1.0, 0.0)
+    assert tokens == 1.0  # the worker served it as tenant research (team-b's team)

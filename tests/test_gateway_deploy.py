@@ -1,8 +1,9 @@
-"""The gateway in the compose stack, its metrics on the dashboard and in the README, its
+"""The gateway in the compose stack, its metrics on the dashboard and in the docs, its
 settings section, and ``hutch gateway --hash-key``; no Docker, no broker."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,13 +49,19 @@ def test_compose_runs_the_gateway_with_its_config_and_metrics(
     assert keys.client("Bearer sk-other") is None
 
 
-def test_dashboard_and_readme_show_every_gateway_metric() -> None:
+def test_dashboard_and_docs_show_every_gateway_metric() -> None:
+    """Each gateway metric is on the dashboard and in a metrics table of the docs (the
+    gateway page, or the gateway's security page), with its labels."""
     queried = {name for query in _queries(_dashboard()) for name in query.names}
-    readme = (ROOT / "README.md").read_text()
+    docs = (ROOT / "docs" / "gateway.md").read_text() + (
+        ROOT / "docs" / "operations" / "gateway-security.md").read_text()
     for info in GatewayMetrics().catalog:
         assert info.sample_names() & queried, f"no dashboard panel shows {info.name}"
-        row = f"| `{info.name}` | {info.type} |"
-        assert row in readme, f"README does not document {info.name} ({row})"
+        row = f"| `{info.name}` | {info.type} | "
+        assert row in docs, f"the docs do not document {info.name} ({row})"
+        line = docs.split(row, 1)[1].split("\n", 1)[0]
+        labels = set(re.findall(r"`([a-z_]+)`", line.split("|", 1)[0]))
+        assert labels == set(info.labels), (info.name, labels)
 
 
 def test_keys_hashes_and_the_settings_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:

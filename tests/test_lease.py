@@ -15,8 +15,9 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
 from pipeline.backends.breaker import BackendGate, BreakerPolicy
+from pipeline.worker.admission import Admission
 from pipeline.worker.health import BackendHealthReporter
-from pipeline.worker.lease import Lease, LeaseHolder, LeaseTiming
+from pipeline.worker.lease import Intake, Lease, LeaseHolder, LeaseTiming
 from tests.test_health import FakeGauge
 
 
@@ -79,7 +80,9 @@ def holder(may_take: Callable[[], bool] = lambda: True
     lease = Lease("p.lease.b1", "b1", timing, held)
     gate = BackendGate(BreakerPolicy())
     health = BackendHealthReporter("b1", 4, gate, FakeGauge())
-    return LeaseHolder(lease, health, "chat", "p.work.chat", capacity, may_take), held, capacity
+    intake = Intake("p.work.chat", Admission())
+    return (LeaseHolder(lease, health, "chat", intake, capacity, may_take, asyncio.Event()),
+            held, capacity)
 
 
 async def nothing(message: AbstractIncomingMessage) -> None:

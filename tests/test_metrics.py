@@ -1,13 +1,17 @@
-"""The worker's metrics, the README that documents them, and the Grafana dashboard.
+"""The worker's metrics, the docs page that documents them, and the Grafana dashboard.
 
 * Every metric the dashboard queries must exist: a ``hutch_*`` name in the worker's
   registry (histogram ``_bucket``/``_sum``/``_count`` and counter ``_total`` names
   included), a ``rabbitmq_*`` name in the small allow-list below (each with the scrape job
   of deploy/prometheus.yml that provides it), or Prometheus' own ``up``. Labels used in
   selectors and ``by (...)`` must be labels of those metrics.
-* The dashboard shows every worker metric, and the README's metrics table lists each one
+* The dashboard shows every worker metric, and the metrics page's table lists each one
   with its type and labels.
+* Every rate window is ``$__rate_interval``; the queue panels match only their queues
+  (work queues: no cancel queue, no parking lot), whatever the prefix.
 * The label helpers keep label sets bounded; the retry reasons follow the backend's errors.
+* Known label combinations are exported at 0 before any request (so ``rate()`` sees each
+  first event), and the circuit state gauge is read from the gate when scraped.
 * With the worker wired up, a real run fills the metrics (the last test).
 """
 
@@ -24,9 +28,12 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from prometheus_client import generate_latest
 
 from pipeline import protocol as p
+from pipeline.backends.breaker import BackendGate, BreakerPolicy
 from pipeline.backends.http import Backend
+from pipeline.broker.names import Names
 from pipeline.broker.topology import apply_topology
 from pipeline.client.client import HutchClient
 from pipeline.delivery import StreamProgress
@@ -39,16 +46,18 @@ from pipeline.errors import (
 from pipeline.gateway.metrics import GatewayMetrics
 from pipeline.models import Usage
 from pipeline.observe.hooks import Settlement
+from pipeline.observe.known_labels import CALL_KINDS, CANCEL_STAGES, RETRY_REASONS
 from pipeline.observe.metrics import NO_POOL, UNKNOWN_MODEL, Metrics, MetricsHook
 from pipeline.outcome import Cancelled, Failed, Failure, RetryLater
 from pipeline.settings import BackendSettings, load_settings
+from pipeline.worker.health import BackendHealthReporter
 from tests.conftest import SettingsFactory, running_worker
 from tests.fakes import delivery as fake_delivery
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "hutch.json"
 PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
-README = ROOT / "README.md"
+METRICS_PAGE = ROOT / "docs" / "reference" / "metrics.md"
 
 #: The RabbitMQ metrics the dashboard may query: name -> (endpoint of the rabbitmq_prometheus
 #: plugin on :15692, the ``family`` parameter /metrics/detailed needs for it, its labels).
@@ -266,13 +275,66 @@ def test_rabbitmq_metrics_come_from_a_scrape_job() -> None:
         assert name.startswith("rabbitmq_detailed_") == (path == "/metrics/detailed"), name
 
 
-# -- the README --------------------------------------------------------------------------------
+def test_every_rate_window_is_the_rate_interval() -> None:
+    """One window everywhere: ``$__rate_interval`` follows the zoom and the scrape
+    interval. A fixed 5m window still showed 25.8 chunks/s a minute after traffic stopped,
+    beside 1m panels that had dropped to 0."""
+    windows = {window for query in _queries(_dashboard())
+               for window in re.findall(r"\[([^\]]*)\]", query.expr)}
+    assert windows == {"$__rate_interval"}, windows
 
 
-def test_readme_documents_every_metric_with_its_type_and_labels() -> None:
-    text = README.read_text()
-    assert "\n## Metrics\n" in text
-    section = text.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+def _prefix(dashboard: dict[str, Any]) -> str:
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["prefix"]["type"] == "textbox", "the queue prefix is a variable"
+    return str(variables["prefix"]["query"])
+
+
+def _queue_regexes(expr: str, prefix: str) -> list[str]:
+    """The ``queue=~`` regexes of an expression, as Prometheus applies them (anchored)."""
+    found = re.findall(r'queue=~"((?:[^"\\]|\\.)*)"', expr)
+    return [re.sub(r"\\(.)", r"\1", regex).replace("$prefix", prefix) for regex in found]
+
+
+@pytest.mark.parametrize("prefix", ["default", "team.llm"])
+def test_queue_panels_show_only_their_queues(prefix: str) -> None:
+    """The work-queue panels match every pool's work queue and nothing else: no worker's
+    cancel queue, no parking lot, no reply queue (whatever its client id), on one axis."""
+    dashboard = _dashboard()
+    prefix = _prefix(dashboard) if prefix == "default" else prefix
+    names = Names(prefix)
+    pools = ["chat", "code.v2"]
+    kinds = {
+        "work": [names.work_queue(pool) for pool in pools],
+        "triage": [names.triage_queue],
+        "parked": [names.parked_queue],
+        "retry": [names.retry_queue(1000), names.retry_queue(30000)],
+        "other": [names.workers_queue, names.reply_queue("app"), names.lease_queue("b1"),
+                  names.reply_queue("guest.host-1.work.x"), names.cancel_queue("w1"),
+                  names.cancel_queue("host.work.1"), names.pause_queue("chat")],
+    }
+    expected = {
+        ("Work queue depth (ready)", "A"): {"work"},
+        ("Unacked and consumers per work queue", "A"): {"work"},
+        ("Unacked and consumers per work queue", "B"): {"work", "triage"},
+        ("Parking lot, triage and retry tiers (ready)", "A"): {"parked", "triage", "retry"},
+    }
+    targets = {(panel["title"], target["refId"]): target["expr"]
+               for panel in _panels(dashboard) for target in panel.get("targets", [])
+               if "queue=~" in target["expr"]}
+    assert set(targets) == set(expected), set(targets) ^ set(expected)
+    for key, expr in targets.items():
+        (regex,) = _queue_regexes(expr, prefix)
+        for kind, queues in kinds.items():
+            matched = [bool(re.fullmatch(regex, queue)) for queue in queues]
+            assert all(matched) if kind in expected[key] else not any(matched), (key, kind)
+
+
+# -- the docs ----------------------------------------------------------------------------------
+
+
+def test_docs_document_every_metric_with_its_type_and_labels() -> None:
+    section = METRICS_PAGE.read_text()
     rows = {}
     for line in section.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
@@ -419,7 +481,7 @@ def test_in_process_and_tier_retries_are_counted_by_reason() -> None:
     assert sample("hutch_retries_total", {"pool": "chat", "tier": "1000"}) == 1
     assert sample("hutch_retries_by_reason_total",
                   {"pool": "chat", "stage": "tier", "reason": "timeout"}) == 1
-    assert sample("hutch_requests_total", {"pool": "chat", "outcome": "ok"}) is None
+    assert sample("hutch_requests_total", {"pool": "chat", "outcome": "ok"}) == 0
 
 
 def test_backend_calls_are_counted_by_kind_and_deadline_cuts_are_not_errors() -> None:
@@ -432,7 +494,7 @@ def test_backend_calls_are_counted_by_kind_and_deadline_cuts_are_not_errors() ->
     hook.call_ended(d, "deadline", 0.1, RetryableError("cut"))
     assert sample("hutch_backend_latency_seconds_count", {"backend": "b1"}) == 1
     assert sample("hutch_backend_errors_total", {"backend": "b1", "kind": "throttled"}) == 1
-    assert sample("hutch_backend_errors_total", {"backend": "b1", "kind": "retryable"}) is None
+    assert sample("hutch_backend_errors_total", {"backend": "b1", "kind": "retryable"}) == 0
 
 
 async def test_serve_exports_every_metric_over_http() -> None:
@@ -450,6 +512,13 @@ async def test_serve_exports_every_metric_over_http() -> None:
     streamed.stream = StreamProgress("s1", messages=2, chunks=9, content_chars=30)
     MetricsHook(metrics).first_chunk(streamed)
     MetricsHook(metrics).settled(streamed, Cancelled("in_flight"), Settlement("cancelled"))
+    for family in (metrics.tenant_requests, metrics.tenant_tokens):
+        family.labels("chat", "alice", "ok").inc()
+    metrics.tenant_queue_wait.labels("chat", "alice").observe(0.1)
+    for gauge in (metrics.tenant_waiting, metrics.tenant_virtual_tokens):
+        gauge.labels("chat", "alice").set(1)
+    metrics.tenant_sorted.labels("chat", "alice").inc()
+    metrics.fairness.labels("chat").set(1)
     server = metrics.serve(0, addr="127.0.0.1")
     try:
         async with httpx.AsyncClient() as http:
@@ -458,6 +527,75 @@ async def test_serve_exports_every_metric_over_http() -> None:
         server.close()
     served = set(re.findall(r"^([a-z_:]+)[{ ]", text, re.M))
     assert Metrics().names() <= served, Metrics().names() - served
+
+
+# -- series that exist before their first event, a gauge read when scraped ---------------------
+
+
+def test_known_series_are_exported_at_zero_before_any_request() -> None:
+    """A counter series born at its first event already holds it: rate() and increase()
+    never see that step (8 undeliverable replies in one burst read as 0). Every label
+    combination known from the configuration is exported at 0 from the start."""
+    metrics = Metrics(settings=_settings())
+    text = generate_latest(metrics.registry).decode()
+    zero = {
+        "hutch_requests_total": [{"pool": "chat", "outcome": "undeliverable"},
+                                 {"pool": "code", "outcome": "ok"},
+                                 {"pool": NO_POOL, "outcome": "unknown_model"}],
+        "hutch_parked_total": [{"reason": str(reason)} for reason in p.ParkReason],
+        "hutch_retries_by_reason_total": [
+            {"pool": pool, "stage": stage, "reason": reason} for pool in ("chat", "code")
+            for stage in ("in_process", "tier") for reason in RETRY_REASONS],
+        "hutch_retries_total": [{"pool": "chat", "tier": "1000"},
+                                {"pool": "code", "tier": "30000"}],
+        "hutch_cancels_total": [{"pool": "chat", "stage": stage} for stage in CANCEL_STAGES],
+        "hutch_backend_errors_total": [{"backend": b, "kind": kind} for b in ("b1", "b2")
+                                       for kind in CALL_KINDS],
+        "hutch_tokens_total": [{"pool": "code", "model": "coder", "kind": "completion"}],
+        "hutch_stream_chunks_total": [{"pool": "chat"}],
+        "hutch_stream_messages_total": [{"pool": "code"}],
+        "hutch_backend_latency_seconds_count": [{"backend": "b2"}],
+    }
+    for name, label_sets in zero.items():
+        for labels in label_sets:
+            assert metrics.registry.get_sample_value(name, labels) == 0, (name, labels)
+            line = name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+            assert line + "} 0.0" in text, f"not exported: {line}}}"
+    for reason in ("unreachable", "timeout", "throttled", "http_503", "other"):
+        assert reason in RETRY_REASONS
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_idle_circuit_reads_half_open_when_its_cooldown_ends() -> None:
+    """After faults clear, an idle pool's circuit showed ``open`` until a request came
+    (~40 s), so HutchBackendCircuitOpen would fire for a healthy backend: the gauge is
+    read from the gate when scraped."""
+    metrics, clock = Metrics(settings=_settings()), _Clock()
+    gate = BackendGate(BreakerPolicy(failure_threshold=2, cooldown_s=10), clock=clock)
+    health = BackendHealthReporter("b1", 2, gate, metrics.backend_state.labels("b1"))
+
+    def state() -> float | None:
+        return metrics.registry.get_sample_value("hutch_backend_state", {"backend": "b1"})
+
+    assert state() == 0
+    health.failure()
+    health.failure()
+    assert state() == 2
+    clock.now += 10.5  # the cooldown ends; no request arrives
+    assert state() == 1
+    health.success(0.1)  # the probe
+    assert state() == 0
+    health.throttled(5.0)
+    assert state() == 3
+    clock.now += 6
+    assert state() == 0
 
 
 # -- a real run: the worker fills them ------------------------------------------------------------

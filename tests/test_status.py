@@ -111,8 +111,11 @@ async def poll_status(settings: Settings, urls: list[str],
 async def test_status_shows_depth_consumers_in_flight_capacity_and_parked(
         make_settings: SettingsFactory) -> None:
     backend = GatedBackend()
+    # No lookahead: the prefetch is exactly the free slots, so the queue's ready and
+    # unacked counts are the waiting and the running requests.
     settings = make_settings([("b1", "http://127.0.0.1:9/v1", 2)],
-                             pool={"retry_delays_ms": [300]})
+                             pool={"retry_delays_ms": [300],
+                                   "scheduling": {"lookahead": 0}})
     names = Names(settings.prefix)
     b1 = settings.pools[0].backends[0].name
     metrics = Metrics()

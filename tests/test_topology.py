@@ -56,8 +56,10 @@ async def test_apply_twice_is_idempotent(make_settings: SettingsFactory,
     assert first.lines() == second.lines()
     assert second.unbound == []
     tiers = {names.retry_queue(delay) for delay in (1000, 5000, 30000)}
+    lanes = {names.lane_queue("chat", "default", n) for n in range(16)}
     assert set(second.queues) == {names.triage_queue, names.parked_queue,
-                                  names.workers_queue, names.work_queue("chat"), *tiers}
+                                  names.workers_queue, names.work_queue("chat"), *tiers,
+                                  *lanes}
     assert set(second.exchanges) == {names.requests_exchange, names.unrouted_exchange,
                                      names.dead_letter_exchange, names.retry_exchange,
                                      names.cancel_exchange}

@@ -132,13 +132,14 @@ def client_permissions(names: Names, user: str) -> Permissions:
 
 def worker_permissions(names: Names) -> Permissions:
     """Configure lease queues and its own cancel queue; write to the default and retry
-    exchanges (and bind its cancel queue); read the work, triage and presence queues, the
-    cancel exchange and its cancel queue."""
+    exchanges (and bind its cancel queue); read the work queues and their lanes, the
+    triage and presence queues, the cancel exchange and its cancel queue."""
     cancels = f"{_esc(names.cancel_queue(''))}.+"
     return Permissions(
         configure=f"^({_esc(names.lease_queue(''))}.+|{cancels})$",
         write=f"^(amq\\.default|{_esc(names.retry_exchange)}|{cancels})$",
-        read=f"^({_esc(names.work_queue(''))}.+|{_esc(names.triage_queue)}"
+        read=f"^({_esc(names.work_queue(''))}.+|{_esc(names.lanes_prefix)}.+"
+             f"|{_esc(names.triage_queue)}"
              f"|{_esc(names.workers_queue)}|{_esc(names.cancel_exchange)}|{cancels})$",
     )
 

@@ -73,6 +73,20 @@ class Names:
     def work_queue(self, pool: str) -> str:
         return f"{self.prefix}.work.{pool}"
 
+    def lane_queue(self, pool: str, band: str, lane: int) -> str:
+        """One of a pool's lanes: a saturated backend sorts waiting requests into them by
+        tenant (:mod:`pipeline.worker.lanes`), so a flood does not hide others' requests."""
+        return f"{self.lane_prefix(pool)}{band}.{lane}"
+
+    def lane_prefix(self, pool: str) -> str:
+        """What every lane of ``pool`` starts with."""
+        return f"{self.lanes_prefix}{pool}."
+
+    @property
+    def lanes_prefix(self) -> str:
+        """What every lane of every pool starts with."""
+        return f"{self.prefix}.lane."
+
     def work_policy(self, pool: str) -> str:
         return f"{self.prefix}.work.{pool}"
 

@@ -48,8 +48,8 @@ QUORUM_QUEUE: dict[str, Any] = {"x-queue-type": "quorum",
                                 "x-overflow": "reject-publish"}
 
 #: Where the migration procedure is documented, for messages.
-MIGRATION_HELP = ("a queue's type never changes in place: migrate it (README \"Running on "
-                  "a cluster\", \"Changing a pool's queue type\": drain, or shovel)")
+MIGRATION_HELP = ("a queue's type never changes in place: migrate it (docs, page Cluster: "
+                  "\"Changing a pool's queue type\": drain, or shovel)")
 
 
 def quorum_policy_definition(dead_letter_exchange: str, max_length: int,

@@ -43,6 +43,7 @@ from pipeline.broker.quorum import (
 )
 from pipeline.errors import TopologyError
 from pipeline.protocol import H_RETRY_TIER
+from pipeline.scheduling.lanes import LaneMap
 from pipeline.settings import PoolSettings, Settings
 
 T = TypeVar("T")
@@ -56,6 +57,7 @@ __all__ = [
     "TopologyReport",
     "apply_topology",
     "delete_topology",
+    "lane_queue_arguments",
     "plan",
     "retry_delays",
     "retry_queue_arguments",
@@ -91,6 +93,16 @@ def retry_queue_arguments(settings: Settings, delay_ms: int) -> dict[str, Any]:
     kind = QUORUM_QUEUE if settings.quorum() else {"x-queue-type": "classic"}
     return {**kind, "x-message-ttl": delay_ms,
             "x-dead-letter-exchange": Names(settings.prefix).requests_exchange}
+
+
+def lane_queue_arguments(settings: Settings, pool: PoolSettings) -> dict[str, Any]:
+    """A lane (:mod:`pipeline.scheduling.lanes`): the pool's kind of queue, its priorities
+    (classic), dead-lettered like the pool's queue when a request's deadline passes in it,
+    and bounded like it: a full lane refuses the move and the request stays where it was."""
+    names = Names(settings.prefix)
+    limits = {"x-dead-letter-exchange": names.dead_letter_exchange,
+              "x-max-length": pool.max_queue_length, "x-overflow": "reject-publish"}
+    return {**work_queue_arguments(settings, pool), **limits}
 
 
 def work_policy(settings: Settings, pool: PoolSettings) -> dict[str, Any]:
@@ -227,6 +239,9 @@ def plan(settings: Settings) -> Topology:
         topo.bindings += [BindingSpec(names.requests_exchange, qname, model)
                           for model in pool.models]
         topo.owned_routes.append((names.requests_exchange, qname))
+        if pool.scheduling.policy == "fair":
+            topo.queues += [QueueSpec(lane, lane_queue_arguments(settings, pool))
+                            for lane in LaneMap(names, pool.name, pool.scheduling).queues()]
         policy = work_policy(settings, pool)
         topo.policies.append(PolicySpec(
             names.work_policy(pool.name), pattern=policy["pattern"],

@@ -50,7 +50,7 @@ def _hash_key() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM/SIGINT."""
+    """Serve until SIGTERM/SIGINT; SIGHUP re-reads the API keys."""
     if args.hash_key:
         return _hash_key()
     import asyncio
@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, server.reload_keys)  # keys, no restart
         async with server:
             await stop.wait()
 

@@ -202,6 +202,14 @@ def admit(delivery: Delivery, pool: PoolSettings, *, max_body_bytes: int,
     return checked
 
 
+def quota_exceeded(delivery: Delivery) -> Failed:
+    """Its tenant used a token quota configured to refuse the excess (``over_quota =
+    "reject"``): answered at once, never at a backend."""
+    return Failed(Failure(
+        p.ParkReason.QUOTA_EXCEEDED, p.ErrorCode.QUOTA_EXCEEDED,
+        f"tenant {delivery.tenant!r} used its tokens_per_minute quota; retry later"))
+
+
 def wait_for_model(delivery: Delivery, pool: PoolSettings, wait_s: float) -> Outcome:
     """This backend rate-limits the request's model for ``wait_s`` more seconds (a 429
     scoped per model): wait in the shortest retry tier that covers it, so the slot serves

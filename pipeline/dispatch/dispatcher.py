@@ -33,6 +33,8 @@ from pipeline.observe.hooks import DeliveryHook
 from pipeline.observe.log import get_logger
 from pipeline.outcome import Cancelled, Completed, Failed, Failure, Outcome
 from pipeline.protocol import Endpoint
+from pipeline.scheduling.lanes import LaneMap
+from pipeline.scheduling.policy import PoolScheduler
 from pipeline.settings import BackendSettings, PoolSettings, Settings
 from pipeline.settle.settler import Settler
 from pipeline.settle.stream import ReplyQueueGone
@@ -82,20 +84,48 @@ class Dispatcher:
     """Handles the deliveries of one pool, on whichever backend's consumer they arrive."""
 
     def __init__(self, settings: Settings, pool: PoolSettings, settler: Settler,
-                 policy: ReplyPolicy, hooks: DeliveryHook, cancels: CancelRegistry) -> None:
+                 policy: ReplyPolicy, hooks: DeliveryHook, cancels: CancelRegistry,
+                 scheduler: PoolScheduler) -> None:
         self._settings = settings
         self._pool = pool
         self._settler = settler
         self._policy = policy
         self._hooks = hooks
         self._cancels = cancels
-        self._reply_queue_hint = Names(settings.prefix).reply_queue("<client-id>")
+        self.scheduler = scheduler
+        names = Names(settings.prefix)
+        self.lanes = LaneMap(names, pool.name, pool.scheduling)
+        self._reply_queue_hint = names.reply_queue("<client-id>")
 
-    async def handle(self, message: AbstractIncomingMessage, backend: Backend,
+    def parse(self, message: AbstractIncomingMessage, backend: str) -> Delivery:
+        """The delivery's context, read once, with its tenant and band (for admission)."""
+        delivery = Delivery.parse(message, pool=self._pool.name, backend=backend,
+                                  policy=self._policy, max_attempts=self._pool.max_attempts,
+                                  lane_prefix=self.lanes.prefix)
+        self.scheduler.classify(delivery)
+        return delivery
+
+    async def set_aside(self, delivery: Delivery, move: bool) -> None:
+        """A request admission did not start: into its tenant's lane (``move``), or back
+        to the broker for any backend of the pool. Neither is an outcome: it is served
+        later, by whichever backend takes it then."""
+        moved = False
+        try:
+            moved = move and await self._settler.to_lane(delivery,
+                                                         self.lanes.lane_for(delivery))
+            if not moved:
+                await delivery.message.nack(requeue=True)
+        except (aiormq.exceptions.AMQPError, ConnectionError):
+            pass  # the channel is gone: the broker redelivers it
+        self._hooks.set_aside(delivery, moved)
+
+    async def handle(self, delivery: Delivery, backend: Backend,
                      health: BackendHealth) -> None:
-        """Process one delivery to its single outcome (reply, retry tier, or requeue)."""
-        delivery = Delivery.parse(message, pool=self._pool.name, backend=backend.name,
-                                  policy=self._policy, max_attempts=self._pool.max_attempts)
+        """Process one admitted delivery to its single outcome (reply, retry tier, or
+        requeue)."""
+        message = delivery.message
+        if delivery.sent_at_ms is not None:  # it may have waited for a permit here too
+            delivery.queue_wait_ms = max(0, p.now_ms() - delivery.sent_at_ms)
         self._hooks.received(delivery)
         try:
             outcome = await self._run(delivery, backend, health)
@@ -134,6 +164,8 @@ class Dispatcher:
                                 reply_queue=self._reply_queue_hint)
         if not isinstance(admitted, ChatRequest | CompletionRequest | EmbeddingsRequest):
             return admitted
+        if self.scheduler.rejects(delivery):
+            return decide.quota_exceeded(delivery)
         delivery.request = admitted
         body = backend_body(delivery, backend.settings, self._settings.max_priority)
         try:

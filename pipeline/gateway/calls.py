@@ -2,9 +2,11 @@
 
 Everything a client can get wrong is refused here, before anything is published, with
 the status an OpenAI client expects: a missing or wrong key (401), a body that is not
-JSON (415 for another content type, 400 for bad JSON), too large (413, judged by
-``Content-Length`` before reading, or while reading a chunked body), or too slow to arrive
-(408), a model no pool serves (404), a bad priority or deadline header (400).
+JSON (415 for another content type, 400 for bad JSON: read by the worker's own parser, so
+UTF-16, a byte-order mark or nesting past its limit never reach the queue), too large
+(413, judged by ``Content-Length`` before reading, or while reading a chunked body), or
+too slow to arrive (408), a model no pool serves (404), a bad priority or deadline header
+(400).
 
 Priority: the ``x-hutch-priority`` header, else a ``priority`` field in the body (as vLLM
 accepts; in Hutch's scale, 0 lowest), else the client's default; clamped to the client's
@@ -17,18 +19,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from pydantic_core import from_json
 
 from pipeline import protocol as p
 from pipeline.errors import GatewayRefusal
 from pipeline.gateway.auth import Client, KeyRing
 from pipeline.gateway.settings import GatewaySettings
+from pipeline.observe.log import get_logger
+from pipeline.scheduling.tenants import TenantBook
 
 __all__ = ["H_PRIORITY", "H_TIMEOUT", "Call", "CallReader", "refusal"]
+
+log = get_logger("hutch.gateway")
 
 #: Request headers a caller may set.
 H_PRIORITY = "x-hutch-priority"
@@ -52,6 +59,27 @@ class Call:
     priority: int
     timeout_s: float
     client: Client
+
+
+def _json(raw: bytes) -> Any:
+    """The body parsed by the worker's own JSON parser (pydantic's), so what the worker
+    would park as ``invalid_json`` is refused here, before publishing: not UTF-8 (UTF-16,
+    a byte-order mark), lone surrogates, nesting deeper than its limit (Python's ``json``
+    would read UTF-16 and raise ``RecursionError`` on deep nesting)."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise refusal(400, f"request body is not UTF-8 JSON (byte {exc.start} is not "
+                      "UTF-8; UTF-16 and other encodings are refused)") from None
+    try:
+        return from_json(raw)
+    except ValueError as exc:
+        why = str(exc)
+        if "recursion limit" in why:
+            raise refusal(400, f"request body is nested too deeply ({why})") from None
+        if raw.startswith(b"\xef\xbb\xbf"):
+            why = "UTF-8 JSON must not start with a byte-order mark"
+        raise refusal(400, f"request body is not valid JSON: {why}") from None
 
 
 def _number(text: str, name: str) -> float:
@@ -83,16 +111,28 @@ class CallReader:
     """Reads calls for one gateway: its keys, limits and models."""
 
     def __init__(self, settings: GatewaySettings, keys: KeyRing, *, max_body_bytes: int,
-                 models: Collection[str]) -> None:
+                 models: Collection[str],
+                 auth_failed: Callable[[str], None] | None = None,
+                 tenants: TenantBook | None = None) -> None:
         self._settings = settings
         self._keys = keys
+        #: Tenants' priority ceilings apply here too, as at the worker.
+        self._tenants = tenants or TenantBook({})
         self._max_body = max_body_bytes
         self._models = frozenset(models)
+        self._auth_failed = auth_failed
 
     def client(self, request: web.Request) -> Client:
-        """The caller, or 401."""
-        client = self._keys.client(request.headers.get("Authorization"))
+        """The caller, or 401 (counted by reason; logged at debug with the peer, never
+        with the header)."""
+        authorization = request.headers.get("Authorization")
+        client = self._keys.client(authorization)
         if client is None:
+            reason = self._keys.failure(authorization)
+            if self._auth_failed is not None:
+                self._auth_failed(reason)
+            log.debug("gateway.auth_failed", reason=reason, peer=request.remote,
+                      path=request.path)
             raise refusal(401, "missing or invalid API key: send `Authorization: Bearer "
                           "<key>`", code="invalid_api_key")
         return client
@@ -114,13 +154,15 @@ class CallReader:
         except web.HTTPRequestEntityTooLarge:
             raise refusal(413, f"request body is over the limit of {self._max_body} bytes",
                           code="request_too_large") from None
-        try:
-            body = json.loads(raw)
-        except ValueError as exc:
-            raise refusal(400, f"request body is not valid JSON: {exc}") from None
+        body = _json(raw)
         if not isinstance(body, dict):
             raise refusal(400, "request body must be a JSON object")
         return raw, body
+
+    def _priority(self, client: Client, asked: int | None) -> int:
+        """The key's priority for the ask, lowered to its tenant's ceiling, if any."""
+        tenant = self._tenants.tenant_of(client.identity)
+        return self._tenants.served_priority(tenant, client.priority(asked))
 
     def _timeout(self, request: web.Request, client: Client) -> float:
         header = request.headers.get(H_TIMEOUT)
@@ -151,7 +193,7 @@ class CallReader:
         model = self._model(body)
         if had_priority:  # published without it: the body as the backend should see it
             raw = json.dumps(body, separators=(",", ":")).encode()
-        return Call(endpoint, model, raw, stream, client.priority(asked),
+        return Call(endpoint, model, raw, stream, self._priority(client, asked),
                     self._timeout(request, client), client)
 
     @staticmethod

@@ -17,6 +17,9 @@ code                          status  note
 ``internal_error``            500
 ============================  ======  ==============================================
 
+``deadline_exceeded`` and ``cancelled`` carry ``x-should-retry: false``: the OpenAI SDKs
+would otherwise retry them (twice by default), calling the backend again for nothing.
+
 What the backend said of a refused or failed call is passed through: its HTTP ``status``,
 ``param`` at the top, and ``backend: {type, code, param}``; a request the backend refused
 as the client's fault (``invalid_request``, 400) also carries the backend's own ``type``
@@ -39,6 +42,7 @@ from pipeline.models import ChatCompletionChunk
 __all__ = [
     "DONE",
     "H_REQUEST_ID",
+    "H_SHOULD_RETRY",
     "error_body",
     "error_response",
     "reply_headers",
@@ -53,6 +57,7 @@ DONE = b"data: [DONE]\n\n"
 
 _STATUS: dict[str, int] = {
     p.ErrorCode.QUEUE_FULL: 429,
+    p.ErrorCode.QUOTA_EXCEEDED: 429,
     p.ErrorCode.UNKNOWN_MODEL: 404,
     p.ErrorCode.INVALID_REQUEST: 400,
     p.ErrorCode.DEADLINE_EXCEEDED: 504,
@@ -60,6 +65,12 @@ _STATUS: dict[str, int] = {
     p.ErrorCode.STREAM_INTERRUPTED: 502,
     p.ErrorCode.CANCELLED: 503,
 }
+#: Answers a retry cannot change: the OpenAI SDKs retry 408, 409, 429 and 5xx (twice, by
+#: default) unless ``x-should-retry: false`` says not to. A deadline that passed stays
+#: passed (three backend calls and 4.3 s for a 1 s deadline otherwise); an operator's
+#: cancel was meant.
+_NO_RETRY = frozenset({p.ErrorCode.DEADLINE_EXCEEDED, p.ErrorCode.CANCELLED})
+H_SHOULD_RETRY = "x-should-retry"
 #: Reply headers passed on to the HTTP response (the worker's names).
 _PASSED = (p.H_QUEUE_WAIT_MS, p.H_BACKEND, p.H_BACKEND_MS, p.H_ATTEMPTS, p.H_POOL)
 
@@ -99,6 +110,8 @@ def error_response(error: RequestFailed, *, correlation_id: str | None,
     headers = {} if correlation_id is None else {H_REQUEST_ID: correlation_id}
     if status == 429:
         headers["Retry-After"] = str(retry_after_s)
+    if error.code in _NO_RETRY:
+        headers[H_SHOULD_RETRY] = "false"
     return web.json_response(error_body(error), status=status, headers=headers)
 
 

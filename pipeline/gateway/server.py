@@ -11,14 +11,21 @@ believes it from trusted users only.
 The HTTP server is aiohttp's (the project already depends on aiohttp; see the README for the
 measurement against uvicorn). Slow clients cannot stall it: a request's headers are bounded
 in size, a connection that sends no complete request is closed after ``idle_timeout_s``,
-and a body must arrive within ``body_timeout_s``.
+and a body must arrive within ``body_timeout_s``. Whatever goes wrong, the answer has
+OpenAI's error shape: router errors, requests aiohttp refuses (:mod:`.badhttp`), and any
+unexpected error (a 500 and one log line naming its class and where it was raised).
+
+API keys are reloaded without a restart (:mod:`.keywatch`): ``keys_file`` is watched, and
+:meth:`GatewayServer.reload_keys` (SIGHUP in ``hutch gateway``) re-reads it at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import sys
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -30,10 +37,13 @@ from pipeline.client.client import HutchClient
 from pipeline.errors import RequestFailed
 from pipeline.gateway.app import Gateway
 from pipeline.gateway.auth import KeyRing
+from pipeline.gateway.badhttp import GatewayRunner
 from pipeline.gateway.calls import CallReader, refusal
+from pipeline.gateway.keywatch import KeyWatcher
 from pipeline.gateway.metrics import GatewayMetrics
 from pipeline.gateway.responses import error_response
 from pipeline.observe.log import get_logger
+from pipeline.scheduling.tenants import TenantBook
 from pipeline.settings import Settings
 
 __all__ = ["GatewayServer", "default_replica_id"]
@@ -63,6 +73,16 @@ async def _openai_errors(request: web.Request, handler: _Handler) -> web.StreamR
         return error_response(error, correlation_id=None, retry_after_s=0)
     except RequestFailed as exc:
         return error_response(exc, correlation_id=None, retry_after_s=0)
+    except ConnectionError:
+        raise  # the client is gone: aiohttp closes the connection
+    except Exception as exc:  # a bug: answer 500 as OpenAI would, log where, not what
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        log.error("gateway.unexpected_error", error=type(exc).__name__,
+                  where=f"{os.path.basename(frame.filename)}:{frame.lineno}",
+                  path=request.path)
+        error = refusal(500, "the gateway failed to answer this request",
+                        code="internal_error", type="api_error")
+        return error_response(error, correlation_id=None, retry_after_s=0)
 
 
 class GatewayServer:
@@ -78,6 +98,10 @@ class GatewayServer:
         self.replica_id = replica_id or default_replica_id()
         self.metrics = metrics or GatewayMetrics()
         self.keys = KeyRing(gateway)  # a key_env that is not set fails here, at start
+        self.metrics.known_clients(self.keys.identities())
+        self._watcher = KeyWatcher(self.keys, gateway.keys_file, gateway.keys_reload_s,
+                                   self._reloaded)
+        self._watching: asyncio.Task[None] | None = None
         self.client = HutchClient.from_settings(
             settings, client_id=f"{settings.amqp_user}.{self.replica_id}",
             reply_queue_expires_s=gateway.reply_queue_expires_s,
@@ -101,7 +125,10 @@ class GatewayServer:
     def _app(self) -> web.Application:
         gateway = self.settings.gateway
         reader = CallReader(gateway, self.keys, max_body_bytes=self.settings.max_body_bytes,
-                            models=self.models)
+                            models=self.models,
+                            auth_failed=lambda reason: self.metrics.auth_failures.labels(
+                                reason).inc(),
+                            tenants=TenantBook(self.settings.tenants))
         app = web.Application(client_max_size=self.settings.max_body_bytes,
                               middlewares=[_openai_errors])
         Gateway(self.client, reader, self.metrics, models=self.models,
@@ -113,7 +140,7 @@ class GatewayServer:
         if self.keys.open:
             self._warn_open()
         await self.client.connect()
-        runner = web.AppRunner(self._app(), access_log=None, handler_cancellation=True,
+        runner = GatewayRunner(self._app(), access_log=None, handler_cancellation=True,
                                keepalive_timeout=self.settings.gateway.idle_timeout_s,
                                max_line_size=8190, max_field_size=8190, max_headers=100)
         await runner.setup()
@@ -126,9 +153,20 @@ class GatewayServer:
             await self.client.close()
             raise
         self._runner = runner
+        self._watching = asyncio.create_task(self._watcher.run())
         log.info("gateway.listening", url=self.base_url, replica=self.replica_id,
                  reply_queue=self.client.reply_queue_name, open_mode=self.keys.open,
                  clients=self.keys.identities())
+
+    def reload_keys(self) -> bool:
+        """Re-read the API keys now (``hutch gateway`` does on SIGHUP); False if they did
+        not load (the keys in force stay, the error is logged)."""
+        return self._watcher.reload("asked")
+
+    def _reloaded(self, ok: bool) -> None:
+        self.metrics.key_reloads.labels("ok" if ok else "error").inc()
+        if ok:
+            self.metrics.known_clients(self.keys.identities())
 
     def _warn_open(self) -> None:
         identity = self.settings.gateway.open_identity
@@ -146,6 +184,10 @@ class GatewayServer:
     async def stop(self) -> None:
         """Stop listening (requests in progress get a short grace), then disconnect."""
         runner, self._runner = self._runner, None
+        watching, self._watching = self._watching, None
+        if watching is not None:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
         if runner is not None:
             await runner.cleanup()
         await self.client.close()

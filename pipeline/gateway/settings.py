@@ -3,8 +3,10 @@
 API keys are never stored in the configuration: a key is either read from an environment
 variable at start (``key_env``) or given as a salted hash (``key_hash``, made by ``hutch
 gateway --hash-key``). Each key maps to a client identity with a default priority, the
-highest priority it may ask for, and a default deadline. With no keys the gateway runs in
-an open development mode under ``open_identity`` (and says so loudly at start).
+highest priority it may ask for, and a default deadline. Keys that change while the
+gateway runs live in ``keys_file`` (``[[keys]]`` tables of the same fields), re-read when
+the file changes and on SIGHUP. With no keys and no ``keys_file`` the gateway runs in an
+open development mode under ``open_identity`` (and says so loudly at start).
 
 Imported by :mod:`pipeline.settings`: it must not import it back (nor anything heavy).
 """
@@ -63,6 +65,12 @@ class GatewaySettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     keys: list[GatewayKey] = Field(default_factory=list)
+    #: A TOML file of ``[[keys]]`` tables (the fields of ``[[gateway.keys]]``), read at
+    #: start, re-read when it changes (checked every ``keys_reload_s``) and on SIGHUP: keys
+    #: added, rotated or revoked without a restart. A file that fails to load keeps the
+    #: keys in force. Set, the gateway is never open: an empty file admits nobody.
+    keys_file: str | None = None
+    keys_reload_s: float = Field(default=5.0, gt=0)
     #: Open development mode (no keys): the identity and priorities every request gets.
     open_identity: str = Field(default="anonymous", pattern=_IDENTITY)
     open_max_priority: int = Field(default=255, ge=0, le=255)

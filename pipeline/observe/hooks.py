@@ -11,6 +11,9 @@ The dispatcher and the settler call these events and know nothing of who listens
     first_chunk(delivery)                    a stream's first chunk message went out
     retrying(delivery, error)                another attempt follows on the same slot
     settled(delivery, outcome, settlement)   the outcome was carried out (or abandoned)
+    set_aside(delivery, moved)               admission did not start it: moved into its
+                                             tenant's lane, or handed back (no outcome:
+                                             it is delivered again later)
 
 ``settled`` is called exactly once per delivery. A new concern (OpenTelemetry spans, a
 tenant meter) is one more :class:`DeliveryHook` in the list given to the worker, with no
@@ -66,6 +69,9 @@ class DeliveryHook:
     def settled(self, delivery: Delivery, outcome: Outcome, settlement: Settlement) -> None:
         """The delivery's outcome was published and acked, nacked, or abandoned."""
 
+    def set_aside(self, delivery: Delivery, moved: bool) -> None:
+        """Not started here: moved into its tenant's lane (``moved``) or handed back."""
+
 
 class Hooks(DeliveryHook):
     """Several hooks as one, called in order."""
@@ -98,6 +104,9 @@ class Hooks(DeliveryHook):
 
     def settled(self, delivery: Delivery, outcome: Outcome, settlement: Settlement) -> None:
         self._emit("settled", delivery, outcome, settlement)
+
+    def set_aside(self, delivery: Delivery, moved: bool) -> None:
+        self._emit("set_aside", delivery, moved)
 
 
 class LoggingHook(DeliveryHook):

@@ -22,11 +22,14 @@ from pipeline.delivery import Delivery
 from pipeline.errors import BackendCallError
 from pipeline.models import Usage
 from pipeline.observe.hooks import DeliveryHook, Settlement
+from pipeline.observe.known_labels import known_series
 from pipeline.outcome import Cancelled, Completed, Outcome, RetryLater
 from pipeline.settings import Settings
 
 __all__ = [
+    "MAX_TENANT_LABELS",
     "NO_POOL",
+    "OTHER_TENANT",
     "UNKNOWN_MODEL",
     "MetricInfo",
     "Metrics",
@@ -42,6 +45,9 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 NO_POOL = "-"
 #: The ``model`` label of a model the configuration does not name.
 UNKNOWN_MODEL = "unknown"
+#: Tenants beyond the configured ones that get a label of their own; the rest: ``other``.
+MAX_TENANT_LABELS = 100
+OTHER_TENANT = "other"
 #: Highest priority label before :meth:`Metrics.configure` (AMQP's own maximum).
 _AMQP_MAX_PRIORITY = 255
 
@@ -83,6 +89,8 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         self._pools: set[str] = set()
         self._models: set[str] = set()
+        self._tenants: set[str] = set()
+        self._max_tenant_labels = MAX_TENANT_LABELS
         self._max_priority = _AMQP_MAX_PRIORITY
         self._configured = False
         #: Labelled children by (family, label values): ``labels()`` takes a lock and
@@ -111,6 +119,7 @@ class Metrics:
             "model and kind (prompt, completion).", ["pool", "model", "kind"])
         self._backend_families()
         self._stream_families()
+        self._tenant_families()
         if settings is not None:
             self.configure(settings)
 
@@ -166,6 +175,44 @@ class Metrics:
             "backend), in_flight (the call was aborted), client_gone (its reply queue "
             "vanished mid-stream).", ["pool", "stage"])
 
+    def _tenant_families(self) -> None:
+        """Tenants and the fair scheduler (:mod:`pipeline.scheduling`). ``tenant`` is
+        bounded: configured tenants, then the first :data:`MAX_TENANT_LABELS` others seen,
+        then ``other``."""
+        pt = ["pool", "tenant"]
+        self.tenant_requests = self._counter(
+            "hutch_tenant_requests", "Requests finished, by pool, tenant and outcome.",
+            [*pt, "outcome"])
+        self.tenant_tokens = self._counter(
+            "hutch_tenant_tokens", "Tokens served (prompt, completion), by pool and tenant.",
+            [*pt, "kind"])
+        self.tenant_queue_wait = self._histogram(
+            "hutch_tenant_queue_wait_seconds", "Time from publish to the start of service, "
+            "by pool and tenant.", pt)
+        self.tenant_waiting = self._gauge(
+            "hutch_tenant_waiting", "Requests of the tenant waiting for a permit at this "
+            "worker's backends of the pool (its visible backlog; the rest is in the lanes).",
+            pt)
+        self.tenant_virtual_tokens = self._gauge(
+            "hutch_tenant_virtual_tokens", "The tenant's virtual token counter (weighted "
+            "service) in this worker's scheduler of the pool.", pt)
+        self.tenant_sorted = self._counter(
+            "hutch_tenant_sorted", "Requests a saturated backend moved into the tenant's "
+            "lane.", pt)
+        self.fairness = self._gauge(
+            "hutch_fairness_index", "Jain's index of the weighted service of the tenants "
+            "backlogged in the last minute (1: perfectly fair; 1/n: one tenant got all).",
+            ["pool"])
+
+    def tenant_label(self, tenant: str) -> str:
+        """A bounded label: configured tenants, the first others seen, then ``other``."""
+        if tenant in self._tenants:
+            return tenant
+        if len(self._tenants) < self._max_tenant_labels:
+            self._tenants.add(tenant)
+            return tenant
+        return OTHER_TENANT
+
     def _record(self, name: str, kind: str, help_text: str, labels: list[str]) -> None:
         exported = name + "_total" if kind == "counter" else name
         self.catalog.append(MetricInfo(exported, kind, tuple(labels), help_text))
@@ -187,9 +234,12 @@ class Metrics:
 
     def configure(self, settings: Settings) -> None:
         """Learn the pools, models and backends that may appear as labels, and start every
-        backend's gauges at 0 so dashboards and ``hutch status`` see all of them at once.
+        backend's gauges and every known counter series at 0 (:mod:`.known_labels`) so
+        dashboards, ``hutch status`` and ``rate()`` see all of them from the start.
         Calling it again (another worker on the same registry) adds to what it knows."""
         self._pools.update(pool.name for pool in settings.pools)
+        self._max_tenant_labels = MAX_TENANT_LABELS + len(settings.tenants)
+        self._tenants.update(settings.tenants)
         self._models.update(model for pool in settings.pools for model in pool.models)
         first = not self._configured
         self._configured = True
@@ -199,6 +249,9 @@ class Metrics:
             for backend in pool.backends:
                 for gauge in (self.in_flight, self.capacity, self.lease_held):
                     gauge.labels(backend.name)
+        for name, label_sets in known_series(settings, NO_POOL).items():
+            for labels in label_sets:  # at 0: rate() sees each first event
+                self.child(getattr(self, name), *labels)
 
     def child(self, family: _M, *labels: str) -> _M:
         """``family.labels(*labels)``, looked up once (families are never cleared)."""

@@ -28,6 +28,14 @@ from pipeline.broker.management import ManagementAPI
 from pipeline.broker.names import Names
 from pipeline.errors import StatusError, TopologyError
 from pipeline.ops.leases import lease_owners
+from pipeline.ops.tenant_status import (
+    TenantStatus,
+    TenantValues,
+    tenant_rows,
+    tenant_table,
+    tenant_values,
+)
+from pipeline.scheduling.lanes import LaneMap
 from pipeline.settings import Settings
 
 __all__ = [
@@ -119,6 +127,8 @@ class StatusReport:
     backends: list[BackendStatus]
     workers: list[WorkerStatus]
     stats: StatsFreshness = field(default_factory=StatsFreshness)
+    #: Tenants the workers reported (their metrics), with their lanes' depths.
+    tenants: list[TenantStatus] = field(default_factory=list)
 
     def queue(self, role: str, pool: str | None = None) -> QueueStatus:
         for queue in self.queues:
@@ -203,7 +213,10 @@ async def _queues(settings: Settings) -> tuple[list[QueueStatus], StatsFreshness
                 _queue(api, vhost, names.triage_queue, "triage"),
                 *(_queue(api, vhost, names.retry_queue(delay), "retry") for delay in delays),
                 _queue(api, vhost, names.parked_queue, "parked"),
-                _queue(api, vhost, names.workers_queue, "workers"))
+                _queue(api, vhost, names.workers_queue, "workers"),
+                *(_queue(api, vhost, lane, "lane", pool.name) for pool in settings.pools
+                  if pool.scheduling.policy == "fair"
+                  for lane in LaneMap(names, pool.name, pool.scheduling).queues()))
             paused = await asyncio.gather(
                 *(api.get_queue(vhost, names.pause_queue(pool.name)) for pool in settings.pools))
             if not any(queue.exists for queue in queues):
@@ -222,15 +235,17 @@ async def _check_vhost(api: ManagementAPI, vhost: str) -> None:
         raise StatusError(f"vhost {vhost!r} does not exist, or this user has no access to it")
 
 
-async def _scrape(http: httpx.AsyncClient, url: str
+async def _scrape(http: httpx.AsyncClient, url: str, tenants: TenantValues
                   ) -> tuple[WorkerStatus, dict[str, dict[str, float]]]:
-    """One worker's backend gauges: {metric: {backend: value}}."""
+    """One worker's backend gauges: {metric: {backend: value}}; its tenant figures are
+    added to ``tenants``."""
     try:
         response = await http.get(url)
         response.raise_for_status()
         families = list(text_string_to_metric_families(response.text))
     except (httpx.HTTPError, ValueError) as exc:
         return WorkerStatus(url, f"{type(exc).__name__}: {exc}"), {}
+    tenant_values(families, tenants)
     values: dict[str, dict[str, float]] = {name: {} for name in _BACKEND_GAUGES}
     for family in families:
         if family.name not in values:
@@ -242,12 +257,13 @@ async def _scrape(http: httpx.AsyncClient, url: str
     return WorkerStatus(url), values
 
 
-async def _backends(settings: Settings, urls: list[str]
+async def _backends(settings: Settings, urls: list[str], tenants: TenantValues
                     ) -> tuple[list[BackendStatus], list[WorkerStatus]]:
     backends = [BackendStatus(b.name, pool.name, b.max_concurrency)
                 for pool in settings.pools for b in pool.backends]
     async with httpx.AsyncClient(timeout=5) as http:
-        scraped = await asyncio.gather(*(_scrape(http, metrics_url(url)) for url in urls))
+        scraped = await asyncio.gather(*(_scrape(http, metrics_url(url), tenants)
+                                         for url in urls))
     for backend in backends:
         states: list[float] = []
         for worker, values in scraped:
@@ -273,12 +289,15 @@ async def _backends(settings: Settings, urls: list[str]
 async def status(settings: Settings, worker_metrics_urls: list[str]) -> StatusReport:
     """Read every pool's queue, the triage, retry and parking-lot queues (management API)
     and each backend's in-flight, capacity, lease and state (the workers' metrics)."""
+    tenants: TenantValues = {}
     (queues, freshness), (backends, workers), owners = await asyncio.gather(
-        _queues(settings), _backends(settings, list(worker_metrics_urls)),
+        _queues(settings), _backends(settings, list(worker_metrics_urls), tenants),
         lease_owners(settings))
     for backend in backends:
         backend.owner = owners.get(backend.name)
-    return StatusReport(settings.vhost, queues, backends, workers, freshness)
+    lanes = {q.name: q.messages for q in queues if q.role == "lane"}
+    return StatusReport(settings.vhost, [q for q in queues if q.role != "lane"], backends,
+                        workers, freshness, tenant_rows(settings, tenants, lanes))
 
 
 # -- formatting ------------------------------------------------------------------------------
@@ -332,6 +351,9 @@ def _tables(report: StatusReport) -> list[str]:
     rows = [[q.name, q.role, _cell(q.messages) if q.exists else "missing",
              _cell(q.consumers) if q.exists else "-"] for q in others]
     lines += _table(["QUEUE", "ROLE", "MESSAGES", "CONSUMERS"], rows, {2, 3})
+    if report.tenants:
+        header, rows = tenant_table(report.tenants)
+        lines += ["", *_table(header, rows, {2, 4, 5, 6})]
     return lines
 
 

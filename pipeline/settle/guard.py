@@ -48,6 +48,11 @@ class ReplyGuard:
     def _trusted(self, user: str) -> bool:
         return user == self.worker_user or user in self.trusted_users
 
+    def vouches(self, user_id: str | None) -> bool:
+        """Whether a message published as ``user_id`` is one a worker (or a trusted user)
+        wrote: its ``x-hutch-*`` routing facts may be believed."""
+        return bool(user_id) and self._trusted(user_id or "")
+
     def client_user(self, user_id: str | None, headers: Mapping[str, Any]) -> str | None:
         """The client a request comes from (validated by the broker), or None."""
         if not user_id:

@@ -85,7 +85,7 @@ class Publisher:
     async def publish(self, body: bytes, properties: aiormq.spec.Basic.Properties, *,
                       routing_key: str, exchange: str = "") -> bool:
         """Publish mandatory and wait for the confirm. True if the broker accepted it,
-        False if it was returned (nothing to route it to).
+        False if it was returned (nothing to route it to) or refused (nacked).
 
         On the underlying channel with ready-made properties: a reply is one publish per
         request, and building an ``aio_pika.Message`` (a lock check on every attribute
@@ -95,8 +95,10 @@ class Publisher:
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         underlay = await channel.get_underlay_channel()
         try:
-            await underlay.basic_publish(body, exchange=exchange, routing_key=routing_key,
-                                         properties=properties, mandatory=True)
+            confirm = await underlay.basic_publish(body, exchange=exchange,
+                                                   routing_key=routing_key,
+                                                   properties=properties, mandatory=True)
         except PublishError:
             return False
-        return True
+        # A nack: the queue refused it (a full lane's ``overflow: reject-publish``).
+        return not isinstance(confirm, aiormq.spec.Basic.Nack)

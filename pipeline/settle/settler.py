@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import aio_pika
+
 from pipeline import protocol as p
 from pipeline.broker.names import Names
 from pipeline.delivery import Delivery
@@ -181,17 +183,37 @@ class Settler:
             headers[p.H_LAST_ERROR] = delivery.last_error[:500]
         return headers
 
-    async def _republish(self, delivery: Delivery, headers: dict[str, Any], exchange: str,
-                         what: str, *, expire: bool = False) -> None:
-        vouch = p.H_USER in headers and self._worker_user is not None
+    async def to_lane(self, delivery: Delivery, lane: str) -> bool:
+        """Move a waiting request into ``lane`` (the scheduler sorts a saturated pool's
+        requests by tenant), then ack it. False, and nothing acked, if the lane refused
+        it (full): the caller hands it back instead."""
+        headers = self._history_headers(delivery)
+        headers[p.H_MODEL] = delivery.model or ""
+        message = self._copy(delivery, headers, expire=True)
+        message.priority = delivery.served_priority  # a tenant's ceiling lowered it
+        if not await self._publisher.publish(message.body, message.properties,
+                                             routing_key=lane):
+            return False
+        await delivery.message.ack()
+        return True
+
+    def _copy(self, delivery: Delivery, headers: dict[str, Any], *,
+              expire: bool) -> aio_pika.Message:
+        """The request as this worker republishes it, vouching for what it vouches for."""
+        vouch = (p.H_USER in headers or p.H_MODEL in headers) and self._worker_user is not None
         # The broker checks user_id: only this worker's user can vouch for x-hutch-user.
         message = copy_message(delivery.message, headers,
                                user_id=self._worker_user if vouch else None)
         remaining = delivery.remaining_s()
         if expire and remaining is not None:
-            # Back in the work queue, the broker expires it at its deadline (and triage
-            # answers it) even while no consumer can take it.
+            # Back in a queue, the broker expires it at its deadline (and triage answers
+            # it) even while no consumer can take it.
             message.expiration = max(0.001, remaining)
+        return message
+
+    async def _republish(self, delivery: Delivery, headers: dict[str, Any], exchange: str,
+                         what: str, *, expire: bool = False) -> None:
+        message = self._copy(delivery, headers, expire=expire)
         if not await self._publisher.publish(message.body, message.properties,
                                              routing_key=delivery.model or "",
                                              exchange=exchange):

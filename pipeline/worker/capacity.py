@@ -1,21 +1,26 @@
-"""The prefetch controller: a leased backend's consumer holds exactly what it may take.
+"""The capacity controller: a leased backend takes exactly what it may serve.
 
-Prefetch = the backend's free slots is what makes priority hold (README, "The worker"), so
-the consumer's prefetch follows the backend's health: ``max_concurrency`` while healthy, 1
-while a circuit probe is due, no consumer at all while the circuit is open, a 429 asked
-for time or the pool is paused. No request then waits on a backend that cannot serve it.
+The pool's admission (:mod:`pipeline.worker.admission`) holds as many permits for the
+backend as its health allows -- ``max_concurrency`` while healthy, 1 while a circuit
+probe is due -- and the consumer's prefetch is that plus the pool's lookahead, so a freed
+slot starts the next request at once and the scheduler has a choice, while nothing waits
+at a backend that cannot serve it: no consumer at all while the circuit is open, a 429
+asked for time or the pool is paused, and what waited goes to another backend of the pool
+here, or back to the broker when none is left serving.
 
 On RabbitMQ 3.10 a live prefetch change has no effect on a consumer, so resizing means
-cancelling and consuming again, and the new consumer starts only once the old one's
-leftovers plus the new prefetch fit the cap.
+cancelling and consuming again; the permits keep the cap meanwhile, since a lower limit
+stops granting instead of aborting what runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Protocol
 
 from pipeline.observe.log import get_logger
+from pipeline.worker.admission import Admission
 from pipeline.worker.health import Level
 
 __all__ = ["CapacityController", "CapacitySource", "PrefetchConsumer"]
@@ -34,7 +39,6 @@ class PrefetchConsumer(Protocol):
     def closed(self) -> asyncio.Event: ...
     async def start(self, prefetch: int | None = None) -> None: ...
     async def stop_consuming(self) -> None: ...
-    async def wait_in_flight_at_most(self, n: int) -> None: ...
 
 
 class CapacitySource(Protocol):
@@ -52,18 +56,21 @@ class CapacitySource(Protocol):
 
 
 class CapacityController:
-    """Keeps ``consumer``'s prefetch equal to what ``source`` allows."""
+    """Keeps ``admission``'s permits equal to what ``source`` allows, and ``consumer``'s
+    prefetch equal to them plus the lookahead."""
 
     def __init__(self, consumer: PrefetchConsumer, source: CapacitySource,
-                 capacity_gauge: Level) -> None:
+                 capacity_gauge: Level, admission: Admission) -> None:
         self._consumer = consumer
         self._source = source
         self._gauge = capacity_gauge
+        self._admission = admission
 
-    async def run(self, until: asyncio.Event) -> None:
-        """Follow the source until the consumer's channel closes or ``until`` is set."""
+    async def run(self, until: Sequence[asyncio.Event]) -> None:
+        """Follow the source until the consumer's channel closes or one of ``until`` is
+        set (a lease hand-over, the worker draining: nothing may consume again then)."""
         consumer, source = self._consumer, self._source
-        while not consumer.closed.is_set() and not until.is_set():
+        while not consumer.closed.is_set() and not any(event.is_set() for event in until):
             source.changed.clear()
             await self.adjust()
             # Wake on a change, on the channel closing, on ``until``, or when an open
@@ -71,7 +78,7 @@ class CapacityController:
             # clock alone, nobody signals it).
             waiters = {asyncio.ensure_future(source.changed.wait()),
                        asyncio.ensure_future(consumer.closed.wait()),
-                       asyncio.ensure_future(until.wait())}
+                       *(asyncio.ensure_future(event.wait()) for event in until)}
             try:
                 await asyncio.wait(waiters, timeout=source.reopens_in(),
                                    return_when=asyncio.FIRST_COMPLETED)
@@ -80,18 +87,21 @@ class CapacityController:
                     waiter.cancel()
 
     async def adjust(self) -> None:
-        """One step: cancel and consume again if the prefetch must change."""
-        consumer, source = self._consumer, self._source
-        want = source.allowed()
+        """One step: set the permits; cancel and consume again if the prefetch changes."""
+        consumer, source, admission = self._consumer, self._source, self._admission
+        limit = source.allowed()
+        want = limit + admission.prefetch_extra if limit else 0
         current = consumer.prefetch if consumer.consuming else 0
+        # What waits may start on any backend of the pool here; with none left serving,
+        # the admission hands it all back to the broker.
+        admission.set_limit(source.backend, limit)
         if want == current:
             return
         if consumer.consuming:
             await consumer.stop_consuming()
             self._gauge.set(0)
         if want:
-            await consumer.wait_in_flight_at_most(source.max_concurrency - want)
             await consumer.start(want)
-            self._gauge.set(want)
-        log.info("consumer.prefetch", backend=source.backend, prefetch=want,
+            self._gauge.set(limit)
+        log.info("consumer.prefetch", backend=source.backend, limit=limit, prefetch=want,
                  state=source.describe())

@@ -9,7 +9,7 @@ requeued them: finishing them would only overload the backend). This class does 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
@@ -19,16 +19,24 @@ Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
 
 class TrackedConsumer:
-    """Consume ``queue_name`` on ``channel`` with ``prefetch``, tracking handler tasks."""
+    """Consume ``queue_name`` on ``channel`` with ``prefetch``, tracking handler tasks.
+
+    ``lanes``: more queues consumed beside it (a pool's lanes), each with a prefetch of
+    ``lane_prefetch``: their heads wait at the backend's admission with the rest."""
 
     def __init__(self, channel: AbstractChannel, queue_name: str, prefetch: int,
-                 handler: Handler) -> None:
+                 handler: Handler, *, lanes: Sequence[str] = (), lane_prefetch: int = 1
+                 ) -> None:
         self._channel = channel
         self._queue_name = queue_name
         self.prefetch = prefetch
         self._handler = handler
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
+        self._lane_names = tuple(lanes)
+        self._lane_prefetch = lane_prefetch
+        self._lanes: list[AbstractQueue] = []
+        self._lane_tags: list[tuple[AbstractQueue, str]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed = asyncio.Event()
 
@@ -48,14 +56,14 @@ class TrackedConsumer:
         if self._queue is None:
             self._channel.close_callbacks.add(lambda *_: self.closed.set())
             self._queue = await self._channel.declare_queue(self._queue_name, passive=True)
+            self._lanes = [await self._channel.declare_queue(name, passive=True)
+                           for name in self._lane_names]
         await self._channel.set_qos(prefetch_count=self.prefetch)
         self._tag = await self._queue.consume(self._on_message, no_ack=False)
-
-    async def wait_in_flight_at_most(self, n: int) -> None:
-        """Wait until at most ``n`` handlers run (a new consumer's prefetch plus the
-        previous one's leftovers must stay within the backend's cap)."""
-        while len(self._tasks) > n and not self.closed.is_set():
-            await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+        if self._lanes:
+            await self._channel.set_qos(prefetch_count=self._lane_prefetch)
+            self._lane_tags = [(lane, await lane.consume(self._on_message, no_ack=False))
+                               for lane in self._lanes]
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
@@ -69,11 +77,13 @@ class TrackedConsumer:
     async def stop_consuming(self) -> None:
         """basic.cancel: no new deliveries; those already received keep running."""
         if self._queue is not None and self._tag is not None and not self._channel.is_closed:
-            tag, self._tag = self._tag, None
-            try:
-                await self._queue.cancel(tag)
-            except Exception:  # the channel died meanwhile: nothing left to cancel
-                pass
+            tags = [(self._queue, self._tag), *self._lane_tags]
+            self._tag, self._lane_tags = None, []
+            for queue, tag in tags:
+                try:
+                    await queue.cancel(tag)
+                except Exception:  # the channel died meanwhile: nothing left to cancel
+                    return
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait for in-flight handlers; True if all finished within ``timeout_s``."""

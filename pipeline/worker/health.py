@@ -6,7 +6,9 @@ may take a request at all. The prefetch controller (:mod:`pipeline.worker.capaci
 how many requests it may hold: the gate's answer (``max_concurrency`` while healthy, 1 for
 a circuit probe, 0 while open or throttled), or 0 while the operator paused the pool. Both
 kinds of change wake the controller through :attr:`BackendHealthReporter.changed`, so it
-never polls. No I/O here: it is tested with a fake clock.
+never polls. The state gauge is read from the gate when it is scraped: a cooldown that
+ends with no request in sight shows half-open at once, not open until the next call. No
+I/O here: it is tested with a fake clock.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ class BackendHealthReporter:
         self._paused = False
         self._state_gauge = state_gauge
         self._state_gauge.set(gate.state_code)
+        live = getattr(state_gauge, "set_function", None)
+        if callable(live):  # prometheus-client's gauge: read the gate when scraped, so an
+            live(lambda: float(gate.state_code))  # idle pool's cooldown ends as half-open
 
     # -- BackendHealth (what dispatch reports and asks) ---------------------------------
 

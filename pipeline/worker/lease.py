@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from pipeline.observe.log import get_logger
+from pipeline.worker.admission import Admission
 from pipeline.worker.capacity import CapacityController
 from pipeline.worker.consumer import Handler, TrackedConsumer
 from pipeline.worker.health import BackendHealthReporter, Level
 
-__all__ = ["Lease", "LeaseHolder", "LeaseTiming"]
+__all__ = ["Intake", "Lease", "LeaseHolder", "LeaseTiming"]
 
 log = get_logger("hutch.worker")
 
@@ -111,19 +112,33 @@ class Lease:
         self._held_gauge.set(1 if held else 0)
 
 
+@dataclass(frozen=True)
+class Intake:
+    """What a leased backend consumes: its pool's queue and, when the pool sorts by
+    tenant, the pool's lanes; and the pool's admission its deliveries wait at for a
+    permit (of this or another backend of the pool in this worker)."""
+
+    work_queue: str
+    admission: Admission
+    lanes: Sequence[str] = ()
+
+
 class LeaseHolder:
     """One backend on this worker: its lease, its health and (while leased) its consumer."""
 
     def __init__(self, lease: Lease, health: BackendHealthReporter, pool: str,
-                 work_queue: str, capacity_gauge: Level,
-                 may_take: Callable[[], bool]) -> None:
+                 intake: Intake, capacity_gauge: Level,
+                 may_take: Callable[[], bool], draining: asyncio.Event) -> None:
         self.lease = lease
         self.health = health
         self.pool = pool
-        self._work_queue = work_queue
+        self.intake = intake
+        self._work_queue = intake.work_queue
         self._capacity_gauge = capacity_gauge
         #: False while this worker holds its fair share: leave free leases to others.
         self._may_take = may_take
+        #: The worker stops: nothing may start consuming again (a health change included).
+        self._draining = draining
         self.consumer: TrackedConsumer | None = None
 
     @property
@@ -143,7 +158,8 @@ class LeaseHolder:
                 await asyncio.sleep(timing.retry())
                 continue
             consumer = TrackedConsumer(channel, self._work_queue,
-                                       self.health.max_concurrency, handler)
+                                       self.health.max_concurrency, handler,
+                                       lanes=self.intake.lanes, lane_prefetch=2)
             if await self._hold(connection, consumer):
                 continue  # handed over, and stayed away already
             # The lease stays ours while the connection lives; re-consume after a pause.
@@ -156,28 +172,41 @@ class LeaseHolder:
         log.info("lease.acquired", backend=self.name, pool=self.pool,
                  prefetch=self.health.max_concurrency)
         try:
-            controller = CapacityController(consumer, self.health, self._capacity_gauge)
-            await controller.run(until=self.lease.release_requested)
+            controller = CapacityController(consumer, self.health, self._capacity_gauge,
+                                            self.intake.admission)
+            await controller.run(until=(self.lease.release_requested, self._draining))
+            if self._draining.is_set() and not self.lease.releasing:
+                await self._draining_wait()
+                return False
             if self.lease.releasing:
                 await self._hand_over(connection, consumer)
                 return True
             log.warning("consumer.channel_closed", backend=self.name)
         except aiormq.exceptions.ChannelNotFoundEntity:
             log.error("work_queue.missing", queue=self._work_queue,
-                      hint="run `hutch topology apply`")
+                      lanes=len(self.intake.lanes), hint="run `hutch topology apply`")
             await asyncio.sleep(5)
         finally:
             self.lease.dropped()
             self.consumer = None
             self._capacity_gauge.set(0)
+            self.intake.admission.set_limit(self.name, 0)
+            self.intake.admission.hand_back(source=self.name)
             await consumer.abort()
         return False
+
+    async def _draining_wait(self) -> None:
+        """The worker drains (it stops the consumer itself): hold still until it is done,
+        never consuming again in the meantime."""
+        await asyncio.Event().wait()
 
     async def _hand_over(self, connection: AbstractConnection,
                          consumer: TrackedConsumer) -> None:
         """Drain what this worker holds (so the cap still holds when the next holder
-        starts), then give the lease up."""
+        starts), then give the lease up. What waited for a permit goes back at once."""
         await consumer.stop_consuming()
+        self.intake.admission.set_limit(self.name, 0)
+        self.intake.admission.hand_back(source=self.name)
         await consumer.drain(self.lease.timing.grace_s)
         await consumer.abort()
         await self.lease.give_up(connection)

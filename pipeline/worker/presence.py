@@ -43,7 +43,7 @@ class Presence:
             raise TopologyError(
                 f"this worker's user may not consume the presence queue {self.queue!r}: "
                 "give it read permission there (`hutch worker-user add` grants it; see the "
-                "README's Security section)") from None
+                "docs, page Security: docs/security.md)") from None
         self._consumer = consumer
 
     async def leave(self) -> None:

@@ -58,6 +58,8 @@ def triage_failure(headers: Mapping[str, Any], routing_key: str | None,
         if isinstance(routing_keys, list) and routing_keys:
             routing_key = _text(routing_keys[0])
     pool = queue.removeprefix(names.work_queue("")) if queue else "-"
+    if queue and queue.startswith(names.lanes_prefix):  # <p>.lane.<pool>.<band>.<n>
+        pool = queue.removeprefix(names.lanes_prefix).rsplit(".", 2)[0]
     model = routing_key or ""
     if reason is p.ParkReason.UNKNOWN_MODEL:
         message = f"no pool serves model {model!r}"
@@ -93,7 +95,8 @@ class Triage:
                                        message.exchange)
         # Attempts of earlier deliveries are kept (x-hutch-attempts): none is made here.
         delivery = Delivery.parse(message, pool=pool, backend=None, policy=self._policy,
-                                  max_attempts=_MAX_ATTEMPTS_SHOWN)
+                                  max_attempts=_MAX_ATTEMPTS_SHOWN,
+                                  lane_prefix=self._names.lanes_prefix)
         delivery.queue_wait_ms = None
         failure.message += self._why(delivery, pool)
         try:

@@ -50,12 +50,15 @@ from pipeline.errors import TopologyError
 from pipeline.observe.hooks import DeliveryHook
 from pipeline.observe.log import get_logger
 from pipeline.observe.metrics import Metrics
+from pipeline.scheduling.lanes import LaneMap
+from pipeline.scheduling.meter import sample
 from pipeline.settings import BackendSettings, PoolSettings, Settings
+from pipeline.worker.admission import Admission, Verdict
 from pipeline.worker.cancels import CancelSubscription
 from pipeline.worker.consumer import Handler, TrackedConsumer
 from pipeline.worker.handlers import Handlers
 from pipeline.worker.health import BackendHealthReporter
-from pipeline.worker.lease import Lease, LeaseHolder, LeaseTiming
+from pipeline.worker.lease import Intake, Lease, LeaseHolder, LeaseTiming
 from pipeline.worker.pause import is_paused
 from pipeline.worker.presence import FairShare, Presence
 
@@ -73,10 +76,24 @@ class _Slot:
     http: Backend
     holder: LeaseHolder
 
-    def handler(self, dispatcher: Dispatcher) -> Handler:
-        """Deliveries of the pool's queue, dispatched to this backend."""
+    def handler(self, dispatcher: Dispatcher, pool: dict[str, _Slot]) -> Handler:
+        """Deliveries of the pool's queue (and lanes) consumed for this backend: parsed
+        once, admitted in the policy's order by the pool's admission, and dispatched to
+        whichever backend of the pool (``pool``, by name) it grants a permit of."""
+        admission = self.holder.intake.admission
+
         async def handle(message: AbstractIncomingMessage) -> None:
-            await dispatcher.handle(message, self.http, self.holder.health)
+            delivery = dispatcher.parse(message, self.http.name)
+            grant = await admission.acquire(delivery)
+            if grant.verdict is not Verdict.START or grant.backend is None:
+                await dispatcher.set_aside(delivery, move=grant.verdict is Verdict.MOVE)
+                return
+            slot = pool[grant.backend]
+            delivery.backend = grant.backend
+            try:
+                await dispatcher.handle(delivery, slot.http, slot.holder.health)
+            finally:
+                admission.release(grant.backend)
         return handle
 
 
@@ -96,6 +113,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self._slots: list[_Slot] = []
+        self._admissions: dict[str, Admission] = {}
         self._triage: TrackedConsumer | None = None
         self._presence = Presence(self.names.workers_queue)
         backends = sum(len(pool.backends) for pool in settings.pools)
@@ -107,6 +125,8 @@ class Worker:
             ttl_s=settings.cancel_ttl_s, max_ids=settings.cancel_max_ids,
             privileged=frozenset({settings.amqp_user, *settings.trusted_users}))
         self._cancel_queue_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        #: Each pool's tenants and their counters: soft state that outlives a reconnect.
+        self.schedulers = Handlers.schedulers(settings)
 
     def held_backends(self) -> list[str]:
         """Names of the backends whose lease this worker holds now."""
@@ -118,6 +138,7 @@ class Worker:
 
     async def run(self) -> None:
         """Connect, serve, reconnect on loss; return after :meth:`stop` and a drain."""
+        self._admissions = {pool.name: self._admission(pool) for pool in self.settings.pools}
         self._slots = [self._slot(pool, backend) for pool in self.settings.pools
                        for backend in pool.backends]
         # Backoff and a rate-limited log while the broker is unreachable; a refused vhost,
@@ -148,10 +169,20 @@ class Worker:
         timing = LeaseTiming(self.settings.lease_retry_s, self.settings.shutdown_grace_s)
         lease = Lease(self.names.lease_queue(settings.name), settings.name, timing,
                       self.metrics.lease_held.labels(settings.name))
-        holder = LeaseHolder(lease, health, pool.name, self.names.work_queue(pool.name),
+        scheduling = pool.scheduling
+        sorts = scheduling.policy == "fair" and scheduling.lookahead > 0
+        lanes = LaneMap(self.names, pool.name, scheduling).queues() if sorts else []
+        intake = Intake(self.names.work_queue(pool.name), self._admissions[pool.name], lanes)
+        holder = LeaseHolder(lease, health, pool.name, intake,
                              self.metrics.capacity.labels(settings.name),
-                             may_take=self._may_take_more)
+                             may_take=self._may_take_more, draining=self._stopping)
         return _Slot(Backend(settings, transport), holder)
+
+    def _admission(self, pool: PoolSettings) -> Admission:
+        """The pool's admission in this worker: its backends' permits, one waiting set."""
+        scheduling = pool.scheduling
+        return Admission(self.schedulers[pool.name].policy(), lookahead=scheduling.lookahead,
+                         sorts=scheduling.policy == "fair" and scheduling.lookahead > 0)
 
     def _may_take_more(self) -> bool:
         """False while this worker holds its share: leave free leases to the others."""
@@ -183,7 +214,8 @@ class Worker:
         publish_channel = await connection.channel(publisher_confirms=True,
                                                    on_return_raises=True)
         return Handlers.build(self.settings, publish_channel, self.metrics, self._cancels,
-                              self._hooks, pool_status=self._pool_status)
+                              self._hooks, pool_status=self._pool_status,
+                              schedulers=self.schedulers)
 
     def _pool_status(self, pool: str) -> str | None:
         """A sentence when no backend of ``pool`` that this worker holds can take work
@@ -209,14 +241,19 @@ class Worker:
         await CancelSubscription(self.names, self._cancel_queue_id, self._cancels).start(
             connection)
         await self._check_pauses(connection)  # before any consumer starts
+        by_pool: dict[str, dict[str, _Slot]] = {}
+        for slot in self._slots:
+            by_pool.setdefault(slot.holder.pool, {})[slot.holder.name] = slot
         tasks = [asyncio.create_task(self._guard(slot.holder.name, functools.partial(
                      slot.holder.run, connection,
-                     slot.handler(handlers.dispatchers[slot.holder.pool]))))
+                     slot.handler(handlers.dispatchers[slot.holder.pool],
+                                  by_pool[slot.holder.pool]))))
                  for slot in self._slots]
         tasks.append(asyncio.create_task(self._guard("rebalance",
                                                      lambda: self._rebalance(connection))))
         tasks.append(asyncio.create_task(self._guard("pauses",
                                                      lambda: self._watch_pauses(connection))))
+        tasks.append(asyncio.create_task(self._guard("tenants", self._sample_tenants)))
         return tasks
 
     async def _session(self, connection: AbstractConnection) -> None:
@@ -274,11 +311,20 @@ class Worker:
         log.info("worker.draining", in_flight=self._in_flight(),
                  grace_s=self.settings.shutdown_grace_s)
         await asyncio.gather(*(consumer.stop_consuming() for consumer in consumers))
+        for admission in self._admissions.values():  # what waits goes back to the broker
+            admission.hand_back()
         results = await asyncio.gather(
             *(consumer.drain(self.settings.shutdown_grace_s) for consumer in consumers))
         if not all(results):
             log.warning("worker.grace_expired", unfinished=self._in_flight(),
                         note="unfinished requests are redelivered by the broker")
+
+    async def _sample_tenants(self) -> None:
+        """Export the schedulers' backlog, counters and fairness every few seconds."""
+        shown: dict[str, set[str]] = {}
+        while True:
+            sample(self.schedulers, self.metrics, shown)
+            await asyncio.sleep(2.0)
 
     async def _watch_pauses(self, connection: AbstractConnection) -> None:
         """Follow the pause flags (queues named <prefix>.paused.<pool>)."""

@@ -40,7 +40,7 @@ EXTRAS = {
     "llamacpp": (("llama_cpp", "gguf", "starlette_context"), ("llama_cpp_server", "tiny_model")),
 }
 HOW_TO_RUN = ("scripts/install-real-extras && .venv/bin/pytest -m real  "
-              "(README: \"Tests against real servers\")")
+              "(docs/development.md: \"Tests against real servers\")")
 _HERE = Path(__file__).parent
 _NOT_RUN = pytest.StashKey[dict[str, int]]()
 #: Environment variable holding LiteLLM's master key for Hutch (``api_key_env``).
