@@ -25,9 +25,9 @@ from pipeline.client.replies import RawReply, Reply
 from pipeline.client.stream import ChatStream
 from pipeline.errors import (
     BackendError,
-    BrokerBlockedError,
     BrokerAccessError,
     BrokerAuthError,
+    BrokerBlockedError,
     BrokerConnectionError,
     BrokerTLSError,
     BrokerUnreachableError,
@@ -48,9 +48,9 @@ from pipeline.settings import Settings, load_settings
 
 __all__ = [
     "BackendError",
-    "BrokerBlockedError",
     "BrokerAccessError",
     "BrokerAuthError",
+    "BrokerBlockedError",
     "BrokerConnectionError",
     "BrokerTLSError",
     "BrokerUnreachableError",

@@ -80,7 +80,7 @@ def register(sub: Subparsers) -> None:
     add_lazy_parser(
         more, "scenario", _add_scenarios,
         help="run a benchmark scenario: it starts its own mock, workers, clients",
-        description="Run one of issue 5's benchmark scenarios. Each starts what it needs "
+        description="Run one of Hutch's benchmark scenarios. Each starts what it needs "
                     "(mock backend and worker processes under a prefix of its own, "
                     "removed afterwards) and needs only a broker with the management "
                     "plugin.")

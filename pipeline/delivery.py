@@ -200,7 +200,11 @@ class Delivery:
         headers: dict[str, Any] = {p.H_POOL: self.pool, p.H_ATTEMPTS: self.attempts}
         if self.stream is not None:
             headers[p.H_STREAM_ID] = self.stream.stream_id
-        backend = self.backend or self.last_backend
+        # The backend that tried it: this one if this delivery called it, else the last
+        # one an earlier delivery called; none for a request refused before any call
+        # (invalid, cancelled or expired while queued), whichever consumer picked it up.
+        tried_here = self.attempts > self.prior_attempts
+        backend = self.backend if tried_here and self.backend else self.last_backend
         if backend is not None:
             headers[p.H_BACKEND] = backend
         if self.queue_wait_ms is not None:

@@ -23,6 +23,7 @@ worker, the client::
     │   │   ├── BackendDisconnectedError   closed or reset mid-request         disconnected
     │   │   ├── BackendTimeoutError        no byte for the read timeout             timeout
     │   │   ├── RetryableStatusError       HTTP 408 or 5xx                    http_<status>
+    │   │   ├── BackendNotFoundError       HTTP 404 of a path: a wrong url        not_found
     │   │   ├── BackendProtocolError       malformed HTTP response         invalid_response
     │   │   │   └── InvalidCompletionError HTTP 200, body no completion  invalid_completion
     │   │   └── ThrottledError             429: wait retry_after_s                throttled
@@ -45,7 +46,8 @@ exactly the failures it can handle.
 
 A :class:`BackendCallError`'s ``reason`` (right column above) is a bounded metric label:
 ``unreachable``, ``connect_timeout``, ``disconnected``, ``timeout``, ``invalid_response``,
-``invalid_completion``, ``throttled``, ``http_<status>`` (408, 500-599), else ``other``.
+``invalid_completion``, ``throttled``, ``not_found``, ``http_<status>`` (408, 500-599), else
+``other``.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ __all__ = [
     "BackendConnectTimeoutError",
     "BackendDisconnectedError",
     "BackendError",
+    "BackendNotFoundError",
     "BackendProtocolError",
     "BackendTimeoutError",
     "BackendUnreachableError",
@@ -215,6 +218,15 @@ class BackendTimeoutError(RetryableError):
 
 class RetryableStatusError(RetryableError):
     """HTTP 408 or 5xx: the backend failed this time; ``reason`` is ``http_<status>``."""
+
+
+class BackendNotFoundError(RetryableError):
+    """HTTP 404 whose error names no model: the path does not exist on the server (a base
+    url without ``/v1``), so the backend is misconfigured, not the request. Retried elsewhere
+    and counted toward the circuit, so a wrong url takes the backend out of service
+    rather than failing every request as the client's fault."""
+
+    kind = "not_found"
 
 
 class BackendProtocolError(RetryableError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 
 __all__ = [
     "ChatCompletion",
@@ -52,6 +52,9 @@ class StreamOptions(_Open):
 #: fault and would open its circuit for everyone).
 _Float = Annotated[float, Field(strict=True)]
 _Int = Annotated[int, Field(strict=True)]
+#: ``stream``: strictly a boolean (``"stream": "yes"`` is a client bug to refuse, not a
+#: truthy string), or null, which OpenAI's schema allows and means false.
+_Stream = Annotated[StrictBool, BeforeValidator(lambda value: False if value is None else value)]
 
 
 class ChatRequest(_Open):
@@ -60,8 +63,7 @@ class ChatRequest(_Open):
 
     model: str = Field(min_length=1, max_length=255)
     messages: list[ChatMessage] = Field(min_length=1)
-    #: Strict: ``"stream": "yes"`` is a client bug to refuse, not a truthy string.
-    stream: StrictBool = False
+    stream: _Stream = False
     stream_options: StreamOptions | None = None
     max_tokens: _Int | None = Field(default=None, ge=1)
     max_completion_tokens: _Int | None = Field(default=None, ge=1)
@@ -94,7 +96,7 @@ class CompletionRequest(_Open):
 
     model: str = Field(min_length=1, max_length=255)
     prompt: str | list[Any]
-    stream: StrictBool = False
+    stream: _Stream = False
     max_tokens: _Int | None = Field(default=None, ge=1)
     temperature: _Float | None = Field(default=None, ge=0, le=2)
     top_p: _Float | None = Field(default=None, ge=0, le=1)

@@ -10,7 +10,6 @@ that names the bad key (``pools.0.backends.1.max_concurrency: ...``), never a tr
 from __future__ import annotations
 
 import os
-import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +28,7 @@ from pipeline.scheduling.settings import (
     check_tenants,
 )
 from pipeline.settings_checks import check_names
+from pipeline.settings_env import HutchEnvSource, read_config_file
 from pipeline.settings_text import dump_toml, environment_keys, format_errors, redact_url
 
 __all__ = [
@@ -252,7 +252,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Explicit arguments beat the environment, which beats the file.
-        return init_settings, env_settings, _FileSource(settings_cls)
+        return init_settings, HutchEnvSource(settings_cls), _FileSource(settings_cls)
 
     @model_validator(mode="before")
     @classmethod
@@ -373,17 +373,8 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     to build settings without a file. Raises :class:`ConfigError` with one line per
     bad key.
     """
-    data: dict[str, Any] = {}
-    source = "defaults and environment"
-    if path is not None:
-        source = str(path)
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"configuration file not found: {path}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data = read_config_file(path) if path is not None else {}
+    source = "defaults and environment" if path is None else str(path)
     token = _FILE_DATA.set(data)
     try:
         return Settings(**overrides)

@@ -20,11 +20,13 @@ import pytest
 
 from pipeline.backends.hints import parse_retry_after
 from pipeline.backends.http import Backend, BackendResult
+from pipeline.backends.probe import probe_backend, probe_backends
 from pipeline.backends.transport import AiohttpTransport
 from pipeline.errors import (
     BackendCallError,
     BackendConnectTimeoutError,
     BackendDisconnectedError,
+    BackendNotFoundError,
     BackendProtocolError,
     BackendTimeoutError,
     BackendUnreachableError,
@@ -180,6 +182,63 @@ async def test_other_4xx_are_terminal_with_the_backends_message(make_backend: Ma
     assert info.value.reason == "other"  # the label of retries: 4xx are never retried
     assert info.value.message == f"backend gpu-1 answered HTTP {status}: {message}"
     assert str(info.value) == info.value.message
+
+
+@pytest.mark.parametrize("response", [
+    httpx.Response(404, text="404 page not found"),       # Ollama, Go servers
+    httpx.Response(404, json={"detail": "Not Found"}),    # FastAPI (vLLM, LiteLLM)
+    httpx.Response(404),
+    httpx.Response(404, json={"error": {"message": "File Not Found",  # llama.cpp
+                                        "type": "not_found_error", "code": 404}}),
+    httpx.Response(404, json={"error": {"message": "Invalid URL (POST /chat/completions)",
+                                        "type": "invalid_request_error"}}),  # OpenAI
+], ids=["text", "fastapi", "empty", "llama.cpp", "openai"])
+async def test_a_404_of_a_path_is_the_backends_fault(
+        make_backend: MakeBackend, response: httpx.Response) -> None:
+    """A base url without /v1: every request 404s. That is the backend's configuration, so
+    it is retried and counts toward the circuit, and the message says what to check."""
+    backend = make_backend(lambda request: response, url="http://backend.test:8001/")
+    with pytest.raises(BackendNotFoundError) as info:
+        await backend.chat(REQUEST)
+    assert isinstance(info.value, RetryableError)
+    assert info.value.reason == "not_found"
+    assert info.value.status == 404
+    assert "check the backend url" in info.value.message
+    # An unknown model is the request's fault (terminal): vLLM's, OpenAI's, Ollama's.
+    for body in ({"object": "error", "message": "The model `x` does not exist.", "code": 404},
+                 {"error": {"message": "The model `x` does not exist", "type":
+                            "invalid_request_error", "code": "model_not_found"}},
+                 {"error": "model 'x' not found"}):
+        answer = httpx.Response(404, json=body)
+        with pytest.raises(TerminalStatusError):
+            await make_backend(lambda request, a=answer: a).chat(REQUEST)
+
+
+async def test_probe_at_start_says_check_the_backend_url(
+        make_backend: MakeBackend, caplog: pytest.LogCaptureFixture) -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.method} {request.url}")
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": []})
+        return httpx.Response(404, text="Not Found")
+
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    good = make_backend(handler)
+    wrong = make_backend(handler, name="no-v1", url="http://backend.test:8001")
+    dead = make_backend(down, name="dead")
+    caplog.set_level("DEBUG", logger="hutch.backend")
+    assert await probe_backends([good, wrong, dead]) == ["ok", "not_found", "unreachable"]
+    assert seen == ["GET http://backend.test:8001/v1/models",
+                    "GET http://backend.test:8001/models"]
+    [warning] = [r for r in caplog.records if r.getMessage() == "backend.url_not_found"]
+    assert warning.levelname == "WARNING"
+    fields = warning.fields  # type: ignore[attr-defined]
+    assert fields["backend"] == "no-v1" and "check the backend url" in fields["hint"]
+    assert await probe_backend(make_backend(lambda r: httpx.Response(401))) == "status_401"
 
 
 async def test_long_error_messages_are_cut(make_backend: MakeBackend) -> None:

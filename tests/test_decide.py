@@ -9,7 +9,13 @@ import pytest
 
 from pipeline import protocol as p
 from pipeline.dispatch import decide
-from pipeline.errors import BackendCallError, RetryableError, TerminalError, ThrottledError
+from pipeline.errors import (
+    BackendCallError,
+    BackendNotFoundError,
+    RetryableError,
+    TerminalError,
+    ThrottledError,
+)
 from pipeline.models import ChatRequest
 from pipeline.outcome import Failed, Requeue, RetryLater
 from pipeline.settings import PoolSettings
@@ -166,6 +172,18 @@ def test_a_request_the_backend_calls_wrong_is_the_clients_with_its_details() -> 
     assert isinstance(retried_out, Failed)
     assert retried_out.failure.code is p.ErrorCode.BACKEND_ERROR
     assert retried_out.failure.extra["backend"] == {"code": "oom"}
+
+
+def test_a_wrong_backend_url_is_a_backend_error_not_the_clients() -> None:
+    """A 404 without an error body (a base url without /v1) is retried like a 5xx and ends
+    as backend_error: the runbook must not send the operator to the clients."""
+    error = BackendNotFoundError("backend b1 answered HTTP 404: Not Found", status=404)
+    assert decide.attempt_kind(delivery(), error) == "retryable"
+    assert after(error, number=1, backoff=0.1) == decide.TryAgain(0.1)
+    step = after(error, number=1, attempts=4)
+    assert isinstance(step, Failed)
+    assert step.failure.code is p.ErrorCode.BACKEND_ERROR
+    assert step.failure.reason is p.ParkReason.BACKEND_ERROR
 
 
 def test_without_retry_tiers_a_transient_failure_ends_after_the_in_place_budget() -> None:

@@ -277,6 +277,10 @@ async def test_diff_nothing_after_apply(make_settings: SettingsFactory, tmp_path
                                     arguments={"x-expires": 60_000})
         await channel.declare_queue(names.pause_queue("chat"), durable=True)
         await channel.declare_queue(names.lease_queue("b1"), exclusive=True)
+        # A worker's cancel queue and its binding to the cancel exchange (CancelSubscription).
+        cancels = await channel.declare_queue(names.cancel_queue("w1"), exclusive=True,
+                                              auto_delete=True)
+        await cancels.bind(names.cancel_exchange)
         assert await diff_topology(settings) == []
     config = write_config(tmp_path / "c.toml", settings)
     assert await asyncio.to_thread(cli, ["diff", "-c", str(config)]) == 0

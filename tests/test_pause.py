@@ -35,7 +35,8 @@ from tests.conftest import (
 
 async def test_paused_pool_keeps_requests_queued_until_resumed(
         make_settings: SettingsFactory, mock: MockBackend, tmp_path: Path,
-        hutch_env: dict[str, str]) -> None:
+        hutch_env: dict[str, str], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="hutch.worker")
     settings = make_settings([("b1", mock.base_url, 4)], lease_retry_s=0.2)
     names = Names(settings.prefix)
     backend = settings.pools[0].backends[0].name
@@ -63,9 +64,13 @@ async def test_paused_pool_keeps_requests_queued_until_resumed(
         async with running_worker(settings):
             await asyncio.sleep(0.8)
             assert await queue_depth(channel, names.work_queue("chat")) == 10
-            code, _, _ = await run_hutch(["pool", "resume", "-c", config, "chat"], hutch_env)
-            assert code == 0
+            code, out, _ = await run_hutch(["pool", "resume", "-c", config, "chat"], hutch_env)
+            assert code == 0 and out.strip() == "pool 'chat' resumed"
             done = await asyncio.gather(*pending)
+            [resumed] = [r for r in caplog.records if r.getMessage() == "pool.resumed"]
+            assert resumed.levelname == "INFO"  # the normal way back, not a warning
+    code, out, _ = await run_hutch(["pool", "resume", "-c", config, "chat"], hutch_env)
+    assert code == 0 and out.strip() == "pool 'chat' was not paused: nothing to resume"
     assert [c.choices[0].message.content for c in done] == [
         f"mock reply to: r{i}" for i in range(10)]
     code, _, err = await run_hutch(["pool", "pause", "-c", config, "nope"], hutch_env)

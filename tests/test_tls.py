@@ -5,6 +5,7 @@ certificate failure is reported as one."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,17 @@ from typing import Any
 import pytest
 
 import hutch
-from pipeline.broker.connection import connect
+from pipeline.broker.connection import CLIENT_CERT_HINT, Reconnect, connect
 from pipeline.broker.management import ManagementAPI
 from pipeline.broker.topology import apply_topology
-from pipeline.errors import BrokerTLSError, BrokerUnreachableError, ConfigError, TopologyError
+from pipeline.errors import (
+    BrokerTLSError,
+    BrokerUnreachableError,
+    ConfigError,
+    StatusError,
+    TopologyError,
+)
+from pipeline.ops.status import status
 from pipeline.settings import Settings, load_settings
 from pipeline.testing.mock import MockBackend, MockConfig
 from pipeline.worker.pause import pause_pool, paused_pools
@@ -80,8 +88,66 @@ async def test_missing_client_certificate_says_so(tls_node: LocalNode,
     an alert (a TLS error) or, when the alert is lost, a reset (retryable: a restarting
     broker resets too); either way the message names the client certificate."""
     settings = _settings(tls_node, tls_ca_file=str(certificates.ca))
-    with pytest.raises((BrokerTLSError, BrokerUnreachableError), match="client certificate"):
+    with pytest.raises((BrokerTLSError, BrokerUnreachableError)) as amqp:
         await connect(settings, name="hutch tls test")
+    # One wording, whichever way it showed, on AMQP and on the management API.
+    assert CLIENT_CERT_HINT in str(amqp.value)
+    async with ManagementAPI.from_settings(settings) as api:
+        with pytest.raises(TopologyError) as http:
+            await api.check()
+    assert CLIENT_CERT_HINT in str(http.value)
+
+
+async def test_a_host_name_not_in_the_certificate_says_so(tls_node: LocalNode,
+                                                          certificates: TlsFiles) -> None:
+    """127.1 reaches the node, but the certificate names 127.0.0.1 and localhost: the CA
+    is trusted, so "set tls_ca_file" would be wrong advice."""
+    settings = load_settings(
+        amqp_url=tls_node.amqp_url().replace("127.0.0.1", "127.1"), prefix="tls",
+        management_url=tls_node.management_url.replace("127.0.0.1", "127.1"),
+        **_mutual(certificates))
+    with pytest.raises(BrokerTLSError) as amqp:
+        await connect(settings, name="hutch tls test")
+    async with ManagementAPI.from_settings(settings) as api:
+        with pytest.raises(TopologyError) as http:
+            await api.check()
+    for message in (str(amqp.value), str(http.value)):
+        assert "certificate does not name the host in the URL" in message, message
+        assert "'127.1'" in message and "set tls_ca_file" not in message
+
+
+async def test_plain_amqp_to_the_tls_port_says_tls_and_is_not_retried(
+        tls_node: LocalNode, certificates: TlsFiles) -> None:
+    """amqp:// to the TLS listener reads as a reset; it is not a broker that is down, so
+    it says "use amqps://" and a worker's reconnect loop raises it instead of retrying."""
+    settings = load_settings(amqp_url=tls_node.amqp_url().replace("amqps://", "amqp://"),
+                             prefix="tls", **_mutual(certificates))
+    with pytest.raises(BrokerTLSError, match="speaks TLS on that port: use amqps://") as info:
+        await connect(settings, name="hutch tls test")
+    assert "Is RabbitMQ running" not in str(info.value)
+    async with asyncio.timeout(30):
+        with pytest.raises(BrokerTLSError):
+            await Reconnect(settings, name="hutch tls test").connect(asyncio.Event())
+
+
+async def test_http_to_the_https_management_port_says_https(
+        tls_node: LocalNode, certificates: TlsFiles) -> None:
+    settings = _settings(tls_node, **_mutual(certificates)).model_copy(
+        update={"management_url": tls_node.management_url.replace("https://", "http://")})
+    async with ManagementAPI.from_settings(settings) as api:
+        with pytest.raises(TopologyError, match="speaks https on that port: use https://"
+                           ) as info:
+            await api.check()
+    assert "management plugin" not in str(info.value)
+
+
+async def test_a_wrong_password_on_status_blames_the_password(
+        tls_node: LocalNode, certificates: TlsFiles) -> None:
+    settings = load_settings(amqp_url=tls_node.amqp_url(password="wrong"), prefix="tls",
+                             management_url=tls_node.management_url, **_mutual(certificates))
+    with pytest.raises(StatusError, match="login failed, a wrong user or password") as info:
+        await status(settings, [])
+    assert "tag" not in str(info.value)
 
 
 def test_certificate_without_key_is_a_config_error(certificates: TlsFiles) -> None:

@@ -142,6 +142,23 @@ def test_model_of_another_pool() -> None:
     assert "mock-small" in result.message
 
 
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"temperature": "hot"}, "temperature"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.[0].content"),
+    ({"messages": []}, "messages"),
+    ({"stop": ["a"] * 5}, "stop"),
+    ({"model": "gpt-4o"}, "model"),
+])
+def test_a_validation_error_names_its_field_in_param(fields: dict[str, Any], param: str
+                                                     ) -> None:
+    """As OpenAI does: a client can act on ``error.param``, not parse the message."""
+    result = check(body(**fields))
+    assert isinstance(result, Failure) and result.code is p.ErrorCode.INVALID_REQUEST
+    assert result.extra == {"param": param}
+    assert json.loads(p.error_body(result.code, result.message, **result.extra))[
+        "error"]["param"] == param
+
+
 def test_stream_must_be_a_boolean_and_its_options_an_object() -> None:
     for bad in ({"stream": "true"}, {"stream": 1}, {"stream": True, "stream_options": 5},
                 {"stream": True, "stream_options": {"include_usage": "yes"}}):
@@ -149,8 +166,12 @@ def test_stream_must_be_a_boolean_and_its_options_an_object() -> None:
         assert result.reason is p.ParkReason.INVALID_REQUEST
         assert "stream" in result.message, bad
     for good in ({"stream": False}, {"stream": True},
-                 {"stream": True, "stream_options": {"include_usage": True}}):
+                 {"stream": True, "stream_options": {"include_usage": True}},
+                 {"stream": None}, {"stream": None, "stream_options": None}):
         assert isinstance(check(body(**good)), ChatRequest)
+    # OpenAI's schema allows null for stream: not a stream.
+    nulled = check(body(stream=None))
+    assert isinstance(nulled, ChatRequest) and nulled.stream is False
 
 
 # -- triage_failure ------------------------------------------------------------------

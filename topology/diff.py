@@ -8,7 +8,9 @@ left to the operator (apply never deletes queues, exchanges or policies).
 
 Hutch's objects on the broker are those the configuration declares and any other exchange,
 queue or policy whose name starts with ``<prefix>.``, except the queues Hutch's processes
-create at run time (``<prefix>.reply.*``, ``<prefix>.lease.*``, ``<prefix>.paused.*``).
+create at run time (``<prefix>.reply.*``, ``<prefix>.lease.*``, ``<prefix>.paused.*``,
+the workers' cancel queues ``<prefix>.cancel.*``) and their bindings: a worker binds its
+cancel queue to the cancel exchange when it starts, and unbinding it breaks its cancels.
 """
 
 from __future__ import annotations
@@ -114,6 +116,13 @@ class _Comparison:
     def ours(self, name: str) -> bool:
         return name.startswith(f"{self.prefix}.")
 
+    def runtime(self, queue: str) -> bool:
+        """A queue Hutch's processes declare at run time: replies, leases, pause flags,
+        the workers' cancel queues. Neither it nor its bindings are drift."""
+        names = Names(self.prefix)
+        return queue.startswith((names.reply_queue(""), names.lease_queue(""),
+                                 names.pause_queue(""), names.cancel_queue("")))
+
     def exchanges(self) -> tuple[list[DiffLine], set[str]]:
         """The exchanges' differences, and the exchange names Hutch manages."""
         out: list[DiffLine] = []
@@ -143,9 +152,7 @@ class _Comparison:
 
     def queues(self) -> tuple[list[DiffLine], set[str]]:
         """The queues' differences, and the queue names Hutch manages (not the queues its
-        processes make at run time: replies, leases, pause flags)."""
-        names = Names(self.prefix)
-        runtime = (names.reply_queue(""), names.lease_queue(""), names.pause_queue(""))
+        processes make at run time: replies, leases, pause flags, cancel queues)."""
         out: list[DiffLine] = []
         live_q = {q.name: q for q in self.live.queues}
         for q in self.want.queues:
@@ -168,7 +175,7 @@ class _Comparison:
                     + "; or keep the broker's value in the config",
                     tuple(changes), count))
         wanted = {q.name for q in self.want.queues}
-        managed = wanted | {n for n in live_q if self.ours(n) and not n.startswith(runtime)}
+        managed = wanted | {n for n in live_q if self.ours(n) and not self.runtime(n)}
         for name in sorted(managed - wanted):
             count = self.messages.get(name)
             out.append(DiffLine(
@@ -178,11 +185,14 @@ class _Comparison:
         return out, managed
 
     def bindings(self, managed_ex: set[str], managed_q: set[str]) -> list[DiffLine]:
-        """The bindings' differences (the default exchange's implicit ones are nobody's)."""
+        """The bindings' differences (the default exchange's implicit ones are nobody's,
+        a runtime queue's are its process's)."""
         out: list[DiffLine] = []
         wanted = {b.key(): b for b in self.want.bindings}
         live_b = {b.key(): b for b in self.live.bindings
-                  if b.source and (b.source in managed_ex or (
+                  if b.source and not (b.destination_type == "queue"
+                                       and self.runtime(b.destination))
+                  and (b.source in managed_ex or (
                       b.destination_type == "queue" and b.destination in managed_q))}
         owned = set(self.want.owned_routes)
         for key, b in wanted.items():

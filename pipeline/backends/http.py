@@ -10,8 +10,10 @@ httpx's public exception types and the HTTP status (never from a message's text)
 * no byte for the read timeout: ``BackendTimeoutError``;
 * a malformed response: ``BackendProtocolError``; HTTP 200 without a completion:
   ``InvalidCompletionError``;
-* 408 and 5xx: ``RetryableStatusError``; 429: ``ThrottledError``; any other status:
-  ``TerminalStatusError``.
+* 408 and 5xx: ``RetryableStatusError``; 429: ``ThrottledError``; 404 that names no
+  model (a path the server lacks: a base url without ``/v1``): ``BackendNotFoundError``,
+  the backend's fault; any
+  other status: ``TerminalStatusError``.
 
 :meth:`Backend.chat` reads the whole answer; :meth:`Backend.stream` opens it for reading
 as it arrives (server-sent events) and closes the connection when left early. Both share
@@ -37,6 +39,7 @@ from pipeline.errors import (
     BackendCallError,
     BackendConnectTimeoutError,
     BackendDisconnectedError,
+    BackendNotFoundError,
     BackendProtocolError,
     BackendTimeoutError,
     BackendUnreachableError,
@@ -97,6 +100,20 @@ def _error_of(response: httpx.Response) -> tuple[str, dict[str, Any]]:
     except (ValueError, KeyError, TypeError):
         pass
     return response.text[:500] or response.reason_phrase, {}
+
+
+def _lacks_the_model(response: httpx.Response) -> bool:
+    """Whether a 404 is about the request: the server's error says which model it lacks
+    (OpenAI's ``model_not_found``, vLLM's "The model `x` does not exist", Ollama's "model
+    'x' not found"). Any other 404 -- a bare one, FastAPI's ``{"detail": "Not Found"}``,
+    llama.cpp's "File Not Found", OpenAI's "Invalid URL" -- is a path the server lacks: a
+    base url without ``/v1``, the backend's configuration, not the client's request."""
+    return "model" in response.text.lower()
+
+
+#: What a 404 about a path means, for the operator.
+_URL_HINT = ("check the backend url: the server has no such path (an OpenAI-compatible "
+             "base url usually ends in /v1)")
 
 
 class BackendStream:
@@ -170,6 +187,14 @@ class Backend:
     def _redact(self, message: str) -> str:
         """Error texts may echo what was sent (proxies repeat the key): never the key."""
         return message.replace(self._api_key, "***") if self._api_key else message
+
+    async def probe(self, timeout_s: float = 5.0) -> httpx.Response:
+        """``GET <url>/models``, read: the cheap request every OpenAI-compatible server
+        answers, to find a wrong base url at start rather than on the first request."""
+        response = await self._http.get("/models",
+                                        timeout=min(timeout_s, self.settings.timeout_s))
+        await response.aread()
+        return response
 
     async def chat(self, body: bytes, *, timeout_s: float | None = None,
                    request_id: str | None = None) -> BackendResult:
@@ -284,4 +309,6 @@ class Backend:
                 message, retry_after_s=retry_after_s(response.headers))
         if status == 408 or status >= 500:
             return RetryableStatusError(message, status=status, detail=detail)
+        if status == 404 and not _lacks_the_model(response):
+            return BackendNotFoundError(f"{message} ({_URL_HINT})", status=status)
         return TerminalStatusError(message, status=status, detail=detail)

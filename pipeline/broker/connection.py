@@ -25,6 +25,7 @@ import aiormq
 from aio_pika.abc import AbstractConnection
 
 from pipeline.broker.tls import pem_context
+from pipeline.broker.tls_probe import speaks_tls
 from pipeline.errors import (
     BrokerAccessError,
     BrokerAuthError,
@@ -37,6 +38,7 @@ from pipeline.settings import Settings
 from pipeline.settings_text import redact_url
 
 __all__ = [
+    "CLIENT_CERT_HINT",
     "START_HINT",
     "BrokerIdentity",
     "Reconnect",
@@ -97,14 +99,25 @@ def tls_failure(exc: BaseException) -> ssl.SSLError | None:
     return None
 
 
+#: What a refused or missing client certificate means (AMQP and the management API alike).
+CLIENT_CERT_HINT = ("the server wants a client certificate it trusts: set tls_cert_file and "
+                    "tls_key_file (a certificate signed by a CA the server trusts)")
+#: OpenSSL's verify codes for a certificate that is valid, but not for the name connected to.
+_NAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+
+
 def tls_problem(exc: ssl.SSLError) -> str:
     """What a TLS failure means, for an AMQP or management API error message."""
     if isinstance(exc, ssl.SSLCertVerificationError):
+        if exc.verify_code in _NAME_MISMATCH:
+            return (f"the server's certificate does not name the host in the URL "
+                    f"({exc.verify_message}): connect by a name the certificate lists (its "
+                    "subjectAltName), or have it re-issued for this name; tls_ca_file "
+                    "cannot change that")
         return (f"the server's certificate is not trusted ({exc.verify_message}). A "
                 "certificate problem: set tls_ca_file to the CA that signed it")
     if "CERTIFICATE_REQUIRED" in str(exc.reason):
-        return ("the server wants a client certificate: set tls_cert_file and tls_key_file "
-                "(a certificate signed by a CA the server trusts)")
+        return CLIENT_CERT_HINT
     return (f"{exc.reason or exc}. A TLS or certificate problem: is it a TLS port (amqps "
             "is usually 5671, the https management API 15671)? Does the server want a "
             "client certificate (tls_cert_file, tls_key_file) signed by a CA it trusts?")
@@ -135,9 +148,8 @@ def explain(exc: BaseException, url: str) -> BrokerConnectionError:
     if urlsplit(url).scheme == "amqps" and "reset" in str(exc).lower():
         # TLS 1.3: a refused client certificate shows as a reset after the handshake. It
         # stays retryable (a restarting broker resets too), but the hint says what is likely.
-        hint = ("The broker reset the TLS connection: if that persists, it refuses the "
-                "client certificate (tls_cert_file, tls_key_file: missing, or not signed by "
-                "a CA it trusts).")
+        hint = (f"The broker reset the TLS connection after the handshake: if that "
+                f"persists, {CLIENT_CERT_HINT}.")
     return BrokerUnreachableError(f"cannot connect to RabbitMQ at {where} ({exc!r}). {hint}")
 
 
@@ -152,7 +164,16 @@ async def connect_url(url: str, *, name: str, tls: ssl.SSLContext | None = None,
                                       client_properties={"connection_name": name},
                                       heartbeat=heartbeat_s)
     except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
-        raise explain(exc, url) from None
+        error = explain(exc, url)
+    parts = urlsplit(url)
+    if (isinstance(error, BrokerUnreachableError) and parts.scheme == "amqp"
+            and parts.hostname and await speaks_tls(parts.hostname, parts.port or 5672)):
+        # Not a broker that is down (retrying would not help): a TLS listener.
+        raise BrokerTLSError(
+            f"RabbitMQ at {redact_url(url)} speaks TLS on that port: use amqps:// (and "
+            "tls_ca_file, tls_cert_file, tls_key_file as the broker needs), or the plain "
+            "AMQP port (5672 by default)") from None
+    raise error from None
 
 
 async def connect(settings: Settings, *, name: str, heartbeat_s: int | None = None,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ssl
 from typing import Any, Self
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 from aio_pika.abc import AbstractConnection
@@ -28,6 +28,7 @@ from pipeline.broker.connection import (
     tls_failure,
     tls_problem,
 )
+from pipeline.broker.tls_probe import speaks_tls
 from pipeline.errors import TopologyError
 from pipeline.settings import Settings
 
@@ -49,6 +50,7 @@ class ManagementAPI:
     def __init__(self, base_url: str, user: str, password: str, *, timeout_s: float = 10.0,
                  tls: ssl.SSLContext | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self._user = user
         self._http = httpx.AsyncClient(
             base_url=self.base_url + "/api", auth=(user, password), timeout=timeout_s,
             verify=tls if tls is not None else True)
@@ -86,9 +88,15 @@ class ManagementAPI:
                 f"the management API at {self.base_url} belongs to another broker: cluster "
                 f"{api_cluster!r} (node {overview.get('node')!r}), while "
                 f"{settings.redacted_amqp_url()} reaches cluster {amqp.cluster_name!r}. "
-                "Nothing was written. Set management_url to the management API of the "
-                "broker amqp_url names (and enable its plugin: rabbitmq-plugins enable "
-                "rabbitmq_management)")
+                "Nothing was written. Set management_url (or HUTCH_MANAGEMENT_URL) to the "
+                "management API of the broker amqp_url names (and enable its plugin: "
+                "rabbitmq-plugins enable rabbitmq_management)")
+
+    async def require_same_broker(self) -> None:
+        """Refuse now, not at the first write, when the API belongs to another broker:
+        for a command whose reads decide what it writes (another broker's listing has
+        nothing to delete, and "removed 0" would look like success)."""
+        await self._check_same_broker()
 
     async def check_same_broker(self) -> None:
         """Refuse now (:class:`TopologyError`), before anything is started or written,
@@ -110,21 +118,12 @@ class ManagementAPI:
             await self._check_same_broker()
         try:
             response = await self._http.request(method, path, json=json)
-        except httpx.HTTPError as exc:
-            tls = tls_failure(exc)
-            if tls is not None:
-                raise TopologyError(f"management API at {self.base_url}: TLS handshake "
-                                    f"failed: {tls_problem(tls)}") from None
-            raise TopologyError(
-                f"management API at {self.base_url} is not reachable ({exc!r}): {_ENABLE_HINT}"
-            ) from None
+        except (httpx.HTTPError, ssl.SSLError) as exc:  # a TLS 1.3 alert can come bare
+            raise await self._unreachable(exc) from None
         if response.status_code == 404 and ok_missing:
             return None
         if response.status_code == 401:
-            raise TopologyError(
-                f"management API at {self.base_url} refused the credentials (401); the user "
-                "needs the 'policymaker' or 'administrator' tag"
-            )
+            raise self._refused(response)
         if response.status_code >= 400:
             raise TopologyError(
                 f"management API {method} {path} failed with HTTP {response.status_code}: "
@@ -133,6 +132,36 @@ class ManagementAPI:
         if response.status_code == 204 or not response.content:
             return None
         return response.json()
+
+    async def _unreachable(self, exc: Exception) -> TopologyError:
+        """Why the API could not be asked: TLS, https spoken on an http:// URL, or down."""
+        tls = tls_failure(exc)
+        if tls is not None:
+            return TopologyError(f"management API at {self.base_url}: TLS handshake "
+                                 f"failed: {tls_problem(tls)}")
+        parts = urlsplit(self.base_url)
+        if (parts.scheme == "http" and parts.hostname and parts.port
+                and await speaks_tls(parts.hostname, parts.port)):
+            return TopologyError(
+                f"management API at {self.base_url} speaks https on that port: use https:// "
+                "in management_url (or HUTCH_MANAGEMENT_URL)")
+        return TopologyError(
+            f"management API at {self.base_url} is not reachable ({exc!r}): {_ENABLE_HINT}")
+
+    def _refused(self, response: httpx.Response) -> TopologyError:
+        """A 401: a failed login (user or password) is not a missing tag."""
+        try:
+            reason = str(response.json().get("reason", ""))
+        except (ValueError, AttributeError):
+            reason = ""
+        who = f"management API at {self.base_url} refused user {self._user!r}"
+        if reason == "Login failed":
+            return TopologyError(f"{who}: login failed, a wrong user or password (those of "
+                                 "management_url if it has any, else amqp_url's)")
+        return TopologyError(
+            f"{who} ({reason or 'HTTP 401'}): the user logs in but lacks a tag; it needs "
+            "'management' to read (hutch status), 'policymaker' or 'administrator' to set "
+            "policies (hutch topology apply)")
 
     async def check(self) -> None:
         """Fail early (before anything is declared) when the API is unreachable."""
@@ -164,6 +193,12 @@ class ManagementAPI:
     async def get_queue(self, vhost: str, name: str) -> dict[str, Any] | None:
         result: dict[str, Any] | None = await self._request(
             "GET", f"/queues/{_q(vhost)}/{_q(name)}", ok_missing=True)
+        return result
+
+    async def get_connection(self, name: str) -> dict[str, Any] | None:
+        """One connection (``name``: as a queue's ``owner_pid_details`` gives it)."""
+        result: dict[str, Any] | None = await self._request(
+            "GET", f"/connections/{_q(name)}", ok_missing=True)
         return result
 
     async def queue_bindings(self, vhost: str, exchange: str, queue: str) -> list[dict[str, Any]]:

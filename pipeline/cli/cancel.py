@@ -14,7 +14,11 @@ _HELP = (
     "own user, the worker's user or a user in trusted_users: to cancel other clients' "
     "requests, run it with the workers' configuration (or a trusted user's). A queued "
     "request is answered `cancelled` when a worker reaches it; one at a backend is "
-    "aborted at once.")
+    "aborted at once. Each worker answers whether it had the request at a backend, so the "
+    "command says, per id, whether it was aborted, refused, or at no backend (queued, or "
+    "unknown). A request's correlation id is the message's correlation_id, sent to the "
+    "backend as the x-request-id header; a worker logs it when a call starts "
+    "(request.started, at --log-level DEBUG).")
 
 
 def register(sub: Subparsers) -> None:
@@ -28,17 +32,17 @@ def register(sub: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Publish the cancels (with confirms); print how many were sent."""
+    """Publish the cancels (mandatory, with confirms); one line per id saying what became
+    of it. Exit 1 when no worker listens for cancels."""
     import asyncio
 
-    from pipeline.broker.connection import tls_context
-    from pipeline.broker.names import Names
-    from pipeline.cli.common import settings_of
-    from pipeline.client.cancel import publish_cancels
+    from pipeline.cli.common import EXIT_FAILED, settings_of
+    from pipeline.ops.cancel import operator_cancel
 
     settings = settings_of(args)
-    sent = asyncio.run(publish_cancels(settings.amqp_url, Names(settings.prefix).cancel_exchange,
-                                       settings.amqp_user, args.correlation_ids,
-                                       tls=tls_context(settings)))
+    results = asyncio.run(operator_cancel(settings, args.correlation_ids))
+    for result in results:
+        print(result.text(settings.amqp_user, settings.cancel_ttl_s))
+    sent = sum(result.delivered for result in results)
     print(f"sent {sent} cancel{'s' if sent != 1 else ''} as user {settings.amqp_user!r}")
-    return 0
+    return 0 if all(result.delivered for result in results) else EXIT_FAILED

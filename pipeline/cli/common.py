@@ -9,6 +9,7 @@ stays fast. tests/test_cli.py checks which modules that imports.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -18,19 +19,25 @@ if TYPE_CHECKING:
 __all__ = [
     "EXIT_FAILED",
     "EXIT_USAGE",
+    "LOG_LEVELS",
     "Fill",
     "LazySubParsers",
     "Subparsers",
     "add_config",
     "add_lazy_parser",
+    "add_log_level",
     "add_subcommands",
+    "int_range",
     "non_negative",
+    "positive_float",
     "settings_of",
 ]
 
 #: ``hutch``'s exit codes besides 0: a usage or configuration error, a failure.
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+#: What ``--log-level`` accepts (Python's level names; any case).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 #: What a group's ``register(subparsers)`` receives.
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -90,11 +97,52 @@ def add_config(parser: argparse.ArgumentParser, *, required: bool = True) -> Non
                         help="TOML configuration file (HUTCH_* variables override it)")
 
 
-def settings_of(args: argparse.Namespace) -> Settings:
-    """The settings a command runs with: its ``--config`` file, then ``HUTCH_*``."""
-    from pipeline.settings import load_settings
+def add_log_level(parser: argparse.ArgumentParser) -> None:
+    """``--log-level`` of the long-running commands (JSON lines on stderr)."""
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO",
+                        help="lowest level of the JSON log lines on stderr (default INFO; "
+                             "DEBUG adds a line per request, with its correlation id)")
 
-    return load_settings(args.config)
+
+def settings_of(args: argparse.Namespace) -> Settings:
+    """The settings a command runs with: its ``--config`` file (if any), then ``HUTCH_*``;
+    a ``HUTCH_*`` variable that names no setting is warned about on stderr."""
+    from pipeline.settings import load_settings
+    from pipeline.settings_env import unknown_environment
+    from pipeline.settings_text import redact_url
+
+    settings = load_settings(getattr(args, "config", None))
+    # For `hutch`'s error lines: which broker a topology error is about.
+    args.broker_urls = ", ".join(redact_url(url) for url in settings.amqp_nodes())
+    referenced = [backend.api_key_env for pool in settings.pools for backend in pool.backends]
+    referenced += [key.key_env for key in settings.gateway.keys]
+    for line in unknown_environment(type(settings).model_fields, referenced):
+        print(f"hutch: warning: {line}", file=sys.stderr)
+    return settings
+
+
+def int_range(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer within ``low..high``."""
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"must be within {low}..{high}, got {number}")
+        return number
+    return parse
+
+
+def positive_float(value: str) -> float:
+    """An argparse type: a number > 0 (a deadline, a timeout)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return number
 
 
 def non_negative(value: str) -> int:

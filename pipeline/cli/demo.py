@@ -11,11 +11,23 @@ __all__ = ["register", "run"]
 
 def register(sub: Subparsers) -> None:
     """Add ``demo``."""
-    demo = sub.add_parser("demo", help="show priorities overtaking a saturated backlog")
-    demo.add_argument("--low", type=int, default=60, help="low-priority requests (burst)")
-    demo.add_argument("--high", type=int, default=10, help="high-priority requests")
-    demo.add_argument("--capacity", type=int, default=4, help="mock backend slots")
-    demo.add_argument("--latency-ms", type=float, default=100.0, help="mock service time")
+    demo = sub.add_parser(
+        "demo", help="show priorities overtaking a saturated backlog",
+        description="Start a mock backend and a worker in this process, send a burst of "
+                    "low-priority requests, then a few high-priority ones, and show that "
+                    "the high ones are answered first. Needs only a broker: "
+                    "HUTCH_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/) and, when "
+                    "its management API is not on the same host at :15672, "
+                    "HUTCH_MANAGEMENT_URL. Its queues live under a prefix of their own "
+                    "(hutch-demo-<pid>) and are removed at the end.")
+    demo.add_argument("--low", type=int, default=60,
+                      help="low-priority requests, sent first as a burst (default 60)")
+    demo.add_argument("--high", type=int, default=10,
+                      help="high-priority requests, sent after the burst (default 10)")
+    demo.add_argument("--capacity", type=int, default=4,
+                      help="the mock backend's slots (default 4)")
+    demo.add_argument("--latency-ms", type=float, default=100.0,
+                      help="the mock's service time per request, in ms (default 100)")
     demo.add_argument("--keep-topology", dest="keep_topology", action="store_true",
                       help="leave the demo's queues on the broker to look at in the UI "
                            "(it prints how to remove them)")

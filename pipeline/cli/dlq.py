@@ -37,6 +37,10 @@ def register(sub: Subparsers) -> None:
                                  f"{', '.join(ParkReason)})")
     dlq_replay.add_argument("--limit", type=non_negative, default=None,
                             help="replay at most N, oldest first")
+    dlq_replay.add_argument("--force", action="store_true",
+                            help="replay also those whose reply queue no longer exists "
+                                 "(by default they stay parked: the backend would answer "
+                                 "nobody, and they would be parked again)")
     dlq_replay.set_defaults(func=run_replay)
     dlq_purge = dlq_sub.add_parser("purge", help="delete every parked message")
     add_config(dlq_purge)
@@ -93,9 +97,12 @@ def run_replay(args: argparse.Namespace) -> int:
 
     from pipeline.ops.dlq import replay
 
-    result = asyncio.run(replay(settings_of(args), reason=args.reason, limit=args.limit))
+    result = asyncio.run(replay(settings_of(args), reason=args.reason, limit=args.limit,
+                                force=args.force))
+    gone = (f", {result.no_reply_queue} whose reply queue is gone: left parked, "
+            "--force replays them" if result.no_reply_queue else "")
     print(f"replayed {result.replayed} (skipped {result.skipped} with other reasons, "
-          f"{result.unroutable} unroutable)")
+          f"{result.unroutable} unroutable{gone})")
     return 0
 
 

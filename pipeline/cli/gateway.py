@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli.common import Subparsers, add_config, settings_of
+from pipeline.cli.common import Subparsers, add_config, add_log_level, settings_of
 
 __all__ = ["register", "run"]
 
@@ -13,7 +13,12 @@ def register(sub: Subparsers) -> None:
     """Add ``gateway``."""
     gateway = sub.add_parser(
         "gateway", help="run the OpenAI-compatible HTTP gateway (any OpenAI client, any "
-        "SDK: change only its base_url)")
+        "SDK: change only its base_url)",
+        description="Serve OpenAI's HTTP API (/v1/chat/completions with SSE streaming, "
+                    "/v1/completions, /v1/embeddings, /v1/models) and put every request on "
+                    "the queue: an OpenAI SDK needs only its base_url changed. API keys "
+                    "from [[gateway.keys]] map to identities and priority ceilings; without "
+                    "keys it runs open (development only). Runs until SIGTERM or SIGINT.")
     add_config(gateway, required=False)
     gateway.add_argument("--host", default=None,
                          help="address to listen on (default: [gateway] host, 127.0.0.1)")
@@ -24,7 +29,7 @@ def register(sub: Subparsers) -> None:
     gateway.add_argument("--replica-id", default=None,
                          help="this replica's name in its reply queue (default: "
                               "host-pid-random)")
-    gateway.add_argument("--log-level", default="INFO")
+    add_log_level(gateway)
     gateway.add_argument("--hash-key", action="store_true",
                          help="read an API key from stdin, print its key_hash for "
                               "[[gateway.keys]], and exit")
@@ -53,9 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.gateway.server import GatewayServer
     from pipeline.observe.log import configure_logging
-    from pipeline.settings import load_settings
-
-    settings = settings_of(args) if args.config else load_settings()
+    settings = settings_of(args)
     configure_logging(args.log_level)
     server = GatewayServer(settings, host=args.host, port=args.port,
                            replica_id=args.replica_id)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
@@ -88,12 +89,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hutch: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except TopologyError as exc:
-        print(f"hutch: topology: {exc}", file=sys.stderr)
+        broker = getattr(args, "broker_urls", None)
+        where = f" (broker: {broker})" if broker and broker not in str(exc) else ""
+        print(f"hutch: topology: {exc}{where}", file=sys.stderr)
         return EXIT_FAILED
     except HutchError as exc:
         print(f"hutch: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except (ConnectionError, OSError) as exc:
+    except OSError as exc:
+        if not isinstance(exc, ConnectionError | TimeoutError | socket.gaierror):
+            # A file, a port in use, a permission: not the broker's fault.
+            print(f"hutch: {exc}", file=sys.stderr)
+            return EXIT_FAILED
         print(f"hutch: cannot reach a service: {exc!r}. Is RabbitMQ running? Start it with "
               "`rabbitmq-server -detached` or `docker compose up -d rabbitmq` (the compose "
               "broker's user is hutch: HUTCH_AMQP_URL=amqp://hutch:hutch@127.0.0.1:5672/).",

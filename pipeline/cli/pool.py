@@ -59,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"pool {args.pool!r} paused: workers stop taking its requests within "
               f"~{settings.lease_retry_s * 2:g} s; requests wait in its queue")
     else:
+        was_paused = any(pool.paused for pool in asyncio.run(pool_states(settings))
+                         if pool.name == args.pool)
         asyncio.run(resume(settings, args.pool))
-        print(f"pool {args.pool!r} resumed")
+        print(f"pool {args.pool!r} resumed" if was_paused
+              else f"pool {args.pool!r} was not paused: nothing to resume")
     return 0

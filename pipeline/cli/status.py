@@ -12,9 +12,14 @@ __all__ = ["register", "run"]
 def register(sub: Subparsers) -> None:
     """Add ``status``."""
     status = sub.add_parser(
-        "status", help="queue depths, consumers, backends' in-flight and capacity, parked")
+        "status", help="queue depths, consumers, backends' in-flight and capacity, parked",
+        description="One report of the broker's view: each pool's queue depth and "
+                    "consumers, each backend's lease holder (the connection that owns its "
+                    "lease queue), the retry tiers, the parking lot by reason. With "
+                    "--metrics, each worker's in-flight requests, capacity and circuit "
+                    "state too. Exit 1 when queues of the topology are missing.")
     add_config(status)
-    status.add_argument("--metrics", "-m", action="append", default=[], metavar="URL",
+    status.add_argument("--metrics", action="append", default=[], metavar="URL",
                         help="a worker's metrics endpoint (host:port, http://host:port or a "
                              "full URL); repeat for every replica")
     status.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.cli.common import EXIT_FAILED, Subparsers, add_config
+from pipeline.cli.common import (
+    EXIT_FAILED,
+    Subparsers,
+    add_config,
+    int_range,
+    positive_float,
+    settings_of,
+)
 
 __all__ = ["register", "run"]
 
@@ -21,11 +28,11 @@ def register(sub: Subparsers) -> None:
     submit.add_argument("--model", "-m", required=True,
                         help="model name: the routing key, and `model` in the body; a model "
                              "no pool serves is answered unknown_model")
-    submit.add_argument("--priority", "-p", type=int, default=0,
+    submit.add_argument("--priority", "-p", type=int_range(0, 255), default=0,
                         help="AMQP priority, 0 (lowest, the default) to the configuration's "
                              "max_priority (default 9); higher values count as max_priority, "
                              "at most 255")
-    submit.add_argument("--timeout", type=float, default=60.0,
+    submit.add_argument("--timeout", type=positive_float, default=60.0,
                         help="deadline in seconds (default 60): the request's expiration "
                              "and x-hutch-deadline")
     submit.add_argument("--max-tokens", type=int, default=None,
@@ -44,9 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.client.client import HutchClient
     from pipeline.errors import RequestFailed
     from pipeline.observe.log import configure_logging
-    from pipeline.settings import load_settings
-
-    settings = load_settings(args.config) if args.config else load_settings()
+    settings = settings_of(args)
     configure_logging("WARNING")  # reconnect warnings as JSON lines, not bare names
 
     async def main() -> int:

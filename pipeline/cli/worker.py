@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli.common import Subparsers, add_config, settings_of
+from pipeline.cli.common import Subparsers, add_config, add_log_level, settings_of
 from pipeline.runtime.eventloop import LOOPS
 
 __all__ = ["register", "run"]
@@ -12,11 +12,17 @@ __all__ = ["register", "run"]
 
 def register(sub: Subparsers) -> None:
     """Add ``worker``."""
-    worker = sub.add_parser("worker", help="run a worker: consume pools, call backends")
+    worker = sub.add_parser(
+        "worker", help="run a worker: consume pools, call backends",
+        description="Serve the configured pools until SIGTERM or SIGINT: take the leases of "
+                    "as many backends as its fair share, consume their pools' queues with "
+                    "prefetch = max_concurrency, call the backends, reply, retry, park. "
+                    "Run one or more replicas with the same config; each backend is served "
+                    "by one replica at a time. Logs are JSON lines on stderr.")
     add_config(worker)
     worker.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus metrics on this port")
-    worker.add_argument("--log-level", default="INFO")
+    add_log_level(worker)
     worker.add_argument("--loop", choices=LOOPS, default="asyncio",
                         help="event loop: asyncio (default) or uvloop (pip install "
                              "'hutch[uvloop]'; less CPU per request, slightly more latency "

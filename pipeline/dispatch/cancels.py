@@ -75,6 +75,10 @@ class CancelRegistry:
             return False
         return self._allowed(user, delivery)
 
+    def in_flight(self, correlation_id: str) -> bool:
+        """Whether that request is at a backend of this worker now."""
+        return correlation_id in self._in_flight
+
     @contextlib.asynccontextmanager
     async def at_backend(self, delivery: Delivery) -> AsyncIterator[None]:
         """While inside, a valid cancel cancels the current task (the backend call): the

@@ -10,6 +10,7 @@ side effects, so every row of the README's failure table has a unit test
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,21 @@ _BODIES: dict[p.Endpoint, tuple[type[Request], str]] = {
 }
 
 
+#: The names pydantic gives the members of a union in an error's location: not fields.
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|list|dict|none)\b|[\[(]")
+
+
+def _param(loc: tuple[int | str, ...]) -> dict[str, Any]:
+    """The ``param`` of a validation error, as OpenAI writes it (``temperature``,
+    ``messages.[0].content``): the field a client fixes, not only named in the message."""
+    parts = []
+    for part in loc:
+        if isinstance(part, str) and _TYPE_TAG.search(part):
+            break
+        parts.append(f"[{part}]" if isinstance(part, int) else part)
+    return {"param": ".".join(parts)} if parts else {}
+
+
 def _parse_body(body: bytes, endpoint: p.Endpoint) -> Request | Failure:
     bad = p.ErrorCode.INVALID_REQUEST
     model, name = _BODIES[endpoint]
@@ -76,10 +92,12 @@ def _parse_body(body: bytes, endpoint: p.Endpoint) -> Request | Failure:
                            f"the request body is not valid JSON: {first['msg']}")
         where = ".".join(str(part) for part in first["loc"]) or "body"
         return Failure(p.ParkReason.INVALID_REQUEST, bad,
-                       f"not a valid {name} request: {where}: {first['msg']}")
+                       f"not a valid {name} request: {where}: {first['msg']}",
+                       _param(first["loc"]))
     if endpoint is not p.Endpoint.CHAT and getattr(request, "stream", False):
         return Failure(p.ParkReason.INVALID_REQUEST, bad,
-                       f"streaming is served for chat completions only, not {name}")
+                       f"streaming is served for chat completions only, not {name}",
+                       {"param": "stream"})
     return request
 
 
@@ -127,7 +145,8 @@ def validate_request(body: bytes, *, content_type: str | None, reply_to_ok: bool
     if request.model not in pool.models:
         return Failure(p.ParkReason.INVALID_REQUEST, bad,
                        f"model {request.model!r} in the body is not served by pool "
-                       f"{pool.name!r} (it serves {', '.join(pool.models)})")
+                       f"{pool.name!r} (it serves {', '.join(pool.models)})",
+                       {"param": "model"})
     return request
 
 

@@ -112,6 +112,13 @@ class Hooks(DeliveryHook):
 class LoggingHook(DeliveryHook):
     """The structured log lines of a delivery's life (never its body or any secret)."""
 
+    def call_started(self, delivery: Delivery) -> None:
+        # The id `hutch cancel` takes (the backend gets it as x-request-id): at debug, as a
+        # line per request is too many at info.
+        log.debug("request.started", correlation_id=delivery.correlation_id,
+                  pool=delivery.pool, backend=delivery.backend, model=delivery.model,
+                  attempt=delivery.attempts, priority=delivery.priority)
+
     def settled(self, delivery: Delivery, outcome: Outcome, settlement: Settlement) -> None:
         if settlement.parked is not None:
             log.info("request.parked", reason=str(settlement.parked), pool=delivery.pool,

@@ -147,7 +147,8 @@ async def run_demo(*, low: int = 60, high: int = 10, capacity: int = 4,
         overtook = _summary(results, elapsed, mock.stats()["max_concurrency"], capacity)
         if keep:
             print(f"topology kept: exchanges, queues and a policy named {prefix}.* in "
-                  f"vhost {settings.vhost!r}. Remove them with (same HUTCH_AMQP_URL):")
+                  f"vhost {settings.vhost!r}. Remove them with (the same HUTCH_AMQP_URL "
+                  "and, if set, HUTCH_MANAGEMENT_URL):")
             print(f"  hutch demo --remove-topology {prefix}")
         return 0 if not errors and overtook else 1
 
@@ -162,8 +163,8 @@ async def remove_demo_topology(prefix: str) -> str:
     settings = load_settings(amqp_url=os.environ.get("HUTCH_AMQP_URL", DEFAULT_AMQP_URL),
                              prefix=prefix)
     vhost, mine = settings.vhost, prefix + "."
-    base, user, password = settings.management_api()
-    async with ManagementAPI(base, user, password) as api:
+    async with ManagementAPI.from_settings(settings) as api:
+        await api.require_same_broker()
         policies = [p["name"] for p in await api.list_policies(vhost)
                     if p["name"].startswith(mine)]
         # Exclusive queues (a running worker's lease) vanish with their connection.
@@ -179,6 +180,10 @@ async def remove_demo_topology(prefix: str) -> str:
             await channel.queue_delete(queue)
         for exchange in exchanges:
             await channel.exchange_delete(exchange)
+    if not (queues or exchanges or policies):
+        return (f"nothing named {mine}* in vhost {vhost!r} of {settings.redacted_amqp_url()}: "
+                "removed already, or kept on another broker? Use the HUTCH_AMQP_URL (and "
+                "HUTCH_MANAGEMENT_URL) the demo ran with")
     return (f"removed {len(queues)} queue(s), {len(exchanges)} exchange(s) and "
             f"{len(policies)} polic{'y' if len(policies) == 1 else 'ies'} named {mine}* from "
             f"vhost {vhost!r}")

@@ -38,6 +38,7 @@ from pipeline import protocol as p
 from pipeline.broker.connection import connect
 from pipeline.broker.names import Names
 from pipeline.errors import TopologyError
+from pipeline.ops.reply_check import ReplyQueues
 from pipeline.settings import Settings
 from pipeline.settle.publisher import copy_message
 
@@ -106,11 +107,13 @@ class ParkedMessage:
 @dataclass(frozen=True)
 class ReplayResult:
     """What a replay did: ``replayed`` went back to the request exchange; ``skipped``
-    (another reason) and ``unroutable`` (no model to route by) are still parked."""
+    (another reason), ``unroutable`` (no model to route by) and ``no_reply_queue`` (the
+    reply queue it names is gone: nobody would get the answer) are still parked."""
 
     replayed: int = 0
     skipped: int = 0
     unroutable: int = 0
+    no_reply_queue: int = 0
 
 
 def _text(value: Any) -> str | None:
@@ -262,18 +265,20 @@ def _replay_message(message: AbstractIncomingMessage, user: str) -> aio_pika.Mes
 
 
 async def replay(settings: Settings, reason: str | None = None,
-                 limit: int | None = None) -> ReplayResult:
+                 limit: int | None = None, *, force: bool = False) -> ReplayResult:
     """Send parked requests (all, or those with ``reason``) back to the request exchange.
 
     At most ``limit`` are replayed, oldest first. Each goes back under the model it was
     published for (see :func:`replay_routing_key`); one with none is counted as
-    unroutable and stays parked. Republish and ack commit together in one transaction,
-    so an interruption at any point neither duplicates nor drops a message.
+    unroutable and stays parked. One whose reply queue no longer exists stays parked too
+    (counted in ``no_reply_queue``) unless ``force``. Republish and ack commit together in
+    one transaction, so an interruption at any point neither duplicates nor drops a message.
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
-    replayed = skipped = unroutable = 0
+    replayed = skipped = unroutable = gone = 0
     async with await _connect(settings) as connection:
+        replies = ReplyQueues(connection)
         # Transactions and publisher confirms exclude each other on a channel.
         channel = await connection.channel(publisher_confirms=False)
         exchange = await _requests_exchange(channel, settings)
@@ -297,6 +302,10 @@ async def replay(settings: Settings, reason: str | None = None,
                 if routing_key is None:
                     unroutable += 1
                     continue
+                if not force and message.reply_to and not await replies.exists(
+                        message.reply_to):
+                    gone += 1
+                    continue
                 async with channel.transaction():
                     # mandatory=False: an unknown model goes to the alternate exchange and
                     # is answered and re-parked like any other.
@@ -307,7 +316,8 @@ async def replay(settings: Settings, reason: str | None = None,
         finally:
             if not channel.is_closed:
                 await channel.close()  # the skipped and unroutable go back, in place
-    return ReplayResult(replayed=replayed, skipped=skipped, unroutable=unroutable)
+    return ReplayResult(replayed=replayed, skipped=skipped, unroutable=unroutable,
+                        no_reply_queue=gone)
 
 
 async def purge(settings: Settings) -> int:

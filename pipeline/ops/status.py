@@ -28,6 +28,8 @@ from pipeline.broker.management import ManagementAPI
 from pipeline.broker.names import Names
 from pipeline.broker.pauses import state_of
 from pipeline.errors import StatusError, TopologyError
+from pipeline.ops.leases import lease_owners
+from pipeline.ops.stats_freshness import StatsFreshness
 from pipeline.ops.tenant_status import (
     TenantStatus,
     TenantValues,
@@ -87,35 +89,14 @@ class BackendStatus:
     holders: list[str] = field(default_factory=list)
     #: closed, half_open, open or throttled, as its lease holder sees it.
     state: str | None = None
+    #: The connection owning its lease queue, as the management API names it.
+    owner: str | None = None
 
 
 @dataclass
 class WorkerStatus:
     url: str
     error: str | None = None
-
-
-@dataclass
-class StatsFreshness:
-    """How old the management API's queue counts may be (from ``/api/overview``)."""
-
-    #: The broker collects no statistics (``management_agent.disable_metrics_collector``).
-    disabled: bool = False
-    #: Statistics events the broker has not processed yet: counts lag further behind.
-    event_backlog: int | None = None
-
-    def note(self) -> str:
-        """One line for the report."""
-        if self.disabled:
-            return ("queue counts: the broker's management statistics are disabled, so "
-                    "counts are missing (-)")
-        note = ("queue counts are the management API's statistics, sampled every "
-                "collect_statistics_interval (5 s unless the broker sets another): they can "
-                "be that old")
-        if self.event_backlog:
-            note += (f"; the statistics database is {self.event_backlog} events behind, so "
-                     "they may be older still")
-        return note
 
 
 @dataclass
@@ -297,8 +278,11 @@ async def status(settings: Settings, worker_metrics_urls: list[str]) -> StatusRe
     """Read every pool's queue, the triage, retry and parking-lot queues (management API)
     and each backend's in-flight, capacity, lease and state (the workers' metrics)."""
     tenants: TenantValues = {}
-    (queues, freshness), (backends, workers) = await asyncio.gather(
-        _queues(settings), _backends(settings, list(worker_metrics_urls), tenants))
+    (queues, freshness), (backends, workers), owners = await asyncio.gather(
+        _queues(settings), _backends(settings, list(worker_metrics_urls), tenants),
+        lease_owners(settings))
+    for backend in backends:
+        backend.owner = owners.get(backend.name)
     lanes = {q.name: q.messages for q in queues if q.role == "lane"}
     return StatusReport(settings.vhost, [q for q in queues if q.role != "lane"], backends,
                         workers, freshness, tenant_rows(settings, tenants, lanes))
@@ -328,8 +312,10 @@ def _lease(report: StatusReport, backend: BackendStatus) -> str:
     """Who holds the backend's lease, as far as the metrics read can tell."""
     if backend.holders:
         return ", ".join(backend.holders)
+    if backend.owner is not None:
+        return backend.owner  # the broker knows, metrics or not
     if not report.workers:
-        return "-"  # no metrics asked for
+        return "-"  # no metrics asked for, and the broker named no owner
     # A worker whose metrics were not read may hold it: say so rather than "nobody".
     return "unknown" if report.unread_workers else "nobody"
 

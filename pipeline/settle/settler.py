@@ -88,9 +88,12 @@ class Settler:
         headers[p.H_OUTCOME] = "ok"
         if await self._reply(delivery, outcome.body, headers):
             return Settlement("ok")
-        failure = Failure(p.ParkReason.NO_REPLY_TO, p.ErrorCode.BACKEND_ERROR,
-                          f"the completion could not be delivered: reply queue "
-                          f"{delivery.reply_to!r} does not exist")
+        # The backend answered: the client's reply queue is gone (its x-expires passed, or
+        # it was a one-shot client's). Not a backend_error, which would blame the backend.
+        failure = Failure(p.ParkReason.NO_REPLY_TO, p.ErrorCode.INVALID_REQUEST,
+                          f"the backend answered, but the completion could not be delivered: "
+                          f"reply queue {delivery.reply_to!r} does not exist (the client is "
+                          "gone); replaying it would call the backend again for nobody")
         await self._park(delivery, failure)
         return Settlement("undeliverable", failure.reason, failure.message)
 

@@ -45,6 +45,7 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from pipeline.backends.breaker import BackendGate, BreakerPolicy
 from pipeline.backends.http import Backend
+from pipeline.backends.probe import probe_backends
 from pipeline.broker.blocked import BlockedState
 from pipeline.broker.connection import Reconnect
 from pipeline.broker.names import Names
@@ -157,10 +158,16 @@ class Worker:
         # Backoff and a rate-limited log while the broker is unreachable; a refused vhost,
         # credentials or certificate is raised: retrying cannot cure it.
         reconnect = Reconnect(self.settings, name=self.name, heartbeat_s=self.settings.heartbeat_s)
+        # A wrong backend url is logged now, not found on the first request (not through
+        # injected transports: tests and benchmarks script and count every call).
+        probe = asyncio.create_task(probe_backends(
+            [] if self._transport_factory else [slot.http for slot in self._slots]))
         try:
             while (connection := await reconnect.connect(self._stopping)) is not None:
                 await self._session(connection)
         finally:
+            probe.cancel()
+            await asyncio.gather(probe, return_exceptions=True)
             for slot in self._slots:
                 await slot.http.aclose()
             log.info("worker.stopped")
@@ -345,9 +352,10 @@ class Worker:
         for slot in self._slots:
             pool, health = slot.holder.pool, slot.holder.health
             paused = self._pauses.paused(pool)
-            if health.pause() if paused else health.resume():
-                log.warning("pool.paused" if paused else "pool.resumed",
-                            pool=pool, backend=slot.holder.name)
+            if paused and health.pause():
+                log.warning("pool.paused", pool=pool, backend=slot.holder.name)
+            elif not paused and health.resume():
+                log.info("pool.resumed", pool=pool, backend=slot.holder.name)
 
     async def _rebalance(self, connection: AbstractConnection) -> None:
         """Spread each pool's leases over the workers serving it: a worker holding more

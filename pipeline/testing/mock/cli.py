@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import signal
 import sys
@@ -13,6 +14,15 @@ from pipeline.testing.mock.options import add_arguments, config_from_args
 from pipeline.testing.mock.server import MockBackend
 
 __all__ = ["main", "run_from_args", "serve"]
+
+#: Why a listening socket could not be opened, with the fix.
+_LISTEN_ERRORS = {
+    errno.EADDRINUSE: "the port is already in use (another process listens there: stop "
+                      "it, or pick another port with --port)",
+    errno.EACCES: "permission denied (ports below 1024 need privileges: pick another "
+                  "with --port)",
+    errno.EADDRNOTAVAIL: "this machine has no such address (check --host)",
+}
 
 
 async def serve(host: str, port: int, config: MockConfig) -> None:
@@ -49,7 +59,14 @@ def run_from_args(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"mock backend: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(args.host, args.port, config))
+    try:
+        asyncio.run(serve(args.host, args.port, config))
+    except OSError as exc:
+        if exc.errno not in _LISTEN_ERRORS:
+            raise
+        print(f"mock backend: cannot listen on {args.host}:{args.port}: "
+              f"{_LISTEN_ERRORS[exc.errno]}", file=sys.stderr)
+        return 1
     return 0
 
 
