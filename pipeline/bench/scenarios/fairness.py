@@ -55,7 +55,7 @@ class FairnessOptions:
     noisy_s: float = 30.0
     join_at_s: float = 12.0
     weights_s: float = 60.0
-    cost_s: float = 10.0
+    cost_s: float = 20.0
     kill_s: float = 20.0
     short_capacity: int = 8
     short_ms: float = 20.0

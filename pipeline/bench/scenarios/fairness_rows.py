@@ -88,7 +88,7 @@ def _rows_after(figures: _Figures, o: FairnessOptions) -> list[Row]:
     t.add("(d) interactive TTFT p99", "weights",
           lambda f: _fmt(f["chat_ttft_p99_ms"], " ms"))
     t.add("(e) one tenant saturating: answers/s", "saturate",
-          lambda f: _fmt(f["throughput_rps"]), ">= 0.97x fifo")
+          lambda f: f"{f['throughput_rps']:.2f}", ">= 0.97x fifo")
     t.add("(e) one tenant saturating: utilisation", "saturate",
           lambda f: _pct(f["utilisation"]), ">= 97%")
     t.add("(e) light load: end-to-end p50", "light",
@@ -160,7 +160,7 @@ def _targets(figures: _Figures, o: FairnessOptions) -> list[Target]:
          lambda f: f["chat_wait_p99_ms"], ms, lambda v: v < limit),
         ("saturated alone: throughput >= 0.97x fifo", "saturate",
          lambda f: f["throughput_rps"],
-         lambda v: f"{v:.1f} vs {_fmt(fifo_rps)} answers/s",
+         lambda v: f"{v:.2f} vs {fifo_rps:.2f} answers/s",
          lambda v: fifo_rps is not None and v >= 0.97 * fifo_rps),
         ("light load: added p50 < 0.5 ms", "light", lambda f: f["latency_p50_ms"],
          lambda v: f"{v - (fifo_p50 or 0):+.2f} ms",

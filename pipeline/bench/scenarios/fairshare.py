@@ -113,7 +113,8 @@ class Shares:
         return self.service[a] / self.service[b] if self.service.get(b) else None
 
     def figures(self) -> dict[str, object]:
-        return {"window_s": self.window_s, "service": self.service,
+        window = None if self.window_s is None else list(self.window_s)  # as JSON has it
+        return {"window_s": window, "service": self.service,
                 "normalised": self.normalised, "jain": self.jain,
                 "max_gap": self.max_gap, "bound": self.bound}
 
