@@ -102,14 +102,14 @@ def utilisation_between(samples: Sequence[BackendSample], from_s: float,
 
 
 async def _sample(stack: Stack, mock: MockProcess, started: float,
-                  out: list[BackendSample]) -> None:
+                  out: list[BackendSample], stop: asyncio.Event) -> None:
     """The mock's counters and the depth of the pool's queue (the intake), until
-    cancelled."""
+    ``stop`` (not cancelled: a cancelled queue declaration closes its channel noisily)."""
     loop = asyncio.get_running_loop()
     connection = await connect_url(stack.amqp_url, name="hutch bench fairness")
     async with connection:
         channel = await connection.channel()
-        while True:
+        while not stop.is_set():
             with contextlib.suppress(Exception):  # a slow read skips a sample
                 stats = await mock.stats()
                 intake = await channel.declare_queue(stack.names.work_queue("bench"),
@@ -118,7 +118,8 @@ async def _sample(stack: Stack, mock: MockProcess, started: float,
                     loop.time() - started, stats["busy_slot_s"], stats["elapsed_s"],
                     stats["served"], stats["capacity"],
                     intake.declaration_result.message_count or 0))
-            await asyncio.sleep(_SAMPLE_EVERY_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), _SAMPLE_EVERY_S)
 
 
 def _cpu_s(children: Sequence[Child]) -> float | None:
@@ -174,7 +175,9 @@ async def run_phase(amqp_url: str, phase: Phase, policy: str) -> PhaseRun:
             await mock.reset()
             started = asyncio.get_running_loop().time()
             cpu_before = _cpu_s(workers)
-            helpers = [asyncio.create_task(_sample(stack, mock, started, run.samples))]
+            stop = asyncio.Event()
+            sampler = asyncio.create_task(_sample(stack, mock, started, run.samples, stop))
+            helpers: list[asyncio.Task[None]] = []
             if phase.kill_at_s is not None:
                 helpers.append(asyncio.create_task(_kill_later(workers[0], phase.kill_at_s)))
                 run.killed_pid = workers[0].pid
@@ -182,9 +185,10 @@ async def run_phase(amqp_url: str, phase: Phase, policy: str) -> PhaseRun:
                 run.elapsed_s = await run_tenants(client, records, stream=phase.stream,
                                                   timeout_s=phase.timeout_s)
             finally:
+                stop.set()
                 for task in helpers:
                     task.cancel()
-                await asyncio.gather(*helpers, return_exceptions=True)
+                await asyncio.gather(sampler, *helpers, return_exceptions=True)
             stats = await mock.stats()
             run.max_in_flight, run.served = stats["max_in_flight"], stats["served"]
             run.dropped_replies = client.dropped_replies
