@@ -17,6 +17,7 @@ __all__ = [
     "plot_failover",
     "plot_latency_over_time",
     "plot_report",
+    "plot_service",
     "plot_stream_sweep",
     "plot_throughput",
     "require_matplotlib",
@@ -213,6 +214,37 @@ def plot_failover(timeline: list[dict[str, Any]], killed_at_s: float, path: Path
     return path
 
 
+def plot_service(service: dict[str, dict[str, Any]], path: Path, *, title: str,
+                 marks: dict[str, float] | None = None) -> Path:
+    """Cumulative service per tenant over time (weighted tokens), one row per phase and
+    one column per policy (the fairness scenario); ``marks``: a vertical line per phase
+    (when a tenant joined)."""
+    plt = _pyplot()
+    phases = list(service)
+    policies = list(next(iter(service.values())))
+    fig, axes = plt.subplots(len(phases), len(policies), figsize=(6 * len(policies),
+                             4 * len(phases)), squeeze=False, sharey="row")
+    for row, phase in enumerate(phases):
+        for col, policy in enumerate(policies):
+            ax, data = axes[row][col], service[phase][policy]
+            for colour, (tenant, values) in zip(_CLASS_COLOURS, data["tenants"].items(),
+                                                strict=False):
+                ax.plot(data["t_s"], [v / 1000 for v in values], color=colour,
+                        label=tenant)
+            if marks and phase in marks:
+                ax.axvline(marks[phase], color="grey", linewidth=0.8, linestyle="--")
+            ax.set_title(f"{phase}: policy {policy}", fontsize=10)
+            ax.set_xlabel("time (s from the start of the load)")
+            ax.set_ylabel("service (k weighted tokens)")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_report(report: dict[str, Any], directory: Path) -> list[Path]:
     """The plots a scenario report has data for, written into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -235,6 +267,11 @@ def plot_report(report: dict[str, Any], directory: Path) -> list[Path]:
             report["failover"]["timeline"], report["failover"]["killed_at_s"],
             directory / f"{name}-failover.png", title=f"{report.get('title', name)}: "
             "kill -9 of the work queue leader's node"))
+    if report.get("service"):
+        written.append(plot_service(
+            report["service"], directory / f"{name}-service.png",
+            title=f"{report.get('title', name)}: cumulative service per tenant",
+            marks={"noisy": report.get("config", {}).get("join_at_s", 0.0)}))
     if report.get("samples"):
         written.append(plot_backlog(
             report["samples"], directory / f"{name}-drain.png",

@@ -282,3 +282,30 @@ def test_gateway_scenario_finds_litellm(monkeypatch: pytest.MonkeyPatch,
     assert find_litellm(str(fake)) == str(fake)
     with pytest.raises(StackError, match="not an executable"):
         find_litellm(str(tmp_path / "nonesuch"))
+
+
+@pytest.mark.timeout(420)
+async def test_fairness_scenario(amqp_url: str, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every phase runs under both policies and yields its figures (twelve small stacks:
+    the slowest smoke run); the shares themselves are tested in test_fairness.py."""
+    report, text = await _run(amqp_url, tmp_path, monkeypatch, "fairness")
+    figures = report["figures"]
+    assert set(figures) == {"noisy", "weights", "saturate", "light", "kill", "short"}
+    assert all(set(by_policy) == {"fair", "fifo"} for by_policy in figures.values())
+    for policy in ("fair", "fifo"):
+        noisy = figures["noisy"][policy]
+        assert noisy["quiet_sent"] > 0 and noisy["lost"] == 0
+        assert figures["light"][policy]["answered"] == figures["light"][policy]["sent"] > 0
+        kill = figures["kill"][policy]
+        assert kill["answered"] == kill["sent"] > 0 and kill["lost"] == 0
+        short = figures["short"][policy]
+        assert short["answered"] == short["sent"] == 300
+        assert 0 < short["utilisation"] <= 1.0
+        assert figures["weights"][policy]["chat_sent"] > 0
+    series = report["service"]["noisy"]["fair"]
+    assert set(series["tenants"]) == {"noisy", "quiet-a", "quiet-b", "late"}
+    assert all(len(v) == len(series["t_s"]) for v in series["tenants"].values())
+    assert len(report["targets"]) == 14
+    assert (tmp_path / "plots" / "fairness-service.png").read_bytes().startswith(PNG)
+    assert "(a) quiet tenants: queue wait p99" in text and "targets (fair policy):" in text

@@ -891,6 +891,29 @@ def test_jitter_is_seeded_and_bounded() -> None:
     assert Pacer(MockConfig(jitter=0)).seconds(100) == 0.1  # no jitter: exact
 
 
+async def test_a_whole_answers_latency_is_jittered_too(monkeypatch: pytest.MonkeyPatch
+                                                      ) -> None:
+    """Not only a stream's pace: a non-streamed answer's ``latency_ms`` goes through the
+    same seeded jitter (constant service times move a backend's slots in lock step)."""
+    asked: list[float] = []
+    seconds = Pacer.seconds
+
+    def spy(self: Pacer, ms: float) -> float:
+        asked.append(ms)
+        return seconds(self, ms)
+
+    monkeypatch.setattr(Pacer, "seconds", spy)
+    config = MockConfig(latency_ms=5, jitter=0.5, seed=3)
+    async with (
+        MockBackend(config) as mock,
+        httpx.AsyncClient(base_url=mock.base_url, timeout=10) as client,
+    ):
+        body = {"model": "mock-small", "messages": [{"role": "user", "content": "hi"}]}
+        for _ in range(3):
+            (await client.post("/chat/completions", json=body)).raise_for_status()
+    assert asked == [5, 5, 5]
+
+
 async def test_streams_hold_their_slot_to_the_end() -> None:
     config = MockConfig(latency_ms=0, ttft_ms=30, itl_ms=15, jitter=0.3, seed=1,
                         capacity=2, reply_tokens=8)

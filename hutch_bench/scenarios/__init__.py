@@ -9,7 +9,10 @@
 - :mod:`~hutch_bench.scenarios.cluster`: a classic pool on one node vs a quorum pool on
   three, and the work queue leader's node killed under load (issue 13);
 - :mod:`~hutch_bench.scenarios.gateway`: OpenAI HTTP calls to the mock directly vs
-  through Hutch's gateway vs LiteLLM's proxy, and priority under overload (issue 12).
+  through Hutch's gateway vs LiteLLM's proxy, and priority under overload (issue 12);
+- :mod:`~hutch_bench.scenarios.fairness`: the fair scheduler against FIFO on the same
+  loads: a noisy neighbour, a late joiner, weights, bands, cost, a worker killed, and
+  short requests (issue 18).
 
 Each has an options dataclass (its defaults are issue 5's measurements; every field is a
 command-line option) and a ``quick`` preset: the same code on a tiny load, for the smoke
@@ -25,6 +28,7 @@ from typing import Any, TextIO
 from hutch_bench.scenarios import (
     backlog,
     cluster,
+    fairness,
     gateway,
     globalcap,
     overhead,
@@ -74,4 +78,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              gateway.GatewayOptions, gateway.run,
              {"light_rps": 20, "light_s": 1, "warmup_s": 0.5, "rates": (40,), "step_s": 1,
               "overload_service_ms": 100, "overload_s": 3, "overload_timeout_s": 5}),
+    Scenario("fairness", "fair scheduler vs FIFO on the same loads: noisy neighbour, late "
+             "joiner, weights 2:1, bands, cost, a worker killed, short requests",
+             fairness.FairnessOptions, fairness.run,
+             {"noisy_s": 4, "join_at_s": 2, "weights_s": 4, "cost_s": 2, "kill_s": 4,
+              "short_backlog": 300, "timeout_s": 5}),
 )}

@@ -77,7 +77,8 @@ class MockConfig:
     ttft_ms: float | None = None
     #: Time between two tokens of a streamed reply.
     itl_ms: float = 0.0
-    #: Each streaming delay is scaled by a random factor in [1 - jitter, 1 + jitter].
+    #: Each delay (``latency_ms`` of a whole answer, a stream's time to first token and
+    #: inter-token latency) is scaled by a random factor in [1 - jitter, 1 + jitter].
     jitter: float = 0.0
     #: Tokens of a reply without ``max_tokens`` (None: the echo of the last message, cut
     #: at ``max_tokens``). When set, a request's ``max_tokens`` is its reply's length.

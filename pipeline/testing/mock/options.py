@@ -51,7 +51,8 @@ def _add_stream_arguments(group: argparse._ArgumentGroup) -> None:
     )
     group.add_argument(
         "--jitter", type=float, default=0.0,
-        help="scale each streaming delay by a random factor in 1 +/- this fraction, "
+        help="scale each delay (latency, time to first token, inter-token) by a random "
+             "factor in 1 +/- this fraction, "
              "seeded by --seed (default: %(default)s)",
     )
     group.add_argument(

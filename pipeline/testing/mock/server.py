@@ -247,7 +247,7 @@ class MockBackend:
                 if chat.stream:
                     return await self._stream(request, chat, fault)
                 if fault is not Fault.HANG:
-                    await asyncio.sleep(self.config.latency_ms / 1000.0)
+                    await asyncio.sleep(self._pacer.seconds(self.config.latency_ms))
         except asyncio.CancelledError:
             self._counters.abort(request_id)
             raise
@@ -273,7 +273,7 @@ class MockBackend:
         if chat.stream:
             await self._pacer.pause(0)
         else:
-            await asyncio.sleep(self.config.latency_ms / 1000.0)
+            await asyncio.sleep(self._pacer.seconds(self.config.latency_ms))
 
     async def _stream(
         self, request: web.Request, chat: ChatRequest, fault: Fault
