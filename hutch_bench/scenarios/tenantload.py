@@ -23,8 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import protocol as p
 from hutch_bench.scenarios.common import MODEL
+from pipeline import protocol as p
 from pipeline.client.client import HutchClient
 from pipeline.client.stream import ChatStream
 from pipeline.errors import RequestFailed, StreamInterruptedError
