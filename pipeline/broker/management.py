@@ -92,15 +92,11 @@ class ManagementAPI:
                 "management API of the broker amqp_url names (and enable its plugin: "
                 "rabbitmq-plugins enable rabbitmq_management)")
 
-    async def require_same_broker(self) -> None:
-        """Refuse now, not at the first write, when the API belongs to another broker:
-        for a command whose reads decide what it writes (another broker's listing has
-        nothing to delete, and "removed 0" would look like success)."""
-        await self._check_same_broker()
-
     async def check_same_broker(self) -> None:
         """Refuse now (:class:`TopologyError`), before anything is started or written,
-        when the API belongs to another broker than ``amqp_url``'s; once per client."""
+        when the API belongs to another broker than ``amqp_url``'s; once per client. For
+        commands whose reads decide what they write (another broker's listing has nothing
+        to delete, and "removed 0" would look like success) and for the benchmarks."""
         await self._check_same_broker()
 
     async def __aenter__(self) -> ManagementAPI:

@@ -164,7 +164,7 @@ async def remove_demo_topology(prefix: str) -> str:
                              prefix=prefix)
     vhost, mine = settings.vhost, prefix + "."
     async with ManagementAPI.from_settings(settings) as api:
-        await api.require_same_broker()
+        await api.check_same_broker()
         policies = [p["name"] for p in await api.list_policies(vhost)
                     if p["name"].startswith(mine)]
         # Exclusive queues (a running worker's lease) vanish with their connection.
