@@ -16,7 +16,7 @@ import pytest
 from pipeline.broker.names import Names
 from pipeline.broker.topology import apply_topology
 from pipeline.testing.mock import MockBackend, MockConfig
-from tests.nodes import LocalCluster, local_cluster  # noqa: F401  (fixture)
+from tests.nodes import LocalCluster
 from tests.test_cluster import cluster, restore, settings_for, workers  # noqa: F401
 from tests.test_fairness import publish_as, replies
 
