@@ -17,6 +17,8 @@ from pipeline.dispatch.cancels import CancelRegistry
 from pipeline.dispatch.dispatcher import Dispatcher
 from pipeline.observe.hooks import Hooks
 from pipeline.outcome import Cancelled
+from pipeline.scheduling.policy import PoolScheduler
+from pipeline.scheduling.tenants import TenantBook
 from pipeline.settings import load_settings
 from pipeline.settle.publisher import Publisher
 from pipeline.settle.settler import Settler
@@ -66,8 +68,10 @@ class HangingBackend:
 
 
 async def _at_backend(reg: CancelRegistry) -> tuple[asyncio.Task[Any], HangingBackend]:
-    dispatcher = Dispatcher(SETTINGS, SETTINGS.pools[0], cast(Settler, None), GUARD, Hooks(),
-                            reg)
+    pool = SETTINGS.pools[0]
+    scheduler = PoolScheduler(pool.name, pool.scheduling, TenantBook({}))
+    dispatcher = Dispatcher(SETTINGS, pool, cast(Settler, None), GUARD, Hooks(), reg,
+                            scheduler)
     backend = HangingBackend()
     d = delivery(user_id="app", correlation_id="r7", deadline_in_s=600)
     task = asyncio.create_task(dispatcher._run(d, cast(Backend, backend), Health()))
