@@ -58,4 +58,6 @@ async def test_fairness_on_a_quorum_pool_survives_a_node_kill(
         if cid not in first:
             first.append(cid)
     bob = [i for i, cid in enumerate(first) if owner[cid] == "bob"]
-    assert len(bob) == 12 and max(bob) < 120, bob  # FIFO would answer them last (160+)
+    # FIFO would answer all of bob's last (160+). A request of bob's held by the worker
+    # whose node died is redelivered after the loss and may come late: most are early.
+    assert len(bob) == 12 and sorted(bob)[9] < 120, bob
