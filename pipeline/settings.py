@@ -64,6 +64,15 @@ class BackendSettings(_Strict):
     name: str = Field(pattern=_NAME)
     url: str
     max_concurrency: int = Field(ge=1, le=10_000)
+    #: ``fixed``: the backend always takes ``max_concurrency``. ``adaptive``: a limit
+    #: between ``min_concurrency`` and ``max_concurrency`` that follows the backend's
+    #: saturation metrics (``metrics_url``), its refusals and its latency (docs: Capacity).
+    concurrency: Literal["fixed", "adaptive"] = "fixed"
+    #: The adaptive limit's floor: it never goes below (1 keeps a backend probed).
+    min_concurrency: int = Field(default=1, ge=1, le=10_000)
+    #: Where an adaptive limit starts when a worker takes the backend's lease (default
+    #: ``min(4, max_concurrency)``): a safe value, never the ceiling.
+    start_concurrency: int | None = Field(default=None, ge=1, le=10_000)
     timeout_s: float = Field(default=60.0, gt=0, lt=CONSUMER_TIMEOUT_S)
     #: Name of the environment variable holding the API key; the key itself is never stored.
     api_key_env: str | None = None
@@ -82,6 +91,18 @@ class BackendSettings(_Strict):
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError("must be an http(s) URL such as http://127.0.0.1:8001/v1")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _limit_bounds(self) -> BackendSettings:
+        if self.min_concurrency > self.max_concurrency:
+            raise ValueError(f"min_concurrency: {self.min_concurrency} is above "
+                             f"max_concurrency ({self.max_concurrency})")
+        start = self.start_concurrency
+        if start is not None and not self.min_concurrency <= start <= self.max_concurrency:
+            raise ValueError(f"start_concurrency: {start} is outside min_concurrency .. "
+                             f"max_concurrency ({self.min_concurrency} .. "
+                             f"{self.max_concurrency})")
+        return self
 
     def api_key(self) -> str | None:
         """Read the key at call time so it lives only in the process environment."""

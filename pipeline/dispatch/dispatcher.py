@@ -79,8 +79,8 @@ class BackendHealth(Protocol):
 
     def available(self) -> bool: ...
     def fastest_s(self) -> float: ...
-    def success(self, elapsed_s: float) -> None: ...
-    def failure(self) -> None: ...
+    def success(self, elapsed_s: float, tokens: int | None = None) -> None: ...
+    def failure(self, refused: bool = False) -> None: ...
     def throttled(self, retry_after_s: float | None, model: str | None = None) -> None: ...
     def model_wait_s(self, model: str | None) -> float: ...
 
@@ -229,7 +229,8 @@ class Dispatcher:
                 self._hooks.retrying(delivery, error)
                 await asyncio.sleep(step.sleep_s)
                 continue
-            health.success(completed.elapsed_s)
+            usage = completed.usage
+            health.success(completed.elapsed_s, usage.completion_tokens if usage else None)
             self._hooks.call_ended(delivery, "ok", completed.elapsed_s, None)
             return completed
 
@@ -242,7 +243,7 @@ class Dispatcher:
             health.throttled(error.retry_after_s, delivery.model)
             delivery.attempts -= 1  # a 429 is not an attempt: the request was not served
         elif kind == "retryable" and decide.counts_against_backend(delivery):
-            health.failure()
+            health.failure(refused=error.status == 503)
         self._hooks.call_ended(delivery, kind, elapsed_s, error)
         return decide.after_failure(delivery, error, kind, number, self._pool,
                                     backoff_s(number), health.model_wait_s(delivery.model))

@@ -10,20 +10,27 @@ here, or back to the broker when none is left serving.
 
 On RabbitMQ 3.10 a live prefetch change has no effect on a consumer, so resizing means
 cancelling and consuming again; the permits keep the cap meanwhile, since a lower limit
-stops granting instead of aborting what runs.
+stops granting instead of aborting what runs. An adaptive limit moves every fraction of a
+second: its permits follow at once, the prefetch at most once per
+:data:`MIN_RESIZE_INTERVAL_S` (what arrives beyond the permits meanwhile waits in the
+admission, in the policy's order).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from pipeline.observe.log import get_logger
 from pipeline.worker.admission import Admission
 from pipeline.worker.health import Level
 
-__all__ = ["CapacityController", "CapacitySource", "PrefetchConsumer"]
+__all__ = ["MIN_RESIZE_INTERVAL_S", "CapacityController", "CapacitySource", "PrefetchConsumer"]
+
+#: An adaptive limit's consumer is resized (cancel, consume again) at most this often.
+MIN_RESIZE_INTERVAL_S = 1.0
 
 log = get_logger("hutch.worker")
 
@@ -50,6 +57,8 @@ class CapacitySource(Protocol):
     def max_concurrency(self) -> int: ...
     @property
     def changed(self) -> asyncio.Event: ...
+    @property
+    def adaptive(self) -> bool: ...
     def allowed(self) -> int: ...
     def reopens_in(self) -> float | None: ...
     def describe(self) -> str: ...
@@ -60,11 +69,16 @@ class CapacityController:
     prefetch equal to them plus the lookahead."""
 
     def __init__(self, consumer: PrefetchConsumer, source: CapacitySource,
-                 capacity_gauge: Level, admission: Admission) -> None:
+                 capacity_gauge: Level, admission: Admission, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._consumer = consumer
         self._source = source
         self._gauge = capacity_gauge
         self._admission = admission
+        self._clock = clock
+        self._resized_at = -MIN_RESIZE_INTERVAL_S
+        #: Seconds until a deferred resize is due (None: none is).
+        self._resize_due_in: float | None = None
 
     async def run(self, until: Sequence[asyncio.Event]) -> None:
         """Follow the source until the consumer's channel closes or one of ``until`` is
@@ -79,8 +93,9 @@ class CapacityController:
             waiters = {asyncio.ensure_future(source.changed.wait()),
                        asyncio.ensure_future(consumer.closed.wait()),
                        *(asyncio.ensure_future(event.wait()) for event in until)}
+            timeouts = [t for t in (source.reopens_in(), self._resize_due_in) if t is not None]
             try:
-                await asyncio.wait(waiters, timeout=source.reopens_in(),
+                await asyncio.wait(waiters, timeout=min(timeouts, default=None),
                                    return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for waiter in waiters:
@@ -95,8 +110,16 @@ class CapacityController:
         # What waits may start on any backend of the pool here; with none left serving,
         # the admission hands it all back to the broker.
         admission.set_limit(source.backend, limit)
+        self._resize_due_in = None
         if want == current:
             return
+        if want and current and source.adaptive:
+            self._gauge.set(limit)
+            wait = self._resized_at + MIN_RESIZE_INTERVAL_S - self._clock()
+            if wait > 0:  # the permits hold the limit meanwhile
+                self._resize_due_in = wait
+                return
+        self._resized_at = self._clock()
         if consumer.consuming:
             await consumer.stop_consuming()
             self._gauge.set(0)

@@ -3,12 +3,14 @@
 Dispatch reports each call's outcome here (the
 :class:`~pipeline.dispatch.dispatcher.BackendHealth` protocol) and asks whether the backend
 may take a request at all. The prefetch controller (:mod:`pipeline.worker.capacity`) asks
-how many requests it may hold: the gate's answer (``max_concurrency`` while healthy, 1 for
-a circuit probe, 0 while open or throttled), or 0 while the operator paused the pool. Both
-kinds of change wake the controller through :attr:`BackendHealthReporter.changed`, so it
-never polls. The state gauge is read from the gate when it is scraped: a cooldown that
-ends with no request in sight shows half-open at once, not open until the next call. No
-I/O here: it is tested with a fake clock.
+how many requests it may hold: the gate's answer (the backend's limit while healthy -- its
+``max_concurrency``, or an adaptive limit (:mod:`pipeline.capacity.limit`) that each call's
+outcome moves --, 1 for a circuit probe, 0 while open or throttled), or 0 while the
+operator paused the pool. Every kind of change wakes the controller through
+:attr:`BackendHealthReporter.changed`, so it never polls. The state gauge is read from
+the gate when it is scraped: a cooldown that ends with no request in sight shows
+half-open at once, not open until the next call. No I/O here: it is tested with a fake
+clock.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from pipeline.backends.breaker import BackendGate, LatencyFloor
+from pipeline.capacity.limit import ConcurrencyLimit, FixedLimit, Saturation
 from pipeline.observe.log import get_logger
 
 __all__ = ["BackendHealthReporter", "Level"]
@@ -32,12 +35,18 @@ class Level(Protocol):
 
 
 class BackendHealthReporter:
-    """One backend's gate, latency floor and pause flag; signals every change."""
+    """One backend's gate, limit, latency floor and pause flag; signals every change."""
 
     def __init__(self, backend: str, max_concurrency: int, gate: BackendGate,
-                 state_gauge: Level, *, per_model_throttle: bool = False) -> None:
+                 state_gauge: Level, *, per_model_throttle: bool = False,
+                 limit: ConcurrencyLimit | None = None,
+                 in_flight: Callable[[], int] = lambda: 0) -> None:
         self.backend = backend
-        self.max_concurrency = max_concurrency
+        #: ``max_concurrency`` (fixed), or an adaptive limit below it.
+        self.limit: ConcurrencyLimit = limit if limit is not None else FixedLimit(
+            max_concurrency)
+        #: Calls running on the backend now (the pool admission's permits in use).
+        self._in_flight = in_flight
         self.gate = gate
         #: ``throttle_scope = "model"``: a 429 pauses only its model, each with a gate of
         #: its own (the same backoff and decay), and the consumer keeps running.
@@ -61,14 +70,26 @@ class BackendHealthReporter:
     def fastest_s(self) -> float:
         return self.latency_floor.seconds()
 
-    def success(self, elapsed_s: float) -> None:
+    def success(self, elapsed_s: float, tokens: int | None = None) -> None:
         self.latency_floor.observe(elapsed_s)
+        if self.limit.completed(elapsed_s, tokens, self._in_flight()):
+            self.changed.set()
         self._report(self.gate.success)
 
-    def failure(self) -> None:
+    def failure(self, refused: bool = False) -> None:
+        """A retryable failure; ``refused``: the backend said it is full (a 503)."""
+        if refused and self.limit.refused(self._in_flight()):
+            self.changed.set()
         self._report(self.gate.failure)
 
+    def saturation(self, snapshot: Saturation | None) -> None:
+        """The backend's metrics, just scraped (None: unknown)."""
+        if self.limit.saturation(snapshot):
+            self.changed.set()
+
     def throttled(self, retry_after_s: float | None, model: str | None = None) -> None:
+        if self.limit.refused(self._in_flight()):
+            self.changed.set()
         if self._per_model and model is not None:
             gate = self._model_gates.get(model)
             if gate is None:
@@ -101,9 +122,20 @@ class BackendHealthReporter:
 
     # -- what the prefetch controller reads --------------------------------------------
 
+    @property
+    def adaptive(self) -> bool:
+        """The limit moves by itself (resize the consumer lazily)."""
+        return self.limit.state != "fixed"
+
+    @property
+    def max_concurrency(self) -> int:
+        """The configured cap: the ceiling of any limit."""
+        return self.limit.ceiling
+
     def allowed(self) -> int:
-        """The prefetch the backend may have now: 0 while paused, else the gate's."""
-        return 0 if self._paused else self.gate.capacity(self.max_concurrency)
+        """The permits the backend may have now: 0 while paused, else the gate's (the
+        current limit while healthy)."""
+        return 0 if self._paused else self.gate.capacity(self.limit.current)
 
     def reopens_in(self) -> float | None:
         """Seconds until the gate lets requests through again by the clock alone (an open
@@ -114,7 +146,8 @@ class BackendHealthReporter:
         return self.gate.available_in()
 
     def describe(self) -> str:
-        return str(self.gate.state)
+        state = str(self.gate.state)
+        return state if self.limit.state == "fixed" else f"{state}, limit {self.limit.state}"
 
     def _set_paused(self, paused: bool) -> bool:
         if self._paused == paused:

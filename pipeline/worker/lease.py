@@ -171,6 +171,7 @@ class LeaseHolder:
         """Serve with ``consumer`` until its channel closes or a release; True if the
         backend was handed over."""
         self.consumer = consumer
+        self.health.limit.reset()  # a new holder starts from a safe value, not the ceiling
         log.info("lease.acquired", backend=self.name, pool=self.pool,
                  prefetch=self.health.max_concurrency)
         try:

@@ -63,6 +63,7 @@ from pipeline.worker.consumer import Handler, TrackedConsumer
 from pipeline.worker.handlers import Handlers
 from pipeline.worker.health import BackendHealthReporter
 from pipeline.worker.lease import Intake, Lease, LeaseHolder, LeaseTiming
+from pipeline.worker.limits import concurrency_limit
 from pipeline.worker.pause import PauseFollower
 from pipeline.worker.presence import PoolPresence, Presence
 from pipeline.worker.startup import await_topology
@@ -177,16 +178,20 @@ class Worker:
         transport = self._transport_factory(settings) if self._transport_factory else None
         gate = BackendGate(BreakerPolicy(failure_threshold=pool.breaker_failures,
                                          cooldown_s=pool.breaker_cooldown_s))
+        admission = self._admissions[pool.name]
         health = BackendHealthReporter(settings.name, settings.max_concurrency, gate,
                                        self.metrics.backend_state.labels(settings.name),
-                                       per_model_throttle=settings.throttle_scope == "model")
+                                       per_model_throttle=settings.throttle_scope == "model",
+                                       limit=concurrency_limit(settings),
+                                       in_flight=functools.partial(admission.in_use,
+                                                                   settings.name))
         timing = LeaseTiming(self.settings.lease_retry_s, self.settings.shutdown_grace_s)
         lease = Lease(self.names.lease_queue(settings.name), settings.name, timing,
                       self.metrics.lease_held.labels(settings.name))
         scheduling = pool.scheduling
         sorts = scheduling.policy == "fair" and scheduling.lookahead > 0
         lanes = LaneMap(self.names, pool.name, scheduling).queues() if sorts else []
-        intake = Intake(self.names.work_queue(pool.name), self._admissions[pool.name], lanes)
+        intake = Intake(self.names.work_queue(pool.name), admission, lanes)
         holder = LeaseHolder(lease, health, pool.name, intake,
                              self.metrics.capacity.labels(settings.name),
                              may_take=functools.partial(self._may_take_more, pool.name),
