@@ -34,8 +34,8 @@ class Snap:
     kv_usage: float | None = None
 
 
-def window(limit: AdaptiveLimit, clock: Clock, *, latency: float = 0.1, in_flight: int | None = None,
-           n: int | None = None) -> None:
+def window(limit: AdaptiveLimit, clock: Clock, *, latency: float = 0.1,
+           in_flight: int | None = None, n: int | None = None) -> None:
     """One full window of successes at ``in_flight`` (default: at the limit)."""
     count = n if n is not None else max(3, limit.current // 2)
     clock.now += 0.3
