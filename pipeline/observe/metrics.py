@@ -137,8 +137,9 @@ class Metrics:
             "hutch_backend_in_flight", "Requests this worker has at the backend now.",
             ["backend"])
         self.capacity = gauge(
-            "hutch_backend_capacity", "The backend's max_concurrency while this worker holds "
-            "its lease, else 0.", ["backend"])
+            "hutch_backend_capacity", "The backend's current limit (max_concurrency, or the "
+            "adaptive limit) while this worker holds its lease and it serves, else 0.",
+            ["backend"])
         self.lease_held = gauge(
             "hutch_backend_lease_held", "1 while this worker holds the backend's lease.",
             ["backend"])

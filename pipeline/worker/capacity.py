@@ -122,7 +122,8 @@ class CapacityController:
         self._resized_at = self._clock()
         if consumer.consuming:
             await consumer.stop_consuming()
-            self._gauge.set(0)
+            if not want:
+                self._gauge.set(0)
         if want:
             await consumer.start(want)
             self._gauge.set(limit)

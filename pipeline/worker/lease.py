@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
@@ -141,6 +142,8 @@ class LeaseHolder:
         #: The worker stops: nothing may start consuming again (a health change included).
         self._draining = draining
         self.consumer: TrackedConsumer | None = None
+        #: Runs while the lease is held: the backend's saturation metrics, if it has any.
+        self.watch: Callable[[], Coroutine[Any, Any, None]] | None = None
 
     @property
     def name(self) -> str:
@@ -174,6 +177,8 @@ class LeaseHolder:
         self.health.limit.reset()  # a new holder starts from a safe value, not the ceiling
         log.info("lease.acquired", backend=self.name, pool=self.pool,
                  prefetch=self.health.max_concurrency)
+        watching = (asyncio.create_task(self.watch()) if self.watch is not None
+                    else None)
         try:
             controller = CapacityController(consumer, self.health, self._capacity_gauge,
                                             self.intake.admission)
@@ -194,6 +199,9 @@ class LeaseHolder:
                           lanes=len(self.intake.lanes), hint="run `hutch topology apply`")
             await asyncio.sleep(5)
         finally:
+            if watching is not None:
+                watching.cancel()
+                await asyncio.gather(watching, return_exceptions=True)
             self.lease.dropped()
             self.consumer = None
             self._capacity_gauge.set(0)
