@@ -132,12 +132,14 @@ async def test_preemption_pauses_the_newest_and_every_reply_completes() -> None:
     engine = _engine(kv_tokens=40, max_running=8, tpot_ms=1, preempt=True)
     first, second = engine.sequence(10, 15), engine.sequence(10, 15)
     preempted_while: list[int] = []
+    peak_kv: list[int] = []
 
     async def generate(seq: Sequence) -> None:
         await engine.admit(seq)
         await engine.prefill(seq, 0.001)
         while seq.generated < seq.reply_tokens:
             await engine.step(seq, lambda s: s)
+            peak_kv.append(engine.kv_used)
             if seq is first and second.preemptions and not preempted_while:
                 preempted_while.append(first.generated)
         engine.finish(seq)
@@ -147,6 +149,7 @@ async def test_preemption_pauses_the_newest_and_every_reply_completes() -> None:
     assert engine.preemptions == second.preemptions
     assert first.generated == second.generated == 15
     assert preempted_while  # the oldest kept generating while the newest waited
+    assert max(peak_kv) <= 40  # the budget is never overrun
     assert not engine.running and not engine.waiting
 
 

@@ -165,10 +165,15 @@ class Engine:
             if self.config.preempt and self.kv_used + 1 > self.config.kv_tokens:
                 self._preempt_newest()
                 continue
-            await asyncio.sleep(seconds())
+            seq.generated += 1  # its KV is taken now, so concurrent steps cannot overrun
+            try:
+                await asyncio.sleep(seconds())
+            except BaseException:
+                seq.generated -= 1
+                raise
             if seq.running:
-                seq.generated += 1
                 return
+            seq.generated -= 1  # preempted while it was being produced
 
 
 class SequencePacer:
