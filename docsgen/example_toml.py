@@ -33,6 +33,7 @@ EXAMPLES: dict[str, Any] = {
     "BackendSettings.url": "http://127.0.0.1:8001/v1",
     "BackendSettings.max_concurrency": 4,
     "BackendSettings.api_key_env": "VLLM_API_KEY",
+    "BackendSettings.metrics_url": "http://127.0.0.1:8000/metrics",
     "BandSettings.name": "interactive",
     "BandSettings.min_priority": 5,
     "TenantSettings.max_priority": 5,

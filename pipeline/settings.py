@@ -83,6 +83,10 @@ class BackendSettings(_Strict):
     #: What a 429 pauses: the whole ``backend``, or only the request's ``model`` there
     #: (proxies such as LiteLLM limit each model on its own: the others keep being served).
     throttle_scope: Literal["backend", "model"] = "backend"
+    #: The backend's Prometheus metrics URL (vLLM, SGLang: ``http://host:port/metrics``;
+    #: llama.cpp with ``--metrics``), read for its saturation: requests running and waiting
+    #: inside it, KV cache use. Unset: not read. Unreadable or stale metrics count as unknown.
+    metrics_url: str | None = None
 
     @field_validator("url")
     @classmethod
@@ -103,6 +107,14 @@ class BackendSettings(_Strict):
                              f"max_concurrency ({self.min_concurrency} .. "
                              f"{self.max_concurrency})")
         return self
+
+    @field_validator("metrics_url")
+    @classmethod
+    def _http_metrics_url(cls, value: str | None) -> str | None:
+        parts = urlsplit(value or "")
+        if value is not None and (parts.scheme not in ("http", "https") or not parts.netloc):
+            raise ValueError("must be an http(s) URL such as http://127.0.0.1:8000/metrics")
+        return value
 
     def api_key(self) -> str | None:
         """Read the key at call time so it lives only in the process environment."""

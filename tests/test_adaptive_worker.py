@@ -16,6 +16,7 @@ import httpx
 
 from hutch import HutchClient
 from pipeline.broker.topology import apply_topology
+from pipeline.settings import Settings
 from tests.conftest import SettingsFactory, running_worker
 
 
@@ -23,13 +24,24 @@ class QueueingServer:
     """``room`` requests run at once for ``service_s``; the rest wait inside, FIFO."""
 
     def __init__(self, room: int, service_s: float) -> None:
+        self.room = room
         self._room = asyncio.Semaphore(room)
         self.service_s = service_s
         self.inside = 0
         self.max_inside = 0
         self.calls = 0
 
+    @property
+    def waiting(self) -> int:
+        return max(0, self.inside - self.room)
+
     async def handler(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":  # vLLM's names
+            running = self.inside - self.waiting
+            return httpx.Response(200, text=(
+                f'vllm:num_requests_running{{model_name="m"}} {running}\n'
+                f'vllm:num_requests_waiting{{model_name="m"}} {self.waiting}\n'
+                f'vllm:kv_cache_usage_perc{{model_name="m"}} {running / self.room * 0.8}\n'))
         self.calls += 1
         self.inside += 1
         self.max_inside = max(self.max_inside, self.inside)
@@ -46,13 +58,9 @@ class QueueingServer:
             "usage": {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}})
 
 
-async def test_the_limit_rises_from_its_start_and_stays_near_the_backends_room(
-        make_settings: SettingsFactory) -> None:
-    settings = make_settings([("b1", "http://adaptive.invalid/v1", 32)])
+async def serve(settings: Settings, server: QueueingServer, requests: int) -> list[float]:
+    """Send ``requests`` at once through a worker; the limit sampled every 50 ms."""
     backend = settings.pools[0].backends[0]
-    settings.pools[0].backends[0] = backend.model_copy(update={
-        "concurrency": "adaptive", "start_concurrency": 2})
-    server = QueueingServer(room=4, service_s=0.04)
     await apply_topology(settings)
     limits: list[float] = []
     async with running_worker(settings, transport_factory=lambda _: httpx.MockTransport(
@@ -67,13 +75,43 @@ async def test_the_limit_rises_from_its_start_and_stays_near_the_backends_room(
         watcher = asyncio.create_task(watch())
         answers = await asyncio.gather(*(
             client.chat(model="mock-small", messages=[{"role": "user", "content": str(i)}],
-                        timeout=60) for i in range(400)))
+                        timeout=60) for i in range(requests)))
         watcher.cancel()
-    assert len(answers) == 400 and all(a.choices[0].message.content == "ok" for a in answers)
-    assert server.calls == 400  # each answered once, by one call
+    assert len(answers) == requests
+    assert all(a.choices[0].message.content == "ok" for a in answers)
+    assert server.calls == requests  # each answered once, by one call
+    return limits
+
+
+def adaptive(settings: Settings, **fields: object) -> Settings:
+    pool = settings.pools[0]
+    pool.backends[0] = pool.backends[0].model_copy(update={
+        "concurrency": "adaptive", "start_concurrency": 2, **fields})
+    return settings
+
+
+async def test_the_limit_rises_from_its_start_and_stays_near_the_backends_room(
+        make_settings: SettingsFactory) -> None:
+    settings = adaptive(make_settings([("b1", "http://adaptive.invalid/v1", 32)]))
+    server = QueueingServer(room=4, service_s=0.04)
+    limits = await serve(settings, server, 400)
     assert max(limits) > 2, limits  # it rose from its start
     # Beyond the room of 4 the server's queue shows in the latency: after the cold start's
     # doubling overshoots (to 16 at most: 8 looked fine while 4's samples were in its
     # window), the limit falls back and never gets near the ceiling of 32.
     assert server.max_inside <= 24
     assert max(limits[len(limits) // 2:]) <= 12, limits
+
+
+async def test_with_the_backends_metrics_the_limit_keeps_its_queue_out_of_it(
+        make_settings: SettingsFactory) -> None:
+    settings = adaptive(make_settings([("b1", "http://adaptive.invalid/v1", 32)]),
+                        metrics_url="http://adaptive.invalid/metrics")
+    server = QueueingServer(room=4, service_s=0.04)
+    limits = await serve(settings, server, 600)
+    assert max(limits) >= 4, limits  # it found the room...
+    # ...and each scrape that shows a queue inside the server takes it back down: over the
+    # last third it mostly stays within one probe of the room (the latency fallback, on a
+    # machine too busy to scrape in time, would allow up to 1.5x).
+    last = sorted(limits[2 * len(limits) // 3:])
+    assert last[len(last) // 2] <= 6, limits

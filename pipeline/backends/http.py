@@ -34,6 +34,7 @@ import httpx
 from pydantic import ValidationError
 
 from pipeline.backends.hints import retry_after_s
+from pipeline.backends.saturation import SaturationReader
 from pipeline.backends.transport import AiohttpTransport
 from pipeline.errors import (
     BackendCallError,
@@ -180,9 +181,17 @@ class Backend:
         self._default_timeout = httpx.Timeout(settings.timeout_s).as_dict()
         #: Whether a backend ever set a cookie (testing the jar itself costs a lock).
         self._cookies = False
+        #: Reads the backend's saturation metrics, if it has a ``metrics_url``: a client of
+        #: its own, without the API key (a metrics URL may be another host).
+        self.metrics: SaturationReader | None = None
+        if settings.metrics_url is not None:
+            self.metrics = SaturationReader(settings.name, settings.metrics_url,
+                                            httpx.AsyncClient(transport=transport))
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        if self.metrics is not None:
+            await self.metrics.aclose()
 
     def _redact(self, message: str) -> str:
         """Error texts may echo what was sent (proxies repeat the key): never the key."""

@@ -66,6 +66,7 @@ from pipeline.worker.lease import Intake, Lease, LeaseHolder, LeaseTiming
 from pipeline.worker.limits import concurrency_limit
 from pipeline.worker.pause import PauseFollower
 from pipeline.worker.presence import PoolPresence, Presence
+from pipeline.worker.signals import watch_saturation
 from pipeline.worker.startup import await_topology
 
 __all__ = ["Worker"]
@@ -196,7 +197,10 @@ class Worker:
                              self.metrics.capacity.labels(settings.name),
                              may_take=functools.partial(self._may_take_more, pool.name),
                              draining=self._stopping)
-        return _Slot(Backend(settings, transport), holder)
+        http = Backend(settings, transport)
+        if http.metrics is not None and settings.concurrency == "adaptive":
+            holder.watch = functools.partial(watch_saturation, health, http.metrics)
+        return _Slot(http, holder)
 
     def _admission(self, pool: PoolSettings) -> Admission:
         """The pool's admission in this worker: its backends' permits, one waiting set."""

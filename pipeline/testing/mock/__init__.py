@@ -33,6 +33,13 @@ Faults can be replaced at runtime with ``POST /faults`` (``{}`` clears them, a t
 "fix" a backend mid-run), read with ``GET /faults``, or set in-process with
 :meth:`MockBackend.set_faults`. ``seed`` makes the random choices repeatable.
 
+**Realistic mode** (``MockConfig(engine=EngineConfig(...))``, ``--realistic``): chat
+requests share a KV budget in tokens, each token takes longer as the batch grows, requests
+beyond the budget (or ``max_running``) wait FIFO inside the mock and, with ``preempt``, the
+newest running request is paused back when the budget runs out; ``GET /metrics`` exports
+all of it under vLLM's metric names, and ``POST /admin/capacity`` changes the capacity at
+run time (:mod:`.engine_config`, :mod:`.engine`, :mod:`.engine_metrics`).
+
 One concept per module, in the order a request meets them: :mod:`.config` (what the
 mock is told), :mod:`.chat` (the OpenAI shapes), :mod:`.faults` (which requests fail),
 :mod:`.stream` (a streamed reply, paced), :mod:`.stats` (what it counts),
@@ -47,6 +54,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from pipeline.testing.mock.config import FAULT_FIELDS, MockConfig
+from pipeline.testing.mock.engine_config import CAPACITY_FIELDS, EngineConfig
 from pipeline.testing.mock.options import add_arguments
 
 if TYPE_CHECKING:
@@ -54,7 +62,9 @@ if TYPE_CHECKING:
     from pipeline.testing.mock.server import MockBackend
 
 __all__ = [
+    "CAPACITY_FIELDS",
     "FAULT_FIELDS",
+    "EngineConfig",
     "MockBackend",
     "MockConfig",
     "add_arguments",

@@ -44,6 +44,9 @@ async def serve(host: str, port: int, config: MockConfig) -> None:
                 f"(capacity {config.capacity}, latency {config.latency_ms:g} ms)",
                 flush=True,
             )
+            if config.engine is not None:
+                print(f"mock backend realistic engine: {json.dumps(config.engine.capacity())}",
+                      flush=True)
             if config.has_faults:
                 print(f"mock backend faults: {json.dumps(config.faults())}", flush=True)
             await stop_requested.wait()

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
+from pipeline.testing.mock.engine_config import EngineConfig
+
 __all__ = ["FAULT_FIELDS", "RATE_FIELDS", "MockConfig"]
 
 #: The fault settings of :class:`MockConfig`: what ``POST /faults`` and ``set_faults`` take.
@@ -106,6 +108,9 @@ class MockConfig:
     fault_after_tokens: int = 1
     #: Seed of the random fault choices and of the jitter (None: unpredictable).
     seed: int | None = None
+    #: Behave like a real server (KV budget, batch slowdown, internal queue, ``/metrics``
+    #: under vLLM's names); None keeps the fixed ``capacity`` slots and ``latency_ms``.
+    engine: EngineConfig | None = None
 
     def __post_init__(self) -> None:
         _check_count("capacity", self.capacity, 1)
@@ -118,6 +123,8 @@ class MockConfig:
         self._check_streaming()
         self._check_rates()
         self._check_faults()
+        if self.engine is not None and not isinstance(self.engine, EngineConfig):
+            raise ValueError(f"engine must be an EngineConfig or None, got {self.engine!r}")
 
     def _check_streaming(self) -> None:
         for name, ms in (("ttft_ms", self.ttft_ms), ("itl_ms", self.itl_ms)):

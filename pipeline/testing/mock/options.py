@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.testing.mock.config import FAULT_FIELDS, MockConfig
+from pipeline.testing.mock.engine_config import EngineConfig
 
 __all__ = ["add_arguments", "config_from_args"]
 
@@ -38,6 +39,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_fault_arguments(parser.add_argument_group(
         "fault injection", "none by default; change them at runtime with POST /faults"
     ))
+    _add_engine_arguments(parser.add_argument_group(
+        "realistic engine",
+        "with --realistic, chat requests share a KV budget, slow down as the batch grows, "
+        "wait inside the mock beyond it, and GET /metrics serves vLLM's metrics; change "
+        "the capacity at runtime with POST /admin/capacity",
+    ))
+
+
+def _add_engine_arguments(group: argparse._ArgumentGroup) -> None:
+    defaults = EngineConfig()
+    group.add_argument(
+        "--realistic", action="store_true",
+        help="behave like a continuous-batching server such as vLLM (--capacity and "
+             "--latency-ms then no longer apply to chat requests)",
+    )
+    group.add_argument(
+        "--kv-tokens", type=int, default=defaults.kv_tokens,
+        help="KV budget: prompt plus generated tokens of running requests "
+             "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-running", type=int, default=defaults.max_running,
+        help="requests in the batch at most (default: %(default)s)",
+    )
+    group.add_argument(
+        "--tpot-ms", type=float, default=defaults.tpot_ms,
+        help="time per output token of a lone request (default: %(default)s)",
+    )
+    group.add_argument(
+        "--batch-slowdown", type=float, default=defaults.batch_slowdown,
+        help="each other running request adds this fraction of --tpot-ms to every token "
+             "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--preempt", action="store_true",
+        help="admit a request when its prompt fits, and pause the newest running one when "
+             "the KV budget runs out (vLLM's recompute preemption); without it a request "
+             "waits until its whole length fits",
+    )
 
 
 def _add_stream_arguments(group: argparse._ArgumentGroup) -> None:
@@ -127,7 +167,16 @@ def config_from_args(args: argparse.Namespace) -> MockConfig:
     faults = {name: getattr(args, name) for name in FAULT_FIELDS if hasattr(args, name)}
     pace = {name: getattr(args, name) for name in _PACE_FIELDS if hasattr(args, name)}
     return MockConfig(latency_ms=args.latency_ms, capacity=args.capacity, models=models,
-                      **pace, **faults)
+                      engine=_engine_from_args(args), **pace, **faults)
+
+
+def _engine_from_args(args: argparse.Namespace) -> EngineConfig | None:
+    """The realistic engine the options ask for (None without ``--realistic``)."""
+    if not getattr(args, "realistic", False):
+        return None
+    return EngineConfig(kv_tokens=args.kv_tokens, max_running=args.max_running,
+                        tpot_ms=args.tpot_ms, batch_slowdown=args.batch_slowdown,
+                        preempt=args.preempt)
 
 
 #: The streaming and reply options (absent from a namespace built by another parser).

@@ -5,12 +5,18 @@ reply: until its last event), like a busy inference server; faults are decided b
 :mod:`~pipeline.testing.mock.faults`, streams written by :mod:`~pipeline.testing.mock.stream`,
 and everything counted by :mod:`~pipeline.testing.mock.stats`. A client that goes away
 (its connection closed) frees its slot at once and is counted as ``aborted``.
+
+With ``MockConfig.engine`` set, chat requests go through the realistic
+:class:`~pipeline.testing.mock.engine.Engine` instead of the slots (KV budget, batch
+slowdown, internal queue, preemption), ``GET /metrics`` serves vLLM's metrics and
+``POST /admin/capacity`` changes the capacity at run time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
@@ -30,10 +36,13 @@ from pipeline.testing.mock.chat import (
 from pipeline.testing.mock.config import MockConfig
 from pipeline.testing.mock.endpoints import PATHS
 from pipeline.testing.mock.endpoints import handler as endpoint_handler
+from pipeline.testing.mock.engine import Engine, Sequence, SequencePacer, TooLongError
+from pipeline.testing.mock.engine_metrics import CONTENT_TYPE, EngineMetrics
 from pipeline.testing.mock.faults import Fault, FaultDice
 from pipeline.testing.mock.stats import Counters
 from pipeline.testing.mock.stream import (
     MALFORMED_EVENT,
+    Pace,
     Pacer,
     StreamBody,
     StrikeFault,
@@ -79,6 +88,8 @@ class MockBackend:
         self._dice = FaultDice(config)
         self._pacer = Pacer(config)
         self._counters = Counters(config.ids_kept)
+        self._engine = (None if config.engine is None
+                        else Engine(config.engine, EngineMetrics(config.models[0])))
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -179,6 +190,21 @@ class MockBackend:
         """The faults in force, same JSON as ``GET /faults``."""
         return self.config.faults()
 
+    def set_capacity(self, **fields: Any) -> dict[str, Any]:
+        """Change the realistic engine's capacity (names in ``CAPACITY_FIELDS``; the others
+        kept) and return it. Raises ValueError on bad input or without an engine.
+
+        Running requests keep running; waiting ones are admitted at once if they now fit.
+        """
+        engine = self._engine
+        if engine is None or self.config.engine is None:
+            raise ValueError("the mock runs without the realistic engine (start it with "
+                             "--realistic, or MockConfig(engine=EngineConfig(...)))")
+        config = self.config.engine.with_capacity(**fields)
+        self.config = dataclasses.replace(self.config, engine=config)
+        engine.reconfigure(config)
+        return config.capacity()
+
     def stats(self) -> dict[str, Any]:
         """Counters and peaks, same JSON as ``GET /stats``.
 
@@ -186,10 +212,16 @@ class MockBackend:
         or reset) give utilisation between two reads: delta busy / (capacity x delta
         elapsed). ``served_ids`` and ``aborted_ids`` hold the last ``ids_kept`` ids."""
         config = self.config
-        return {**self._counters.snapshot(), "capacity": config.capacity,
-                "latency_ms": config.latency_ms, "ttft_ms": config.first_token_ms,
-                "itl_ms": config.itl_ms, "ids_kept": config.ids_kept,
-                "models": list(config.models)}
+        stats = {**self._counters.snapshot(), "capacity": config.capacity,
+                 "latency_ms": config.latency_ms, "ttft_ms": config.first_token_ms,
+                 "itl_ms": config.itl_ms, "ids_kept": config.ids_kept,
+                 "models": list(config.models)}
+        if self._engine is not None:
+            engine = self._engine
+            stats["engine"] = {**engine.config.capacity(), "running": len(engine.running),
+                               "waiting": len(engine.waiting), "kv_used": engine.kv_used,
+                               "preemptions": engine.preemptions}
+        return stats
 
     def reset_stats(self) -> None:
         """Zero counters between runs; config, faults and requests currently open are kept."""
@@ -224,6 +256,10 @@ class MockBackend:
         app.router.add_post("/stats/reset", self._handle_stats_reset)
         app.router.add_get("/faults", self._handle_faults_get)
         app.router.add_post("/faults", self._handle_faults_set)
+        if self._engine is not None:
+            app.router.add_get("/metrics", self._handle_metrics)
+            app.router.add_get("/admin/capacity", self._handle_capacity_get)
+            app.router.add_post("/admin/capacity", self._handle_capacity_set)
         return app
 
     async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
@@ -233,21 +269,29 @@ class MockBackend:
             return error_response(400, "invalid_request", "request body is not valid JSON")
         except RequestError as exc:
             return error_response(exc.status, exc.code, exc.message)
+        seq = None
+        if self._engine is not None:
+            reply = reply_for(chat, self.config.reply_tokens)
+            try:
+                seq = self._engine.sequence(reply.prompt_tokens, len(reply.tokens))
+            except TooLongError as exc:
+                return error_response(400, "context_length_exceeded", str(exc))
         if self._dice.throttle_now():
             return self._throttled(request)
         request_id = request.headers.get("X-Request-Id")
         try:
-            async with self._slot() as fault:
+            async with self._slot(seq) as fault:
+                pace = self._pace(seq)
                 if fault is Fault.FAIL:
-                    await self._first_wait(chat)
+                    await self._first_wait(chat, pace)
                     return self._failed(request)
                 if fault is Fault.HANG:
                     self._counters.hung += 1
                     await self._hold(request)
                 if chat.stream:
-                    return await self._stream(request, chat, fault)
+                    return await self._stream(request, chat, fault, pace)
                 if fault is not Fault.HANG:
-                    await asyncio.sleep(self._pacer.seconds(self.config.latency_ms))
+                    await self._whole_wait(pace)
         except asyncio.CancelledError:
             self._counters.abort(request_id)
             raise
@@ -268,15 +312,31 @@ class MockBackend:
         headers = {} if request_id is None else {"X-Request-Id": request_id}
         return web.json_response(response, headers=headers)
 
-    async def _first_wait(self, chat: ChatRequest) -> None:
+    def _pace(self, seq: Sequence | None) -> Pace:
+        """What paces a request's tokens: the fixed pace, or the engine for ``seq``."""
+        if seq is None or self._engine is None:
+            return self._pacer
+        pacer = self._pacer
+        return SequencePacer(self._engine, seq,
+                             lambda: pacer.seconds(self.config.first_token_ms),
+                             lambda seconds: pacer.seconds(seconds * 1000.0))
+
+    async def _whole_wait(self, pace: Pace) -> None:
+        """How long a whole answer takes: the latency, or every token through the engine."""
+        if isinstance(pace, SequencePacer):
+            await pace.whole()
+        else:
+            await asyncio.sleep(self._pacer.seconds(self.config.latency_ms))
+
+    async def _first_wait(self, chat: ChatRequest, pace: Pace) -> None:
         """How long a failure takes: the latency, or a stream's time to first token."""
-        if chat.stream:
-            await self._pacer.pause(0)
+        if chat.stream or isinstance(pace, SequencePacer):
+            await pace.pause(0)
         else:
             await asyncio.sleep(self._pacer.seconds(self.config.latency_ms))
 
     async def _stream(
-        self, request: web.Request, chat: ChatRequest, fault: Fault
+        self, request: web.Request, chat: ChatRequest, fault: Fault, pace: Pace
     ) -> web.StreamResponse:
         """Stream the reply in the caller's slot; a client gone mid-stream is counted."""
         request_id = request.headers.get("X-Request-Id")
@@ -284,7 +344,7 @@ class MockBackend:
         response = web.StreamResponse(headers=sse_headers(request_id))
         try:
             await response.prepare(request)
-            done = await write_stream(response, body, self._pacer,
+            done = await write_stream(response, body, pace,
                                       self.config.fault_after_tokens,
                                       self._striker(request, fault))
         except ConnectionResetError:
@@ -335,12 +395,20 @@ class MockBackend:
         )
 
     @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[Fault]:
-        """Wait FIFO for a slot and hold it for the block; counters survive cancellation.
-        Yields the fault decided once the slot was taken."""
+    async def _slot(self, seq: Sequence | None = None) -> AsyncIterator[Fault]:
+        """Wait FIFO for a slot (with ``seq``: for the engine to run it) and hold it for the
+        block; counters survive cancellation. Yields the fault decided once admitted."""
+        engine = self._engine if seq is not None else None
         self._counters.start_waiting()
         try:
-            await self._slots.acquire()
+            if engine is not None and seq is not None:
+                try:
+                    await engine.admit(seq)
+                except BaseException:
+                    engine.finish(seq)
+                    raise
+            else:
+                await self._slots.acquire()
         finally:
             self._counters.stop_waiting()
         try:
@@ -350,7 +418,10 @@ class MockBackend:
             finally:
                 self._counters.leave_service()
         finally:
-            self._slots.release()
+            if engine is not None and seq is not None:
+                engine.finish(seq)
+            else:
+                self._slots.release()
 
     async def _hold(self, request: web.Request) -> None:
         """Hang for ``hang_s`` (a fault); ``stop()`` drops the connection meanwhile."""
@@ -378,16 +449,35 @@ class MockBackend:
         return web.json_response(self.faults())
 
     async def _handle_faults_set(self, request: web.Request) -> web.Response:
-        try:
-            body = json.loads(await request.read())
-        except ValueError:
-            return error_response(400, "invalid_request", "request body is not valid JSON")
-        if not isinstance(body, dict):
-            return error_response(
-                400, "invalid_request",
-                "request body must be a JSON object of fault fields ({} clears all faults)",
-            )
-        try:
-            return web.json_response(self.set_faults(**body))
-        except ValueError as exc:
-            return error_response(400, "invalid_request", str(exc))
+        return await _apply_object(
+            request, self.set_faults,
+            "request body must be a JSON object of fault fields ({} clears all faults)")
+
+    async def _handle_metrics(self, request: web.Request) -> web.Response:
+        assert self._engine is not None  # the route exists only with an engine
+        return web.Response(body=self._engine.metrics.render(),
+                            headers={"Content-Type": CONTENT_TYPE})
+
+    async def _handle_capacity_get(self, request: web.Request) -> web.Response:
+        assert self.config.engine is not None  # the route exists only with an engine
+        return web.json_response(self.config.engine.capacity())
+
+    async def _handle_capacity_set(self, request: web.Request) -> web.Response:
+        return await _apply_object(
+            request, self.set_capacity,
+            'request body must be a JSON object such as {"kv_tokens": 2048, "max_running": 8}')
+
+
+async def _apply_object(request: web.Request, apply: Callable[..., dict[str, Any]],
+                        not_object: str) -> web.Response:
+    """Call ``apply`` with the fields of a JSON object body; 400 on a bad body or value."""
+    try:
+        body = json.loads(await request.read())
+    except ValueError:
+        return error_response(400, "invalid_request", "request body is not valid JSON")
+    if not isinstance(body, dict):
+        return error_response(400, "invalid_request", not_object)
+    try:
+        return web.json_response(apply(**body))
+    except (TypeError, ValueError) as exc:
+        return error_response(400, "invalid_request", str(exc))

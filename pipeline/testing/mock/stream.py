@@ -16,14 +16,14 @@ import json
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from pipeline.testing.mock.chat import ChatRequest, Reply
 from pipeline.testing.mock.config import MockConfig
 
-__all__ = ["DONE_EVENT", "MALFORMED_EVENT", "Pacer", "StreamBody", "StrikeFault",
+__all__ = ["DONE_EVENT", "MALFORMED_EVENT", "Pace", "Pacer", "StreamBody", "StrikeFault",
            "sse_headers", "write_stream"]
 
 #: The event that ends an OpenAI stream.
@@ -46,6 +46,12 @@ def sse_headers(request_id: str | None) -> dict[str, str]:
 
 def _event(data: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+class Pace(Protocol):
+    """What paces a stream: a fixed pace (:class:`Pacer`) or the realistic engine's."""
+
+    async def pause(self, tokens_sent: int) -> None: ...
 
 
 class Pacer:
@@ -104,7 +110,7 @@ class StreamBody:
 
 
 async def write_stream(
-    response: web.StreamResponse, body: StreamBody, pacer: Pacer,
+    response: web.StreamResponse, body: StreamBody, pacer: Pace,
     fault_after: int, strike: StrikeFault | None,
 ) -> bool:
     """Write a prepared response's events, paced; ``strike`` (if any) is called once
