@@ -105,17 +105,22 @@ def _build(directory: Path) -> list[Resource]:
 
 
 def _generate(directory: Path, generator: dict[str, Any], resources: list[Resource]) -> None:
-    assert set(generator) <= {"name", "files", "literals", "behavior"}, generator
+    assert set(generator) <= {"name", "files", "literals", "behavior", "options"}, generator
+    options = generator.get("options", {})
+    assert set(options) <= {"labels"}, options
     data = {Path(f).name: (directory / f).read_text() for f in generator.get("files", [])}
     data.update(dict(item.split("=", 1) for item in generator.get("literals", [])))
     behavior = generator.get("behavior", "create")
     if behavior == "create":
         resources.append({"apiVersion": "v1", "kind": "ConfigMap", "_generated": True,
-                          "metadata": {"name": generator["name"]}, "data": data})
+                          "metadata": {"name": generator["name"],
+                                       "labels": dict(options.get("labels", {}))},
+                          "data": data})
         return
     existing = _find(resources, "ConfigMap", generator["name"])
     assert existing.get("_generated"), f"{generator['name']}: {behavior} of a non-generated map"
     existing["data"] = data if behavior == "replace" else {**existing["data"], **data}
+    existing["metadata"]["labels"].update(options.get("labels", {}))
 
 
 def _transform(kust: dict[str, Any], resources: list[Resource]) -> None:
@@ -546,3 +551,22 @@ def test_the_backend_scaler_queries_what_is_exported(rendered: list[Resource],
     [backend_regex] = re.findall(r'backend=~"([^"]+)"', query)
     assert all(re.fullmatch(backend_regex, b.name) for b in pool.backends)
     assert int(meta["threshold"]) > 0
+
+
+def test_the_first_apply_step_holds_what_the_topology_job_needs(
+        rendered: list[Resource]) -> None:
+    """docs/operations/kubernetes.md applies ``component in (config, topology)`` first:
+    that selects the Namespace (overlay), the Secret, the ConfigMap and the Job, and
+    everything the Job's pod refers to is among them."""
+    first = [r for r in rendered if r["metadata"].get("labels", {}).get(
+        "app.kubernetes.io/component") in {"config", "topology"}]
+    kinds = sorted(r["kind"] for r in first)
+    namespace = ["Namespace"] if of_kind(rendered, "Namespace") else []
+    assert kinds == sorted(["ConfigMap", "Job", "Secret", *namespace])
+    [job] = of_kind(first, "Job")
+    pod = job["spec"]["template"]["spec"]
+    names = {r["metadata"]["name"] for r in first}
+    assert {v["configMap"]["name"] for v in pod["volumes"]} <= names
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in pod["containers"][0]["env"]} <= names
+    assert _find(rendered, "Job", "hutch-topology")["spec"]["template"]["spec"][
+        "containers"][0]["args"][:2] == ["topology", "apply"]
