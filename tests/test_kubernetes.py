@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import re
 import shlex
 from collections.abc import Callable, Iterator
@@ -186,7 +187,7 @@ def _pod_specs(resources: list[Resource]) -> Iterator[dict[str, Any]]:
 def _crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
     """(apiVersion, kind) -> the CRD's openAPIV3Schema, unknown fields forbidden."""
     schemas = {}
-    for path in SCHEMAS.glob("*.yaml"):
+    for path in SCHEMAS.glob("keda.sh_*.yaml"):
         crd = yaml.safe_load(path.read_text())
         for version in crd["spec"]["versions"]:
             api = f"{crd['spec']['group']}/{version['name']}"
@@ -210,6 +211,9 @@ def _closed(schema: Any) -> Any:
 
 
 CRDS = _crd_schemas()
+#: Per trigger type, a schema of its metadata (the CRD allows any map of strings).
+TRIGGER_METADATA = {kind: schema for kind, schema in json.loads(
+    (SCHEMAS / "keda-trigger-metadata.json").read_text()).items() if kind != "$comment"}
 
 
 def validate(resource: Resource) -> None:
@@ -218,6 +222,10 @@ def validate(resource: Resource) -> None:
     key = (resource["apiVersion"], resource["kind"])
     if key in CRDS:
         jsonschema.validate(resource, CRDS[key])
+        for trigger in resource["spec"].get("triggers", []):
+            if trigger["type"] not in TRIGGER_METADATA:
+                raise jsonschema.ValidationError(f"no metadata schema for {trigger['type']}")
+            jsonschema.validate(trigger["metadata"], TRIGGER_METADATA[trigger["type"]])
         return
     kubernetes_validate.validate(resource, K8S_VERSION, strict=True)
 
@@ -339,6 +347,19 @@ def trigger_without_type(resources: list[Resource]) -> Resource:
 def trigger_metadata_not_text(resources: list[Resource]) -> Resource:
     _so_trigger(resources, "hutch-mock-backend")["metadata"]["threshold"] = 16
     return _find(resources, "ScaledObject", "hutch-mock-backend")
+
+
+@mutation
+def trigger_metadata_misspelt_key(resources: list[Resource]) -> Resource:
+    meta = _so_trigger(resources, "hutch-worker")["metadata"]
+    meta["queuename"] = meta.pop("queueName")
+    return _find(resources, "ScaledObject", "hutch-worker")
+
+
+@mutation
+def trigger_regex_without_http(resources: list[Resource]) -> Resource:
+    _so_trigger(resources, "hutch-worker")["metadata"]["protocol"] = "amqp"
+    return _find(resources, "ScaledObject", "hutch-worker")
 
 
 @mutation
