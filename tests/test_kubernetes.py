@@ -39,6 +39,7 @@ from pipeline.broker.names import Names
 from pipeline.cli.main import build_parser
 from pipeline.gateway.app import Gateway
 from pipeline.observe.metrics import Metrics
+from pipeline.observe.probes import LoopHeartbeat
 from pipeline.scheduling.lanes import LaneMap
 from pipeline.settings import Settings, load_settings
 
@@ -446,26 +447,38 @@ def test_commands_config_and_mounts_are_hutch_s_own(rendered: list[Resource],
 
 def test_worker_probes_and_grace_match_the_worker(rendered: list[Resource],
                                                   tmp_path: Path) -> None:
-    """The worker serves /metrics on --metrics-port only: its probes use that; its
-    termination grace period leaves room above shutdown_grace_s for the hand-back."""
+    """The worker serves /metrics, /healthz and /readyz on --metrics-port: its probes use
+    them; its termination grace period leaves room above shutdown_grace_s for the
+    hand-back."""
     settings = _settings(rendered, tmp_path)
     container = _container(rendered, "worker")
     args = _args(rendered, "worker")
     assert args.func.__module__ == "pipeline.cli.worker"
     assert _ports(container) == {"metrics": args.metrics_port}
-    assert _probe_paths(container) == {("metrics", "/metrics")}
+    assert _probe_paths(container) == {("metrics", "/healthz"), ("metrics", "/readyz")}
     grace = _deployment(rendered, "worker")["spec"]["template"]["spec"][
         "terminationGracePeriodSeconds"]
     assert grace >= settings.shutdown_grace_s + 10, (grace, settings.shutdown_grace_s)
     annotations = _deployment(rendered, "worker")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(args.metrics_port)
-    # The probe's path answers 200 on a real worker metrics server.
-    server = Metrics(settings=settings).serve(0, addr="127.0.0.1")
+    # The probes' paths answer on a real worker metrics server, as the CLI starts it.
+    ready = [False]
+    server = Metrics(settings=settings).serve(
+        0, addr="127.0.0.1", live=LoopHeartbeat().check,
+        ready=lambda: (ready[0], "serving" if ready[0] else "connecting to the broker"))
     try:
-        response = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=5)
+        base = f"http://127.0.0.1:{server.port}"
+        response = httpx.get(f"{base}/metrics", timeout=5)
+        healthz = httpx.get(f"{base}/healthz", timeout=5)
+        unready = httpx.get(f"{base}/readyz", timeout=5)
+        ready[0] = True
+        readyz = httpx.get(f"{base}/readyz", timeout=5)
     finally:
         server.close()
     assert response.status_code == 200 and "hutch_backend_lease_held" in response.text
+    assert healthz.status_code == 200
+    assert unready.status_code == 503 and "connecting" in unready.text
+    assert readyz.status_code == 200
 
 
 def test_gateway_probes_match_the_gateway(rendered: list[Resource]) -> None:

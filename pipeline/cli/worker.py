@@ -21,7 +21,8 @@ def register(sub: Subparsers) -> None:
                     "by one replica at a time. Logs are JSON lines on stderr.")
     add_config(worker)
     worker.add_argument("--metrics-port", type=int, default=None,
-                        help="serve Prometheus metrics on this port")
+                        help="serve Prometheus /metrics on this port, with /healthz (the "
+                             "event loop turns) and /readyz (connected and serving)")
     add_log_level(worker)
     worker.add_argument("--loop", choices=LOOPS, default="asyncio",
                         help="event loop: asyncio (default) or uvloop (pip install "
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.errors import ConfigError
     from pipeline.observe.log import configure_logging
     from pipeline.observe.metrics import Metrics
+    from pipeline.observe.probes import LoopHeartbeat
     from pipeline.runtime import eventloop
     from pipeline.worker.worker import Worker
 
@@ -46,15 +48,20 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config}: no [[pools]] defined: the worker has nothing to do")
     configure_logging(args.log_level)
     metrics = Metrics()
-    if args.metrics_port is not None:
-        metrics.serve(args.metrics_port)
     worker = Worker(loaded, metrics=metrics)
+    heartbeat = LoopHeartbeat()
+    if args.metrics_port is not None:
+        metrics.serve(args.metrics_port, live=heartbeat.check, ready=worker.readiness)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
-        await worker.run()
+        beating = asyncio.create_task(heartbeat.run())
+        try:
+            await worker.run()
+        finally:
+            beating.cancel()
 
     eventloop.run(main(), args.loop)
     return 0

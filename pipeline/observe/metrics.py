@@ -25,6 +25,7 @@ from pipeline.models import Usage
 from pipeline.observe.clocks import SkewWindow
 from pipeline.observe.hooks import DeliveryHook, Settlement
 from pipeline.observe.known_labels import known_series
+from pipeline.observe.probes import Check, serve_with_probes
 from pipeline.outcome import Cancelled, Completed, Outcome, RetryLater
 from pipeline.settings import Settings
 
@@ -322,10 +323,16 @@ class Metrics:
         """Every sample name this worker exports (``_total``, ``_bucket``, ... included)."""
         return {name for info in self.catalog for name in info.sample_names()}
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> MetricsServer:
-        """Expose ``/metrics`` over HTTP (a daemon thread; it dies with the process).
+    def serve(self, port: int, addr: str = "0.0.0.0", *, live: Check | None = None,
+              ready: Check | None = None) -> MetricsServer:
+        """Expose ``/metrics`` over HTTP (a daemon thread; it dies with the process), and
+        ``/healthz``/``/readyz`` when given their checks (:mod:`pipeline.observe.probes`).
         Port 0 picks a free port: the returned server says which."""
-        server, thread = start_http_server(port, addr=addr, registry=self.registry)
+        if live is not None and ready is not None:
+            server, thread = serve_with_probes(self.registry, port, addr, live=live,
+                                               ready=ready)
+        else:
+            server, thread = start_http_server(port, addr=addr, registry=self.registry)
 
         def shutdown() -> None:
             server.shutdown()

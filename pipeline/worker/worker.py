@@ -148,6 +148,14 @@ class Worker:
         """Names of the backends whose lease this worker holds now."""
         return [slot.holder.name for slot in self._slots if slot.holder.lease.held]
 
+    def readiness(self) -> tuple[bool, str]:
+        """``/readyz``: connected and serving (safe from another thread: flags only)."""
+        if self._stopping.is_set():
+            return False, "draining"
+        if not self.ready.is_set():
+            return False, "connecting to the broker"
+        return True, f"serving; {len(self.held_backends())} backend lease(s) held"
+
     def stop(self) -> None:
         """Ask the worker to finish: safe from a signal handler."""
         self._stopping.set()
