@@ -27,7 +27,7 @@ from pipeline.scheduling.settings import (
     TenantSettings,
     check_tenants,
 )
-from pipeline.settings_checks import check_names
+from pipeline.settings_checks import check_amqp_url, check_limits, check_names, http_url
 from pipeline.settings_env import HutchEnvSource, read_config_file
 from pipeline.settings_text import dump_toml, environment_keys, format_errors, redact_url
 
@@ -91,30 +91,17 @@ class BackendSettings(_Strict):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("must be an http(s) URL such as http://127.0.0.1:8001/v1")
-        return value.rstrip("/")
+        return http_url(value, "http://127.0.0.1:8001/v1").rstrip("/")
 
     @model_validator(mode="after")
     def _limit_bounds(self) -> BackendSettings:
-        if self.min_concurrency > self.max_concurrency:
-            raise ValueError(f"min_concurrency: {self.min_concurrency} is above "
-                             f"max_concurrency ({self.max_concurrency})")
-        start = self.start_concurrency
-        if start is not None and not self.min_concurrency <= start <= self.max_concurrency:
-            raise ValueError(f"start_concurrency: {start} is outside min_concurrency .. "
-                             f"max_concurrency ({self.min_concurrency} .. "
-                             f"{self.max_concurrency})")
+        check_limits(self.min_concurrency, self.start_concurrency, self.max_concurrency)
         return self
 
     @field_validator("metrics_url")
     @classmethod
     def _http_metrics_url(cls, value: str | None) -> str | None:
-        parts = urlsplit(value or "")
-        if value is not None and (parts.scheme not in ("http", "https") or not parts.netloc):
-            raise ValueError("must be an http(s) URL such as http://127.0.0.1:8000/metrics")
-        return value
+        return None if value is None else http_url(value, "http://127.0.0.1:8000/metrics")
 
     def api_key(self) -> str | None:
         """Read the key at call time so it lives only in the process environment."""
@@ -303,12 +290,12 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_url(cls, value: str) -> str:
-        return _check_amqp_url(value)
+        return check_amqp_url(value)
 
     @field_validator("amqp_urls")
     @classmethod
     def _amqp_urls(cls, value: list[str]) -> list[str]:
-        return [_check_amqp_url(url) for url in value]
+        return [check_amqp_url(url) for url in value]
 
     @field_validator("management_url")
     @classmethod
@@ -390,13 +377,6 @@ class Settings(BaseSettings):
     def quorum(self) -> bool:
         """Whether any pool is a quorum pool (the shared queues are quorum then too)."""
         return any(pool.queue_type == "quorum" for pool in self.pools)
-
-
-def _check_amqp_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-        raise ValueError("must be an amqp:// or amqps:// URL with a host")
-    return value
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
-__all__ = ["check_names"]
+__all__ = ["check_amqp_url", "check_limits", "check_names", "http_url"]
 
 
 def check_names(pools: Sequence[Any]) -> None:
@@ -35,3 +36,27 @@ def check_names(pools: Sequence[Any]) -> None:
                     "name leases and must be unique"
                 )
             seen_backends[backend.name] = pool.name
+
+
+def check_limits(floor: int, start: int | None, ceiling: int) -> None:
+    """An adaptive limit's floor, start and ceiling (``max_concurrency``) are in order."""
+    if floor > ceiling:
+        raise ValueError(f"min_concurrency: {floor} is above max_concurrency ({ceiling})")
+    if start is not None and not floor <= start <= ceiling:
+        raise ValueError(f"start_concurrency: {start} is outside min_concurrency .. "
+                         f"max_concurrency ({floor} .. {ceiling})")
+
+
+def http_url(value: str, example: str) -> str:
+    """``value`` if it is an http(s) URL with a host."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"must be an http(s) URL such as {example}")
+    return value
+
+
+def check_amqp_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        raise ValueError("must be an amqp:// or amqps:// URL with a host")
+    return value

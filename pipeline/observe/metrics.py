@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pipeline import protocol as p
 from pipeline.delivery import Delivery
@@ -328,11 +328,7 @@ class Metrics:
         """Expose ``/metrics`` over HTTP (a daemon thread; it dies with the process), and
         ``/healthz``/``/readyz`` when given their checks (:mod:`pipeline.observe.probes`).
         Port 0 picks a free port: the returned server says which."""
-        if live is not None and ready is not None:
-            server, thread = serve_with_probes(self.registry, port, addr, live=live,
-                                               ready=ready)
-        else:
-            server, thread = start_http_server(port, addr=addr, registry=self.registry)
+        server, thread = serve_with_probes(self.registry, port, addr, live=live, ready=ready)
 
         def shutdown() -> None:
             server.shutdown()

@@ -12,6 +12,7 @@ timestamp, an event's flag): a probe never waits on the loop it checks.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -61,6 +62,10 @@ class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
 
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 def _app(registry: CollectorRegistry, checks: dict[str, Check]
          ) -> Callable[[dict[str, Any], _StartResponse], Iterable[bytes]]:
     metrics = make_wsgi_app(registry)
@@ -77,12 +82,15 @@ def _app(registry: CollectorRegistry, checks: dict[str, Check]
     return app
 
 
-def serve_with_probes(registry: CollectorRegistry, port: int, addr: str, *, live: Check,
-                      ready: Check) -> tuple[WSGIServer, threading.Thread]:
-    """``/metrics`` (any other path too, as prometheus-client serves it), ``/healthz`` and
-    ``/readyz``, on a daemon thread."""
-    server = make_server(addr, port, _app(registry, {"/healthz": live, "/readyz": ready}),
-                         _Server, handler_class=_Quiet)
+def serve_with_probes(registry: CollectorRegistry, port: int, addr: str, *,
+                      live: Check | None = None, ready: Check | None = None
+                      ) -> tuple[WSGIServer, threading.Thread]:
+    """``/metrics`` (any other path too, as prometheus-client serves it), and ``/healthz``
+    and ``/readyz`` when given their checks, on a daemon thread."""
+    checks = {path: check for path, check in (("/healthz", live), ("/readyz", ready))
+              if check is not None}
+    server = make_server(addr, port, _app(registry, checks),
+                         _Server6 if ":" in addr else _Server, handler_class=_Quiet)
     thread = threading.Thread(target=server.serve_forever, name="hutch-metrics", daemon=True)
     thread.start()
     return server, thread

@@ -37,11 +37,10 @@ import random
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 
 import aiormq
 import httpx
-from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractConnection
 
 from pipeline.backends.breaker import BackendGate, BreakerPolicy
 from pipeline.backends.http import Backend
@@ -50,16 +49,15 @@ from pipeline.broker.blocked import BlockedState
 from pipeline.broker.connection import Reconnect
 from pipeline.broker.names import Names
 from pipeline.dispatch.cancels import CancelRegistry
-from pipeline.dispatch.dispatcher import Dispatcher
 from pipeline.observe.hooks import DeliveryHook
 from pipeline.observe.log import get_logger
 from pipeline.observe.metrics import Metrics
 from pipeline.scheduling.lanes import LaneMap
 from pipeline.scheduling.meter import sample
 from pipeline.settings import BackendSettings, PoolSettings, Settings
-from pipeline.worker.admission import Admission, Verdict
+from pipeline.worker.admission import Admission
 from pipeline.worker.cancels import CancelSubscription
-from pipeline.worker.consumer import Handler, TrackedConsumer
+from pipeline.worker.consumer import TrackedConsumer
 from pipeline.worker.handlers import Handlers
 from pipeline.worker.health import BackendHealthReporter
 from pipeline.worker.lease import Intake, Lease, LeaseHolder, LeaseTiming
@@ -67,6 +65,7 @@ from pipeline.worker.limits import concurrency_limit
 from pipeline.worker.pause import PauseFollower
 from pipeline.worker.presence import PoolPresence, Presence
 from pipeline.worker.signals import watch_saturation
+from pipeline.worker.slot import Slot
 from pipeline.worker.startup import await_topology
 
 __all__ = ["Worker"]
@@ -74,39 +73,6 @@ __all__ = ["Worker"]
 log = get_logger("hutch.worker")
 
 _AMQP_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, asyncio.TimeoutError)
-
-
-@dataclass(frozen=True)
-class _Slot:
-    """One backend as the worker drives it: its HTTP client and its lease holder."""
-
-    http: Backend
-    holder: LeaseHolder
-
-    def handler(self, dispatcher: Dispatcher, pool: dict[str, _Slot]) -> Handler:
-        """Deliveries of the pool's queue (and lanes) consumed for this backend: parsed
-        once, admitted in the policy's order by the pool's admission, and dispatched to
-        whichever backend of the pool (``pool``, by name) it grants a permit of."""
-        admission = self.holder.intake.admission
-
-        async def handle(message: AbstractIncomingMessage) -> None:
-            delivery = dispatcher.parse(message, self.http.name)
-            grant = await admission.acquire(delivery)
-            if grant.verdict is Verdict.MOVE and delivery.deadline_passed():
-                # Out of time already: answered now (refused or deadline_exceeded, never a
-                # backend call), not moved to expire in a lane with a vaguer answer.
-                await dispatcher.handle(delivery, self.http, self.holder.health)
-                return
-            if grant.verdict is not Verdict.START or grant.backend is None:
-                await dispatcher.set_aside(delivery, move=grant.verdict is Verdict.MOVE)
-                return
-            slot = pool[grant.backend]
-            delivery.backend = grant.backend
-            try:
-                await dispatcher.handle(delivery, slot.http, slot.holder.health)
-            finally:
-                admission.release(grant.backend)
-        return handle
 
 
 class Worker:
@@ -126,7 +92,7 @@ class Worker:
         self._transport_factory = transport_factory
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
-        self._slots: list[_Slot] = []
+        self._slots: list[Slot] = []
         self._admissions: dict[str, Admission] = {}
         self._triage: TrackedConsumer | None = None
         self._presence = Presence(self.names.workers_queue)
@@ -182,7 +148,7 @@ class Worker:
                 await slot.http.aclose()
             log.info("worker.stopped")
 
-    def _slot(self, pool: PoolSettings, settings: BackendSettings) -> _Slot:
+    def _slot(self, pool: PoolSettings, settings: BackendSettings) -> Slot:
         """A backend's HTTP client, health and lease, each given only what it needs."""
         transport = self._transport_factory(settings) if self._transport_factory else None
         gate = BackendGate(BreakerPolicy(failure_threshold=pool.breaker_failures,
@@ -208,7 +174,7 @@ class Worker:
         http = Backend(settings, transport)
         if http.metrics is not None and settings.concurrency == "adaptive":
             holder.watch = functools.partial(watch_saturation, health, http.metrics)
-        return _Slot(http, holder)
+        return Slot(http, holder)
 
     def _admission(self, pool: PoolSettings) -> Admission:
         """The pool's admission in this worker: its backends' permits, one waiting set."""
@@ -270,7 +236,7 @@ class Worker:
                 break
             await asyncio.sleep(self.settings.lease_retry_s)
             await self._check_pauses(connection)
-        by_pool: dict[str, dict[str, _Slot]] = {}
+        by_pool: dict[str, dict[str, Slot]] = {}
         for slot in self._slots:
             by_pool.setdefault(slot.holder.pool, {})[slot.holder.name] = slot
         tasks = [asyncio.create_task(self._guard(slot.holder.name, functools.partial(

@@ -17,13 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
 
 from aiohttp import web
 
+from pipeline.testing.mock.admin import add_admin_routes
 from pipeline.testing.mock.chat import (
     ChatRequest,
     RequestError,
@@ -31,21 +31,19 @@ from pipeline.testing.mock.chat import (
     error_response,
     parse_chat_request,
     reply_for,
-    retry_after_header,
 )
 from pipeline.testing.mock.config import MockConfig
 from pipeline.testing.mock.endpoints import PATHS
 from pipeline.testing.mock.endpoints import handler as endpoint_handler
 from pipeline.testing.mock.engine import Engine, Sequence, SequencePacer, TooLongError
-from pipeline.testing.mock.engine_metrics import CONTENT_TYPE, EngineMetrics
+from pipeline.testing.mock.engine_metrics import EngineMetrics
+from pipeline.testing.mock.fault_acts import FaultActs
 from pipeline.testing.mock.faults import Fault, FaultDice
 from pipeline.testing.mock.stats import Counters
 from pipeline.testing.mock.stream import (
-    MALFORMED_EVENT,
     Pace,
     Pacer,
     StreamBody,
-    StrikeFault,
     sse_headers,
     write_stream,
 )
@@ -56,12 +54,6 @@ __all__ = ["MockBackend"]
 _SHUTDOWN_TIMEOUT_S = 2.0
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _drop_connection(request: web.Request) -> None:
-    """Close a request's connection; aiohttp then cancels its handler."""
-    if request.transport is not None:
-        request.transport.close()
 
 
 class MockBackend:
@@ -78,16 +70,13 @@ class MockBackend:
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
         self._slots = asyncio.Semaphore(config.capacity)
-        # Requests hanging now (a fault): stop() drops their connections at once.
-        self._hanging: dict[int, web.Request] = {}
-        self._stopping = False
-        # Requests (by id) answered with an injected fault, until the middleware saw them.
-        self._faulted: set[int] = set()
         # Never reset: completion ids stay unique across stats resets.
         self._next_id = 0
         self._dice = FaultDice(config)
         self._pacer = Pacer(config)
         self._counters = Counters(config.ids_kept)
+        #: What injected faults do (answer 429/5xx, cut, stall, hang), with their counts.
+        self._acts = FaultActs(self._counters, lambda: self.config)
         self._engine = (None if config.engine is None
                         else Engine(config.engine, EngineMetrics(config.models[0])))
 
@@ -133,13 +122,8 @@ class MockBackend:
         runner, self._runner = self._runner, None
         if runner is None:
             return
-        self._stopping = True
-        try:
-            for request in list(self._hanging.values()):
-                _drop_connection(request)
+        with self._acts.stopping():
             await runner.cleanup()
-        finally:
-            self._stopping = False
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -205,6 +189,11 @@ class MockBackend:
         engine.reconfigure(config)
         return config.capacity()
 
+    @property
+    def engine(self) -> Engine | None:
+        """The realistic engine, if the mock runs one."""
+        return self._engine
+
     def stats(self) -> dict[str, Any]:
         """Counters and peaks, same JSON as ``GET /stats``.
 
@@ -241,8 +230,7 @@ class MockBackend:
                 code = "not_found" if exc.status == 404 else "invalid_request"
                 response = error_response(exc.status, code, exc.reason)
             # Injected faults have counters of their own: "errors" are bad requests.
-            faulted = id(request) in self._faulted
-            self._faulted.discard(id(request))
+            faulted = self._acts.answered(request)
             if 400 <= response.status < 500 and not faulted:
                 self._counters.errors += 1
             return response
@@ -252,14 +240,7 @@ class MockBackend:
         for path in PATHS:  # /v1/completions, /v1/embeddings
             app.router.add_post(path, endpoint_handler(self))
         app.router.add_get("/v1/models", self._handle_models)
-        app.router.add_get("/stats", self._handle_stats)
-        app.router.add_post("/stats/reset", self._handle_stats_reset)
-        app.router.add_get("/faults", self._handle_faults_get)
-        app.router.add_post("/faults", self._handle_faults_set)
-        if self._engine is not None:
-            app.router.add_get("/metrics", self._handle_metrics)
-            app.router.add_get("/admin/capacity", self._handle_capacity_get)
-            app.router.add_post("/admin/capacity", self._handle_capacity_set)
+        add_admin_routes(app, self)
         return app
 
     async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
@@ -277,17 +258,17 @@ class MockBackend:
             except TooLongError as exc:
                 return error_response(400, "context_length_exceeded", str(exc))
         if self._dice.throttle_now():
-            return self._throttled(request)
+            return self._acts.throttled(request)
         request_id = request.headers.get("X-Request-Id")
         try:
             async with self._slot(seq) as fault:
                 pace = self._pace(seq)
                 if fault is Fault.FAIL:
                     await self._first_wait(chat, pace)
-                    return self._failed(request)
+                    return self._acts.failed(request)
                 if fault is Fault.HANG:
                     self._counters.hung += 1
-                    await self._hold(request)
+                    await self._acts.hold(request)
                 if chat.stream:
                     return await self._stream(request, chat, fault, pace)
                 if fault is not Fault.HANG:
@@ -346,53 +327,13 @@ class MockBackend:
             await response.prepare(request)
             done = await write_stream(response, body, pace,
                                       self.config.fault_after_tokens,
-                                      self._striker(request, fault))
+                                      self._acts.striker(request, fault))
         except ConnectionResetError:
             self._counters.abort(request_id)
             return response
         if done and fault is not Fault.MALFORMED:
             self._counters.serve(request_id, streamed=True)
         return response
-
-    def _striker(self, request: web.Request, fault: Fault) -> StrikeFault | None:
-        """What a stream fault does when it is due (None: no stream fault)."""
-        counters = self._counters
-
-        async def cut(response: web.StreamResponse) -> bool:
-            counters.cut += 1
-            _drop_connection(request)
-            return False
-
-        async def malformed(response: web.StreamResponse) -> bool:
-            counters.malformed += 1
-            await response.write(MALFORMED_EVENT)
-            return True
-
-        async def stall(response: web.StreamResponse) -> bool:
-            counters.stalled += 1
-            await self._hold(request)
-            return True
-
-        return {Fault.CUT: cut, Fault.MALFORMED: malformed, Fault.STALL: stall}.get(fault)
-
-    def _throttled(self, request: web.Request) -> web.Response:
-        self._faulted.add(id(request))
-        self._counters.throttled += 1
-        retry_after = self.config.retry_after_s
-        return error_response(
-            429, "rate_limit_exceeded",
-            f"mock backend: injected throttling; retry after {retry_after:g}s",
-            type_="requests", headers={"Retry-After": retry_after_header(retry_after)},
-        )
-
-    def _failed(self, request: web.Request) -> web.Response:
-        self._faulted.add(id(request))
-        self._counters.failed += 1
-        status = self.config.fail_status
-        return error_response(
-            status, "mock_fault", f"mock backend: injected failure (HTTP {status})",
-            type_="server_error" if status >= 500 else "invalid_request_error",
-        )
 
     @contextlib.asynccontextmanager
     async def _slot(self, seq: Sequence | None = None) -> AsyncIterator[Fault]:
@@ -423,61 +364,6 @@ class MockBackend:
             else:
                 self._slots.release()
 
-    async def _hold(self, request: web.Request) -> None:
-        """Hang for ``hang_s`` (a fault); ``stop()`` drops the connection meanwhile."""
-        key = id(request)
-        self._hanging[key] = request
-        if self._stopping:  # got its slot during stop(): drop it like the rest
-            _drop_connection(request)
-        try:
-            await asyncio.sleep(self.config.hang_s)
-        finally:
-            self._hanging.pop(key, None)
-
     async def _handle_models(self, request: web.Request) -> web.Response:
         data = [{"id": m, "object": "model", "owned_by": "hutch-mock"} for m in self.config.models]
         return web.json_response({"object": "list", "data": data})
-
-    async def _handle_stats(self, request: web.Request) -> web.Response:
-        return web.json_response(self.stats())
-
-    async def _handle_stats_reset(self, request: web.Request) -> web.Response:
-        self.reset_stats()
-        return web.json_response(self.stats())
-
-    async def _handle_faults_get(self, request: web.Request) -> web.Response:
-        return web.json_response(self.faults())
-
-    async def _handle_faults_set(self, request: web.Request) -> web.Response:
-        return await _apply_object(
-            request, self.set_faults,
-            "request body must be a JSON object of fault fields ({} clears all faults)")
-
-    async def _handle_metrics(self, request: web.Request) -> web.Response:
-        assert self._engine is not None  # the route exists only with an engine
-        return web.Response(body=self._engine.metrics.render(),
-                            headers={"Content-Type": CONTENT_TYPE})
-
-    async def _handle_capacity_get(self, request: web.Request) -> web.Response:
-        assert self.config.engine is not None  # the route exists only with an engine
-        return web.json_response(self.config.engine.capacity())
-
-    async def _handle_capacity_set(self, request: web.Request) -> web.Response:
-        return await _apply_object(
-            request, self.set_capacity,
-            'request body must be a JSON object such as {"kv_tokens": 2048, "max_running": 8}')
-
-
-async def _apply_object(request: web.Request, apply: Callable[..., dict[str, Any]],
-                        not_object: str) -> web.Response:
-    """Call ``apply`` with the fields of a JSON object body; 400 on a bad body or value."""
-    try:
-        body = json.loads(await request.read())
-    except ValueError:
-        return error_response(400, "invalid_request", "request body is not valid JSON")
-    if not isinstance(body, dict):
-        return error_response(400, "invalid_request", not_object)
-    try:
-        return web.json_response(apply(**body))
-    except (TypeError, ValueError) as exc:
-        return error_response(400, "invalid_request", str(exc))
