@@ -309,3 +309,20 @@ async def test_fairness_scenario(amqp_url: str, tmp_path: Path,
     assert len(report["targets"]) == 14
     assert (tmp_path / "plots" / "fairness-service.png").read_bytes().startswith(PNG)
     assert "(a) quiet tenants: queue wait p99" in text and "targets (fair policy):" in text
+
+
+@pytest.mark.timeout(180)
+async def test_capacity_scenario(amqp_url: str, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    report, text = await _run(amqp_url, tmp_path, monkeypatch, "capacity")
+    assert [m["label"] for m in report["fixed"]] == ["fixed 4", "fixed 12"]
+    assert all(m["sent"] > 0 and m["steady_rps"] > 0 for m in report["fixed"])
+    # The adaptive run read its limit from the worker's /metrics, and it moved.
+    limits = [value for _, value in report["adaptive"]["limits"]]
+    assert limits and len(set(limits)) > 1 and max(limits) <= 64
+    halving = report["halving"]
+    assert halving["halved_to"] == 6 and halving["measured"]["limits"]
+    assert halving["measured"]["errors"] == {}  # no deadline in reach: nothing may fail
+    two = report["two_speeds"]
+    assert two["both"]["steady_rps"] > 0 and min(two["served"]) > 0  # both backends served
+    assert "targets:" in text and "two backends 2:1" in text

@@ -12,7 +12,9 @@
   through Hutch's gateway vs LiteLLM's proxy, and priority under overload (issue 12);
 - :mod:`~hutch_bench.scenarios.fairness`: the fair scheduler against FIFO on the same
   loads: a noisy neighbour, a late joiner, weights, bands, cost, a worker killed, and
-  short requests (issue 18).
+  short requests (issue 18);
+- :mod:`~hutch_bench.scenarios.capacity`: fixed caps against the adaptive limit on a
+  server that queues inside itself, its room halved, two backends 2:1 (issue 22).
 
 Each has an options dataclass (its defaults are issue 5's measurements; every field is a
 command-line option) and a ``quick`` preset: the same code on a tiny load, for the smoke
@@ -27,6 +29,7 @@ from typing import Any, TextIO
 
 from hutch_bench.scenarios import (
     backlog,
+    capacity,
     cluster,
     fairness,
     gateway,
@@ -83,4 +86,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              fairness.FairnessOptions, fairness.run,
              {"noisy_s": 4, "join_at_s": 2, "weights_s": 4, "cost_s": 2, "kill_s": 4,
               "short_backlog": 300, "timeout_s": 5}),
+    Scenario("capacity", "fixed caps vs the adaptive limit on a server that queues inside "
+             "itself (vLLM's metrics): sweep, cold start, room halved, two speeds",
+             capacity.CapacityOptions, capacity.run,
+             {"caps": (4, 12), "step_s": 3, "adaptive_s": 4, "halve_s": 6, "two_s": 3,
+              "warm_s": 1, "timeout_s": 5}),
 )}
