@@ -277,3 +277,16 @@ def test_the_limit_follows_a_capacity_halving() -> None:
     after = samples[-100:]  # the last 10 s, room 8
     assert min(before) >= 14 and max(before) <= 18, before
     assert min(after) >= 7 and max(after) <= 10, after
+
+
+def test_metrics_that_say_idle_while_the_backend_refuses_do_not_hold_the_limit_up() -> None:
+    """A lying backend: its gauges say idle, it answers 429/503. Refusals win: the limit
+    falls on each window's refusal and never climbs back above where it started."""
+    clock = Clock()
+    limit = AdaptiveLimit(1, 64, 16, clock=clock)
+    for _ in range(30):
+        limit.saturation(Snap(running=0, waiting=0, kv_usage=0.0))
+        limit.refused(limit.current)
+        window(limit, clock)
+    assert limit.current == 1
+    assert limit.state == "refused"
