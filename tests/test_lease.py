@@ -15,6 +15,7 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
 from pipeline.backends.breaker import BackendGate, BreakerPolicy
+from pipeline.capacity.limit import AdaptiveLimit, ConcurrencyLimit
 from pipeline.worker.admission import Admission
 from pipeline.worker.health import BackendHealthReporter
 from pipeline.worker.lease import Intake, Lease, LeaseHolder, LeaseTiming
@@ -73,13 +74,13 @@ class FakeBroker:
         return channel
 
 
-def holder(may_take: Callable[[], bool] = lambda: True
+def holder(may_take: Callable[[], bool] = lambda: True, limit: ConcurrencyLimit | None = None
            ) -> tuple[LeaseHolder, FakeGauge, FakeGauge]:
     timing = LeaseTiming(retry_s=0.01, grace_s=1.0)
     held, capacity = FakeGauge(), FakeGauge()
     lease = Lease("p.lease.b1", "b1", timing, held)
     gate = BackendGate(BreakerPolicy())
-    health = BackendHealthReporter("b1", 4, gate, FakeGauge())
+    health = BackendHealthReporter("b1", 4, gate, FakeGauge(), limit=limit)
     intake = Intake("p.work.chat", Admission())
     return (LeaseHolder(lease, health, "chat", intake, capacity, may_take, asyncio.Event()),
             held, capacity)
@@ -163,6 +164,29 @@ async def test_a_closed_channel_drops_the_lease_and_consumes_again() -> None:
         first.closed.set()  # the broker closed the consumer's channel
         await wait_until(lambda: slot.consumer is not None and slot.consumer is not first)
         assert held.values[:3] == [1, 0, 1] and capacity.values[:2] == [4, 0]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_new_holder_starts_an_adaptive_limit_from_its_start_not_the_ceiling(
+        ) -> None:
+    """The limit a lease holder learned is not the next holder's: after the channel (and
+    with it the lease) is lost, taking the lease again starts from ``start``."""
+    broker = FakeBroker()
+    limit = AdaptiveLimit(1, 64, 4)
+    slot, _, capacity = holder(limit=limit)
+    task = asyncio.create_task(slot.run(broker, nothing))  # type: ignore[arg-type]
+    try:
+        await wait_until(lambda: capacity.values == [4])
+        for _ in range(3):  # it learned 32 while holding the lease
+            limit._set(limit.current * 2, "test", fell=False)
+        assert limit.current == 32
+        first = slot.consumer
+        assert first is not None
+        first.closed.set()  # the lease is lost with the channel...
+        await wait_until(lambda: slot.consumer is not None and slot.consumer is not first)
+        assert limit.current == 4 and limit.state == "start"  # ...and taken again: start
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
