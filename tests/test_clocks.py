@@ -22,7 +22,8 @@ from pipeline.broker.topology import apply_topology
 from pipeline.client.client import HutchClient
 from pipeline.errors import DeadlineExceededError
 from pipeline.observe.clocks import SkewWindow
-from pipeline.observe.metrics import Metrics, MetricsHook
+from pipeline.observe.metrics import Metrics
+from pipeline.observe.metrics_hook import MetricsHook
 from pipeline.ops.dlq import replay_headers
 from pipeline.outcome import RetryLater
 from pipeline.testing.mock import MockBackend, MockConfig

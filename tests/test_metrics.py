@@ -47,7 +47,8 @@ from pipeline.gateway.metrics import GatewayMetrics
 from pipeline.models import Usage
 from pipeline.observe.hooks import Settlement
 from pipeline.observe.known_labels import CALL_KINDS, CANCEL_STAGES, RETRY_REASONS
-from pipeline.observe.metrics import NO_POOL, UNKNOWN_MODEL, Metrics, MetricsHook
+from pipeline.observe.metrics import NO_POOL, UNKNOWN_MODEL, Metrics
+from pipeline.observe.metrics_hook import MetricsHook
 from pipeline.outcome import Cancelled, Failed, Failure, RetryLater
 from pipeline.settings import BackendSettings, load_settings
 from pipeline.worker.health import BackendHealthReporter

@@ -15,7 +15,8 @@ from pipeline.broker.names import Names
 from pipeline.dispatch.cancels import CancelRegistry
 from pipeline.dispatch.dispatcher import Dispatcher
 from pipeline.observe.hooks import DeliveryHook, Hooks, LoggingHook
-from pipeline.observe.metrics import Metrics, MetricsHook
+from pipeline.observe.metrics import Metrics
+from pipeline.observe.metrics_hook import MetricsHook
 from pipeline.scheduling.meter import TenantMeter
 from pipeline.scheduling.policy import PoolScheduler
 from pipeline.scheduling.tenants import TenantBook

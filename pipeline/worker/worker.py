@@ -48,6 +48,7 @@ from pipeline.backends.probe import probe_backends
 from pipeline.broker.blocked import BlockedState
 from pipeline.broker.connection import Reconnect
 from pipeline.broker.names import Names
+from pipeline.capacity.backlog import BacklogMeter
 from pipeline.dispatch.cancels import CancelRegistry
 from pipeline.observe.hooks import DeliveryHook
 from pipeline.observe.log import get_logger
@@ -56,6 +57,7 @@ from pipeline.scheduling.lanes import LaneMap
 from pipeline.scheduling.meter import sample
 from pipeline.settings import BackendSettings, PoolSettings, Settings
 from pipeline.worker.admission import Admission
+from pipeline.worker.backlog_watch import watch_backlog
 from pipeline.worker.cancels import CancelSubscription
 from pipeline.worker.consumer import TrackedConsumer
 from pipeline.worker.handlers import Handlers
@@ -82,8 +84,10 @@ class Worker:
                  transport_factory: Callable[[BackendSettings], httpx.AsyncBaseTransport]
                  | None = None, hooks: Sequence[DeliveryHook] = ()) -> None:
         self.settings = settings
+        #: Each pool's service rate and tokens per request: its backlog estimates.
+        self.backlog = BacklogMeter([pool.name for pool in settings.pools])
         #: Delivery hooks beyond metrics and logging (tracing, a tenant meter, ...).
-        self._hooks = tuple(hooks)
+        self._hooks = (*hooks, self.backlog)
         self.names = Names(settings.prefix)
         self.metrics = metrics or Metrics()
         self.metrics.configure(settings)
@@ -182,6 +186,21 @@ class Worker:
         return Admission(self.schedulers[pool.name].policy(), lookahead=scheduling.lookahead,
                          sorts=scheduling.policy == "fair" and scheduling.lookahead > 0)
 
+    def _backlog_queues(self) -> dict[str, list[str]]:
+        """Each pool's queue and lanes: where its ready requests are."""
+        return {pool.name: [self.names.work_queue(pool.name), *self._slots_lanes(pool.name)]
+                for pool in self.settings.pools}
+
+    def _slots_lanes(self, pool: str) -> list[str]:
+        holders = self._holders(pool)
+        return list(holders[0].intake.lanes) if holders else []
+
+    def _held_share(self, pool: str) -> float:
+        """The fraction of ``pool``'s backends whose lease this worker holds."""
+        holders = self._holders(pool)
+        held = sum(1 for holder in holders if holder.lease.held)
+        return held / len(holders) if holders else 0.0
+
     def _holders(self, pool: str) -> list[LeaseHolder]:
         return [slot.holder for slot in self._slots if slot.holder.pool == pool]
 
@@ -249,6 +268,9 @@ class Worker:
         tasks.append(asyncio.create_task(self._guard("pauses",
                                                      lambda: self._watch_pauses(connection))))
         tasks.append(asyncio.create_task(self._guard("tenants", self._sample_tenants)))
+        tasks.append(asyncio.create_task(self._guard("backlog", functools.partial(
+            watch_backlog, connection, self._backlog_queues(), self.backlog,
+            self._held_share, self.metrics))))
         return tasks
 
     async def _session(self, connection: AbstractConnection) -> None:
