@@ -12,7 +12,10 @@
   through Hutch's gateway vs LiteLLM's proxy, and priority under overload (issue 12);
 - :mod:`~hutch_bench.scenarios.fairness`: the fair scheduler against FIFO on the same
   loads: a noisy neighbour, a late joiner, weights, bands, cost, a worker killed, and
-  short requests (issue 18).
+  short requests (issue 18);
+- :mod:`~hutch_bench.scenarios.partition`: a network partition between the nodes of a
+  three-node cluster, under ``pause_minority`` and ``ignore``: the backend's real peak
+  concurrency, how long it lasts, lost or twice-answered requests (issue 21).
 
 Each has an options dataclass (its defaults are issue 5's measurements; every field is a
 command-line option) and a ``quick`` preset: the same code on a tiny load, for the smoke
@@ -33,6 +36,7 @@ from hutch_bench.scenarios import (
     globalcap,
     overhead,
     overload,
+    partition,
     streaming,
 )
 
@@ -83,4 +87,11 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              fairness.FairnessOptions, fairness.run,
              {"noisy_s": 4, "join_at_s": 2, "weights_s": 4, "cost_s": 2, "kill_s": 4,
               "short_backlog": 300, "timeout_s": 5}),
+    Scenario("partition", "a network partition on a three-node cluster (nodes of its own), "
+             "pause_minority vs ignore: a backend's real peak concurrency, lost or "
+             "duplicated answers", partition.PartitionOptions, partition.run,
+             {"cap": 2, "service_ms": 1500, "partition_at_s": 4, "partition_s": 5,
+              "after_heal_s": 5, "tail_s": 3, "modes": "pause_minority,ignore",
+              "queue_types": "quorum", "timeout_s": 60},
+             on_user_broker=False),
 )}
