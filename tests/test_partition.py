@@ -88,13 +88,15 @@ def report_nodes(text: str) -> list[str]:
 
 
 def test_phase_figures_time_above_the_cap() -> None:
-    samples = [Sample(t / 10, n) for t, n in enumerate([2, 2, 4, 4, 3, 2, 2, 1])]
+    samples = [Sample(t / 10, n) for t, n in enumerate([2, 2, 4, 4, 3, 1, 2, 2])]
     before, during = phase_figures(samples, [Phase("before", 0, 0.2), Phase("p", 0.2, 1)],
                                    cap=2)
     assert before == {"phase": "before", "from_s": 0, "to_s": 0.2, "max_sampled": 2,
-                      "over_cap_s": 0, "first_over_cap_s": None, "last_over_cap_s": None}
+                      "over_cap_s": 0, "below_cap_s": 0, "first_over_cap_s": None,
+                      "last_over_cap_s": None}
     assert during["max_sampled"] == 4
     assert during["over_cap_s"] == pytest.approx(0.3)  # 0.2-0.5 s: 4, 4, 3
+    assert during["below_cap_s"] == pytest.approx(0.1)  # 0.5-0.6 s: 1
     assert (during["first_over_cap_s"], during["last_over_cap_s"]) == (0.2, 0.4)
 
 

@@ -92,7 +92,7 @@ def case_lines(case: dict[str, Any], cap: int) -> list[str]:
     for phase in case["phases"]:
         lines.append(f"    {phase['phase']:9s} {phase['from_s']:6.1f}-{phase['to_s']:6.1f} s: "
                      f"max {phase['max_sampled']:3d}, above cap for "
-                     f"{phase['over_cap_s']:.1f} s")
+                     f"{phase['over_cap_s']:.1f} s, below it for {phase['below_cap_s']:.1f} s")
     lines.append(f"    RabbitMQ: partitioned at {_s(fault['partitioned_s'])}, healed at "
                  f"{_s(fault['healed_s'])}; minority paused at {_s(fault['paused_seen_s'])}, "
                  f"stopped after the heal at {_s(fault['stopped_after_heal_s'])}, running "

@@ -65,19 +65,23 @@ class Sampler:
 
 def phase_figures(samples: Sequence[Sample], phases: Sequence[Phase], cap: int
                   ) -> list[dict[str, Any]]:
-    """Per phase: the highest sampled concurrency, the seconds spent above ``cap``, and
+    """Per phase: the highest sampled concurrency, the seconds spent above ``cap`` (and
+    below it: slots lost while a backlog waits, in a saturating load), and
     the first and last samples above it (seconds from the run's start). The exact peak of
     the whole run is the mock's ``max_concurrency``."""
     rows = []
     for phase in phases:
         inside = [s for s in samples if phase.start_s <= s.t_s < phase.end_s]
-        over = [(a, b) for a, b in itertools.pairwise(inside) if a.in_service > cap]
+        pairs = list(itertools.pairwise(inside))
+        over = [(a, b) for a, b in pairs if a.in_service > cap]
+        under = [(a, b) for a, b in pairs if a.in_service < cap]
         above = [s.t_s for s in inside if s.in_service > cap]
         rows.append({
             "phase": phase.name, "from_s": round(phase.start_s, 2),
             "to_s": round(phase.end_s, 2),
             "max_sampled": max((s.in_service for s in inside), default=0),
             "over_cap_s": round(sum(b.t_s - a.t_s for a, b in over), 2),
+            "below_cap_s": round(sum(b.t_s - a.t_s for a, b in under), 2),
             "first_over_cap_s": round(above[0], 2) if above else None,
             "last_over_cap_s": round(above[-1], 2) if above else None,
         })
