@@ -43,6 +43,8 @@ __all__ = ["CaseTiming", "FaultLog", "run_case"]
 _NORMAL = PriorityClass("normal", 5, 1.0)
 #: How often the fault script asks the isolated node how it is (one rabbitmqctl each).
 _POLL_S = 0.5
+#: How long a node paused or restarted by RabbitMQ may take to run again after the heal.
+_RECOVERY_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,8 @@ class FaultLog:
     repaired_s: float | None = None
     #: The isolated node's RabbitMQ seen stopped (``pause_minority`` pausing it).
     paused_seen_s: float | None = None
-    #: ... stopped after the heal (``autoheal`` restarting the losing side).
+    #: ... seen stopped after the heal (``autoheal`` restarting the losing side;
+    #: ``pause_minority``: still paused).
     stopped_after_heal_s: float | None = None
     #: ... and seen running again after the heal, having been seen stopped.
     resumed_s: float | None = None
@@ -129,6 +132,12 @@ class _Fault:
             self.log.repair_started_s = self.now()
             await restart_app(self.minority)
             self.log.repaired_s = self.now()
+            return
+        # pause_minority and autoheal start the node again by themselves: until then.
+        give_up = self.now() + _RECOVERY_S
+        while self.log.resumed_s is None and self.now() < give_up:
+            await asyncio.sleep(_POLL_S)
+            await self._look()
 
     async def _look(self) -> None:
         running = await rabbit_running(self.minority)

@@ -25,6 +25,7 @@ import re
 from collections.abc import Sequence
 
 from hutch_bench.cluster_nodes import BenchNode
+from pipeline.errors import StackError
 
 __all__ = ["MODES", "heal", "isolate", "partitions", "rabbit_running", "restart_app",
            "set_handling"]
@@ -69,8 +70,12 @@ async def partitions(node: BenchNode) -> list[str]:
 
 
 async def rabbit_running(node: BenchNode) -> bool:
-    """Whether RabbitMQ runs on ``node`` (False: paused by ``pause_minority``, stopped)."""
-    return await _eval(node, "rabbit:is_running().") == "true"
+    """Whether RabbitMQ runs on ``node`` (False: paused by ``pause_minority``, stopped,
+    or its VM does not answer)."""
+    try:
+        return await _eval(node, "rabbit:is_running().") == "true"
+    except StackError:
+        return False
 
 
 async def restart_app(node: BenchNode) -> None:
