@@ -14,7 +14,7 @@
   loads: a noisy neighbour, a late joiner, weights, bands, cost, a worker killed, and
   short requests (issue 18);
 - :mod:`~hutch_bench.scenarios.partition`: a network partition between the nodes of a
-  three-node cluster, under ``pause_minority`` and ``ignore``: the backend's real peak
+  three-node cluster, under ``pause_minority``, ``ignore`` and ``autoheal``: the backend's real peak
   concurrency, how long it lasts, lost or twice-answered requests (issue 21).
 
 Each has an options dataclass (its defaults are issue 5's measurements; every field is a
@@ -88,7 +88,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              {"noisy_s": 4, "join_at_s": 2, "weights_s": 4, "cost_s": 2, "kill_s": 4,
               "short_backlog": 300, "timeout_s": 5}),
     Scenario("partition", "a network partition on a three-node cluster (nodes of its own), "
-             "pause_minority vs ignore: a backend's real peak concurrency, lost or "
+             "pause_minority, ignore, autoheal: a backend's real peak concurrency, lost or "
              "duplicated answers", partition.PartitionOptions, partition.run,
              {"cap": 2, "service_ms": 1500, "partition_at_s": 4, "partition_s": 5,
               "after_heal_s": 5, "tail_s": 3, "modes": "pause_minority,ignore",
