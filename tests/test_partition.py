@@ -34,11 +34,13 @@ def _case(report: dict[str, Any], mode: str) -> dict[str, Any]:
 
 
 def _answered_once(case: dict[str, Any]) -> None:
-    """Every request got its answer, and the client received no second one."""
+    """Every request got its one answer. A second answer can reach the client (the old
+    lease holder's, for a request the backend served twice after its redelivery): the
+    client drops it, so the caller sees one; a duplicate of any other origin fails."""
     assert case["sent"] > 0
     assert case["answered"] == case["sent"], case["errors"]
     assert case["errors"] == {}
-    assert case["duplicate_replies_dropped"] == 0
+    assert case["duplicate_replies_dropped"] <= case["served_twice"]
 
 
 @pytest.mark.slow  # three RabbitMQ nodes of its own, two partitions

@@ -17,66 +17,16 @@ partition (the minority paused and resumed, or the partition recorded on each si
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from hutch_bench.cluster_nodes import BenchNodes
 from hutch_bench.scenarios.common import Target, format_targets, print_lines, targets_report
-from hutch_bench.scenarios.partition_case import CaseTiming, run_case
-from hutch_bench.scenarios.partition_net import MODES
-from pipeline.errors import ConfigError
+from hutch_bench.scenarios.partition_case import run_case
+from hutch_bench.scenarios.partition_options import PartitionOptions
 
 __all__ = ["PartitionOptions", "case_lines", "case_targets", "run"]
-
-_QUEUE_TYPES = ("quorum", "classic")
-
-
-@dataclass(frozen=True)
-class PartitionOptions:
-    #: The backend's cap (its one lease's max_concurrency) and its service time.
-    cap: int = 4
-    service_ms: float = 4000.0
-    #: Offered load, as a multiple of the backend's capacity (cap / service time).
-    load: float = 1.5
-    partition_at_s: float = 10.0
-    partition_s: float = 12.0
-    after_heal_s: float = 10.0
-    tail_s: float = 6.0
-    #: Comma-separated: cluster_partition_handling values, pool queue types.
-    modes: str = "pause_minority,ignore,autoheal"
-    queue_types: str = "quorum,classic"
-    timeout_s: float = 120.0
-    lease_retry_s: float = 0.5
-    sample_s: float = 0.1
-    node_timeout_s: float = 150.0
-    seed: int = 1
-    progress: bool = False
-
-    def __post_init__(self) -> None:
-        for value, known, flag in ((self.modes, MODES, "--modes"),
-                                   (self.queue_types, _QUEUE_TYPES, "--queue-types")):
-            items = [v.strip() for v in value.split(",") if v.strip()]
-            unknown = [v for v in items if v not in known]
-            if not items or unknown:
-                raise ConfigError(f"{flag} {value!r}: give some of {', '.join(known)}")
-
-    @property
-    def mode_list(self) -> list[str]:
-        return [m.strip() for m in self.modes.split(",") if m.strip()]
-
-    @property
-    def queue_type_list(self) -> list[str]:
-        return [q.strip() for q in self.queue_types.split(",") if q.strip()]
-
-    def timing(self) -> CaseTiming:
-        return CaseTiming(
-            cap=self.cap, service_ms=self.service_ms, load=self.load,
-            partition_at_s=self.partition_at_s, partition_s=self.partition_s,
-            after_heal_s=self.after_heal_s, tail_s=self.tail_s, timeout_s=self.timeout_s,
-            lease_retry_s=self.lease_retry_s, sample_s=self.sample_s, seed=self.seed,
-            progress=self.progress)
-
 
 def _s(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} s"
@@ -123,9 +73,8 @@ def case_targets(case: dict[str, Any]) -> list[Target]:
 
 
 async def run(amqp_url: str, options: PartitionOptions, out: TextIO) -> dict[str, Any]:
-    timing = options.timing()
     print(f"partition: one backend of {options.cap} slots x {options.service_ms:g} ms at "
-          f"{options.load:g}x its capacity ({timing.rate:.1f} req/s), a worker on each side; "
+          f"{options.load:g}x its capacity ({options.rate:.1f} req/s), a worker on each side; "
           f"the node of the lease holder cut off at {options.partition_at_s:g} s for "
           f"{options.partition_s:g} s; on a three-node cluster of this run's own (the broker "
           f"at {urlsplit(amqp_url).netloc.rsplit('@', 1)[-1]} is not used)",
@@ -137,7 +86,7 @@ async def run(amqp_url: str, options: PartitionOptions, out: TextIO) -> dict[str
               f"{', '.join(n.nodename for n in nodes.cluster)}", file=out, flush=True)
         for queue_type in options.queue_type_list:
             for mode in options.mode_list:
-                case = await run_case(nodes.cluster, queue_type, mode, timing)
+                case = await run_case(nodes.cluster, queue_type, mode, options)
                 print_lines(case_lines(case, options.cap), out)
                 cases.append(case)
     targets = [t for case in cases for t in case_targets(case)]

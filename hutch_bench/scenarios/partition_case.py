@@ -34,43 +34,18 @@ from hutch_bench.scenarios.partition_net import (
     restart_app,
     set_handling,
 )
+from hutch_bench.scenarios.partition_options import PartitionOptions
 from hutch_bench.scenarios.partition_watch import Phase, Sampler, phase_figures
 from hutch_bench.stack import Child, Stack
 from pipeline.settings import Settings, load_settings
 
-__all__ = ["CaseTiming", "FaultLog", "run_case"]
+__all__ = ["FaultLog", "run_case"]
 
 _NORMAL = PriorityClass("normal", 5, 1.0)
 #: How often the fault script asks the isolated node how it is (one rabbitmqctl each).
 _POLL_S = 0.5
 #: How long a node paused or restarted by RabbitMQ may take to run again after the heal.
 _RECOVERY_S = 120.0
-
-
-@dataclass(frozen=True)
-class CaseTiming:
-    """The shape of one case (see the module's docstring)."""
-
-    cap: int
-    service_ms: float
-    load: float
-    partition_at_s: float
-    partition_s: float
-    after_heal_s: float
-    tail_s: float
-    timeout_s: float
-    lease_retry_s: float
-    sample_s: float
-    seed: int
-    progress: bool
-
-    @property
-    def load_s(self) -> float:
-        return self.partition_at_s + self.partition_s + self.after_heal_s + self.tail_s
-
-    @property
-    def rate(self) -> float:
-        return self.load * self.cap * 1000 / self.service_ms
 
 
 @dataclass
@@ -97,7 +72,7 @@ class FaultLog:
 class _Fault:
     """The partition, the heal and (``ignore``) the repair, on the load's clock."""
 
-    def __init__(self, nodes: list[BenchNode], mode: str, timing: CaseTiming) -> None:
+    def __init__(self, nodes: list[BenchNode], mode: str, timing: PartitionOptions) -> None:
         self.majority, self.minority = nodes[:2], nodes[2]
         self.mode, self.timing = mode, timing
         self.log = FaultLog()
@@ -164,7 +139,7 @@ class _Fault:
 
 
 def _settings(stack: Stack, nodes: list[BenchNode], order: list[int], queue_type: str,
-              mock_url: str, timing: CaseTiming) -> Settings:
+              mock_url: str, timing: PartitionOptions) -> Settings:
     return load_settings(
         amqp_url=[nodes[i].amqp_url for i in order],
         management_url=nodes[order[0]].management_url, prefix=stack.prefix,
@@ -192,7 +167,7 @@ async def _ready(nodes: list[BenchNode]) -> None:
         await restart_app(nodes[2])
 
 
-async def run_case(nodes: list[BenchNode], queue_type: str, mode: str, timing: CaseTiming
+async def run_case(nodes: list[BenchNode], queue_type: str, mode: str, timing: PartitionOptions
                    ) -> dict[str, Any]:
     """One case, measured; the cluster is left whole and unpartitioned."""
     await set_handling(nodes, mode)
