@@ -121,6 +121,10 @@ class BenchNode:
         """Kill the node if it runs and delete its state (idempotent)."""
         await _script("clean", self.name)
 
+    async def ctl(self, *args: str, timeout_s: float = 60) -> str:
+        """Any rabbitmqctl command against this node (``eval`` included); its output."""
+        return await _script("ctl", self.name, *args, timeout_s=timeout_s)
+
     async def version(self) -> str | None:
         """The node's RabbitMQ version (None if its management API does not say)."""
         with contextlib.suppress(Exception):
@@ -178,17 +182,20 @@ class BenchNodes:
     ``async with BenchNodes() as nodes:`` then ``nodes.single`` and ``nodes.cluster``.
     """
 
-    def __init__(self, size: int = 3, *, timeout_s: float = 150) -> None:
+    def __init__(self, size: int = 3, *, timeout_s: float = 150,
+                 standalone: bool = True) -> None:
         ports = free_ports(3 * (size + 1))
         label = f"{_PREFIX}{os.getpid()}"
         self.single = BenchNode(f"{label}-single", *ports[:3])
         self.cluster = [BenchNode(f"{label}-c{i}", *ports[3 * i:3 * i + 3])
                         for i in range(1, size + 1)]
         self.timeout_s = timeout_s
+        #: False: the standalone node is never started (a run that needs the cluster only).
+        self.standalone = standalone
 
     @property
     def all(self) -> list[BenchNode]:
-        return [self.single, *self.cluster]
+        return [self.single, *self.cluster] if self.standalone else list(self.cluster)
 
     async def __aenter__(self) -> BenchNodes:
         for name in _orphans():

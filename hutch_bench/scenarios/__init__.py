@@ -15,6 +15,9 @@
   short requests (issue 18);
 - :mod:`~hutch_bench.scenarios.capacity`: fixed caps against the adaptive limit on a
   server that queues inside itself, its room halved, two backends 2:1 (issue 22).
+- :mod:`~hutch_bench.scenarios.partition`: a network partition between the nodes of a
+  three-node cluster, under ``pause_minority``, ``ignore`` and ``autoheal``: the backend's real peak
+  concurrency, how long it lasts, lost or twice-answered requests (issue 21).
 
 Each has an options dataclass (its defaults are issue 5's measurements; every field is a
 command-line option) and a ``quick`` preset: the same code on a tiny load, for the smoke
@@ -36,6 +39,7 @@ from hutch_bench.scenarios import (
     globalcap,
     overhead,
     overload,
+    partition,
     streaming,
 )
 
@@ -91,4 +95,11 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              capacity.CapacityOptions, capacity.run,
              {"caps": (4, 12), "step_s": 3, "adaptive_s": 4, "halve_s": 6, "two_s": 3,
               "warm_s": 1, "timeout_s": 5}),
+    Scenario("partition", "a network partition on a three-node cluster (nodes of its own), "
+             "pause_minority, ignore, autoheal: a backend's real peak concurrency, lost or "
+             "duplicated answers", partition.PartitionOptions, partition.run,
+             {"cap": 2, "service_ms": 1500, "partition_at_s": 4, "partition_s": 5,
+              "after_heal_s": 5, "tail_s": 3, "modes": "pause_minority,ignore",
+              "queue_types": "quorum", "timeout_s": 60},
+             on_user_broker=False),
 )}
