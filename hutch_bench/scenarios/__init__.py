@@ -14,7 +14,7 @@
   loads: a noisy neighbour, a late joiner, weights, bands, cost, a worker killed, and
   short requests (issue 18);
 - :mod:`~hutch_bench.scenarios.capacity`: fixed caps against the adaptive limit on a
-  server that queues inside itself, its room halved, two backends 2:1 (issue 22).
+  server that queues inside itself, its room halved, two backends 2:1 (issue 22);
 - :mod:`~hutch_bench.scenarios.partition`: a network partition between the nodes of a
   three-node cluster, under ``pause_minority``, ``ignore`` and ``autoheal``: the backend's real peak
   concurrency, how long it lasts, lost or twice-answered requests (issue 21).
