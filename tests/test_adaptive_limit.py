@@ -290,3 +290,21 @@ def test_metrics_that_say_idle_while_the_backend_refuses_do_not_hold_the_limit_u
         window(limit, clock)
     assert limit.current == 1
     assert limit.state == "refused"
+
+
+def test_a_new_ceiling_applies_at_once() -> None:
+    clock = Clock()
+    limit = AdaptiveLimit(2, 64, 32, clock=clock)
+    limit.set_ceiling(8)  # a reload lowered the cap
+    assert limit.current == 8 and limit.ceiling == 8
+    limit.set_ceiling(1)
+    assert limit.current == 1 and limit.floor == 1
+    limit.reset()
+    assert limit.current == 1  # the start came down with it
+    fixed = FixedLimit(4)
+    fixed.set_ceiling(6)
+    assert fixed.current == 6
+    gate = BackendGate(BreakerPolicy(failure_threshold=3, cooldown_s=5))
+    health = BackendHealthReporter("b", 4, gate, _Gauge())
+    health.max_concurrency = 2
+    assert health.allowed() == 2 and health.changed.is_set()

@@ -67,6 +67,7 @@ class ConcurrencyLimit(Protocol):
     def refused(self, in_flight: int) -> bool: ...
     def saturation(self, snapshot: Saturation | None) -> bool: ...
     def reset(self) -> None: ...
+    def set_ceiling(self, ceiling: int) -> None: ...
 
 
 class FixedLimit:
@@ -98,6 +99,10 @@ class FixedLimit:
 
     def reset(self) -> None:
         return None
+
+    def set_ceiling(self, ceiling: int) -> None:
+        """A new cap (a config reload, a stricter cap another worker claims)."""
+        self._ceiling = ceiling
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,15 @@ class AdaptiveLimit:
         self._snapshot: Saturation | None = None
         self._snapshot_at = -math.inf
         self._new_window(self._clock())
+
+    def set_ceiling(self, ceiling: int) -> None:
+        """A new ceiling (a config reload, a stricter cap another worker claims): the
+        limit (and the floor and start) come down under it at once, or may now rise."""
+        self._ceiling = max(1, ceiling)
+        self.floor = min(self.floor, self._ceiling)
+        self._start = min(self._start, self._ceiling)
+        if self._limit > self._ceiling:
+            self._set(self._ceiling, "ceiling_lowered", fell=False)
 
     # -- what dispatch and the metrics poller tell -------------------------------------
 

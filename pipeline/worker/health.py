@@ -132,6 +132,13 @@ class BackendHealthReporter:
         """The configured cap: the ceiling of any limit."""
         return self.limit.ceiling
 
+    @max_concurrency.setter
+    def max_concurrency(self, cap: int) -> None:
+        """A new cap, in place (a reload, a stricter cap claimed by another worker)."""
+        if cap != self.limit.ceiling:
+            self.limit.set_ceiling(cap)
+            self.changed.set()
+
     def allowed(self) -> int:
         """The permits the backend may have now: 0 while paused, else the gate's (the
         current limit while healthy)."""
