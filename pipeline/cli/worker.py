@@ -18,8 +18,14 @@ def register(sub: Subparsers) -> None:
                     "as many backends as its fair share, consume their pools' queues with "
                     "prefetch = max_concurrency, call the backends, reply, retry, park. "
                     "Run one or more replicas with the same config; each backend is served "
-                    "by one replica at a time. Logs are JSON lines on stderr.")
+                    "by one replica at a time. Logs are JSON lines on stderr. SIGHUP "
+                    "reloads the config file (backends added, removed, re-capped or "
+                    "re-pointed, pools added, models moved) without dropping a request; "
+                    "see the docs, page Reloading the config (docs/operations/reload.md).")
     add_config(worker)
+    worker.add_argument("--watch-config", type=float, default=None, metavar="SECONDS",
+                        help="also reload when the config file's modification time "
+                             "changes, checked every SECONDS")
     worker.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus metrics on this port")
     add_log_level(worker)
@@ -39,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.observe.log import configure_logging
     from pipeline.observe.metrics import Metrics
     from pipeline.runtime import eventloop
+    from pipeline.worker.reload import FileWatch, Reloader
     from pipeline.worker.worker import Worker
 
     loaded = settings_of(args)
@@ -54,7 +61,25 @@ def run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
-        await worker.run()
+        chores: set[asyncio.Task[object]] = set()
+        watch: asyncio.Task[None] | None = None
+        if args.config is not None:
+            reloader = Reloader(worker, args.config)
+
+            def hangup() -> None:
+                task = asyncio.ensure_future(reloader.reload())
+                chores.add(task)
+                task.add_done_callback(chores.discard)
+
+            loop.add_signal_handler(signal.SIGHUP, hangup)
+            if args.watch_config:
+                watch = asyncio.create_task(
+                    FileWatch(reloader, args.config, args.watch_config).run())
+        try:
+            await worker.run()
+        finally:
+            if watch is not None:
+                watch.cancel()
 
     eventloop.run(main(), args.loop)
     return 0

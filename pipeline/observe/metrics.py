@@ -123,6 +123,10 @@ class Metrics:
         self._stream_families()
         self._tenant_families()
         self._broker_families()
+        self.config_reloads = counter(
+            "hutch_config_reloads", "Config reloads (SIGHUP or file watch), by result: "
+            "applied, unchanged, invalid, refused (needs a restart or `topology apply`), "
+            "failed.", ["result"])
         if settings is not None:
             self.configure(settings)
 

@@ -33,11 +33,19 @@ class PauseFollower:
     """The pause state of the pools a worker serves, as last read."""
 
     def __init__(self, names: Names, pools: list[str]) -> None:
+        self._names = names
         self._queues = {pool: names.pause_state_queue(pool) for pool in pools}
         #: Last known state per pool (a pool never read counts as running).
         self._known: dict[str, bool] = {}
         self._unreadable: set[str] = set()
         self._channel: AbstractChannel | None = None
+
+    def follow(self, pool: str) -> None:
+        """Read ``pool``'s state too from the next poll (a reload added the pool)."""
+        self._queues[pool] = self._names.pause_state_queue(pool)
+
+    def unfollow(self, pool: str) -> None:
+        self._queues.pop(pool, None)
 
     def paused(self, pool: str) -> bool:
         return self._known.get(pool, False)
@@ -48,7 +56,7 @@ class PauseFollower:
 
     async def poll(self, connection: AbstractConnection) -> None:
         """Read every pool's state once; a read that cannot tell changes nothing."""
-        for pool, queue in self._queues.items():
+        for pool, queue in list(self._queues.items()):
             state, why = await self._read(connection, queue)
             if state is None:
                 if pool not in self._unreadable:

@@ -1,0 +1,297 @@
+"""Config reloads: the diff (pure), then each kind of change on a worker under light load
+against the real broker and mock backends: every request answered exactly once, a new
+cap respected, a new URL used, a removed backend drained, an error changing nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.broker.names import Names
+from pipeline.broker.topology import apply_topology
+from pipeline.client.client import HutchClient
+from pipeline.observe.metrics import Metrics
+from pipeline.settings import Settings
+from pipeline.testing.mock import MockBackend, MockConfig
+from pipeline.worker.config_diff import config_hash, diff_settings, url_hash
+from pipeline.worker.reload import Reloader, ReloadResult
+from pipeline.worker.reload_stamp import ConfigStamp
+from pipeline.worker.reload_topology import needs_of
+from pipeline.worker.worker import Worker
+from tests.conftest import SettingsFactory, amqp, body, running_worker, wait_for, write_config
+
+# -- the diff ---------------------------------------------------------------------------
+
+
+def _two_pools(make_settings: SettingsFactory, **pool: Any) -> Settings:
+    base = make_settings([("b1", "http://127.0.0.1:9001/v1", 4),
+                          ("b2", "http://127.0.0.1:9002/v1", 2)], pool=pool)
+    return base
+
+
+def test_identical_settings_differ_in_nothing(make_settings: SettingsFactory) -> None:
+    old = _two_pools(make_settings)
+    diff = diff_settings(old, _two_pools(make_settings))
+    assert diff.empty and not diff.restart
+    assert config_hash(old) == config_hash(_two_pools(make_settings))
+
+
+def test_recap_and_repoint_are_told_apart(make_settings: SettingsFactory,
+                                          prefix: str) -> None:
+    old = _two_pools(make_settings)
+    new = make_settings([("b1", "http://127.0.0.1:9001/v1", 8),
+                         ("b2", "http://127.0.0.1:9999/v1", 2)])
+    diff = diff_settings(old, new)
+    kinds = {(c.kind, c.name) for c in diff.backends}
+    assert kinds == {("recapped", f"{prefix}-b1"), ("repointed", f"{prefix}-b2")}
+    assert not diff.pools and not diff.restart
+    lines = diff.describe()
+    assert {"change": "backend.recapped", "pool": "chat", "backend": f"{prefix}-b1",
+            "max_concurrency": "4 -> 8"} in lines
+    repointed = next(line for line in lines if line["change"] == "backend.repointed")
+    assert repointed["url"] == (f"{url_hash('http://127.0.0.1:9002/v1')} -> "
+                                f"{url_hash('http://127.0.0.1:9999/v1')}")
+    assert "9999" not in str(lines)  # URLs only as hashes
+
+
+def test_added_and_removed_backends(make_settings: SettingsFactory, prefix: str) -> None:
+    old = _two_pools(make_settings)
+    new = make_settings([("b2", "http://127.0.0.1:9002/v1", 2),
+                         ("b3", "http://127.0.0.1:9003/v1", 1)])
+    diff = diff_settings(old, new)
+    assert [(c.kind, c.name) for c in diff.of_backends("added")] == [("added", f"{prefix}-b3")]
+    assert [c.name for c in diff.of_backends("removed")] == [f"{prefix}-b1"]
+
+
+def test_pool_added_and_models_moved(make_settings: SettingsFactory, prefix: str) -> None:
+    old = make_settings([("b1", "http://127.0.0.1:9001/v1", 4)])
+    new = _with_code_pool(make_settings, old, "http://127.0.0.1:9005/v1")
+    diff = diff_settings(old, new)
+    assert [(c.kind, c.name) for c in diff.pools] == [("added", "code"), ("changed", "chat")]
+    assert diff.of_pools("changed")[0].fields == ("models",)
+    assert [c.name for c in diff.of_backends("added")] == [f"{prefix}-c1"]
+    needs = needs_of(old, new, diff)
+    names = Names(prefix)
+    assert names.work_queue("code") in needs.queues
+    assert names.pool_workers_queue("code") in needs.queues
+    assert needs.bindings == (("mock-large", names.work_queue("code")),)
+
+
+def test_keys_a_running_worker_keeps_need_a_restart(make_settings: SettingsFactory,
+                                                    prefix: str) -> None:
+    old = _two_pools(make_settings)
+    cases = {
+        "prefix": make_settings(prefix="other"),
+        "pools.chat.queue_type": _two_pools(make_settings, queue_type="quorum"),
+        "pools.chat.breaker_failures": _two_pools(make_settings, breaker_failures=9),
+        "heartbeat_s": _two_pools(make_settings).model_copy(update={"heartbeat_s": 30}),
+    }
+    for key, new in cases.items():
+        diff = diff_settings(old, new)
+        assert any(line.startswith(key) for line in diff.restart), (key, diff.restart)
+    # a backend changing pools keeps its lease's name: never held twice by one worker
+    moved = old.model_copy(update={"pools": [
+        old.pools[0].model_copy(update={"backends": old.pools[0].backends[1:]}),
+        old.pools[0].model_copy(update={"name": "code", "models": ["other"],
+                                        "backends": old.pools[0].backends[:1]})]})
+    assert any(f"backends.{prefix}-b1: moves" in line
+               for line in diff_settings(old, moved).restart)
+
+
+def test_broker_only_keys_change_nothing_in_the_worker(make_settings: SettingsFactory
+                                                       ) -> None:
+    old = _two_pools(make_settings)
+    diff = diff_settings(old, _two_pools(make_settings, max_queue_length=7))
+    assert diff.empty and diff.broker_only == ("pools.chat.max_queue_length",)
+
+
+def test_stamp_round_trips_through_consumer_arguments(make_settings: SettingsFactory,
+                                                      prefix: str) -> None:
+    settings = _two_pools(make_settings)
+    stamp = ConfigStamp.of(settings)
+    parsed = ConfigStamp.parse(stamp.arguments())
+    assert parsed is not None and parsed.hash == config_hash(settings)
+    assert parsed.backends[f"{prefix}-b1"] == [4, url_hash("http://127.0.0.1:9001/v1")]
+    assert stamp.next(settings).generation == 2
+    assert ConfigStamp.parse({"x-hutch-config": "{not json"}) is None
+    assert ConfigStamp.parse(None) is None
+
+
+def _with_code_pool(make_settings: SettingsFactory, old: Settings, url: str) -> Settings:
+    """``old`` with mock-large moved from pool chat to a new pool code (backend c1)."""
+    code = {"name": "code", "models": ["mock-large"],
+            "backends": [{"name": f"{old.prefix}-c1", "url": url, "max_concurrency": 2,
+                          "timeout_s": 10}]}
+    chat = old.pools[0].model_dump(mode="json")
+    chat["models"] = ["mock-small"]
+    return make_settings(pools=[chat, code])
+
+
+# -- a worker under load ------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, config: Path) -> AsyncIterator[
+        tuple[Worker, Reloader, HutchClient]]:
+    """Topology applied, a worker running ``settings`` (read from ``config`` on reload),
+    a client."""
+    write_config(config, settings)
+    await apply_topology(settings)
+    async with running_worker(settings, metrics=Metrics()) as worker:
+        client = HutchClient.from_settings(settings)
+        async with client:
+            yield worker, Reloader(worker, config), client
+
+
+async def _load(client: HutchClient, n: int, model: str = "mock-small"
+                ) -> list[asyncio.Task[Any]]:
+    """``n`` requests sent at once, as tasks (each resolves to its reply)."""
+    return [asyncio.create_task(client.request(body(model, f"r{i}"), model=model,
+                                               timeout=60)) for i in range(n)]
+
+
+def _served(*mocks: MockBackend) -> int:
+    return sum(int(m.stats()["served"]) for m in mocks)
+
+
+async def _reload(reloader: Reloader, config: Path, settings: Settings) -> ReloadResult:
+    write_config(config, settings)
+    return await reloader.reload()
+
+
+def _reloads(worker: Worker, result: str) -> float:
+    value = worker.metrics.registry.get_sample_value(
+        "hutch_config_reloads_total", {"result": result})
+    return value or 0.0
+
+
+async def test_recap_under_load_holds_the_new_cap(make_settings: SettingsFactory,
+                                                  tmp_path: Path) -> None:
+    async with MockBackend(MockConfig(latency_ms=150, capacity=16)) as mock:
+        settings = make_settings([("b1", mock.base_url, 6)])
+        config = tmp_path / "hutch.toml"
+        async with serving(settings, config) as (worker, reloader, client):
+            first = await _load(client, 24)
+            await wait_for(lambda: _async(mock.stats()["in_service"] > 0))
+            result = await _reload(reloader, config, make_settings([("b1", mock.base_url, 2)]))
+            assert result.result == "applied", result.reason
+            assert [c["change"] for c in result.changes] == ["backend.recapped"]
+            replies = await asyncio.gather(*first)
+            # what ran at the reload finished; from now on two at a time
+            mock.reset_stats()
+            replies += await asyncio.gather(*await _load(client, 12))
+            assert mock.stats()["max_concurrency"] <= 2
+            assert worker.stamp.generation == 2
+            assert _reloads(worker, "applied") == 1
+    assert len(replies) == 36 and all(r.headers["x-hutch-outcome"] == "ok" for r in replies)
+    assert len({r.correlation_id for r in replies}) == 36
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def test_repoint_sends_new_requests_to_the_new_url(make_settings: SettingsFactory,
+                                                         tmp_path: Path) -> None:
+    async with MockBackend(MockConfig(latency_ms=200, capacity=8)) as old_mock, \
+            MockBackend(MockConfig(latency_ms=20, capacity=8)) as new_mock:
+        settings = make_settings([("b1", old_mock.base_url, 4)])
+        config = tmp_path / "hutch.toml"
+        async with serving(settings, config) as (worker, reloader, client):
+            first = await _load(client, 8)
+            await wait_for(lambda: _async(old_mock.stats()["max_concurrency"] > 0))
+            result = await _reload(reloader, config,
+                                   make_settings([("b1", new_mock.base_url, 4)]))
+            assert result.result == "applied", result.reason
+            assert [c["change"] for c in result.changes] == ["backend.repointed"]
+            replies = await asyncio.gather(*first)
+            old_served = _served(old_mock)
+            replies += await asyncio.gather(*await _load(client, 10))
+            assert _served(old_mock) == old_served  # nothing new went to the old URL
+            assert _served(new_mock) >= 10
+    assert _served(old_mock, new_mock) == len(replies) == 18
+    assert all(r.headers["x-hutch-outcome"] == "ok" for r in replies)
+
+
+async def test_added_backend_serves_and_removed_one_drains(make_settings: SettingsFactory,
+                                                           tmp_path: Path,
+                                                           prefix: str) -> None:
+    async with MockBackend(MockConfig(latency_ms=300, capacity=8)) as one, \
+            MockBackend(MockConfig(latency_ms=20, capacity=8)) as two:
+        settings = make_settings([("b1", one.base_url, 2)])
+        config = tmp_path / "hutch.toml"
+        async with serving(settings, config) as (worker, reloader, client):
+            first = await _load(client, 6)
+            await wait_for(lambda: _async(one.stats()["max_concurrency"] > 0))
+            result = await _reload(reloader, config, make_settings([("b2", two.base_url, 2)]))
+            assert result.result == "applied", result.reason
+            assert sorted(c["change"] for c in result.changes) == ["backend.added",
+                                                                   "backend.removed"]
+            replies = await asyncio.gather(*first)
+            await asyncio.wait_for(asyncio.gather(*result.retiring), 30)
+            assert worker.held_backends() == [f"{prefix}-b2"]
+            before = _served(one)
+            replies += await asyncio.gather(*await _load(client, 8))
+            assert _served(one) == before  # the removed backend took nothing new
+            async with amqp(settings.amqp_url) as connection:
+                channel = await connection.channel()
+                with pytest.raises(Exception):  # its lease queue is gone
+                    await channel.declare_queue(Names(prefix).lease_queue(f"{prefix}-b1"),
+                                                passive=True)
+    assert _served(one, two) == len(replies) == 14
+    assert all(r.headers["x-hutch-outcome"] == "ok" for r in replies)
+    assert {r.backend for r in replies[-8:]} == {f"{prefix}-b2"}
+
+
+async def test_new_pool_is_refused_until_applied(make_settings: SettingsFactory,
+                                                 tmp_path: Path, prefix: str) -> None:
+    async with MockBackend(MockConfig(latency_ms=20, capacity=8)) as chat, \
+            MockBackend(MockConfig(latency_ms=20, capacity=8)) as code:
+        settings = make_settings([("b1", chat.base_url, 2)])
+        config = tmp_path / "hutch.toml"
+        new = _with_code_pool(make_settings, settings, code.base_url)
+        async with serving(settings, config) as (worker, reloader, client):
+            refused = await _reload(reloader, config, new)
+            assert refused.result == "refused"
+            assert Names(prefix).work_queue("code") in refused.reason
+            assert "hutch topology apply" in refused.reason
+            assert worker.stamp.generation == 1 and worker.settings == settings
+            assert _reloads(worker, "refused") == 1
+            await apply_topology(new)
+            applied = await reloader.reload()
+            assert applied.result == "applied", applied.reason
+            await wait_for(lambda: _async(f"{prefix}-c1" in worker.held_backends()), 20)
+            large = await client.request(body("mock-large"), model="mock-large", timeout=30)
+            small = await client.request(body("mock-small"), model="mock-small", timeout=30)
+    assert large.headers["x-hutch-pool"] == "code" and large.backend == f"{prefix}-c1"
+    assert small.headers["x-hutch-pool"] == "chat"
+
+
+async def test_a_reload_with_an_error_changes_nothing(make_settings: SettingsFactory,
+                                                      tmp_path: Path, mock: MockBackend
+                                                      ) -> None:
+    settings = make_settings([("b1", mock.base_url, 2)])
+    config = tmp_path / "hutch.toml"
+    async with serving(settings, config) as (worker, reloader, client):
+        config.write_text("this is [not toml")
+        broken = await reloader.reload()
+        text = config.read_text()
+        write_config(config, settings)
+        config.write_text(config.read_text().replace("max_concurrency = 2",
+                                                      "max_concurrency = 0"))
+        invalid = await reloader.reload()
+        restart = await _reload(reloader, config, settings.model_copy(
+            update={"heartbeat_s": 30}))
+        reply = await client.request(body(), model="mock-small", timeout=30)
+        assert worker.stamp.generation == 1 and worker.settings == settings
+        assert _reloads(worker, "invalid") == 2 and _reloads(worker, "refused") == 1
+    assert text == "this is [not toml"
+    assert broken.result == "invalid" and str(config) in broken.reason
+    assert invalid.result == "invalid" and "max_concurrency" in invalid.reason
+    assert restart.result == "refused" and "heartbeat_s" in restart.reason
+    assert reply.headers["x-hutch-outcome"] == "ok"
