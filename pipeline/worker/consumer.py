@@ -63,8 +63,11 @@ class TrackedConsumer:
             self._lanes = [await self._channel.declare_queue(name, passive=True)
                            for name in self._lane_names]
         await self._channel.set_qos(prefetch_count=self.prefetch)
-        self._tag = await self._queue.consume(self._on_message, no_ack=False,
-                                              arguments=self._arguments)
+        if self._arguments:  # only then: test doubles of a queue need not take them
+            self._tag = await self._queue.consume(self._on_message, no_ack=False,
+                                                  arguments=self._arguments)
+        else:
+            self._tag = await self._queue.consume(self._on_message, no_ack=False)
         if self._lanes:
             await self._channel.set_qos(prefetch_count=self._lane_prefetch)
             self._lane_tags = [(lane, await lane.consume(self._on_message, no_ack=False))
