@@ -124,7 +124,7 @@ class Reloader:
         needs = needs_of(worker.settings, new, diff)
         if not needs.queues and not needs.bindings:
             return ""
-        connection = worker.connection
+        connection = worker.slots.connection
         if connection is None:
             return "not connected to the broker: its topology cannot be checked; try again"
         check = await check_topology(connection, new, needs)
@@ -144,14 +144,14 @@ class Reloader:
             if change.new is not None:
                 worker.add_pool(change.new, new)
         worker.commit(new, worker.stamp.next(new))
-        await worker.settle_pools()
+        await worker.announce()  # new pools joined before their backends take leases
         for backend in diff.of_backends("recapped", "repointed"):
             if backend.new is not None:
                 worker.swap_backend(backend.new)
         for backend in diff.of_backends("added"):
             if backend.new is not None:
                 worker.add_backend(new.pool(backend.pool), backend.new)
-        retiring = [worker.retire_backend(backend.name)
+        retiring = [worker.slots.retire(backend.name)
                     for backend in diff.of_backends("removed")]
         removed_pools = [change.name for change in diff.of_pools("removed")]
         if removed_pools:
@@ -159,7 +159,6 @@ class Reloader:
                 self._leave_after(removed_pools, list(retiring))))
         for line in diff.describe():
             log.info("config.change", **line)
-        await worker.announce()
         return tuple(retiring)
 
     async def _leave_after(self, pools: list[str], retiring: list[asyncio.Task[None]]

@@ -21,6 +21,8 @@ Shape (see the README's architecture section):
   must not be silently re-declared on reconnect (another worker may hold it by then),
   and in-flight calls of a lost connection are cancelled at once, since their requests
   are already being redelivered elsewhere and finishing them would break the cap.
+* SIGHUP reloads the configuration in place (:mod:`pipeline.worker.reload`, changing the
+  slots of :mod:`pipeline.worker.slots`).
 * SIGTERM (:meth:`Worker.stop`): cancel the consumers, let in-flight requests finish
   within ``shutdown_grace_s``, then close the connection (freeing the leases).
 
@@ -36,13 +38,10 @@ import os
 import random
 import socket
 import uuid
-from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 
-import aiormq
 import httpx
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from pipeline.backends.breaker import BackendGate, BreakerPolicy
 from pipeline.backends.http import Backend
@@ -51,91 +50,27 @@ from pipeline.broker.blocked import BlockedState
 from pipeline.broker.connection import Reconnect
 from pipeline.broker.names import Names
 from pipeline.dispatch.cancels import CancelRegistry
-from pipeline.dispatch.dispatcher import Dispatcher
 from pipeline.observe.hooks import DeliveryHook
 from pipeline.observe.log import get_logger
 from pipeline.observe.metrics import Metrics
 from pipeline.scheduling.lanes import LaneMap
 from pipeline.scheduling.meter import sample
 from pipeline.settings import BackendSettings, PoolSettings, Settings
-from pipeline.worker.admission import Admission, Verdict
+from pipeline.worker.admission import Admission
 from pipeline.worker.cancels import CancelSubscription
-from pipeline.worker.consumer import Handler, TrackedConsumer
+from pipeline.worker.consumer import TrackedConsumer
 from pipeline.worker.handlers import Handlers
 from pipeline.worker.health import BackendHealthReporter
 from pipeline.worker.lease import Intake, Lease, LeaseHolder, LeaseTiming
 from pipeline.worker.pause import PauseFollower
 from pipeline.worker.presence import PoolPresence, Presence
 from pipeline.worker.reload_stamp import ConfigStamp
+from pipeline.worker.slots import AMQP_ERRORS, Slot, Slots, guard
 from pipeline.worker.startup import await_topology
 
 __all__ = ["Worker"]
 
 log = get_logger("hutch.worker")
-
-_AMQP_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, asyncio.TimeoutError)
-
-
-@dataclass
-class _Slot:
-    """One backend as the worker drives it: its HTTP client and its lease holder. A
-    reload may swap ``http`` (a new URL or cap): requests started later use the new one."""
-
-    http: Backend
-    holder: LeaseHolder
-    #: Requests in flight per HTTP client: a client swapped out closes once it has none.
-    calls: Counter[Backend] = field(default_factory=Counter)
-
-    def handler(self, dispatchers: Mapping[str, Dispatcher], pool: Mapping[str, _Slot]
-                ) -> Handler:
-        """Deliveries of the pool's queue (and lanes) consumed for this backend: parsed
-        once, admitted in the policy's order by the pool's admission, and dispatched to
-        whichever backend of the pool (``pool``, by name) it grants a permit of. Both
-        mappings are read per delivery: a reload changes them in place."""
-        admission = self.holder.intake.admission
-
-        async def handle(message: AbstractIncomingMessage) -> None:
-            dispatcher = dispatchers[self.holder.pool]
-            delivery = dispatcher.parse(message, self.holder.name)
-            grant = await admission.acquire(delivery)
-            if grant.verdict is Verdict.MOVE and delivery.deadline_passed():
-                # Out of time already: answered now (refused or deadline_exceeded, never a
-                # backend call), not moved to expire in a lane with a vaguer answer.
-                await dispatcher.handle(delivery, self.http, self.holder.health)
-                return
-            if grant.verdict is not Verdict.START or grant.backend is None:
-                await dispatcher.set_aside(delivery, move=grant.verdict is Verdict.MOVE)
-                return
-            slot = pool[grant.backend]
-            delivery.backend = grant.backend
-            http = slot.http  # this request's client, whatever a reload swaps in meanwhile
-            slot.calls[http] += 1
-            try:
-                await dispatcher.handle(delivery, http, slot.holder.health)
-            finally:
-                admission.release(grant.backend)
-                slot.calls[http] -= 1
-        return handle
-
-
-async def _poll_until(done: Callable[[], bool], timeout_s: float, step_s: float = 0.1
-                      ) -> bool:
-    """Wait for ``done`` (state other tasks change without signalling) or the timeout."""
-    for _ in range(max(1, int(timeout_s / step_s))):
-        if done():
-            return True
-        await asyncio.sleep(step_s)
-    return done()
-
-
-@dataclass
-class _Live:
-    """A session's connection, confirming publisher channel and backend loops."""
-
-    connection: AbstractConnection
-    publish_channel: AbstractChannel
-    loops: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-
 
 class Worker:
     """Serves every backend of every pool in ``settings`` whose lease it can take."""
@@ -154,18 +89,9 @@ class Worker:
         self._transport_factory = transport_factory
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
-        self._slots: list[_Slot] = []
-        #: Each pool's slots by backend name, and each pool's dispatcher this session: the
-        #: delivery handlers read both per delivery, so a reload changes them in place.
-        self._by_pool: dict[str, dict[str, _Slot]] = {}
-        self._dispatchers: dict[str, Dispatcher] = {}
-        #: This session's connection, publisher channel and backend loops (a reload adds
-        #: to them and retires from them); None between sessions.
-        self._live: _Live | None = None
-        #: Backends a reload removed, draining until their last request ends.
-        self._retiring: set[str] = set()
-        #: Background work of reloads (retiring backends, closing swapped clients).
-        self._chores: set[asyncio.Task[None]] = set()
+        #: Every backend's slot, by pool, and their loops in the session (a reload's too).
+        self.slots = Slots(settings.shutdown_grace_s)
+        self._publish_channel: AbstractChannel | None = None
         self._admissions: dict[str, Admission] = {}
         self._triage: TrackedConsumer | None = None
         self._presence = Presence(self.names.workers_queue)
@@ -188,7 +114,7 @@ class Worker:
 
     def held_backends(self) -> list[str]:
         """Names of the backends whose lease this worker holds now."""
-        return [slot.holder.name for slot in self._slots if slot.holder.lease.held]
+        return [slot.holder.name for slot in self.slots.all if slot.holder.lease.held]
 
     def stop(self) -> None:
         """Ask the worker to finish: safe from a signal handler."""
@@ -199,27 +125,24 @@ class Worker:
         self._admissions = {pool.name: self._admission(pool) for pool in self.settings.pools}
         for pool in self.settings.pools:
             for backend in pool.backends:
-                self._install(self._slot(pool, backend))
+                self.slots.install(self._slot(pool, backend))
         # Backoff and a rate-limited log while the broker is unreachable; a refused vhost,
         # credentials or certificate is raised: retrying cannot cure it.
         reconnect = Reconnect(self.settings, name=self.name, heartbeat_s=self.settings.heartbeat_s)
         # A wrong backend url is logged now, not found on the first request (not through
         # injected transports: tests and benchmarks script and count every call).
         probe = asyncio.create_task(probe_backends(
-            [] if self._transport_factory else [slot.http for slot in self._slots]))
+            [] if self._transport_factory else [slot.http for slot in self.slots.all]))
         try:
             while (connection := await reconnect.connect(self._stopping)) is not None:
                 await self._session(connection)
         finally:
             probe.cancel()
-            for chore in self._chores:
-                chore.cancel()
-            await asyncio.gather(probe, *self._chores, return_exceptions=True)
-            for slot in self._slots:
-                await slot.http.aclose()
+            await asyncio.gather(probe, return_exceptions=True)
+            await self.slots.close()
             log.info("worker.stopped")
 
-    def _slot(self, pool: PoolSettings, settings: BackendSettings) -> _Slot:
+    def _slot(self, pool: PoolSettings, settings: BackendSettings) -> Slot:
         """A backend's HTTP client, health and lease, each given only what it needs."""
         transport = self._transport_factory(settings) if self._transport_factory else None
         gate = BackendGate(BreakerPolicy(failure_threshold=pool.breaker_failures,
@@ -239,134 +162,50 @@ class Worker:
                              may_take=functools.partial(self._may_take_more, pool.name,
                                                         settings.name),
                              draining=self._stopping)
-        return _Slot(Backend(settings, transport), holder)
-
-    def _install(self, slot: _Slot) -> None:
-        self._slots.append(slot)
-        self._by_pool.setdefault(slot.holder.pool, {})[slot.holder.name] = slot
-
-    def _start_slot(self, slot: _Slot) -> None:
-        """Run ``slot``'s lease loop in this session (if one is live)."""
-        if self._live is None:
-            return
-        holder = slot.holder
-        self._live.loops[holder.name] = asyncio.create_task(self._guard(
-            holder.name, functools.partial(
-                holder.run, self._live.connection,
-                slot.handler(self._dispatchers, self._by_pool[holder.pool]))))
+        return Slot(Backend(settings, transport), holder)
 
     # -- what a reload changes (pipeline.worker.reload decides, checks and logs) ----------
 
-    @property
-    def connection(self) -> AbstractConnection | None:
-        """This session's connection; None between sessions."""
-        return self._live.connection if self._live is not None else None
-
     def add_pool(self, pool: PoolSettings, settings: Settings) -> None:
-        """Serve a new pool (``settings``: the configuration that adds it): its admission,
-        scheduler, presence and pause state; its backends come with :meth:`add_backend`."""
+        """Serve a new pool (of ``settings``): its admission, scheduler, presence and
+        pause state; its backends come with :meth:`add_backend`."""
         self.schedulers[pool.name] = Handlers.schedulers(settings)[pool.name]
         self._admissions[pool.name] = self._admission(pool)
         self._pool_presence.add(pool.name, len(pool.backends))
         self._pauses.follow(pool.name)
 
     def commit(self, settings: Settings, stamp: ConfigStamp) -> None:
-        """From now on ``settings`` is the configuration: dispatchers of this session
-        rebuilt from it (requests in flight keep theirs), and the fair shares resized."""
-        self.settings = settings
-        self.stamp = stamp
+        """``settings`` is the configuration from now on: this session's dispatchers are
+        rebuilt from it (requests in flight keep theirs), the fair shares resized."""
+        self.settings, self.stamp = settings, stamp
         self.metrics.configure(settings)
         for pool in settings.pools:
             self._pool_presence.resize(pool.name, len(pool.backends))
-        if self._live is not None:
-            self._build_handlers(self._live.publish_channel)
+        if self._publish_channel is not None:
+            self._build_handlers(self._publish_channel)
 
     async def announce(self) -> None:
-        """Show the current :attr:`stamp` in the presence queue (consume again with it)."""
-        if self._live is not None:
+        """Show the current :attr:`stamp` in the presence queue (consume again with it),
+        then join the presence and read the pause state of pools added meanwhile."""
+        if (connection := self.slots.connection) is not None:
             await self._presence.leave()
-            await self._presence.join(self._live.connection, self.stamp.arguments())
-
-    async def settle_pools(self) -> None:
-        """Join the presence of pools added since the session started, read their pause
-        state, before their backends compete for leases."""
-        if self._live is not None:
-            await self._pool_presence.join(self._live.connection)
-            await self._check_pauses(self._live.connection)
+            await self._presence.join(connection, self.stamp.arguments())
+            await self._pool_presence.join(connection)
+            await self._check_pauses(connection)
 
     def add_backend(self, pool: PoolSettings, backend: BackendSettings) -> None:
         """A new backend: its slot, competing for its lease at once."""
-        slot = self._slot(pool, backend)
-        self._install(slot)
-        self._start_slot(slot)
+        self.slots.install(self._slot(pool, backend))
 
     def swap_backend(self, backend: BackendSettings) -> None:
-        """New settings for a served backend: a new HTTP client for requests that start
-        from now on (the old one closes after its last request) and, for a new cap, new
-        permits and prefetch (through the backend's capacity controller)."""
-        slot = next(s for s in self._slots if s.holder.name == backend.name)
-        old = slot.http
+        """New settings for a served backend: see :meth:`Slots.swap`."""
         transport = self._transport_factory(backend) if self._transport_factory else None
-        slot.http = Backend(backend, transport)
-        health = slot.holder.health
-        if health.max_concurrency != backend.max_concurrency:
-            health.max_concurrency = backend.max_concurrency
-            health.changed.set()
-        self._chore(self._close_when_idle(slot, old))
-
-    def retire_backend(self, name: str) -> asyncio.Task[None]:
-        """Stop serving ``name``: take nothing new, let its requests finish, give its lease
-        up; the slot goes once nothing runs on it. Returns the task doing it."""
-        self._retiring.add(name)
-        slot = next(s for s in self._slots if s.holder.name == name)
-        return self._chore(self._retire(slot))
+        self.slots.swap(backend.name, Backend(backend, transport), backend.max_concurrency)
 
     def leave_pool(self, pool: str) -> asyncio.Task[None]:
         """Stop being counted as a worker of ``pool`` (after its backends retired)."""
         self._pauses.unfollow(pool)
-        return self._chore(self._pool_presence.remove(pool))
-
-    def _chore(self, work: Awaitable[None]) -> asyncio.Task[None]:
-        task = asyncio.ensure_future(work)
-        self._chores.add(task)
-        task.add_done_callback(self._chores.discard)
-        return task
-
-    async def _retire(self, slot: _Slot) -> None:
-        holder = slot.holder
-        grace = self.settings.shutdown_grace_s
-        if holder.lease.held:
-            holder.lease.release()  # drain, then delete the lease queue
-            await _poll_until(lambda: not holder.lease.held, grace + 10)
-        loop = self._live.loops.pop(holder.name, None) if self._live is not None else None
-        if loop is not None:
-            loop.cancel()
-            await asyncio.gather(loop, return_exceptions=True)
-            await self._drop_lease_queue(holder.lease.queue)
-        await self._close_when_idle(slot, slot.http)
-        self._slots.remove(slot)
-        self._by_pool[holder.pool].pop(holder.name, None)
-        self._retiring.discard(holder.name)
-        log.info("backend.retired", backend=holder.name, pool=holder.pool)
-
-    async def _drop_lease_queue(self, queue: str) -> None:
-        """A lease taken just as its loop was cancelled would stay this connection's, and
-        nobody could serve the backend: delete it (refused, harmlessly, if another
-        worker's connection holds it)."""
-        if self._live is None:
-            return
-        try:
-            channel = await self._live.connection.channel(publisher_confirms=False)
-            await channel.queue_delete(queue)
-            await channel.close()
-        except _AMQP_ERRORS:
-            pass
-
-    async def _close_when_idle(self, slot: _Slot, http: Backend) -> None:
-        """Close ``http`` once no request runs on it (it ends by the grace period)."""
-        await _poll_until(lambda: slot.calls[http] <= 0, self.settings.shutdown_grace_s + 60)
-        slot.calls.pop(http, None)
-        await http.aclose()
+        return self.slots.chore(self._pool_presence.remove(pool))
 
     def _admission(self, pool: PoolSettings) -> Admission:
         """The pool's admission in this worker: its backends' permits, one waiting set."""
@@ -375,12 +214,12 @@ class Worker:
                          sorts=scheduling.policy == "fair" and scheduling.lookahead > 0)
 
     def _holders(self, pool: str) -> list[LeaseHolder]:
-        return [slot.holder for slot in self._slots if slot.holder.pool == pool]
+        return [slot.holder for slot in self.slots.all if slot.holder.pool == pool]
 
     def _may_take_more(self, pool: str, backend: str) -> bool:
         """False while this worker holds its share of ``pool`` (leave its free leases to
         the pool's other workers), or once a reload removed ``backend``."""
-        if backend in self._retiring:
+        if backend in self.slots.retiring:
             return False
         held = sum(1 for holder in self._holders(pool) if holder.lease.held)
         return not self._pool_presence.reached(pool, held)
@@ -396,20 +235,20 @@ class Worker:
         self.blocked.attach(connection)
         publish_channel = await connection.channel(publisher_confirms=True,
                                                    on_return_raises=True)
-        self._live = _Live(connection, publish_channel)
+        self._publish_channel = publish_channel
         return self._build_handlers(publish_channel)
 
     def _build_handlers(self, publish_channel: AbstractChannel) -> Handlers:
         handlers = Handlers.build(self.settings, publish_channel, self.metrics,
                                   self._cancels, self._hooks, pool_status=self._pool_status,
                                   schedulers=self.schedulers)
-        self._dispatchers.update(handlers.dispatchers)
+        self.slots.dispatchers.update(handlers.dispatchers)
         return handlers
 
     def _pool_status(self, pool: str) -> str | None:
         """A sentence when no backend of ``pool`` that this worker holds can take work
         (for the answer of a request that expired waiting), else None."""
-        held = [slot.holder for slot in self._slots
+        held = [slot.holder for slot in self.slots.all
                 if slot.holder.pool == pool and slot.holder.lease.held]
         out = [holder for holder in held if not holder.health.available()]
         if not held or len(out) < len(held):
@@ -436,14 +275,12 @@ class Worker:
                 break
             await asyncio.sleep(self.settings.lease_retry_s)
             await self._check_pauses(connection)
-        for slot in self._slots:
-            self._start_slot(slot)
-        tasks = []
-        tasks.append(asyncio.create_task(self._guard("rebalance",
-                                                     lambda: self._rebalance(connection))))
-        tasks.append(asyncio.create_task(self._guard("pauses",
+        self.slots.begin(connection)
+        tasks = [asyncio.create_task(guard("rebalance",
+                                                 lambda: self._rebalance(connection)))]
+        tasks.append(asyncio.create_task(guard("pauses",
                                                      lambda: self._watch_pauses(connection))))
-        tasks.append(asyncio.create_task(self._guard("tenants", self._sample_tenants)))
+        tasks.append(asyncio.create_task(guard("tenants", self._sample_tenants)))
         return tasks
 
     async def _session(self, connection: AbstractConnection) -> None:
@@ -452,7 +289,7 @@ class Worker:
         tasks: list[asyncio.Task[None]] = []
         try:
             tasks = await self._start(connection)
-            log.info("worker.ready", backends=len(self._slots), vhost=self.settings.vhost)
+            log.info("worker.ready", backends=len(self.slots.all), vhost=self.settings.vhost)
             self.ready.set()
             stop_wait = asyncio.create_task(self._stopping.wait())
             lost_wait = asyncio.create_task(lost.wait())
@@ -463,7 +300,7 @@ class Worker:
                 await self._drain()
             else:
                 log.warning("amqp.connection_lost", in_flight_cancelled=self._in_flight())
-        except _AMQP_ERRORS as exc:
+        except AMQP_ERRORS as exc:
             log.warning("amqp.session_failed", error=repr(exc))
         finally:
             await self._end_session(connection, tasks)
@@ -472,9 +309,8 @@ class Worker:
                            tasks: list[asyncio.Task[None]]) -> None:
         """Cancel the session's loops and consumers, close the connection."""
         self.ready.clear()
-        if self._live is not None:
-            tasks = [*tasks, *self._live.loops.values()]
-            self._live = None
+        tasks = [*tasks, *self.slots.end()]
+        self._publish_channel = None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -492,7 +328,7 @@ class Worker:
             await self._sleep_unless_stopping(0.5)
 
     def _consumers(self) -> list[TrackedConsumer]:
-        consumers = [slot.holder.consumer for slot in self._slots
+        consumers = [slot.holder.consumer for slot in self.slots.all
                      if slot.holder.consumer is not None]
         return consumers + ([self._triage] if self._triage is not None else [])
 
@@ -530,7 +366,7 @@ class Worker:
         """Read the states (keeping the last known where a read cannot tell); pause or
         resume the backends whose pool changed."""
         await self._pauses.poll(connection)
-        for slot in self._slots:
+        for slot in list(self.slots.all):
             pool, health = slot.holder.pool, slot.holder.health
             paused = self._pauses.paused(pool)
             if paused and health.pause():
@@ -555,17 +391,3 @@ class Worker:
                     log.info("lease.rebalance", backend=holder.name, pool=pool,
                              held=len(held), fair_share=fair, workers=workers)
                     holder.lease.release()
-
-    @staticmethod
-    async def _guard(name: str, work: Callable[[], Awaitable[None]]) -> None:
-        """Keep a backend's loop alive: log a failure and start it again after a pause."""
-        while True:
-            try:
-                await work()
-            except asyncio.CancelledError:
-                raise
-            except _AMQP_ERRORS as exc:
-                log.warning("backend.loop_failed", backend=name, error=repr(exc))
-            except Exception:
-                log.error("backend.loop_crashed", exc_info=True, backend=name)
-            await asyncio.sleep(1.0)
