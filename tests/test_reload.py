@@ -10,14 +10,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiormq
 import pytest
 
 from pipeline.broker.names import Names
 from pipeline.broker.topology import apply_topology
 from pipeline.client.client import HutchClient
 from pipeline.observe.metrics import Metrics
+from pipeline.ops.status import format_status, status
+from pipeline.ops.worker_configs import disagreements
+from pipeline.runtime.background import running
 from pipeline.settings import Settings
 from pipeline.testing.mock import MockBackend, MockConfig
+from pipeline.worker.cap_claims import Claim, ClaimBook
 from pipeline.worker.config_diff import config_hash, diff_settings, url_hash
 from pipeline.worker.reload import Reloader, ReloadResult
 from pipeline.worker.reload_stamp import ConfigStamp
@@ -202,7 +207,7 @@ async def test_repoint_sends_new_requests_to_the_new_url(make_settings: Settings
             MockBackend(MockConfig(latency_ms=20, capacity=8)) as new_mock:
         settings = make_settings([("b1", old_mock.base_url, 4)])
         config = tmp_path / "hutch.toml"
-        async with serving(settings, config) as (worker, reloader, client):
+        async with serving(settings, config) as (_, reloader, client):
             first = await _load(client, 8)
             await wait_for(lambda: _async(old_mock.stats()["max_concurrency"] > 0))
             result = await _reload(reloader, config,
@@ -240,7 +245,7 @@ async def test_added_backend_serves_and_removed_one_drains(make_settings: Settin
             assert _served(one) == before  # the removed backend took nothing new
             async with amqp(settings.amqp_url) as connection:
                 channel = await connection.channel()
-                with pytest.raises(Exception):  # its lease queue is gone
+                with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):  # lease gone
                     await channel.declare_queue(Names(prefix).lease_queue(f"{prefix}-b1"),
                                                 passive=True)
     assert _served(one, two) == len(replies) == 14
@@ -295,3 +300,51 @@ async def test_a_reload_with_an_error_changes_nothing(make_settings: SettingsFac
     assert invalid.result == "invalid" and "max_concurrency" in invalid.reason
     assert restart.result == "refused" and "heartbeat_s" in restart.reason
     assert reply.headers["x-hutch-outcome"] == "ok"
+
+
+# -- workers that disagree ----------------------------------------------------------------
+
+
+def test_claim_book_holds_the_lowest_fresh_cap_and_reports_each_change_once() -> None:
+    now = [0.0]
+    book = ClaimBook(fresh_for_s=10, clock=lambda: now[0])
+    assert book.cap("b1", 4) == 4 and book.new_disagreement("b1", 4, "u1") is None
+    book.record("b1", Claim("w2", 2, "u1"))
+    assert book.cap("b1", 4) == 2
+    assert book.new_disagreement("b1", 4, "u1") == [Claim("w2", 2, "u1")]
+    assert book.new_disagreement("b1", 4, "u1") is None  # logged once
+    book.record("b1", Claim("w3", 8, "u9"))  # a higher cap never raises it; a URL differs
+    assert book.cap("b1", 4) == 2
+    assert book.new_disagreement("b1", 4, "u1") == [Claim("w2", 2, "u1"),
+                                                     Claim("w3", 8, "u9")]
+    now[0] = 11.0  # the claims expire (their workers left, or reloaded and stopped)
+    assert book.cap("b1", 4) == 4 and book.new_disagreement("b1", 4, "u1") == []
+
+
+async def test_two_workers_disagreeing_are_reported_and_the_lower_cap_holds(
+        make_settings: SettingsFactory, prefix: str) -> None:
+    async with MockBackend(MockConfig(latency_ms=100, capacity=16)) as mock:
+        loose = make_settings([("b1", mock.base_url, 6)])
+        strict = make_settings([("b1", mock.base_url, 2)])
+        backend = f"{prefix}-b1"
+        await apply_topology(loose)
+        async with running_worker(loose, metrics=Metrics()) as holder:
+            other = Worker(strict, metrics=Metrics())
+            async with running(other.run(), ready=lambda: other.ready.is_set(),
+                               stop=other.stop, stop_timeout_s=20):
+                slot = holder.slots.named(backend)
+                await wait_for(lambda: _async(slot.holder.health.max_concurrency == 2), 30)
+                async with HutchClient.from_settings(loose) as client:
+                    await asyncio.sleep(0.5)  # what ran at the old cap has ended
+                    mock.reset_stats()
+                    replies = await asyncio.gather(*await _load(client, 12))
+                assert mock.stats()["max_concurrency"] <= 2
+                assert holder.held_backends() == [backend]
+                report = await status(loose, [])
+        assert all(r.headers["x-hutch-outcome"] == "ok" for r in replies)
+    found = disagreements(report.configs)
+    assert [(d.backend, d.what) for d in found] == [(backend, "max_concurrency")]
+    assert sorted(found[0].values) == ["2", "6"]
+    text = format_status(report)
+    assert f"backend {backend}: workers disagree about its max_concurrency" in text
+    assert "1 worker(s) run another config than this file" in text

@@ -14,16 +14,26 @@ Reloading the config).
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.broker.management import ManagementAPI
 from pipeline.broker.names import Names
+from pipeline.errors import TopologyError
 from pipeline.ops.leases import connection_label
 from pipeline.settings import Settings
 from pipeline.worker.reload_stamp import ConfigStamp
 
-__all__ = ["Disagreement", "WorkerConfig", "disagreements", "worker_configs"]
+__all__ = [
+    "Disagreement",
+    "WorkerConfig",
+    "config_notes",
+    "config_table",
+    "disagreements",
+    "read_worker_configs",
+    "worker_configs",
+]
 
 
 @dataclass
@@ -85,3 +95,41 @@ def disagreements(configs: list[WorkerConfig]) -> list[Disagreement]:
             if len(values) > 1:
                 out.append(Disagreement(backend, what, values))
     return out
+
+
+async def read_worker_configs(settings: Settings) -> list[WorkerConfig]:
+    """:func:`worker_configs` on a management API client of its own; empty when the API
+    cannot say (``hutch status`` reports the API's error elsewhere)."""
+    try:
+        async with ManagementAPI.from_settings(settings) as api:
+            return await worker_configs(api, settings)
+    except TopologyError:
+        return []
+
+
+def config_table(configs: list[WorkerConfig], expected: str
+                 ) -> tuple[list[str], list[list[str]]]:
+    """The workers table of ``hutch status``: each worker's generation, config hash
+    (marked when it is not ``expected``, the hash of the file status was given) and when
+    it loaded it."""
+    rows = []
+    for config in configs:
+        loaded = ("-" if config.loaded_at is None else
+                  time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(config.loaded_at)))
+        shown = config.hash or "-"
+        if config.hash is not None and config.hash != expected:
+            shown += " (not this file's)"
+        rows.append([config.worker, "-" if config.generation is None
+                     else str(config.generation), shown, loaded])
+    return ["WORKER", "GENERATION", "CONFIG", "LOADED (UTC)"], rows
+
+
+def config_notes(configs: list[WorkerConfig], expected: str) -> list[str]:
+    """Disagreements between workers, and workers running another configuration."""
+    lines = [d.text() + " (the stricter cap holds)" if d.what == "max_concurrency"
+             else d.text() for d in disagreements(configs)]
+    other = [c.worker for c in configs if c.hash is not None and c.hash != expected]
+    if other:
+        lines.append(f"{len(other)} worker(s) run another config than this file ({expected}): "
+                     "reload them (SIGHUP) or check which file they read")
+    return lines

@@ -58,6 +58,7 @@ from pipeline.scheduling.meter import sample
 from pipeline.settings import BackendSettings, PoolSettings, Settings
 from pipeline.worker.admission import Admission
 from pipeline.worker.cancels import CancelSubscription
+from pipeline.worker.cap_claims import CapAgreement
 from pipeline.worker.consumer import TrackedConsumer
 from pipeline.worker.handlers import Handlers
 from pipeline.worker.health import BackendHealthReporter
@@ -111,6 +112,8 @@ class Worker:
         #: What this worker's configuration is (generation, hash, caps): in its presence
         #: consumer's arguments, for ``hutch status`` and the other workers.
         self.stamp = ConfigStamp.of(settings)
+        #: Other workers' caps for the backends this one holds: the stricter one holds.
+        self.claims = CapAgreement(self.name, settings.lease_retry_s * 5)
 
     def held_backends(self) -> list[str]:
         """Names of the backends whose lease this worker holds now."""
@@ -281,6 +284,8 @@ class Worker:
         tasks.append(asyncio.create_task(guard("pauses",
                                                      lambda: self._watch_pauses(connection))))
         tasks.append(asyncio.create_task(guard("tenants", self._sample_tenants)))
+        tasks.append(asyncio.create_task(guard("claims", functools.partial(
+            self.claims.run, connection, self.slots))))
         return tasks
 
     async def _session(self, connection: AbstractConnection) -> None:
