@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,15 @@ from pipeline.worker.reload import Reloader, ReloadResult
 from pipeline.worker.reload_stamp import ConfigStamp
 from pipeline.worker.reload_topology import needs_of
 from pipeline.worker.worker import Worker
-from tests.conftest import SettingsFactory, amqp, body, running_worker, wait_for, write_config
+from tests.conftest import (
+    HUTCH,
+    SettingsFactory,
+    amqp,
+    body,
+    running_worker,
+    wait_for,
+    write_config,
+)
 
 # -- the diff ---------------------------------------------------------------------------
 
@@ -235,7 +245,7 @@ async def test_added_backend_serves_and_removed_one_drains(make_settings: Settin
             await wait_for(lambda: _async(one.stats()["max_concurrency"] > 0))
             result = await _reload(reloader, config, make_settings([("b2", two.base_url, 2)]))
             assert result.result == "applied", result.reason
-            assert sorted(c["change"] for c in result.changes) == ["backend.added",
+            assert sorted(str(c["change"]) for c in result.changes) == ["backend.added",
                                                                    "backend.removed"]
             replies = await asyncio.gather(*first)
             await asyncio.wait_for(asyncio.gather(*result.retiring), 30)
@@ -348,3 +358,53 @@ async def test_two_workers_disagreeing_are_reported_and_the_lower_cap_holds(
     text = format_status(report)
     assert f"backend {backend}: workers disagree about its max_concurrency" in text
     assert "1 worker(s) run another config than this file" in text
+
+
+# -- the command: SIGHUP and --watch-config -------------------------------------------------
+
+
+def _events(log: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+
+
+async def _log_line(log: Path, event: str, timeout: float = 30, **fields: Any
+                    ) -> dict[str, Any]:
+    """The first JSON log line of ``event`` (with ``fields``) the worker wrote."""
+    async with asyncio.timeout(timeout):
+        while True:
+            for line in _events(log):
+                if line.get("event") == event and fields.items() <= line.items():
+                    return line
+            await asyncio.sleep(0.1)
+
+
+async def test_the_worker_command_reloads_on_sighup_and_on_a_file_change(
+        make_settings: SettingsFactory, tmp_path: Path, mock: MockBackend,
+        hutch_env: dict[str, str]) -> None:
+    settings = make_settings([("b1", mock.base_url, 2)])
+    config = write_config(tmp_path / "hutch.toml", settings)
+    await apply_topology(settings)
+    log = tmp_path / "worker.log"
+    with log.open("w") as stderr:
+        proc = await asyncio.create_subprocess_exec(
+            *HUTCH, "worker", "--config", str(config), "--watch-config", "0.2",
+            env=hutch_env, stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
+    try:
+        await _log_line(log, "worker.ready")
+        write_config(config, make_settings([("b1", mock.base_url, 3)]))  # the watch sees it
+        reloaded = await _log_line(log, "config.reloaded")
+        change = await _log_line(log, "config.change")
+        config.write_text("not = [toml")
+        await _log_line(log, "config.reload_failed")  # the watch again: an invalid file
+        write_config(config, make_settings([("b1", mock.base_url, 3)]))
+        proc.send_signal(signal.SIGHUP)  # unchanged now: said so
+        await _log_line(log, "config.reloaded", result="unchanged")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 30)
+    assert reloaded["result"] == "applied" and reloaded["generation"] == 2
+    assert change["change"] == "backend.recapped" and change["max_concurrency"] == "2 -> 3"
+    failed = await _log_line(log, "config.reload_failed")
+    assert failed["result"] == "invalid" and str(config) in failed["reason"]
+    assert failed["running_generation"] == 2
+    assert proc.returncode == 0

@@ -127,6 +127,8 @@ class Metrics:
             "hutch_config_reloads", "Config reloads (SIGHUP or file watch), by result: "
             "applied, unchanged, invalid, refused (needs a restart or `topology apply`), "
             "failed.", ["result"])
+        for result in ("applied", "unchanged", "invalid", "refused", "failed"):
+            self.config_reloads.labels(result)  # at 0: every result exported from the start
         if settings is not None:
             self.configure(settings)
 
