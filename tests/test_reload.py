@@ -408,3 +408,31 @@ async def test_the_worker_command_reloads_on_sighup_and_on_a_file_change(
     assert failed["result"] == "invalid" and str(config) in failed["reason"]
     assert failed["running_generation"] == 2
     assert proc.returncode == 0
+
+
+async def test_a_model_moves_between_pools_without_a_refused_request(
+        make_settings: SettingsFactory, tmp_path: Path, prefix: str) -> None:
+    """Between two pools the worker serves: reload first (the old pool keeps accepting the
+    model the broker still routes to it), then ``topology apply`` moves the binding."""
+    async with MockBackend(MockConfig(latency_ms=20, capacity=8,
+                                      models=("mock-small", "mock-large", "mock-code"))
+                           ) as mock:
+        chat = {"name": "chat", "models": ["mock-small", "mock-large"],
+                "backends": [{"name": f"{prefix}-b1", "url": mock.base_url,
+                              "max_concurrency": 2, "timeout_s": 10}]}
+        code = {"name": "code", "models": ["mock-code"],
+                "backends": [{"name": f"{prefix}-c1", "url": mock.base_url,
+                              "max_concurrency": 2, "timeout_s": 10}]}
+        settings = make_settings(pools=[chat, code])
+        moved = make_settings(pools=[{**chat, "models": ["mock-small"]},
+                                     {**code, "models": ["mock-code", "mock-large"]}])
+        config = tmp_path / "hutch.toml"
+        async with serving(settings, config) as (worker, reloader, client):
+            result = await _reload(reloader, config, moved)
+            assert result.result == "applied", result.reason
+            before = await client.request(body("mock-large"), model="mock-large", timeout=30)
+            await apply_topology(moved)
+            after = await client.request(body("mock-large"), model="mock-large", timeout=30)
+            assert worker.settings == moved
+    assert before.headers["x-hutch-outcome"] == "ok" and before.headers["x-hutch-pool"] == "chat"
+    assert after.headers["x-hutch-outcome"] == "ok" and after.headers["x-hutch-pool"] == "code"

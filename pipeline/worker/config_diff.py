@@ -31,8 +31,10 @@ __all__ = [
     "BackendChange",
     "ConfigDiff",
     "PoolChange",
+    "accepting",
     "config_hash",
     "diff_settings",
+    "moved_models",
     "url_hash",
 ]
 
@@ -207,3 +209,28 @@ def diff_settings(old: Settings, new: Settings) -> ConfigDiff:
             backends.append(BackendChange("removed", pool_name, name, old=old_backend))
     return ConfigDiff(tuple(sorted(pools, key=lambda c: (c.kind, c.name))),
                       tuple(backends), tuple(restart), tuple(broker_only))
+
+
+def moved_models(old: Settings, new: Settings) -> dict[str, list[str]]:
+    """Models that move between two pools both configurations have, by the pool they
+    leave. The broker routes them to that pool until ``hutch topology apply`` moves their
+    binding, so a reloaded worker keeps accepting them there (:func:`accepting`)."""
+    before = {model: pool.name for pool in old.pools for model in pool.models}
+    kept = {pool.name for pool in old.pools} & {pool.name for pool in new.pools}
+    moved: dict[str, list[str]] = {}
+    for pool in new.pools:
+        for model in pool.models:
+            was = before.get(model)
+            if pool.name in kept and was in kept and was != pool.name:
+                moved.setdefault(str(was), []).append(model)
+    return moved
+
+
+def accepting(new: Settings, moved: dict[str, list[str]]) -> Settings:
+    """``new`` as the worker's dispatchers use it: each pool also accepts the models
+    moving away from it (not validated again: a model is in two pools here on purpose)."""
+    if not moved:
+        return new
+    pools = [pool.model_copy(update={"models": [*pool.models, *moved.get(pool.name, [])]})
+             for pool in new.pools]
+    return new.model_copy(update={"pools": pools})

@@ -35,7 +35,7 @@ from pipeline.errors import ConfigError
 from pipeline.observe.log import get_logger
 from pipeline.observe.metrics import Metrics
 from pipeline.settings import Settings, load_settings
-from pipeline.worker.config_diff import ConfigDiff, diff_settings
+from pipeline.worker.config_diff import ConfigDiff, accepting, diff_settings, moved_models
 from pipeline.worker.reload_topology import check_topology, needs_of
 
 if TYPE_CHECKING:
@@ -143,7 +143,12 @@ class Reloader:
         for change in diff.of_pools("added"):
             if change.new is not None:
                 worker.add_pool(change.new, new)
-        worker.commit(new, worker.stamp.next(new))
+        moved = moved_models(worker.settings, new)
+        worker.commit(new, worker.stamp.next(new), accepting(new, moved))
+        if moved:
+            log.warning("config.apply_next", moved=moved, note="requests for these models "
+                        "reach their old pool (still served) until `hutch topology apply`: "
+                        "run it once every worker has reloaded")
         await worker.announce()  # new pools joined before their backends take leases
         for backend in diff.of_backends("recapped", "repointed"):
             if backend.new is not None:

@@ -24,7 +24,7 @@ from pipeline.broker.topology import retry_delays
 from pipeline.errors import TopologyError
 from pipeline.scheduling.lanes import LaneMap
 from pipeline.settings import PoolSettings, Settings
-from pipeline.worker.config_diff import ConfigDiff
+from pipeline.worker.config_diff import ConfigDiff, moved_models
 
 __all__ = ["TopologyNeeds", "check_topology", "needs_of"]
 
@@ -63,9 +63,13 @@ def needs_of(old: Settings, new: Settings, diff: ConfigDiff) -> TopologyNeeds:
     queues += [names.retry_queue(d) for d in sorted(set(retry_delays(new))
                                                      - set(retry_delays(old)))]
     before = {model: pool.name for pool in old.pools for model in pool.models}
+    # A model moving between two kept pools still routes to its old pool, which accepts
+    # it (config_diff.accepting): its new binding is for `apply` after the reload.
+    moving = {model for models in moved_models(old, new).values() for model in models}
     bindings = [(model, names.work_queue(change.name))
                 for change in diff.of_pools("added", "changed") if change.new is not None
-                for model in change.new.models if before.get(model) != change.name]
+                for model in change.new.models
+                if before.get(model) != change.name and model not in moving]
     return TopologyNeeds(tuple(queues), tuple(bindings))
 
 

@@ -93,6 +93,7 @@ class Worker:
         #: Every backend's slot, by pool, and their loops in the session (a reload's too).
         self.slots = Slots(settings.shutdown_grace_s)
         self._publish_channel: AbstractChannel | None = None
+        self._dispatch = settings  # what the dispatchers serve (a reload: see commit)
         self._admissions: dict[str, Admission] = {}
         self._triage: TrackedConsumer | None = None
         self._presence = Presence(self.names.workers_queue)
@@ -177,10 +178,11 @@ class Worker:
         self._pool_presence.add(pool.name, len(pool.backends))
         self._pauses.follow(pool.name)
 
-    def commit(self, settings: Settings, stamp: ConfigStamp) -> None:
+    def commit(self, settings: Settings, stamp: ConfigStamp,
+               dispatch: Settings | None = None) -> None:
         """``settings`` is the configuration from now on: this session's dispatchers are
-        rebuilt from it (requests in flight keep theirs), the fair shares resized."""
-        self.settings, self.stamp = settings, stamp
+        rebuilt from it or ``dispatch`` (requests in flight keep theirs), shares resized."""
+        self.settings, self.stamp, self._dispatch = settings, stamp, dispatch or settings
         self.metrics.configure(settings)
         for pool in settings.pools:
             self._pool_presence.resize(pool.name, len(pool.backends))
@@ -242,7 +244,7 @@ class Worker:
         return self._build_handlers(publish_channel)
 
     def _build_handlers(self, publish_channel: AbstractChannel) -> Handlers:
-        handlers = Handlers.build(self.settings, publish_channel, self.metrics,
+        handlers = Handlers.build(self._dispatch, publish_channel, self.metrics,
                                   self._cancels, self._hooks, pool_status=self._pool_status,
                                   schedulers=self.schedulers)
         self.slots.dispatchers.update(handlers.dispatchers)
