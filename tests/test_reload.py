@@ -25,7 +25,13 @@ from pipeline.runtime.background import running
 from pipeline.settings import Settings
 from pipeline.testing.mock import MockBackend, MockConfig
 from pipeline.worker.cap_claims import Claim, ClaimBook
-from pipeline.worker.config_diff import config_hash, diff_settings, url_hash
+from pipeline.worker.config_diff import (
+    accepting,
+    config_hash,
+    diff_settings,
+    moved_models,
+    url_hash,
+)
 from pipeline.worker.reload import Reloader, ReloadResult
 from pipeline.worker.reload_stamp import ConfigStamp
 from pipeline.worker.reload_topology import needs_of
@@ -95,6 +101,25 @@ def test_pool_added_and_models_moved(make_settings: SettingsFactory, prefix: str
     assert names.work_queue("code") in needs.queues
     assert names.pool_workers_queue("code") in needs.queues
     assert needs.bindings == (("mock-large", names.work_queue("code")),)
+
+
+def test_a_model_moving_between_kept_pools_is_accepted_by_both_until_apply(
+        make_settings: SettingsFactory) -> None:
+    chat = {"name": "chat", "models": ["m1", "m2"],
+            "backends": [{"name": "b1", "url": "http://127.0.0.1:9001/v1",
+                          "max_concurrency": 1}]}
+    code = {"name": "code", "models": ["m3"],
+            "backends": [{"name": "c1", "url": "http://127.0.0.1:9002/v1",
+                          "max_concurrency": 1}]}
+    old = make_settings(pools=[chat, code])
+    new = make_settings(pools=[{**chat, "models": ["m1"]}, {**code, "models": ["m3", "m2"]}])
+    moved = moved_models(old, new)
+    assert moved == {"chat": ["m2"]}
+    served = accepting(new, moved)
+    assert served.pool("chat").models == ["m1", "m2"] and served.pool("code").models == [
+        "m3", "m2"]
+    assert needs_of(old, new, diff_settings(old, new)).bindings == ()  # apply comes after
+    assert accepting(new, {}) is new
 
 
 def test_keys_a_running_worker_keeps_need_a_restart(make_settings: SettingsFactory,
