@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.observe.log import configure_logging
     from pipeline.observe.metrics import Metrics
     from pipeline.runtime import eventloop
-    from pipeline.worker.reload import FileWatch, Reloader
+    from pipeline.worker.reload import reload_triggers
     from pipeline.worker.worker import Worker
 
     loaded = settings_of(args)
@@ -61,25 +61,8 @@ def run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
-        chores: set[asyncio.Task[object]] = set()
-        watch: asyncio.Task[None] | None = None
-        if args.config is not None:
-            reloader = Reloader(worker, args.config)
-
-            def hangup() -> None:
-                task = asyncio.ensure_future(reloader.reload())
-                chores.add(task)
-                task.add_done_callback(chores.discard)
-
-            loop.add_signal_handler(signal.SIGHUP, hangup)
-            if args.watch_config:
-                watch = asyncio.create_task(
-                    FileWatch(reloader, args.config, args.watch_config).run())
-        try:
+        async with reload_triggers(worker, args.config, args.watch_config):
             await worker.run()
-        finally:
-            if watch is not None:
-                watch.cancel()
 
     eventloop.run(main(), args.loop)
     return 0

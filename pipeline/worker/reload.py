@@ -25,11 +25,13 @@ Every change is one log line (``config.change``); the reload one more
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Callable
+import signal
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.errors import ConfigError
 from pipeline.observe.log import get_logger
@@ -41,7 +43,7 @@ from pipeline.worker.reload_topology import check_topology, needs_of
 if TYPE_CHECKING:
     from pipeline.worker.worker import Worker
 
-__all__ = ["FileWatch", "ReloadResult", "Reloader"]
+__all__ = ["FileWatch", "ReloadResult", "Reloader", "reload_triggers"]
 
 log = get_logger("hutch.worker")
 
@@ -196,3 +198,34 @@ class FileWatch:
             if now is not None and now != seen:
                 seen = now
                 await self._reloader.reload()
+
+
+@contextlib.asynccontextmanager
+async def reload_triggers(worker: Worker, path: str | Path | None, watch_s: float | None
+                          ) -> AsyncIterator[None]:
+    """While the block runs, SIGHUP (and, with ``watch_s``, a change of the file) reloads
+    ``path``. Without a file (settings from the environment only) SIGHUP says that it
+    cannot reload rather than ending the process, as its default action would."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Future[Any]] = set()
+    reloader = Reloader(worker, path) if path is not None else None
+
+    def hangup() -> None:
+        if reloader is None:
+            log.error("config.reload_failed", result="invalid",
+                      reason="the worker was started without --config: nothing to reload")
+            return
+        task = asyncio.ensure_future(reloader.reload())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, hangup)
+    if reloader is not None and path is not None and watch_s:
+        tasks.add(asyncio.ensure_future(FileWatch(reloader, path, watch_s).run()))
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
