@@ -284,6 +284,7 @@ async def test_added_backend_serves_and_removed_one_drains(make_settings: Settin
                     await channel.declare_queue(Names(prefix).lease_queue(f"{prefix}-b1"),
                                                 passive=True)
     assert _served(one, two) == len(replies) == 14
+    assert one.stats()["aborted"] == 0  # what ran on the removed backend finished there
     assert all(r.headers["x-hutch-outcome"] == "ok" for r in replies)
     assert {r.backend for r in replies[-8:]} == {f"{prefix}-b2"}
 
@@ -461,3 +462,36 @@ async def test_a_model_moves_between_pools_without_a_refused_request(
             assert worker.settings == moved
     assert before.headers["x-hutch-outcome"] == "ok" and before.headers["x-hutch-pool"] == "chat"
     assert after.headers["x-hutch-outcome"] == "ok" and after.headers["x-hutch-pool"] == "code"
+
+
+async def test_a_removed_pool_drains_and_the_worker_leaves_it(
+        make_settings: SettingsFactory, tmp_path: Path, prefix: str) -> None:
+    async with MockBackend(MockConfig(latency_ms=200, capacity=8,
+                                      models=("mock-small", "mock-code"))) as mock:
+        chat = {"name": "chat", "models": ["mock-small"],
+                "backends": [{"name": f"{prefix}-b1", "url": mock.base_url,
+                              "max_concurrency": 2, "timeout_s": 10}]}
+        code = {"name": "code", "models": ["mock-code"],
+                "backends": [{"name": f"{prefix}-c1", "url": mock.base_url,
+                              "max_concurrency": 2, "timeout_s": 10}]}
+        settings = make_settings(pools=[chat, code])
+        config = tmp_path / "hutch.toml"
+        async with serving(settings, config) as (worker, reloader, client):
+            # as many as its cap, all running: queued ones would wait for a worker of the
+            # pool that nobody serves any more (docs: drain a pool before removing it)
+            first = await _load(client, 2, model="mock-code")
+            await wait_for(lambda: _async(mock.stats()["in_service"] == 2))
+            result = await _reload(reloader, config, make_settings(pools=[chat]))
+            assert result.result == "applied", result.reason
+            assert {str(c["change"]) for c in result.changes} == {"pool.removed",
+                                                                  "backend.removed"}
+            replies = await asyncio.gather(*first)
+            await asyncio.wait_for(asyncio.gather(*result.retiring), 30)
+            assert worker.held_backends() == [f"{prefix}-b1"]
+            async with amqp(settings.amqp_url) as connection:
+                channel = await connection.channel()
+                presence = await channel.declare_queue(
+                    Names(prefix).pool_workers_queue("code"), passive=True)
+            assert presence.declaration_result.consumer_count == 0
+    assert all(r.headers["x-hutch-outcome"] == "ok" for r in replies)
+    assert mock.stats()["aborted"] == 0 and mock.stats()["served"] == 2
