@@ -376,7 +376,10 @@ async def test_two_workers_disagreeing_are_reported_and_the_lower_cap_holds(
                     replies = await asyncio.gather(*await _load(client, 12))
                 assert mock.stats()["max_concurrency"] <= 2
                 assert holder.held_backends() == [backend]
-                report = await status(loose, [])
+                # the management API lists consumers from its statistics (every ~5 s)
+                async with asyncio.timeout(30):
+                    while len((report := await status(loose, [])).configs) < 2:
+                        await asyncio.sleep(0.5)
         assert all(r.headers["x-hutch-outcome"] == "ok" for r in replies)
     found = disagreements(report.configs)
     assert [(d.backend, d.what) for d in found] == [(backend, "max_concurrency")]

@@ -39,6 +39,7 @@ from pipeline.observe.metrics import Metrics
 from pipeline.settings import Settings, load_settings
 from pipeline.worker.config_diff import ConfigDiff, accepting, diff_settings, moved_models
 from pipeline.worker.reload_topology import check_topology, needs_of
+from pipeline.worker.slots import AMQP_ERRORS
 
 if TYPE_CHECKING:
     from pipeline.worker.worker import Worker
@@ -129,7 +130,10 @@ class Reloader:
         connection = worker.slots.connection
         if connection is None:
             return "not connected to the broker: its topology cannot be checked; try again"
-        check = await check_topology(connection, new, needs)
+        try:
+            check = await check_topology(connection, new, needs)
+        except AMQP_ERRORS as exc:
+            return f"the broker's topology could not be checked ({exc!r}); try again"
         if check.missing:
             return ("the broker lacks " + ", ".join(check.missing) + ": run `hutch topology "
                     f"apply --config {self._path}` first (`hutch topology diff` lists it)")
@@ -151,10 +155,14 @@ class Reloader:
             log.warning("config.apply_next", moved=moved, note="requests for these models "
                         "reach their old pool (still served) until `hutch topology apply`: "
                         "run it once every worker has reloaded")
-        await worker.announce()  # new pools joined before their backends take leases
-        for backend in diff.of_backends("recapped", "repointed"):
-            if backend.new is not None:
-                worker.swap_backend(backend.new)
+        # One new client per backend, recapped and repointed at once or not.
+        swapped = {b.name: b.new for b in diff.of_backends("recapped", "repointed") if b.new}
+        for settings in swapped.values():
+            worker.swap_backend(settings)
+        try:  # new pools joined (and their pause read) before their backends take leases
+            await worker.announce()
+        except AMQP_ERRORS as exc:  # the next session joins and shows it anyway
+            log.warning("config.announce_failed", error=repr(exc))
         for backend in diff.of_backends("added"):
             if backend.new is not None:
                 worker.add_backend(new.pool(backend.pool), backend.new)
