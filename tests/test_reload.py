@@ -498,3 +498,22 @@ async def test_a_removed_pool_drains_and_the_worker_leaves_it(
             assert presence.declaration_result.consumer_count == 0
     assert all(r.headers["x-hutch-outcome"] == "ok" for r in replies)
     assert mock.stats()["aborted"] == 0 and mock.stats()["served"] == 2
+
+
+async def test_a_model_added_without_its_binding_is_refused(
+        make_settings: SettingsFactory, tmp_path: Path, mock: MockBackend,
+        prefix: str) -> None:
+    settings = make_settings([("b1", mock.base_url, 2)])
+    config = tmp_path / "hutch.toml"
+    more = make_settings([("b1", mock.base_url, 2)],
+                         pool={"models": ["mock-small", "mock-large", "mock-extra"]})
+    async with serving(settings, config) as (worker, reloader, _):
+        refused = await _reload(reloader, config, more)
+        await apply_topology(more)
+        applied = await reloader.reload()
+        assert worker.settings == more
+    assert refused.result == "refused"
+    assert f"binding {prefix}.requests --mock-extra--> {prefix}.work.chat" in refused.reason
+    assert applied.result == "applied"
+    assert applied.changes == [{"change": "pool.changed", "pool": "chat", "fields": ["models"],
+                                "models": ["mock-small", "mock-large", "mock-extra"]}]
