@@ -20,7 +20,7 @@ from pipeline.broker.topology import apply_topology
 from pipeline.client.client import HutchClient
 from pipeline.observe.metrics import Metrics
 from pipeline.ops.status import format_status, status
-from pipeline.ops.worker_configs import disagreements
+from pipeline.ops.worker_configs import disagreements, read_worker_configs
 from pipeline.runtime.background import running
 from pipeline.settings import Settings
 from pipeline.testing.mock import MockBackend, MockConfig
@@ -228,6 +228,11 @@ async def test_recap_under_load_holds_the_new_cap(make_settings: SettingsFactory
             assert mock.stats()["max_concurrency"] <= 2
             assert worker.stamp.generation == 2
             assert _reloads(worker, "applied") == 1
+            # hutch status shows the new generation (once the API's statistics refresh)
+            async with asyncio.timeout(30):
+                while [(c.generation, c.hash) for c in await read_worker_configs(settings)
+                       ] != [(2, worker.stamp.hash)]:
+                    await asyncio.sleep(0.5)
     assert len(replies) == 36 and all(r.headers["x-hutch-outcome"] == "ok" for r in replies)
     assert len({r.correlation_id for r in replies}) == 36
 

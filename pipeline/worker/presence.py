@@ -57,6 +57,19 @@ class Presence:
                 "docs, page Security: docs/security.md)") from None
         self._consumer = consumer
 
+    async def rejoin(self, connection: AbstractConnection,
+                     arguments: Mapping[str, Any] | None = None) -> None:
+        """Show new ``arguments``: the new mark first, then the old one goes, so the
+        worker is never missing from the count (nor is it if the new one fails)."""
+        old, self._consumer = self._consumer, None
+        try:
+            await self.join(connection, arguments)
+        except BaseException:
+            self._consumer = old
+            raise
+        if old is not None:
+            await old.abort()
+
     async def leave(self) -> None:
         if self._consumer is not None:
             await self._consumer.abort()

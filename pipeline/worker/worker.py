@@ -193,8 +193,7 @@ class Worker:
         """Show the current :attr:`stamp` in the presence queue (consume again with it),
         then join the presence and read the pause state of pools added meanwhile."""
         if (connection := self.slots.connection) is not None:
-            await self._presence.leave()
-            await self._presence.join(connection, self.stamp.arguments())
+            await self._presence.rejoin(connection, self.stamp.arguments())
             await self._pool_presence.join(connection)
             await self._check_pauses(connection)
 
