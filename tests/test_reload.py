@@ -45,6 +45,7 @@ from tests.conftest import (
     wait_for,
     write_config,
 )
+from tests.test_security import UserMaker, make_user  # noqa: F401  (fixture)
 
 # -- the diff ---------------------------------------------------------------------------
 
@@ -522,3 +523,23 @@ async def test_a_model_added_without_its_binding_is_refused(
     assert applied.result == "applied"
     assert applied.changes == [{"change": "pool.changed", "pool": "chat", "fields": ["models"],
                                 "models": ["mock-small", "mock-large", "mock-extra"]}]
+
+
+async def test_cap_claims_work_with_least_privilege_worker_users(
+        make_settings: SettingsFactory, make_user: UserMaker,  # noqa: F811
+        prefix: str) -> None:
+    """The claims need only what `hutch worker-user add` grants (publish through the
+    default exchange, read a lease queue)."""
+    admin = make_settings([("b1", "http://127.0.0.1:9/v1", 6)])
+    await apply_topology(admin)
+    user = await make_user("worker", role="worker")
+    loose = make_settings([("b1", "http://127.0.0.1:9/v1", 6)], amqp_url=user.amqp_url)
+    strict = make_settings([("b1", "http://127.0.0.1:9/v1", 3)], amqp_url=user.amqp_url)
+    async with running_worker(loose, metrics=Metrics()) as holder:
+        other = Worker(strict, metrics=Metrics())
+        async with running(other.run(), ready=lambda: other.ready.is_set(),
+                           stop=other.stop, stop_timeout_s=20):
+            health = holder.slots.named(f"{prefix}-b1").holder.health
+            await wait_for(lambda: _async(health.max_concurrency == 3), 30)
+        # the other worker left: its claims expire and the configured cap is back
+        await wait_for(lambda: _async(health.max_concurrency == 6), 60)
