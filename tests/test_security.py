@@ -149,7 +149,8 @@ def test_permission_patterns() -> None:
     assert worker.as_json() == {
         "configure": r"^(llm\.lease\..+|llm\.cancel\..+)$",
         "write": r"^(amq\.default|llm\.retry|llm\.cancel\..+)$",
-        "read": r"^(llm\.work\..+|llm\.lane\..+|llm\.triage|llm\.workers|llm\.workers\..+"
+        "read": r"^(llm\.work\..+|llm\.lane\..+|llm\.lease\..+|llm\.triage|llm\.workers"
+                r"|llm\.workers\..+"
                 r"|llm\.cancel|llm\.cancel\..+)$",
     }
     # Prefix characters that mean something in a regex are escaped.

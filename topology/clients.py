@@ -16,8 +16,10 @@ client ``A``   declare its reply queue(s)                  configure on the queu
                                                            queue's dead-lettering: none)
 worker         declare/delete ``<prefix>.lease.<backend>``  configure on the lease queue
                consume work queues and the triage queue    read on the queue
-               replies and the parking lot (default        write on ``amq.default``
-               exchange)
+               read other workers' cap claims from a       read on the lease queue
+               lease queue it holds
+               replies, the parking lot and cap claims     write on ``amq.default``
+               (default exchange)
                retry tiers                                 write on ``<prefix>.retry``
 both           passive declares (topology checks, pause    none
                flags), ``basic.qos``
@@ -133,6 +135,7 @@ def client_permissions(names: Names, user: str) -> Permissions:
 def worker_permissions(names: Names) -> Permissions:
     """Configure lease queues and its own cancel queue; write to the default and retry
     exchanges (and bind its cancel queue); read the work queues and their lanes, the
+    lease queues (the claims of other workers' caps, pipeline.worker.cap_claims), the
     triage and presence queues (all workers' and each pool's), the cancel exchange and its
     cancel queue."""
     cancels = f"{_esc(names.cancel_queue(''))}.+"
@@ -140,6 +143,7 @@ def worker_permissions(names: Names) -> Permissions:
         configure=f"^({_esc(names.lease_queue(''))}.+|{cancels})$",
         write=f"^(amq\\.default|{_esc(names.retry_exchange)}|{cancels})$",
         read=f"^({_esc(names.work_queue(''))}.+|{_esc(names.lanes_prefix)}.+"
+             f"|{_esc(names.lease_queue(''))}.+"
              f"|{_esc(names.triage_queue)}"
              f"|{_esc(names.workers_queue)}|{_esc(names.pool_workers_queue(''))}.+"
              f"|{_esc(names.cancel_exchange)}|{cancels})$",

@@ -18,8 +18,14 @@ def register(sub: Subparsers) -> None:
                     "as many backends as its fair share, consume their pools' queues with "
                     "prefetch = max_concurrency, call the backends, reply, retry, park. "
                     "Run one or more replicas with the same config; each backend is served "
-                    "by one replica at a time. Logs are JSON lines on stderr.")
+                    "by one replica at a time. Logs are JSON lines on stderr. SIGHUP "
+                    "reloads the config file (backends added, removed, re-capped or "
+                    "re-pointed, pools added, models moved) without dropping a request; "
+                    "see the docs, page Reloading the config (docs/operations/reload.md).")
     add_config(worker)
+    worker.add_argument("--watch-config", type=float, default=None, metavar="SECONDS",
+                        help="also reload when the config file's modification time "
+                             "changes, checked every SECONDS")
     worker.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus /metrics on this port, with /healthz (the "
                              "event loop turns) and /readyz (connected and serving)")
@@ -41,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.observe.metrics import Metrics
     from pipeline.observe.probes import LoopHeartbeat
     from pipeline.runtime import eventloop
+    from pipeline.worker.reload import reload_triggers
     from pipeline.worker.worker import Worker
 
     loaded = settings_of(args)
@@ -59,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, worker.stop)
         beating = asyncio.create_task(heartbeat.run())
         try:
-            await worker.run()
+            async with reload_triggers(worker, args.config, args.watch_config):
+                await worker.run()
         finally:
             beating.cancel()
 

@@ -117,6 +117,10 @@ class Metrics:
         self._stream_families()
         self._tenant_families()
         self._broker_families()
+        self.config_reloads = counter("hutch_config_reloads", "Config reloads (SIGHUP or "
+                                      "a file watch) by result.", ["result"])
+        for result in ("applied", "unchanged", "invalid", "refused", "failed"):  # at 0
+            self.config_reloads.labels(result)
         if settings is not None:
             self.configure(settings)
 

@@ -15,10 +15,10 @@ from pipeline.broker.names import Names
 from pipeline.errors import TopologyError
 from pipeline.settings import Settings
 
-__all__ = ["lease_owners"]
+__all__ = ["connection_label", "lease_owners"]
 
 
-def _owner_text(connection: dict[str, Any] | None, fallback: str) -> str:
+def connection_label(connection: dict[str, Any] | None, fallback: str) -> str:
     """``hutch-worker host:pid (peer host:port)``, or the connection's name alone."""
     if connection is None:
         return fallback
@@ -33,7 +33,7 @@ async def _owner(api: ManagementAPI, vhost: str, queue: str) -> str | None:
     name = details.get("name") if isinstance(details, dict) else None
     if not isinstance(name, str):
         return None  # no lease queue: nobody holds it
-    return _owner_text(await api.get_connection(name), name)
+    return connection_label(await api.get_connection(name), name)
 
 
 async def lease_owners(settings: Settings) -> dict[str, str | None]:

@@ -28,6 +28,7 @@ from pipeline.broker.management import ManagementAPI
 from pipeline.broker.names import Names
 from pipeline.broker.pauses import state_of
 from pipeline.errors import StatusError, TopologyError
+from pipeline.ops import worker_configs as configs_of
 from pipeline.ops.leases import lease_owners
 from pipeline.ops.stats_freshness import StatsFreshness
 from pipeline.ops.tenant_status import (
@@ -39,6 +40,7 @@ from pipeline.ops.tenant_status import (
 )
 from pipeline.scheduling.lanes import LaneMap
 from pipeline.settings import Settings
+from pipeline.worker.config_diff import config_hash
 
 __all__ = [
     "BackendStatus",
@@ -108,6 +110,9 @@ class StatusReport:
     stats: StatsFreshness = field(default_factory=StatsFreshness)
     #: Tenants the workers reported (their metrics), with their lanes' depths.
     tenants: list[TenantStatus] = field(default_factory=list)
+    #: Each live worker's configuration (its presence), and the hash of the file given.
+    configs: list[configs_of.WorkerConfig] = field(default_factory=list)
+    config_hash: str = ""
 
     def queue(self, role: str, pool: str | None = None) -> QueueStatus:
         for queue in self.queues:
@@ -278,14 +283,15 @@ async def status(settings: Settings, worker_metrics_urls: list[str]) -> StatusRe
     """Read every pool's queue, the triage, retry and parking-lot queues (management API)
     and each backend's in-flight, capacity, lease and state (the workers' metrics)."""
     tenants: TenantValues = {}
-    (queues, freshness), (backends, workers), owners = await asyncio.gather(
+    (queues, freshness), (backends, workers), owners, configs = await asyncio.gather(
         _queues(settings), _backends(settings, list(worker_metrics_urls), tenants),
-        lease_owners(settings))
+        lease_owners(settings), configs_of.read_worker_configs(settings))
     for backend in backends:
         backend.owner = owners.get(backend.name)
     lanes = {q.name: q.messages for q in queues if q.role == "lane"}
     return StatusReport(settings.vhost, [q for q in queues if q.role != "lane"], backends,
-                        workers, freshness, tenant_rows(settings, tenants, lanes))
+                        workers, freshness, tenant_rows(settings, tenants, lanes), configs,
+                        config_hash(settings))
 
 
 # -- formatting ------------------------------------------------------------------------------
@@ -342,6 +348,9 @@ def _tables(report: StatusReport) -> list[str]:
     if report.tenants:
         header, rows = tenant_table(report.tenants)
         lines += ["", *_table(header, rows, {2, 4, 5, 6})]
+    if report.configs:
+        header, rows = configs_of.config_table(report.configs, report.config_hash)
+        lines += ["", *_table(header, rows, {1})]
     return lines
 
 
@@ -382,5 +391,6 @@ def format_status(report: StatusReport) -> str:
     for name in report.missing:
         lines.append(f"queue {name} does not exist: run `hutch topology apply`")
     lines += _worker_notes(report)
+    lines += configs_of.config_notes(report.configs, report.config_hash)
     lines.append(report.stats.note())
     return "\n".join(lines)

@@ -11,6 +11,7 @@ The per-tenant metrics are kept here too, and :func:`sample` exports the schedul
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping
 
@@ -20,7 +21,7 @@ from pipeline.observe.metrics import Metrics
 from pipeline.outcome import Completed, Outcome
 from pipeline.scheduling.policy import PoolScheduler, prompt_tokens
 
-__all__ = ["TenantMeter", "completion_estimate", "sample"]
+__all__ = ["TenantMeter", "completion_estimate", "sample", "sample_every"]
 
 
 def completion_estimate(delivery: Delivery, body: bytes) -> int:
@@ -104,3 +105,12 @@ def sample(schedulers: Mapping[str, PoolScheduler], metrics: Metrics,
         index = scheduler.fairness()
         if index is not None:
             metrics.child(metrics.fairness, pool_label).set(index)
+
+
+async def sample_every(schedulers: Mapping[str, PoolScheduler], metrics: Metrics,
+                       interval_s: float = 2.0) -> None:
+    """:func:`sample` every ``interval_s`` until cancelled."""
+    shown: dict[str, set[str]] = {}
+    while True:
+        sample(schedulers, metrics, shown)
+        await asyncio.sleep(interval_s)

@@ -46,17 +46,19 @@ def _export(metrics: Metrics, pool: str, estimate: BacklogEstimate) -> None:
         math.nan if estimate.drain_s is None else estimate.drain_s)
 
 
-async def watch_backlog(connection: AbstractConnection, queues: Mapping[str, Sequence[str]],
+async def watch_backlog(connection: AbstractConnection,
+                        queues: Callable[[], Mapping[str, Sequence[str]]],
                         meter: BacklogMeter, share: Callable[[str], float],
                         metrics: Metrics, *, interval_s: float = BACKLOG_INTERVAL_S) -> None:
-    """Until cancelled: every ``interval_s``, for each pool (``queues``: its queue and
-    lanes) of which this worker holds a ``share`` of the backends, export the estimate."""
+    """Until cancelled: every ``interval_s``, for each pool (``queues()``: its queue and
+    lanes, read each round: a reload may add pools) of which this worker holds a
+    ``share`` of the backends, export the estimate."""
     channel: AbstractChannel | None = None
     while True:
         await asyncio.sleep(interval_s)
-        for pool, names in queues.items():
+        for pool, names in queues().items():
             held = share(pool)
-            if held <= 0:
+            if held <= 0 or pool not in meter.rates:
                 continue
             try:
                 if channel is None or channel.is_closed:

@@ -9,7 +9,8 @@ requeued them: finishing them would only overload the backend). This class does 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
@@ -22,11 +23,13 @@ class TrackedConsumer:
     """Consume ``queue_name`` on ``channel`` with ``prefetch``, tracking handler tasks.
 
     ``lanes``: more queues consumed beside it (a pool's lanes), each with a prefetch of
-    ``lane_prefetch``: their heads wait at the backend's admission with the rest."""
+    ``lane_prefetch``: their heads wait at the backend's admission with the rest.
+    ``arguments``: the consumer's arguments on ``queue_name`` (the management API shows
+    them: a worker's presence carries its configuration's stamp this way)."""
 
     def __init__(self, channel: AbstractChannel, queue_name: str, prefetch: int,
-                 handler: Handler, *, lanes: Sequence[str] = (), lane_prefetch: int = 1
-                 ) -> None:
+                 handler: Handler, *, lanes: Sequence[str] = (), lane_prefetch: int = 1,
+                 arguments: Mapping[str, Any] | None = None) -> None:
         self._channel = channel
         self._queue_name = queue_name
         self.prefetch = prefetch
@@ -35,6 +38,7 @@ class TrackedConsumer:
         self._tag: str | None = None
         self._lane_names = tuple(lanes)
         self._lane_prefetch = lane_prefetch
+        self._arguments = dict(arguments) if arguments else None
         self._lanes: list[AbstractQueue] = []
         self._lane_tags: list[tuple[AbstractQueue, str]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -59,7 +63,11 @@ class TrackedConsumer:
             self._lanes = [await self._channel.declare_queue(name, passive=True)
                            for name in self._lane_names]
         await self._channel.set_qos(prefetch_count=self.prefetch)
-        self._tag = await self._queue.consume(self._on_message, no_ack=False)
+        if self._arguments:  # only then: test doubles of a queue need not take them
+            self._tag = await self._queue.consume(self._on_message, no_ack=False,
+                                                  arguments=self._arguments)
+        else:
+            self._tag = await self._queue.consume(self._on_message, no_ack=False)
         if self._lanes:
             await self._channel.set_qos(prefetch_count=self._lane_prefetch)
             self._lane_tags = [(lane, await lane.consume(self._on_message, no_ack=False))

@@ -10,6 +10,8 @@ state it knew and logs so, once per outage.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
@@ -20,6 +22,7 @@ from pipeline.broker.pauses import read_pause, set_paused
 from pipeline.errors import PauseStateError
 from pipeline.observe.log import get_logger
 from pipeline.settings import Settings
+from pipeline.worker.lease import LeaseHolder
 
 __all__ = ["PauseFollower", "pause_pool", "paused_pools", "pool_pause_states", "resume_pool"]
 
@@ -33,11 +36,19 @@ class PauseFollower:
     """The pause state of the pools a worker serves, as last read."""
 
     def __init__(self, names: Names, pools: list[str]) -> None:
+        self._names = names
         self._queues = {pool: names.pause_state_queue(pool) for pool in pools}
         #: Last known state per pool (a pool never read counts as running).
         self._known: dict[str, bool] = {}
         self._unreadable: set[str] = set()
         self._channel: AbstractChannel | None = None
+
+    def follow(self, pool: str) -> None:
+        """Read ``pool``'s state too from the next poll (a reload added the pool)."""
+        self._queues[pool] = self._names.pause_state_queue(pool)
+
+    def unfollow(self, pool: str) -> None:
+        self._queues.pop(pool, None)
 
     def paused(self, pool: str) -> bool:
         return self._known.get(pool, False)
@@ -46,9 +57,22 @@ class PauseFollower:
         """Pools whose state has never been read yet."""
         return [pool for pool in self._queues if pool not in self._known]
 
+    async def apply(self, connection: AbstractConnection,
+                    holders: Iterable[LeaseHolder]) -> None:
+        """Read the states (keeping the last known where a read cannot tell); pause or
+        resume the backends whose pool changed."""
+        await self.poll(connection)
+        for holder in holders:
+            pool, health = holder.pool, holder.health
+            paused = self.paused(pool)
+            if paused and health.pause():
+                log.warning("pool.paused", pool=pool, backend=holder.name)
+            elif not paused and health.resume():
+                log.info("pool.resumed", pool=pool, backend=holder.name)
+
     async def poll(self, connection: AbstractConnection) -> None:
         """Read every pool's state once; a read that cannot tell changes nothing."""
-        for pool, queue in self._queues.items():
+        for pool, queue in list(self._queues.items()):
             state, why = await self._read(connection, queue)
             if state is None:
                 if pool not in self._unreadable:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
@@ -40,11 +41,13 @@ class Presence:
         self.queue = queue
         self._consumer: TrackedConsumer | None = None
 
-    async def join(self, connection: AbstractConnection) -> None:
+    async def join(self, connection: AbstractConnection,
+                   arguments: Mapping[str, Any] | None = None) -> None:
         """Consume the queue once; the mark goes when the connection does. A user that
-        may not read it is a set-up error to fix, not a reason to reconnect forever."""
+        may not read it is a set-up error to fix, not a reason to reconnect forever.
+        ``arguments``: what the mark says (the management API lists them per consumer)."""
         consumer = TrackedConsumer(await connection.channel(publisher_confirms=False),
-                                   self.queue, 1, self._stray)
+                                   self.queue, 1, self._stray, arguments=arguments)
         try:
             await consumer.start()
         except aiormq.exceptions.ChannelAccessRefused:
@@ -53,6 +56,19 @@ class Presence:
                 "give it read permission there (`hutch worker-user add` grants it; see the "
                 "docs, page Security: docs/security.md)") from None
         self._consumer = consumer
+
+    async def rejoin(self, connection: AbstractConnection,
+                     arguments: Mapping[str, Any] | None = None) -> None:
+        """Show new ``arguments``: the new mark first, then the old one goes, so the
+        worker is never missing from the count (nor is it if the new one fails)."""
+        old, self._consumer = self._consumer, None
+        try:
+            await self.join(connection, arguments)
+        except BaseException:
+            self._consumer = old
+            raise
+        if old is not None:
+            await old.abort()
 
     async def leave(self) -> None:
         if self._consumer is not None:
@@ -81,6 +97,10 @@ class FairShare:
         self._share = 0
         self._measured_at = -math.inf
 
+    def resize(self, backends: int) -> None:
+        """The pool now has ``backends`` backends (a reload): the next count's share."""
+        self._backends = backends
+
     def update(self, workers: int) -> int:
         """Record a count of live workers; the share it gives (a ceiling)."""
         self._share = -(-self._backends // max(1, workers))
@@ -102,6 +122,9 @@ class PoolPresence:
 
     def __init__(self, names: Names, backends: dict[str, int], fresh_for_s: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        self._names = names
+        self._fresh_for_s = fresh_for_s
+        self._clock = clock
         self._members = {pool: Presence(names.pool_workers_queue(pool)) for pool in backends}
         self.shares = {pool: FairShare(count, fresh_for_s, clock)
                        for pool, count in backends.items()}
@@ -113,9 +136,26 @@ class PoolPresence:
         """True while ``held`` leases of ``pool`` are this worker's share of it."""
         return self.shares[pool].reached(held)
 
+    # -- a reload's changes: joined at the next join()/refresh() ------------------------
+
+    def add(self, pool: str, backends: int) -> None:
+        self._members[pool] = Presence(self._names.pool_workers_queue(pool))
+        self.shares[pool] = FairShare(backends, self._fresh_for_s, self._clock)
+
+    def resize(self, pool: str, backends: int) -> None:
+        if pool in self.shares:
+            self.shares[pool].resize(backends)
+
+    async def remove(self, pool: str) -> None:
+        member = self._members.pop(pool, None)
+        self._joined.discard(pool)
+        self._down.discard(pool)
+        if member is not None:
+            await member.leave()
+
     async def join(self, connection: AbstractConnection) -> None:
         """Join every pool not joined yet; a missing queue is a set-up error."""
-        for pool, member in self._members.items():
+        for pool, member in list(self._members.items()):
             if pool in self._joined:
                 continue
             try:
@@ -139,18 +179,20 @@ class PoolPresence:
         down)."""
         await self.join(connection)
         counted = {}
-        for pool, member in self._members.items():
+        for pool, member in list(self._members.items()):
             if self._channel is None or self._channel.is_closed:
                 self._channel = await connection.channel(publisher_confirms=False)
             try:
                 workers = await member.count(self._channel)
             except aiormq.exceptions.ChannelClosed:
                 continue
-            counted[pool] = (workers, self.shares[pool].update(workers))
+            share = self.shares.get(pool)
+            if share is not None:  # not removed by a reload meanwhile
+                counted[pool] = (workers, share.update(workers))
         return counted
 
     async def leave(self) -> None:
-        for member in self._members.values():
+        for member in list(self._members.values()):
             await member.leave()
         self._joined.clear()
         self._channel = None

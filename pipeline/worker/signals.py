@@ -10,6 +10,7 @@ The reader logs one line when readings become known or unknown, never one per sc
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from pipeline.backends.saturation import SaturationReader
 from pipeline.observe.log import get_logger
@@ -23,12 +24,19 @@ log = get_logger("hutch.capacity")
 SCRAPE_INTERVAL_S = 0.5
 
 
-async def watch_saturation(health: BackendHealthReporter, reader: SaturationReader, *,
+async def watch_saturation(health: BackendHealthReporter,
+                           reader: Callable[[], SaturationReader | None], *,
                            interval_s: float = SCRAPE_INTERVAL_S) -> None:
-    """Scrape until cancelled (the lease ends)."""
+    """Scrape until cancelled (the lease ends). ``reader()`` is asked each round: a
+    reload that re-points the backend gives it a new one."""
     while True:
+        current = reader()
+        if current is None:
+            health.saturation(None)
+            await asyncio.sleep(interval_s)
+            continue
         try:
-            reading = await reader.refresh()
+            reading = await current.refresh()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug in a parser must not end the lease

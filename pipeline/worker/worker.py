@@ -21,6 +21,8 @@ Shape (see the README's architecture section):
   must not be silently re-declared on reconnect (another worker may hold it by then),
   and in-flight calls of a lost connection are cancelled at once, since their requests
   are already being redelivered elsewhere and finishing them would break the cap.
+* SIGHUP reloads the configuration in place (:mod:`pipeline.worker.reload`, changing the
+  slots of :mod:`pipeline.worker.slots`).
 * SIGTERM (:meth:`Worker.stop`): cancel the consumers, let in-flight requests finish
   within ``shutdown_grace_s``, then close the connection (freeing the leases).
 
@@ -36,11 +38,10 @@ import os
 import random
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 
-import aiormq
 import httpx
-from aio_pika.abc import AbstractConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from pipeline.backends.breaker import BackendGate, BreakerPolicy
 from pipeline.backends.http import Backend
@@ -54,11 +55,12 @@ from pipeline.observe.hooks import DeliveryHook
 from pipeline.observe.log import get_logger
 from pipeline.observe.metrics import Metrics
 from pipeline.scheduling.lanes import LaneMap
-from pipeline.scheduling.meter import sample
+from pipeline.scheduling.meter import sample_every
 from pipeline.settings import BackendSettings, PoolSettings, Settings
 from pipeline.worker.admission import Admission
 from pipeline.worker.backlog_watch import watch_backlog
 from pipeline.worker.cancels import CancelSubscription
+from pipeline.worker.cap_claims import CapAgreement
 from pipeline.worker.consumer import TrackedConsumer
 from pipeline.worker.handlers import Handlers
 from pipeline.worker.health import BackendHealthReporter
@@ -66,16 +68,14 @@ from pipeline.worker.lease import Intake, Lease, LeaseHolder, LeaseTiming
 from pipeline.worker.limits import concurrency_limit
 from pipeline.worker.pause import PauseFollower
 from pipeline.worker.presence import PoolPresence, Presence
+from pipeline.worker.reload_stamp import ConfigStamp
 from pipeline.worker.signals import watch_saturation
-from pipeline.worker.slot import Slot
+from pipeline.worker.slots import AMQP_ERRORS, Slot, Slots, guard
 from pipeline.worker.startup import await_topology
 
 __all__ = ["Worker"]
 
 log = get_logger("hutch.worker")
-
-_AMQP_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, asyncio.TimeoutError)
-
 
 class Worker:
     """Serves every backend of every pool in ``settings`` whose lease it can take."""
@@ -96,7 +96,10 @@ class Worker:
         self._transport_factory = transport_factory
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
-        self._slots: list[Slot] = []
+        #: Every backend's slot, by pool, and their loops in the session (a reload's too).
+        self.slots = Slots(settings.shutdown_grace_s)
+        self._publish_channel: AbstractChannel | None = None
+        self._dispatch = settings  # what the dispatchers serve (a reload: see commit)
         self._admissions: dict[str, Admission] = {}
         self._triage: TrackedConsumer | None = None
         self._presence = Presence(self.names.workers_queue)
@@ -113,10 +116,15 @@ class Worker:
         self._cancel_queue_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         #: Each pool's tenants and their counters: soft state that outlives a reconnect.
         self.schedulers = Handlers.schedulers(settings)
+        #: What this worker's configuration is (generation, hash, caps): in its presence
+        #: consumer's arguments, for ``hutch status`` and the other workers.
+        self.stamp = ConfigStamp.of(settings)
+        #: Other workers' caps for the backends this one holds: the stricter one holds.
+        self.claims = CapAgreement(self.name, settings.lease_retry_s * 5)
 
     def held_backends(self) -> list[str]:
         """Names of the backends whose lease this worker holds now."""
-        return [slot.holder.name for slot in self._slots if slot.holder.lease.held]
+        return [slot.holder.name for slot in self.slots.all if slot.holder.lease.held]
 
     def readiness(self) -> tuple[bool, str]:
         """``/readyz``: connected and serving (safe from another thread: flags only)."""
@@ -133,23 +141,23 @@ class Worker:
     async def run(self) -> None:
         """Connect, serve, reconnect on loss; return after :meth:`stop` and a drain."""
         self._admissions = {pool.name: self._admission(pool) for pool in self.settings.pools}
-        self._slots = [self._slot(pool, backend) for pool in self.settings.pools
-                       for backend in pool.backends]
+        for pool in self.settings.pools:
+            for backend in pool.backends:
+                self.slots.install(self._slot(pool, backend))
         # Backoff and a rate-limited log while the broker is unreachable; a refused vhost,
         # credentials or certificate is raised: retrying cannot cure it.
         reconnect = Reconnect(self.settings, name=self.name, heartbeat_s=self.settings.heartbeat_s)
         # A wrong backend url is logged now, not found on the first request (not through
         # injected transports: tests and benchmarks script and count every call).
         probe = asyncio.create_task(probe_backends(
-            [] if self._transport_factory else [slot.http for slot in self._slots]))
+            [] if self._transport_factory else [slot.http for slot in self.slots.all]))
         try:
             while (connection := await reconnect.connect(self._stopping)) is not None:
                 await self._session(connection)
         finally:
             probe.cancel()
             await asyncio.gather(probe, return_exceptions=True)
-            for slot in self._slots:
-                await slot.http.aclose()
+            await self.slots.close()
             log.info("worker.stopped")
 
     def _slot(self, pool: PoolSettings, settings: BackendSettings) -> Slot:
@@ -173,12 +181,56 @@ class Worker:
         intake = Intake(self.names.work_queue(pool.name), admission, lanes)
         holder = LeaseHolder(lease, health, pool.name, intake,
                              self.metrics.capacity.labels(settings.name),
-                             may_take=functools.partial(self._may_take_more, pool.name),
+                             may_take=functools.partial(self._may_take_more, pool.name,
+                                                        settings.name),
                              draining=self._stopping)
-        http = Backend(settings, transport)
-        if http.metrics is not None and settings.concurrency == "adaptive":
-            holder.watch = functools.partial(watch_saturation, health, http.metrics)
-        return Slot(http, holder)
+        slot = Slot(Backend(settings, transport), holder)
+        if settings.concurrency == "adaptive" and settings.metrics_url is not None:
+            holder.watch = functools.partial(watch_saturation, health, lambda: slot.http.metrics)
+        return slot
+
+    # -- what a reload changes (pipeline.worker.reload decides, checks and logs) ----------
+
+    def add_pool(self, pool: PoolSettings, settings: Settings) -> None:
+        """Serve a new pool (of ``settings``): its admission, scheduler, presence and
+        pause state; its backends come with :meth:`add_backend`."""
+        self.schedulers[pool.name] = Handlers.schedulers(settings)[pool.name]
+        self._admissions[pool.name] = self._admission(pool)
+        self._pool_presence.add(pool.name, len(pool.backends))
+        self._pauses.follow(pool.name)
+
+    def commit(self, settings: Settings, stamp: ConfigStamp,
+               dispatch: Settings | None = None) -> None:
+        """``settings`` is the configuration from now on: this session's dispatchers are
+        rebuilt from it or ``dispatch`` (requests in flight keep theirs), shares resized."""
+        self.settings, self.stamp, self._dispatch = settings, stamp, dispatch or settings
+        self.metrics.configure(settings)
+        for pool in settings.pools:
+            self._pool_presence.resize(pool.name, len(pool.backends))
+        if self._publish_channel is not None:
+            self._build_handlers(self._publish_channel)
+
+    async def announce(self) -> None:
+        """Show the current :attr:`stamp` in the presence queue (consume again with it),
+        then join the presence and read the pause state of pools added meanwhile."""
+        if (connection := self.slots.connection) is not None:
+            await self._presence.rejoin(connection, self.stamp.arguments())
+            await self._pool_presence.join(connection)
+            await self._check_pauses(connection)
+
+    def add_backend(self, pool: PoolSettings, backend: BackendSettings) -> None:
+        """A new backend: its slot, competing for its lease at once."""
+        self.slots.install(self._slot(pool, backend))
+
+    def swap_backend(self, backend: BackendSettings) -> None:
+        """New settings for a served backend: see :meth:`Slots.swap`."""
+        transport = self._transport_factory(backend) if self._transport_factory else None
+        self.slots.swap(backend.name, Backend(backend, transport), backend.max_concurrency)
+
+    def leave_pool(self, pool: str) -> asyncio.Task[None]:
+        """Stop being counted as a worker of ``pool`` (after its backends retired)."""
+        self._pauses.unfollow(pool)
+        return self.slots.chore(self._pool_presence.remove(pool))
 
     def _admission(self, pool: PoolSettings) -> Admission:
         """The pool's admission in this worker: its backends' permits, one waiting set."""
@@ -186,27 +238,14 @@ class Worker:
         return Admission(self.schedulers[pool.name].policy(), lookahead=scheduling.lookahead,
                          sorts=scheduling.policy == "fair" and scheduling.lookahead > 0)
 
-    def _backlog_queues(self) -> dict[str, list[str]]:
-        """Each pool's queue and lanes: where its ready requests are."""
-        return {pool.name: [self.names.work_queue(pool.name), *self._slots_lanes(pool.name)]
-                for pool in self.settings.pools}
-
-    def _slots_lanes(self, pool: str) -> list[str]:
-        holders = self._holders(pool)
-        return list(holders[0].intake.lanes) if holders else []
-
-    def _held_share(self, pool: str) -> float:
-        """The fraction of ``pool``'s backends whose lease this worker holds."""
-        holders = self._holders(pool)
-        held = sum(1 for holder in holders if holder.lease.held)
-        return held / len(holders) if holders else 0.0
-
     def _holders(self, pool: str) -> list[LeaseHolder]:
-        return [slot.holder for slot in self._slots if slot.holder.pool == pool]
+        return [slot.holder for slot in self.slots.all if slot.holder.pool == pool]
 
-    def _may_take_more(self, pool: str) -> bool:
-        """False while this worker holds its share of ``pool``: leave its free leases to
-        the pool's other workers."""
+    def _may_take_more(self, pool: str, backend: str) -> bool:
+        """False while this worker holds its share of ``pool`` (leave its free leases to
+        the pool's other workers), or once a reload removed ``backend``."""
+        if backend in self.slots.retiring:
+            return False
         held = sum(1 for holder in self._holders(pool) if holder.lease.held)
         return not self._pool_presence.reached(pool, held)
 
@@ -221,22 +260,15 @@ class Worker:
         self.blocked.attach(connection)
         publish_channel = await connection.channel(publisher_confirms=True,
                                                    on_return_raises=True)
-        return Handlers.build(self.settings, publish_channel, self.metrics, self._cancels,
-                              self._hooks, pool_status=self._pool_status,
-                              schedulers=self.schedulers)
+        self._publish_channel = publish_channel
+        return self._build_handlers(publish_channel)
 
-    def _pool_status(self, pool: str) -> str | None:
-        """A sentence when no backend of ``pool`` that this worker holds can take work
-        (for the answer of a request that expired waiting), else None."""
-        held = [slot.holder for slot in self._slots
-                if slot.holder.pool == pool and slot.holder.lease.held]
-        out = [holder for holder in held if not holder.health.available()]
-        if not held or len(out) < len(held):
-            return None
-        states = ", ".join(
-            f"{holder.name} {'paused' if holder.health.paused else holder.health.gate.state}"
-            for holder in out)
-        return f"no backend of pool {pool!r} was serving ({states})"
+    def _build_handlers(self, publish_channel: AbstractChannel) -> Handlers:
+        handlers = Handlers.build(self._dispatch, publish_channel, self.metrics,
+                                  self._cancels, self._hooks, pool_status=self.slots.pool_status,
+                                  schedulers=self.schedulers)
+        self.slots.dispatchers.update(handlers.dispatchers)
+        return handlers
 
     async def _start(self, connection: AbstractConnection) -> list[asyncio.Task[None]]:
         """Join, consume the triage queue, follow pauses, then compete for the leases."""
@@ -245,7 +277,7 @@ class Worker:
         self._triage = TrackedConsumer(await connection.channel(), self.names.triage_queue,
                                        self.settings.triage_prefetch, handlers.triage.handle)
         await self._triage.start()
-        await self._presence.join(connection)
+        await self._presence.join(connection, self.stamp.arguments())
         await self._pool_presence.join(connection)
         await CancelSubscription(self.names, self._cancel_queue_id, self._cancels).start(
             connection)
@@ -255,22 +287,18 @@ class Worker:
                 break
             await asyncio.sleep(self.settings.lease_retry_s)
             await self._check_pauses(connection)
-        by_pool: dict[str, dict[str, Slot]] = {}
-        for slot in self._slots:
-            by_pool.setdefault(slot.holder.pool, {})[slot.holder.name] = slot
-        tasks = [asyncio.create_task(self._guard(slot.holder.name, functools.partial(
-                     slot.holder.run, connection,
-                     slot.handler(handlers.dispatchers[slot.holder.pool],
-                                  by_pool[slot.holder.pool]))))
-                 for slot in self._slots]
-        tasks.append(asyncio.create_task(self._guard("rebalance",
-                                                     lambda: self._rebalance(connection))))
-        tasks.append(asyncio.create_task(self._guard("pauses",
+        self.slots.begin(connection)
+        tasks = [asyncio.create_task(guard("rebalance",
+                                                 lambda: self._rebalance(connection)))]
+        tasks.append(asyncio.create_task(guard("pauses",
                                                      lambda: self._watch_pauses(connection))))
-        tasks.append(asyncio.create_task(self._guard("tenants", self._sample_tenants)))
-        tasks.append(asyncio.create_task(self._guard("backlog", functools.partial(
-            watch_backlog, connection, self._backlog_queues(), self.backlog,
-            self._held_share, self.metrics))))
+        tasks.append(asyncio.create_task(guard("tenants", functools.partial(
+            sample_every, self.schedulers, self.metrics))))
+        tasks.append(asyncio.create_task(guard("backlog", functools.partial(
+            watch_backlog, connection, self.slots.queues, self.backlog,
+            self.slots.held_share, self.metrics))))
+        tasks.append(asyncio.create_task(guard("claims", functools.partial(
+            self.claims.run, connection, self.slots))))
         return tasks
 
     async def _session(self, connection: AbstractConnection) -> None:
@@ -279,7 +307,7 @@ class Worker:
         tasks: list[asyncio.Task[None]] = []
         try:
             tasks = await self._start(connection)
-            log.info("worker.ready", backends=len(self._slots), vhost=self.settings.vhost)
+            log.info("worker.ready", backends=len(self.slots.all), vhost=self.settings.vhost)
             self.ready.set()
             stop_wait = asyncio.create_task(self._stopping.wait())
             lost_wait = asyncio.create_task(lost.wait())
@@ -290,7 +318,7 @@ class Worker:
                 await self._drain()
             else:
                 log.warning("amqp.connection_lost", in_flight_cancelled=self._in_flight())
-        except _AMQP_ERRORS as exc:
+        except AMQP_ERRORS as exc:
             log.warning("amqp.session_failed", error=repr(exc))
         finally:
             await self._end_session(connection, tasks)
@@ -299,6 +327,8 @@ class Worker:
                            tasks: list[asyncio.Task[None]]) -> None:
         """Cancel the session's loops and consumers, close the connection."""
         self.ready.clear()
+        tasks = [*tasks, *self.slots.end()]
+        self._publish_channel = None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -316,7 +346,7 @@ class Worker:
             await self._sleep_unless_stopping(0.5)
 
     def _consumers(self) -> list[TrackedConsumer]:
-        consumers = [slot.holder.consumer for slot in self._slots
+        consumers = [slot.holder.consumer for slot in self.slots.all
                      if slot.holder.consumer is not None]
         return consumers + ([self._triage] if self._triage is not None else [])
 
@@ -337,13 +367,6 @@ class Worker:
             log.warning("worker.grace_expired", unfinished=self._in_flight(),
                         note="unfinished requests are redelivered by the broker")
 
-    async def _sample_tenants(self) -> None:
-        """Export the schedulers' backlog, counters and fairness every few seconds."""
-        shown: dict[str, set[str]] = {}
-        while True:
-            sample(self.schedulers, self.metrics, shown)
-            await asyncio.sleep(2.0)
-
     async def _watch_pauses(self, connection: AbstractConnection) -> None:
         """Follow the pools' pause states (``<prefix>.pause.<pool>``)."""
         while True:
@@ -351,16 +374,7 @@ class Worker:
             await self._check_pauses(connection)
 
     async def _check_pauses(self, connection: AbstractConnection) -> None:
-        """Read the states (keeping the last known where a read cannot tell); pause or
-        resume the backends whose pool changed."""
-        await self._pauses.poll(connection)
-        for slot in self._slots:
-            pool, health = slot.holder.pool, slot.holder.health
-            paused = self._pauses.paused(pool)
-            if paused and health.pause():
-                log.warning("pool.paused", pool=pool, backend=slot.holder.name)
-            elif not paused and health.resume():
-                log.info("pool.resumed", pool=pool, backend=slot.holder.name)
+        await self._pauses.apply(connection, [slot.holder for slot in list(self.slots.all)])
 
     async def _rebalance(self, connection: AbstractConnection) -> None:
         """Spread each pool's leases over the workers serving it: a worker holding more
@@ -379,17 +393,3 @@ class Worker:
                     log.info("lease.rebalance", backend=holder.name, pool=pool,
                              held=len(held), fair_share=fair, workers=workers)
                     holder.lease.release()
-
-    @staticmethod
-    async def _guard(name: str, work: Callable[[], Awaitable[None]]) -> None:
-        """Keep a backend's loop alive: log a failure and start it again after a pause."""
-        while True:
-            try:
-                await work()
-            except asyncio.CancelledError:
-                raise
-            except _AMQP_ERRORS as exc:
-                log.warning("backend.loop_failed", backend=name, error=repr(exc))
-            except Exception:
-                log.error("backend.loop_crashed", exc_info=True, backend=name)
-            await asyncio.sleep(1.0)
