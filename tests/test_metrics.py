@@ -521,6 +521,8 @@ async def test_serve_exports_every_metric_over_http() -> None:
         gauge.labels("chat", "alice").set(1)
     metrics.tenant_sorted.labels("chat", "alice").inc()
     metrics.fairness.labels("chat").set(1)
+    for gauge in (metrics.backlog_requests, metrics.backlog_tokens, metrics.drain_seconds):
+        gauge.labels("chat").set(1)
     server = metrics.serve(0, addr="127.0.0.1")
     try:
         async with httpx.AsyncClient() as http:
