@@ -12,6 +12,7 @@ import httpx
 from hutch import HutchClient
 from pipeline.broker.topology import apply_topology
 from pipeline.capacity.backlog import BacklogEstimate, ServiceRate
+from pipeline.ops.status import format_status, status
 from tests.conftest import SettingsFactory, running_worker, wait_for
 
 
@@ -78,7 +79,16 @@ async def test_a_worker_exports_its_pools_backlog(make_settings: SettingsFactory
         requests = sample("hutch_pool_backlog_requests", {"pool": "chat"})
         tokens = sample("hutch_pool_backlog_tokens", {"pool": "chat"})
         drain = sample("hutch_pool_drain_seconds", {"pool": "chat"})
+        server = worker.metrics.serve(0, addr="127.0.0.1")  # what `hutch status` reads
+        try:
+            report = await status(settings, [f"127.0.0.1:{server.port}"])
+        finally:
+            server.close()
         await asyncio.gather(*calls)
+    pool = report.queue("work", "chat")
+    assert pool.backlog_tokens is not None and pool.wait_s is not None and pool.wait_s > 0
+    text = format_status(report)
+    assert "BACKLOG TOKENS" in text and "EST. WAIT" in text and f"{pool.wait_s:.1f}s" in text
     assert requests is not None and 0 < requests < 300
     assert tokens == requests * 50  # every completion so far reported 50 tokens
     assert drain is not None and not math.isnan(drain) and drain > 0

@@ -31,11 +31,11 @@ from pipeline.errors import StatusError, TopologyError
 from pipeline.ops import worker_configs as configs_of
 from pipeline.ops.leases import lease_owners
 from pipeline.ops.stats_freshness import StatsFreshness
+from pipeline.ops.status_text import format_status
 from pipeline.ops.tenant_status import (
     TenantStatus,
     TenantValues,
     tenant_rows,
-    tenant_table,
     tenant_values,
 )
 from pipeline.scheduling.lanes import LaneMap
@@ -56,6 +56,9 @@ __all__ = [
 #: ``hutch_backend_state`` values (see pipeline.observe.metrics).
 STATE_NAMES = {0: "closed", 1: "half_open", 2: "open", 3: "throttled"}
 
+#: A pool's estimates (:mod:`pipeline.capacity.backlog`): tokens, then the wait.
+_POOL_GAUGES = ("hutch_pool_backlog_tokens", "hutch_pool_drain_seconds")
+
 _BACKEND_GAUGES = ("hutch_backend_in_flight", "hutch_backend_capacity",
                    "hutch_backend_lease_held", "hutch_backend_state")
 
@@ -74,6 +77,10 @@ class QueueStatus:
     consumers: int | None = None
     policy: str | None = None
     paused: bool = False
+    #: A pool's backlog in tokens and its estimated wait (s), as the workers estimate
+    #: them (``hutch_pool_backlog_tokens``, ``hutch_pool_drain_seconds``); None: unknown.
+    backlog_tokens: float | None = None
+    wait_s: float | None = None
 
 
 @dataclass
@@ -230,7 +237,8 @@ async def _check_vhost(api: ManagementAPI, vhost: str) -> None:
 
 async def _scrape(http: httpx.AsyncClient, url: str, tenants: TenantValues
                   ) -> tuple[WorkerStatus, dict[str, dict[str, float]]]:
-    """One worker's backend gauges: {metric: {backend: value}}; its tenant figures are
+    """One worker's backend gauges: {metric: {backend: value}}, and its pools' backlog
+    estimates under their own names ({metric: {pool: value}}); its tenant figures are
     added to ``tenants``."""
     try:
         response = await http.get(url)
@@ -239,19 +247,21 @@ async def _scrape(http: httpx.AsyncClient, url: str, tenants: TenantValues
     except (httpx.HTTPError, ValueError) as exc:
         return WorkerStatus(url, f"{type(exc).__name__}: {exc}"), {}
     tenant_values(families, tenants)
-    values: dict[str, dict[str, float]] = {name: {} for name in _BACKEND_GAUGES}
+    values: dict[str, dict[str, float]] = {name: {} for name in (*_BACKEND_GAUGES,
+                                                                 *_POOL_GAUGES)}
     for family in families:
         if family.name not in values:
             continue
         for sample in family.samples:
-            backend = sample.labels.get("backend")
-            if backend is not None and sample.name == family.name:
-                values[family.name][backend] = sample.value
+            key = sample.labels.get("backend", sample.labels.get("pool"))
+            if key is not None and sample.name == family.name and sample.value == sample.value:
+                values[family.name][key] = sample.value  # (NaN: unknown, skipped)
     return WorkerStatus(url), values
 
 
 async def _backends(settings: Settings, urls: list[str], tenants: TenantValues
-                    ) -> tuple[list[BackendStatus], list[WorkerStatus]]:
+                    ) -> tuple[list[BackendStatus], list[WorkerStatus],
+                               list[dict[str, dict[str, float]]]]:
     backends = [BackendStatus(b.name, pool.name, b.max_concurrency)
                 for pool in settings.pools for b in pool.backends]
     async with httpx.AsyncClient(timeout=5) as http:
@@ -276,121 +286,23 @@ async def _backends(settings: Settings, urls: list[str], tenants: TenantValues
         if states:
             worst = int(max(states))
             backend.state = STATE_NAMES.get(worst, str(worst))
-    return backends, [worker for worker, _ in scraped]
+    return backends, [worker for worker, _ in scraped], [values for _, values in scraped]
 
 
 async def status(settings: Settings, worker_metrics_urls: list[str]) -> StatusReport:
     """Read every pool's queue, the triage, retry and parking-lot queues (management API)
     and each backend's in-flight, capacity, lease and state (the workers' metrics)."""
     tenants: TenantValues = {}
-    (queues, freshness), (backends, workers), owners, configs = await asyncio.gather(
+    (queues, freshness), (backends, workers, values), owners, configs = await asyncio.gather(
         _queues(settings), _backends(settings, list(worker_metrics_urls), tenants),
         lease_owners(settings), configs_of.read_worker_configs(settings))
     for backend in backends:
         backend.owner = owners.get(backend.name)
+    for queue in (q for q in queues if q.role == "work" and q.pool is not None):
+        tokens, waits = ([v[name][queue.pool] for v in values if queue.pool in v.get(name, {})]
+                         for name in _POOL_GAUGES)  # every lease holder says the same: max
+        queue.backlog_tokens, queue.wait_s = max(tokens, default=None), max(waits, default=None)
     lanes = {q.name: q.messages for q in queues if q.role == "lane"}
     return StatusReport(settings.vhost, [q for q in queues if q.role != "lane"], backends,
                         workers, freshness, tenant_rows(settings, tenants, lanes), configs,
                         config_hash(settings))
-
-
-# -- formatting ------------------------------------------------------------------------------
-
-
-def _cell(value: object) -> str:
-    if value is None:
-        return "-"
-    return str(value)
-
-
-def _table(header: list[str], rows: list[list[str]], numeric: set[int]) -> list[str]:
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-
-    def line(row: list[str]) -> str:
-        cells = [cell.rjust(width) if i in numeric else cell.ljust(width)
-                 for i, (cell, width) in enumerate(zip(row, widths, strict=True))]
-        return "  ".join(cells).rstrip()
-
-    return [line(header), *(line(row) for row in rows)]
-
-
-def _lease(report: StatusReport, backend: BackendStatus) -> str:
-    """Who holds the backend's lease, as far as the metrics read can tell."""
-    if backend.holders:
-        return ", ".join(backend.holders)
-    if backend.owner is not None:
-        return backend.owner  # the broker knows, metrics or not
-    if not report.workers:
-        return "-"  # no metrics asked for, and the broker named no owner
-    # A worker whose metrics were not read may hold it: say so rather than "nobody".
-    return "unknown" if report.unread_workers else "nobody"
-
-
-def _tables(report: StatusReport) -> list[str]:
-    """Pools, backends, the other queues."""
-    pools = [q for q in report.queues if q.role == "work"]
-    rows = [[q.pool or "-", q.name,
-             "missing" if not q.exists else ("paused" if q.paused else "running"),
-             _cell(q.messages), _cell(q.ready), _cell(q.unacked), _cell(q.consumers),
-             _cell(q.policy)] for q in pools]
-    lines = _table(["POOL", "QUEUE", "STATE", "MESSAGES", "READY", "UNACKED", "CONSUMERS",
-                    "POLICY"], rows, {3, 4, 5, 6})
-    lines.append("")
-    rows = [[b.name, b.pool, _cell(b.in_flight), _cell(b.capacity), str(b.max_concurrency),
-             _cell(b.state), _lease(report, b)] for b in report.backends]
-    lines += _table(["BACKEND", "POOL", "IN FLIGHT", "CAPACITY", "MAX", "STATE",
-                     "LEASE HELD BY"], rows, {2, 3, 4})
-    lines.append("")
-    others = [q for q in report.queues if q.role != "work"]
-    rows = [[q.name, q.role, _cell(q.messages) if q.exists else "missing",
-             _cell(q.consumers) if q.exists else "-"] for q in others]
-    lines += _table(["QUEUE", "ROLE", "MESSAGES", "CONSUMERS"], rows, {2, 3})
-    if report.tenants:
-        header, rows = tenant_table(report.tenants)
-        lines += ["", *_table(header, rows, {2, 4, 5, 6})]
-    if report.configs:
-        header, rows = configs_of.config_table(report.configs, report.config_hash)
-        lines += ["", *_table(header, rows, {1})]
-    return lines
-
-
-def _worker_notes(report: StatusReport) -> list[str]:
-    """Live workers, the metrics read, and leases held twice or by nobody."""
-    lines: list[str] = []
-    live = report.live_workers
-    if live is not None:
-        presence = report.queue("workers").name
-        lines.append(f"live workers: {live} (consumers of {presence})")
-        if report.workers and live != len(report.workers):
-            lines.append(f"{len(report.workers)} metrics URL(s) given for {live} live "
-                         "worker(s): the backend table covers only the URLs given")
-    if not report.workers:
-        lines.append("in flight and capacity need the workers' metrics: pass --metrics URL "
-                     "for each worker (its --metrics-port)")
-    for worker in report.workers:
-        if worker.error is not None:
-            lines.append(f"worker metrics {worker.url}: not read ({worker.error}); leases "
-                         "it may hold show as unknown")
-    for b in report.backends:
-        if len(b.holders) > 1:
-            lines.append(f"backend {b.name}: {len(b.holders)} workers report its lease "
-                         "(expected one)")
-        elif report.workers and not b.holders and not report.unread_workers:
-            lines.append(f"backend {b.name}: no worker holds its lease (nobody serves it)")
-    return lines
-
-
-def format_status(report: StatusReport) -> str:
-    """The report as three tables: pools, backends, the other queues; then notes."""
-    lines = [*_tables(report), ""]
-    parked = report.parked
-    if parked.exists:
-        count = parked.messages
-        size = "unknown" if count is None else f"{count} message{'s' if count != 1 else ''}"
-        lines.append(f"parking lot {parked.name}: {size}")
-    for name in report.missing:
-        lines.append(f"queue {name} does not exist: run `hutch topology apply`")
-    lines += _worker_notes(report)
-    lines += configs_of.config_notes(report.configs, report.config_hash)
-    lines.append(report.stats.note())
-    return "\n".join(lines)
