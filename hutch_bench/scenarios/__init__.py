@@ -29,6 +29,7 @@ from hutch_bench.scenarios import (
     backlog,
     cluster,
     fairness,
+    fuzz,
     gateway,
     globalcap,
     overhead,
@@ -83,4 +84,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              fairness.FairnessOptions, fairness.run,
              {"noisy_s": 4, "join_at_s": 2, "weights_s": 4, "cost_s": 2, "kill_s": 4,
               "short_backlog": 300, "timeout_s": 5}),
+    Scenario("fuzz", "Hypothesis at a live worker: raw requests across the wire contract, "
+             "cancels, valid traffic alongside: crashes, stalls, wrong answers",
+             fuzz.FuzzOptions, fuzz.run, {"examples": 300, "batch": 30}),
 )}
