@@ -43,13 +43,16 @@ def _drive(rig: WireRig, loop: asyncio.AbstractEventLoop, options: FuzzOptions,
     from hutch_bench.scenarios.fuzz_drive import check_examples  # needs hypothesis
 
     started = time.monotonic()
-    runs = 0
+    runs = shown = 0
     while (rig.tally.cases < options.examples
            and time.monotonic() - started < options.max_minutes * 60):
         check_examples(rig, loop, examples=20, seed_value=options.seed + runs,
                        raise_on_problem=False)
         runs += 1
         if out is not None:
+            for line in rig.tally.problems[shown:]:
+                print(f"  problem: {line[:300]}", file=out, flush=True)
+            shown = len(rig.tally.problems)
             elapsed = time.monotonic() - started
             print(f"  {rig.tally.cases:7d} inputs in {elapsed:6.0f}s "
                   f"({rig.tally.cases / elapsed:5.1f}/s), {len(rig.tally.problems)} problems",

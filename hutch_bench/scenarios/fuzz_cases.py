@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from pipeline import protocol as p
 from pipeline.testing.contract_oracle import Case
 
-__all__ = ["MODELS", "PLACEHOLDER", "Batch", "CancelShape", "Latin1", "WireShape", "batches"]
+__all__ = ["BAD_FIELDS", "MODELS", "PLACEHOLDER", "Batch", "CancelShape", "Latin1", "WireShape",
+           "batches", "bodies"]
 
 #: Stands for the case's id in its body, correlation id and headers (same length as ids).
 PLACEHOLDER = "#FUZZ-ID#"
@@ -92,7 +93,7 @@ _TEXT = st.text(st.characters(codec="utf-8"), max_size=12)
 
 #: Well-typed optional fields a backend accepts.
 _GOOD_FIELDS: dict[str, st.SearchStrategy[Any]] = {
-    "max_tokens": st.integers(1, 500),
+    "max_tokens": st.integers(8, 500),  # the mock cuts its echo at max_tokens words
     "temperature": st.floats(0, 2),
     "top_p": st.floats(0, 1),
     "seed": st.integers(-(2**31), 2**31),
@@ -104,7 +105,7 @@ _GOOD_FIELDS: dict[str, st.SearchStrategy[Any]] = {
 }
 
 #: Values OpenAI's schema refuses for each typed field (the worker checks before calling).
-_BAD_FIELDS: dict[str, list[Any]] = {
+BAD_FIELDS: dict[str, list[Any]] = {
     "max_tokens": ["ten", "10", 0, -3, 1.5, [], {}, True],
     "max_completion_tokens": [0, "x", 2.5],
     "temperature": ["hot", "1", -0.5, 2.01, 1e9, [], {}, True],
@@ -181,8 +182,8 @@ def _missing_field(draw: st.DrawFn, body: dict[str, Any]) -> bytes:
 
 
 def _bad_field(draw: st.DrawFn, body: dict[str, Any]) -> bytes:
-    name = draw(_pick(3, sorted(_BAD_FIELDS)))
-    return _set(body, name, draw(_pick((4, name), _BAD_FIELDS[name])))
+    name = draw(_pick(3, sorted(BAD_FIELDS)))
+    return _set(body, name, draw(_pick((4, name), BAD_FIELDS[name])))
 
 
 def _bad_message(draw: st.DrawFn, body: dict[str, Any]) -> bytes:
@@ -223,8 +224,8 @@ _BODY_DEFECTS: dict[str, tuple[str, Any]] = {
 
 
 @st.composite
-def _body(draw: st.DrawFn, shape: WireShape) -> tuple[bytes, str, bool, str]:
-    """(body, body class, too large, what is wrong with it)."""
+def bodies(draw: st.DrawFn, shape: WireShape) -> tuple[bytes, str, bool, str]:
+    """A request body: (body, body class, too large, what is wrong with it)."""
     body = draw(_valid_body())
     kind = draw(_pick(8, ["valid"] * 3 + ["oversized", *_BODY_DEFECTS]))
     if kind == "valid":
@@ -302,7 +303,7 @@ def _headers(draw: st.DrawFn, shape: WireShape) -> tuple[dict[str, Any], bool, s
 
 @st.composite
 def _case(draw: st.DrawFn, shape: WireShape) -> Case:
-    body, body_class, too_large, body_kind = draw(_body(shape))
+    body, body_class, too_large, body_kind = draw(bodies(shape))
     headers, past, bad_endpoint = draw(_headers(shape))
     reply_kind = draw(_pick(18, ["ok"] * 5 + ["missing", "forged", "ghost"]))
     reply_to = {"ok": shape.reply_queue, "ghost": shape.ghost_reply_to,
