@@ -31,7 +31,7 @@ from pipeline.ops.cancel import operator_cancel
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-EXAMPLES = int(os.environ.get("HUTCH_PROPERTY_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("HUTCH_PROPERTY_EXAMPLES", "80"))
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

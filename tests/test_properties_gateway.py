@@ -37,7 +37,7 @@ from pipeline.worker.worker import Worker
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-EXAMPLES = int(os.environ.get("HUTCH_PROPERTY_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("HUTCH_PROPERTY_EXAMPLES", "50"))
 KEY = "sk-prop-0123456789abcdef"
 CHAT = "/v1/chat/completions"
 #: The errors the gateway answers itself: status -> error.code (docs/gateway.md).
