@@ -17,6 +17,7 @@ The run is derandomized (the same examples every time, bounded for CI);
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ import aio_pika
 import pytest
 import pytest_asyncio
 
+from hutch_bench.cli import parse, run_scenario
 from hutch_bench.scenarios.fuzz_drive import check_examples
 from hutch_bench.scenarios.fuzz_rig import WireRig, wire_rig
 from pipeline.ops.cancel import operator_cancel
@@ -49,6 +51,18 @@ async def test_every_wire_input_gets_its_documented_answer(rig: WireRig) -> None
     assert not rig.worker_task.done()
     assert tally.cases >= EXAMPLES  # every example reached the worker
     assert (tally.stalls, tally.crashes, tally.problems) == (0, 0, [])
+
+
+async def test_the_fuzz_scenario_runs_and_reports(amqp_url: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hutch bench scenario fuzz --quick``: the long run's code on a small load."""
+    monkeypatch.setenv("HUTCH_AMQP_URL", amqp_url)
+    out = io.StringIO()
+    report = await run_scenario(parse(["scenario", "fuzz", "--quick"]), out=out)
+    assert report["inputs"] >= 300 and report["batches"] >= 10
+    assert (report["crashes"], report["stalls"], report["problem_count"]) == (0, 0, 0)
+    assert all(t["met"] for t in report["targets"]), out.getvalue()
+    assert "MET      0 stalls" in out.getvalue()
 
 
 # -- what the property test found (fixed), each a focused regression test ----------------

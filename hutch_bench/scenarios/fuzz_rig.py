@@ -36,7 +36,7 @@ from hutch_bench.scenarios.fuzz_cases import (
 )
 from pipeline import protocol as p
 from pipeline.broker.names import Names
-from pipeline.broker.topology import apply_topology
+from pipeline.broker.topology import apply_topology, delete_topology
 from pipeline.client.client import HutchClient
 from pipeline.runtime.background import running
 from pipeline.settings import Settings, load_settings
@@ -315,18 +315,29 @@ class WireRig:
 
 
 @contextlib.asynccontextmanager
+async def _deleted(settings: Settings, client_ids: list[str]) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            await delete_topology(settings, reply_queues=client_ids)
+
+
+@contextlib.asynccontextmanager
 async def wire_rig(amqp_url: str, prefix: str, *, stall_s: float = 20.0
                    ) -> AsyncIterator[WireRig]:
-    """A mock backend, the topology, a worker, a client, and the consumers the rig reads."""
+    """A mock backend, the topology, a worker, a client, and the consumers the rig reads;
+    the topology and the client's reply queue are deleted on exit."""
     async with MockBackend(MockConfig(latency_ms=2, capacity=2 * BACKEND_CAP)) as mock:
         settings = wire_settings(amqp_url, prefix, mock.base_url)
         names = Names(prefix)
         await apply_topology(settings)
         worker = Worker(settings)
-        async with running(worker.run(), ready=lambda: bool(worker.held_backends()),
-                           stop=worker.stop, stop_timeout_s=20) as task, \
+        async with _deleted(settings, client_ids=["fuzz"]), \
+                running(worker.run(), ready=lambda: bool(worker.held_backends()),
+                        stop=worker.stop, stop_timeout_s=20) as task, \
                 await aio_pika.connect(settings.amqp_url) as connection, \
-                HutchClient.from_settings(settings) as client:
+                HutchClient.from_settings(settings, client_id="fuzz") as client:
             channel = await connection.channel(publisher_confirms=True)
             await channel.set_qos(prefetch_count=1000)
             reply_queue = names.reply_queue("fuzz-raw")
@@ -338,7 +349,7 @@ async def wire_rig(amqp_url: str, prefix: str, *, stall_s: float = 20.0
                                   names.reply_queue(""), f"x{names.reply_queue('z')}",
                                   "amq.gen-JzTY20BRgKO-HjmUJj0wLg"),
                 max_body_bytes=MAX_BODY_BYTES)
-            await channel.declare_queue(victim, auto_delete=True)
+            await channel.declare_queue(victim, exclusive=True)
             rig = WireRig(settings, names, shape, mock, worker, task, channel, client,
                           stall_s=stall_s)
             replies = await channel.declare_queue(reply_queue, exclusive=True)
