@@ -285,6 +285,8 @@ def _headers(draw: st.DrawFn, shape: WireShape) -> tuple[dict[str, Any], bool, s
             draw(_pick(13, range(6)))]
     if draw(st.booleans()):
         headers[p.H_ATTEMPTS] = draw(_pick(14, [1, 5, "x", 10**6, 2**63 - 1, str(2**64), -50]))
+    if draw(st.integers(0, 19)) == 0:  # big headers (the frame limit is 128 KiB)
+        headers["x-fuzz-big"] = draw(_pick(28, ["h" * 1_000, "ü" * 10_000, "h" * 60_000]))
     if draw(st.integers(0, 9)) == 0:
         headers["x-death"] = [{
             "reason": draw(_pick(15, ["maxlen", "expired", "rejected", 5])),
