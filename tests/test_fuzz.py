@@ -16,8 +16,9 @@ code; nothing was ever sent to a forged ``reply_to``; the work and triage queues
 only the requests meant for the backend reached it.
 
 The expected outcome of each message is derived from the order in which the worker checks
-a request (``pipeline.dispatch.dispatcher.validate_request``; the alternate exchange catches unknown
-models before any check): see :func:`_expect`.
+a request (``pipeline.dispatch.decide.admit``; the alternate exchange catches unknown
+models before any check): see :mod:`pipeline.testing.contract_oracle`, shared with
+tests/test_properties.py.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import string
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
@@ -46,6 +47,8 @@ from pipeline import protocol as p
 from pipeline.broker.names import Names
 from pipeline.broker.topology import apply_topology
 from pipeline.client.client import HutchClient
+from pipeline.testing.contract_oracle import Case
+from pipeline.testing.contract_oracle import expect as _expect
 from pipeline.testing.mock import MockBackend, MockConfig
 from tests.conftest import SettingsFactory, amqp, queue_depth, running_worker
 
@@ -67,81 +70,6 @@ RUN_TIMEOUT_S = 50.0
 # Each keeps a focused regression test below. A generator defect named here is left out
 # of the big run (none now); HUTCH_FUZZ_KNOWN_BUGS=1 puts them back in.
 KNOWN_BUGS: set[str] = set()
-
-# Reasons and codes, as the wire contract names them.
-INVALID_JSON = str(p.ParkReason.INVALID_JSON)
-INVALID_REQUEST = str(p.ParkReason.INVALID_REQUEST)
-TOO_LARGE = str(p.ParkReason.TOO_LARGE)
-NO_REPLY_TO = str(p.ParkReason.NO_REPLY_TO)
-UNKNOWN_MODEL = str(p.ParkReason.UNKNOWN_MODEL)
-DEADLINE_EXCEEDED = str(p.ParkReason.DEADLINE_EXCEEDED)
-BACKEND_ERROR = str(p.ParkReason.BACKEND_ERROR)
-
-
-@dataclass
-class Case:
-    """One raw message, what is wrong with it, and what must become of it."""
-
-    fuzz_id: str
-    body: bytes
-    routing_key: str
-    correlation_id: str | None
-    reply_to: str | None
-    content_type: str | None
-    priority: int
-    headers: dict[str, Any]
-    defects: list[str] = field(default_factory=list)
-    # What makes the outcome (set by the mutations, read by _expect).
-    unroutable: bool = False
-    reply_to_kind: str = "ok"  # ok | missing | forged | ghost (a reply name, no such queue)
-    too_large: bool = False
-    bad_content_type: bool = False
-    body_class: str = "valid"  # valid | invalid_json | invalid_request | backend_rejects
-    deadline_past: bool = False
-    # Filled in by _expect.
-    reason: str | None = None  # x-hutch-reason in the parking lot; None: not parked
-    code: str | None = None  # x-hutch-error-code of the parked copy
-    reply: str | None = None  # "ok", an error code, or None: no reply may arrive
-    backend_refuses: bool = False  # it reaches the backend, which answers 400
-
-    @property
-    def malformed(self) -> bool:
-        return self.reason is not None
-
-
-def _expect(case: Case) -> None:
-    """The outcome the contract gives, in the order the broker and the worker decide."""
-    answerable = case.reply_to_kind == "ok" and bool(case.correlation_id)
-    if case.unroutable:
-        # Caught by the alternate exchange: triage answers and parks, whatever the body.
-        case.reason, case.code = UNKNOWN_MODEL, "unknown_model"
-    elif case.reply_to_kind in ("missing", "forged"):
-        case.reason, case.code = NO_REPLY_TO, "invalid_request"
-        answerable = False
-    elif not case.correlation_id:
-        case.reason, case.code = INVALID_REQUEST, "invalid_request"
-    elif case.too_large:
-        case.reason, case.code = TOO_LARGE, "invalid_request"
-    elif case.bad_content_type:
-        case.reason, case.code = INVALID_REQUEST, "invalid_request"
-    elif case.body_class == "invalid_json":
-        case.reason, case.code = INVALID_JSON, "invalid_request"
-    elif case.body_class == "invalid_request":
-        case.reason, case.code = INVALID_REQUEST, "invalid_request"
-    elif case.deadline_past:
-        case.reason, case.code = DEADLINE_EXCEEDED, "deadline_exceeded"
-    elif case.body_class == "backend_rejects":
-        # Hutch cannot see it is wrong; the backend answers 400: the request's fault.
-        case.reason, case.code = INVALID_REQUEST, "invalid_request"
-        case.backend_refuses = True
-    elif case.reply_to_kind == "ghost":
-        # A completion nobody can receive: parked as the client's, nothing replied.
-        case.reason, case.code = NO_REPLY_TO, "invalid_request"
-    else:
-        case.reason, case.code, case.reply = None, None, "ok"
-        return
-    case.reply = case.code if answerable else None
-
 
 # -- generators ------------------------------------------------------------------------------
 
@@ -691,9 +619,8 @@ async def test_fuzz_malformed_messages_among_valid_requests(
     # Only what was meant for the backend reached it, once: the valid requests (answered,
     # or parked when their reply queue did not exist) and those only the backend can refuse.
     stats = mock.stats()
-    assert stats["served"] == N_CLIENT_VALID + sum(
-        1 for c in cases if c.reply == "ok" or (c.reply_to_kind == "ghost"
-                                                and c.reason == NO_REPLY_TO))
+    assert stats["served"] + stats["errors"] == N_CLIENT_VALID + sum(
+        1 for c in cases if c.reaches_backend)
     assert stats["errors"] == sum(1 for c in cases if c.backend_refuses)
     assert stats["max_concurrency"] <= 8
     assert elapsed < RUN_TIMEOUT_S + 10

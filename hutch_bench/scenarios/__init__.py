@@ -35,6 +35,7 @@ from hutch_bench.scenarios import (
     capacity,
     cluster,
     fairness,
+    fuzz,
     gateway,
     globalcap,
     overhead,
@@ -102,4 +103,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
               "after_heal_s": 5, "tail_s": 3, "modes": "pause_minority,ignore",
               "queue_types": "quorum", "timeout_s": 60},
              on_user_broker=False),
+    Scenario("fuzz", "Hypothesis at a live worker: raw requests across the wire contract, "
+             "cancels, valid traffic alongside: crashes, stalls, wrong answers",
+             fuzz.FuzzOptions, fuzz.run, {"examples": 300, "batch": 30}),
 )}

@@ -2,9 +2,12 @@
 
 Every worker binds an exclusive queue of its own to the fanout exchange
 ``<prefix>.cancel``, so each cancel reaches every worker; the registry decides what it
-means for the deliveries that worker has or will get. A cancel with a ``reply_to`` (an
-operator's ``hutch cancel``) is answered: whether the request was at one of this worker's
-backends, and whether it was aborted.
+means for the deliveries that worker has or will get. A cancel whose ``reply_to`` is the
+publisher's direct reply-to (an operator's ``hutch cancel``) is answered: whether the
+request was at one of this worker's backends, and whether it was aborted. No other
+``reply_to`` is answered: the worker's user may write anywhere, so answering one would let
+any client put a message (with a correlation id of its choice) into any queue: another
+client's reply queue, a work queue, the parking lot.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from pipeline.observe.log import get_logger
 __all__ = ["CancelSubscription"]
 
 log = get_logger("hutch.cancels")
+
+#: What RabbitMQ makes of a publisher's ``amq.rabbitmq.reply-to``: it reaches only the
+#: channel that published the cancel.
+_DIRECT_REPLY_TO = "amq.rabbitmq.reply-to."
 
 
 class CancelSubscription:
@@ -49,7 +56,8 @@ class CancelSubscription:
         in_flight = self._registry.in_flight(cid)
         aborted = self._registry.cancel(cid, user)
         log.info("cancel.received", correlation_id=cid, user=user, aborted=aborted)
-        if message.reply_to and self._channel is not None:
+        if (message.reply_to and message.reply_to.startswith(_DIRECT_REPLY_TO)
+                and self._channel is not None):
             await self._answer(self._channel, message.reply_to, cid, in_flight=in_flight,
                                aborted=aborted)
 
