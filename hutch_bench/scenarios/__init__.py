@@ -12,7 +12,9 @@
   through Hutch's gateway vs LiteLLM's proxy, and priority under overload (issue 12);
 - :mod:`~hutch_bench.scenarios.fairness`: the fair scheduler against FIFO on the same
   loads: a noisy neighbour, a late joiner, weights, bands, cost, a worker killed, and
-  short requests (issue 18).
+  short requests (issue 18);
+- :mod:`~hutch_bench.scenarios.soak`: mixed traffic with restarts and faults for a long
+  run, memory and connections over time (issue 21).
 
 Each has an options dataclass (its defaults are issue 5's measurements; every field is a
 command-line option) and a ``quick`` preset: the same code on a tiny load, for the smoke
@@ -33,6 +35,7 @@ from hutch_bench.scenarios import (
     globalcap,
     overhead,
     overload,
+    soak,
     streaming,
 )
 
@@ -83,4 +86,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              fairness.FairnessOptions, fairness.run,
              {"noisy_s": 4, "join_at_s": 2, "weights_s": 4, "cost_s": 2, "kill_s": 4,
               "short_backlog": 300, "timeout_s": 5}),
+    Scenario("soak", "mixed traffic at half capacity for --duration (30m): worker "
+             "restarts, faults, the gateway; memory, fds, connections over time, every "
+             "request one answer", soak.SoakOptions, soak.run,
+             {"duration": "30s", "sample_s": 1.0, "restart_every": "8s"}),
 )}
