@@ -38,7 +38,13 @@ from hutch_bench.scenarios.common import (
     utilisation,
 )
 from hutch_bench.scenarios.gateway import start_gateway
-from hutch_bench.scenarios.soak_figures import growth, outcomes, parse_duration, write_csv
+from hutch_bench.scenarios.soak_figures import (
+    growth,
+    outcomes,
+    parse_duration,
+    write_csv,
+    write_requests_csv,
+)
 from hutch_bench.scenarios.soak_probe import BrokerProbe, process_sample, tcp_ports
 from hutch_bench.scenarios.soak_traffic import (
     KINDS,
@@ -167,9 +173,13 @@ class _Sampler:
         self.samples.append(sample)
 
     async def run(self, interval_s: float) -> None:
+        """A sample every ``interval_s`` on a fixed clock (a slow management API delays
+        one sample, not all the later ones)."""
+        due = time.monotonic()
         while True:
             await self.sample()
-            await asyncio.sleep(interval_s)
+            due = max(due + interval_s, time.monotonic())
+            await asyncio.sleep(due - time.monotonic())
 
 
 async def _start_backends(stack: Stack, options: SoakOptions) -> list[MockProcess]:
@@ -281,7 +291,8 @@ def _targets(figures: dict[str, Any], grown: dict[str, dict[str, Any]],
     targets = [
         Target("0 lost (every request one terminal answer)", f"{figures['lost']} lost of "
                f"{figures['requests']}", figures["lost"] == 0 and figures["requests"] > 0),
-        Target("0 duplicated", f"{figures['duplicated']} duplicated",
+        Target("0 duplicated (answers to a caller)", f"{figures['duplicated']} duplicated; "
+               f"{figures['wire_duplicates']} second finals dropped by the client",
                figures["duplicated"] == 0),
         Target("worker restarts, SIGTERM and kill -9", ", ".join(
             f"{r['signal']} at {r['t_s']:.0f} s" for r in restarts) or "none",
@@ -322,7 +333,8 @@ async def run(amqp_url: str, options: SoakOptions, out: TextIO) -> dict[str, Any
     grown = growth(result["samples"], duration, {"worker-b": result["b_started_s"]})
     targets = _targets(figures, grown, result["restarts"])
     print(f"requests: {figures['requests']}, answered once {figures['answered_once']}, "
-          f"lost {figures['lost']}, duplicated {figures['duplicated']}; backend "
+          f"lost {figures['lost']}, duplicated {figures['duplicated']} (finals twice on "
+          f"the wire, dropped by the client: {figures['wire_duplicates']}); backend "
           f"utilisation {result['utilisation']:.1%}, served {result['served']}; injected: "
           f"{result['faults']['failed']} backend errors, {result['faults']['throttled']} "
           "429s", file=out)
@@ -333,8 +345,10 @@ async def run(amqp_url: str, options: SoakOptions, out: TextIO) -> dict[str, Any
           file=out)
     print_lines([*_growth_lines(grown), "targets:", *format_targets(targets)], out)
     if options.csv:
+        requests = Path(options.csv).with_name(Path(options.csv).stem + "-requests.csv")
         write_csv(result["samples"], Path(options.csv))
-        print(f"samples written to {options.csv}", file=out)
+        write_requests_csv(result["records"], requests)
+        print(f"samples written to {options.csv}, requests to {requests}", file=out)
     return {
         "scenario": "soak",
         "title": f"Soak: {duration / 60:g} min of mixed traffic at {options.load:g}x capacity",

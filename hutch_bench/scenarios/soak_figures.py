@@ -24,6 +24,7 @@ __all__ = [
     "parse_duration",
     "series_values",
     "write_csv",
+    "write_requests_csv",
 ]
 
 #: The series the soak judges: (name, role in a sample, field of that role).
@@ -85,6 +86,8 @@ def growth(samples: Sequence[dict[str, Any]], duration_s: float,
         points = series_values(samples, role, key)
         first = _median(points, start, start + window)
         last = _median(points, duration_s - window, duration_s)
+        if last is None:  # a slow sampler left the window empty: the last sample before
+            last = next((v for t, v in reversed(points) if t <= duration_s), None)
         usable = start + window < duration_s - window
         ratio = (last - first) / first if usable and first and last is not None else None
         out[name] = {"first": first, "last": last, "growth": ratio,
@@ -102,7 +105,8 @@ def outcomes(records: Sequence[SoakRecord]) -> dict[str, Any]:
     # An HTTP call the client abandoned on purpose has no answer to get.
     lost = [r for r in records if r.answers == 0
             and not (r.kind in HTTP_KINDS and r.outcome == "disconnected")]
-    duplicated = [r for r in records if r.answers > 1]
+    duplicated = [r for r in records if _to_caller(r) > 1]
+    on_wire = [r for r in records if r.kind not in HTTP_KINDS and r.answers > 1]
     return {
         "requests": len(records),
         "by_kind": {kind: dict(counts) for kind, counts in sorted(by_kind.items())},
@@ -110,10 +114,35 @@ def outcomes(records: Sequence[SoakRecord]) -> dict[str, Any]:
         "answered_once": sum(r.answers == 1 for r in records),
         "lost": len(lost),
         "duplicated": len(duplicated),
-        "lost_examples": [(r.kind, r.outcome, r.correlation_id) for r in lost[:10]],
-        "duplicated_examples": [(r.kind, r.outcome, r.correlation_id, r.answers)
-                                for r in duplicated[:10]],
+        "wire_duplicates": len(on_wire),
+        "lost_examples": [_example(r) for r in lost[:10]],
+        "duplicated_examples": [_example(r) for r in duplicated[:10]],
+        "wire_duplicate_examples": [_example(r) for r in on_wire[:10]],
     }
+
+
+def _to_caller(record: SoakRecord) -> int:
+    """Answers the caller got: an HTTP call's terminal events, an AMQP request's finals
+    handed to it while it waited."""
+    return record.answers if record.kind in HTTP_KINDS else record.delivered
+
+
+def _example(record: SoakRecord) -> list[Any]:
+    return [record.kind, record.outcome, record.correlation_id, record.answers,
+            round(record.sent_s, 2), None if record.done_s is None else round(record.done_s, 2)]
+
+
+def write_requests_csv(records: Sequence[SoakRecord], path: Path) -> None:
+    """One row per request: kind, times, outcome, finals reached, finals delivered."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["index", "kind", "sent_s", "done_s", "outcome", "answers",
+                         "delivered", "correlation_id"])
+        for r in records:
+            writer.writerow([r.index, r.kind, round(r.sent_s, 3),
+                             None if r.done_s is None else round(r.done_s, 3), r.outcome,
+                             r.answers, r.delivered, r.correlation_id])
 
 
 def write_csv(samples: Sequence[dict[str, Any]], path: Path) -> None:

@@ -19,6 +19,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -88,6 +89,7 @@ class BrokerProbe:
     def __init__(self, settings: Settings, prefix: str) -> None:
         base, user, password = settings.management_api()
         self._prefix = prefix
+        self._vhost = quote(urlsplit(settings.amqp_url).path.lstrip("/") or "/", safe="")
         self._http = httpx.AsyncClient(base_url=base.rstrip("/"), auth=(user, password),
                                        timeout=10)
 
@@ -101,7 +103,8 @@ class BrokerProbe:
             connections = (await self._http.get(
                 "/api/connections", params={"columns": "peer_port,peer_host"})).json()
             queues = [q for q in (await self._http.get(
-                "/api/queues", params={"columns": "name,memory,messages"})).json()
+                f"/api/queues/{self._vhost}",
+                params={"columns": "name,memory,messages"})).json()
                 if str(q.get("name", "")).startswith(self._prefix)]
         except (httpx.HTTPError, ValueError):
             return {}

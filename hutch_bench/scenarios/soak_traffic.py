@@ -7,11 +7,13 @@ abandoned OpenAI HTTP calls through the gateway.
 
 "Exactly one terminal answer" is counted where the client sees it. On AMQP the final
 messages of each correlation id are counted as they reach the reply consumer, before the
-client's own de-duplication (:class:`FinalCounter`), so a second final is seen even though
-the caller would never get it; a request the caller left (a cancel, a disconnect) must
-still get its one final (``cancelled``, or the answer if it won). Over HTTP the answer is
-the response (a status and body), or a stream's ``[DONE]`` or error event; a call the
-client abandons on purpose ends there (``disconnected``).
+client's own de-duplication (:class:`FinalCounter`): how many reached the client, and how
+many of them were handed to a caller. A second final on the wire (a request redelivered
+after a worker's ``kill -9`` is answered again; docs/concepts/failures.md) is counted
+apart from a second answer to the caller; a request the caller left (a cancel, a
+disconnect) must still get its one final (``cancelled``, or the answer if it won).
+Over HTTP the answer is the response (a status and body), or a stream's ``[DONE]`` or
+error event; a call the client abandons on purpose ends there (``disconnected``).
 """
 
 from __future__ import annotations
@@ -65,21 +67,31 @@ class SoakRecord:
     outcome: str = ""
     done_s: float | None = None
     correlation_id: str | None = None
+    #: Final messages that reached the client (AMQP), or terminal answers read (HTTP).
     answers: int = 0
+    #: Of the AMQP finals, those handed to a caller still waiting (the rest the client
+    #: drops: a redelivered request's second reply, one after the caller left).
+    delivered: int = 0
 
 
 class FinalCounter:
     """Counts the final messages per correlation id that reach one client's reply
-    consumer, before its router drops duplicates (a wrapper of its ``route``)."""
+    consumer (``finals``: before its router drops duplicates, a wrapper of its
+    ``route``), and those the router hands to a caller still waiting (``delivered``)."""
 
     def __init__(self, client: HutchClient) -> None:
         self.finals: Counter[str] = Counter()
+        self.delivered: Counter[str] = Counter()
         router = client._router  # the one place every reply message passes through
         route = router.route
 
         def counting(message: ReplyMessage) -> None:
             if not is_chunk(message):
-                self.finals[message.correlation_id or ""] += 1
+                cid = message.correlation_id or ""
+                self.finals[cid] += 1
+                future = router._futures.get(cid)
+                if cid in router._streams or (future is not None and not future.done()):
+                    self.delivered[cid] += 1
             route(message)
 
         router.route = counting  # type: ignore[method-assign]
@@ -95,12 +107,15 @@ class RequestLog:
     def settle_answers(self) -> int:
         """Copy each AMQP request's final count into its record; how many have none."""
         finals: Counter[str] = Counter()
+        delivered: Counter[str] = Counter()
         for counter in self.counters:
             finals.update(counter.finals)
+            delivered.update(counter.delivered)
         missing = 0
         for record in self.records:
             if record.kind not in HTTP_KINDS:
                 record.answers = finals.get(record.correlation_id or "", 0)
+                record.delivered = delivered.get(record.correlation_id or "", 0)
                 missing += record.answers == 0
         return missing
 
