@@ -277,4 +277,8 @@ def plot_report(report: dict[str, Any], directory: Path) -> list[Path]:
             report["samples"], directory / f"{name}-drain.png",
             title=report.get("title", name),
             rss_limit_mib=report.get("config", {}).get("rss_limit_mib")))
+    if report.get("soak_samples"):
+        from hutch_bench.scenarios.soak_plot import plot_soak  # it imports this module
+
+        written.append(plot_soak(report, directory / f"{name}-resources.png"))
     return written

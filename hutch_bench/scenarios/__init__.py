@@ -17,7 +17,11 @@
   server that queues inside itself, its room halved, two backends 2:1 (issue 22);
 - :mod:`~hutch_bench.scenarios.partition`: a network partition between the nodes of a
   three-node cluster, under ``pause_minority``, ``ignore`` and ``autoheal``: the backend's real peak
-  concurrency, how long it lasts, lost or twice-answered requests (issue 21).
+  concurrency, how long it lasts, lost or twice-answered requests (issue 21);
+- :mod:`~hutch_bench.scenarios.soak`: mixed traffic with restarts and faults for a long
+  run, memory and connections over time (issue 21);
+- :mod:`~hutch_bench.scenarios.fuzz`: Hypothesis at a live worker, raw requests across the
+  wire contract with cancels and valid traffic alongside (issue 21).
 
 Each has an options dataclass (its defaults are issue 5's measurements; every field is a
 command-line option) and a ``quick`` preset: the same code on a tiny load, for the smoke
@@ -41,6 +45,7 @@ from hutch_bench.scenarios import (
     overhead,
     overload,
     partition,
+    soak,
     streaming,
 )
 
@@ -106,4 +111,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("fuzz", "Hypothesis at a live worker: raw requests across the wire contract, "
              "cancels, valid traffic alongside: crashes, stalls, wrong answers",
              fuzz.FuzzOptions, fuzz.run, {"examples": 300, "batch": 30}),
+    Scenario("soak", "mixed traffic at half capacity for --duration (30m): worker "
+             "restarts, faults, the gateway; memory, fds, connections over time, every "
+             "request one answer", soak.SoakOptions, soak.run,
+             {"duration": "30s", "sample_s": 1.0, "restart_every": "8s"}),
 )}

@@ -86,7 +86,12 @@ class CapacityController:
         consumer, source = self._consumer, self._source
         while not consumer.closed.is_set() and not any(event.is_set() for event in until):
             source.changed.clear()
-            await self.adjust()
+            applied = await self.adjust()
+            if source.allowed() != applied:
+                # The gate moved by the clock alone while adjust awaited the broker (a
+                # throttle ended during the cancel): no timer is due any more and nobody
+                # will signal it, so follow it now (issue 21's soak: a pool stalled).
+                continue
             # Wake on a change, on the channel closing, on ``until``, or when an open
             # circuit or a throttle is due to end (the gate reads half-open/closed by the
             # clock alone, nobody signals it).
@@ -101,8 +106,9 @@ class CapacityController:
                 for waiter in waiters:
                     waiter.cancel()
 
-    async def adjust(self) -> None:
-        """One step: set the permits; cancel and consume again if the prefetch changes."""
+    async def adjust(self) -> int:
+        """One step: set the permits; cancel and consume again if the prefetch changes.
+        Returns the limit it applied (what the source allowed when it started)."""
         consumer, source, admission = self._consumer, self._source, self._admission
         limit = source.allowed()
         want = limit + admission.prefetch_extra if limit else 0
@@ -112,13 +118,13 @@ class CapacityController:
         admission.set_limit(source.backend, limit)
         self._resize_due_in = None
         if want == current:
-            return
+            return limit
         if want and current and source.adaptive:
             self._gauge.set(limit)
             wait = self._resized_at + MIN_RESIZE_INTERVAL_S - self._clock()
             if wait > 0:  # the permits hold the limit meanwhile
                 self._resize_due_in = wait
-                return
+                return limit
         self._resized_at = self._clock()
         if consumer.consuming:
             await consumer.stop_consuming()
@@ -129,3 +135,4 @@ class CapacityController:
             self._gauge.set(limit)
         log.info("consumer.prefetch", backend=source.backend, limit=limit, prefetch=want,
                  state=source.describe())
+        return limit
