@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hutch_bench.plot_capacity import plot_capacity
 from pipeline.errors import ConfigError
 
 __all__ = [
@@ -277,4 +278,7 @@ def plot_report(report: dict[str, Any], directory: Path) -> list[Path]:
             report["samples"], directory / f"{name}-drain.png",
             title=report.get("title", name),
             rss_limit_mib=report.get("config", {}).get("rss_limit_mib")))
+    if name == "capacity" and report.get("adaptive"):
+        written.append(plot_capacity(report, directory / f"{name}-limit.png",
+                                     pyplot=_pyplot()))
     return written
