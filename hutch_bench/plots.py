@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hutch_bench.plot_capacity import plot_capacity
 from pipeline.errors import ConfigError
 
 __all__ = [
@@ -281,4 +282,7 @@ def plot_report(report: dict[str, Any], directory: Path) -> list[Path]:
         from hutch_bench.scenarios.soak_plot import plot_soak  # it imports this module
 
         written.append(plot_soak(report, directory / f"{name}-resources.png"))
+    if name == "capacity" and report.get("adaptive"):
+        written.append(plot_capacity(report, directory / f"{name}-limit.png",
+                                     pyplot=_pyplot()))
     return written

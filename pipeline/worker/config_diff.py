@@ -211,8 +211,23 @@ def diff_settings(old: Settings, new: Settings) -> ConfigDiff:
         if name not in new_home:
             old_backend = next(b for b in old_pools[pool_name].backends if b.name == name)
             backends.append(BackendChange("removed", pool_name, name, old=old_backend))
+    backends = _discovered_need_restart(backends, restart)
     return ConfigDiff(tuple(sorted(pools, key=lambda c: (c.kind, c.name))),
                       tuple(backends), tuple(restart), tuple(broker_only))
+
+
+def _discovered_need_restart(backends: list[BackendChange], restart: list[str]
+                             ) -> list[BackendChange]:
+    """A backend whose replicas DNS names (``discover = "dns"``) is changed, added or
+    removed by a restart: its replicas are slots of their own, not the template's."""
+    kept = []
+    for change in backends:
+        if any(b is not None and b.discover == "dns" for b in (change.old, change.new)):
+            restart.append(f"pools.{change.pool}.backends.{change.name}: its replicas are "
+                           "discovered by DNS (restart the worker to change it)")
+        else:
+            kept.append(change)
+    return kept
 
 
 def moved_models(old: Settings, new: Settings) -> dict[str, list[str]]:

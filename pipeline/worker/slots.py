@@ -28,6 +28,7 @@ import aiormq
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from pipeline.backends.http import Backend
+from pipeline.dispatch import decide
 from pipeline.dispatch.dispatcher import Dispatcher
 from pipeline.observe.log import get_logger
 from pipeline.worker.admission import Verdict
@@ -77,6 +78,15 @@ class Slot:
         async def handle(message: AbstractIncomingMessage) -> None:
             dispatcher = dispatchers[self.holder.pool]
             delivery = dispatcher.parse(message, self.holder.name)
+            health = self.holder.health
+            if decide.before_attempt(delivery, 1, available=True,
+                                     fastest_s=health.fastest_s()) is not None:
+                # Out of time already (or less left than the backend's fastest answer):
+                # answered now, never a backend call, and without taking a permit a live
+                # request could use (under overload, expired requests would otherwise
+                # hold the backend's permits while their answers are confirmed).
+                await dispatcher.handle(delivery, self.http, health)
+                return
             grant = await admission.acquire(delivery)
             if grant.verdict is Verdict.MOVE and delivery.deadline_passed():
                 # Out of time already: answered now (refused or deadline_exceeded, never a

@@ -14,15 +14,14 @@ Shape (see the README's architecture section):
   a pool's consumer count is the number of live workers serving it, from which each
   worker's fair share of that pool's leases follows (whatever pools the others serve).
 * Before a session, :mod:`pipeline.worker.startup` waits for queues whose node is down.
-* Every pool's pause state is read every ``2 x lease_retry_s``
-  (:mod:`pipeline.worker.pause`); a read that cannot tell keeps the last known state.
-* Every worker also consumes the triage queue (dead letters and unknown models).
+* Pause states are read every ``2 x lease_retry_s`` (:mod:`pipeline.worker.pause`); a read
+  that cannot tell keeps the last known state. The triage queue is consumed by all.
 * The connection is supervised here rather than by aio-pika's RobustConnection: a lease
   must not be silently re-declared on reconnect (another worker may hold it by then),
   and in-flight calls of a lost connection are cancelled at once, since their requests
   are already being redelivered elsewhere and finishing them would break the cap.
-* SIGHUP reloads the configuration in place (:mod:`pipeline.worker.reload`, changing the
-  slots of :mod:`pipeline.worker.slots`).
+* SIGHUP reloads the configuration in place (:mod:`pipeline.worker.reload`); backends
+  found by DNS come and go the same way (:mod:`pipeline.worker.discovery`).
 * SIGTERM (:meth:`Worker.stop`): cancel the consumers, let in-flight requests finish
   within ``shutdown_grace_s``, then close the connection (freeing the leases).
 
@@ -62,6 +61,7 @@ from pipeline.worker.backlog_watch import watch_backlog
 from pipeline.worker.cancels import CancelSubscription
 from pipeline.worker.cap_claims import CapAgreement
 from pipeline.worker.consumer import TrackedConsumer
+from pipeline.worker.discovery import Discovery, Resolver, resolve
 from pipeline.worker.handlers import Handlers
 from pipeline.worker.health import BackendHealthReporter
 from pipeline.worker.lease import Intake, Lease, LeaseHolder, LeaseTiming
@@ -82,7 +82,8 @@ class Worker:
 
     def __init__(self, settings: Settings, *, metrics: Metrics | None = None,
                  transport_factory: Callable[[BackendSettings], httpx.AsyncBaseTransport]
-                 | None = None, hooks: Sequence[DeliveryHook] = ()) -> None:
+                 | None = None, hooks: Sequence[DeliveryHook] = (),
+                 resolver: Resolver = resolve) -> None:
         self.settings = settings
         #: Each pool's service rate and tokens per request: its backlog estimates.
         self.backlog = BacklogMeter([pool.name for pool in settings.pools])
@@ -121,6 +122,8 @@ class Worker:
         self.stamp = ConfigStamp.of(settings)
         #: Other workers' caps for the backends this one holds: the stricter one holds.
         self.claims = CapAgreement(self.name, settings.lease_retry_s * 5)
+        #: Backends whose replicas DNS names (``discover = "dns"``).
+        self.discovery = Discovery(settings, resolver)
 
     def held_backends(self) -> list[str]:
         """Names of the backends whose lease this worker holds now."""
@@ -142,15 +145,17 @@ class Worker:
         """Connect, serve, reconnect on loss; return after :meth:`stop` and a drain."""
         self._admissions = {pool.name: self._admission(pool) for pool in self.settings.pools}
         for pool in self.settings.pools:
-            for backend in pool.backends:
+            for backend in self.discovery.static(pool):
                 self.slots.install(self._slot(pool, backend))
+        # A wrong backend url is logged now, not on the first request (not through injected
+        # transports: tests and benchmarks script and count every call).
+        changes = (self.add_backend, self.slots.retire, self._pool_presence.resize)
+        await self.discovery.refresh(*changes)  # the replicas found now, then every while
+        probe = asyncio.gather(self.discovery.run(*changes), probe_backends(
+            [] if self._transport_factory else [slot.http for slot in self.slots.all]))
         # Backoff and a rate-limited log while the broker is unreachable; a refused vhost,
         # credentials or certificate is raised: retrying cannot cure it.
         reconnect = Reconnect(self.settings, name=self.name, heartbeat_s=self.settings.heartbeat_s)
-        # A wrong backend url is logged now, not found on the first request (not through
-        # injected transports: tests and benchmarks script and count every call).
-        probe = asyncio.create_task(probe_backends(
-            [] if self._transport_factory else [slot.http for slot in self.slots.all]))
         try:
             while (connection := await reconnect.connect(self._stopping)) is not None:
                 await self._session(connection)
