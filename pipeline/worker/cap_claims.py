@@ -111,7 +111,9 @@ class CapAgreement:
                            "url": url_hash(settings.url)}).encode()
         message = aio_pika.Message(body, content_type="application/json",
                                    expiration=self._interval_s * 3)
-        await channel.default_exchange.publish(message, routing_key=slot.holder.lease.queue)
+        # Not mandatory: a lease queue nobody holds yet is no error (nothing to tell).
+        await channel.default_exchange.publish(message, routing_key=slot.holder.lease.queue,
+                                               mandatory=False)
 
     async def _read(self, channel: AbstractChannel, slot: Slot) -> None:
         holder = slot.holder

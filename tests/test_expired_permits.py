@@ -1,0 +1,60 @@
+"""A request out of time never waits for a backend permit: it is answered at once, while
+the backend's only permit stays with a live request (under overload, expired requests
+would otherwise hold the permits while their answers are confirmed, and starve the
+backend)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import aio_pika
+import httpx
+
+from pipeline import protocol as p
+from pipeline.broker.topology import apply_topology
+from tests.conftest import SettingsFactory, amqp, running_worker
+from tests.test_streaming import client
+
+
+async def test_an_expired_request_is_answered_while_the_only_permit_is_busy(
+        make_settings: SettingsFactory) -> None:
+    settings = make_settings([("b1", "http://busy.invalid/v1", 1)])  # one permit
+    release = asyncio.Event()
+    calls: list[str] = []
+
+    async def backend(request: httpx.Request) -> httpx.Response:
+        calls.append(json.loads(request.content)["messages"][0]["content"])
+        await release.wait()
+        return httpx.Response(200, json={
+            "id": "x", "object": "chat.completion", "model": "mock-small",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "ok"}}]})
+
+    await apply_topology(settings)
+    async with amqp(settings.amqp_url) as connection, running_worker(
+            settings, transport_factory=lambda _: httpx.MockTransport(backend)):
+        live = await client(await connection.channel(), settings)
+        late = await client(await connection.channel(), settings)
+        await live.send({"model": "mock-small", "messages": [
+            {"role": "user", "content": "live"}]})
+        async with asyncio.timeout(15):  # the live request holds the only permit
+            while calls != ["live"]:
+                await asyncio.sleep(0.02)
+        exchange = await late.channel.get_exchange(late.names.requests_exchange)
+        await exchange.publish(aio_pika.Message(
+            json.dumps({"model": "mock-small", "messages": [
+                {"role": "user", "content": "late"}]}).encode(),
+            correlation_id=uuid.uuid4().hex, reply_to=late.queue.name,
+            content_type="application/json", user_id="guest",
+            headers={p.H_DEADLINE: int(time.time() * 1000) - 1000}), routing_key="mock-small")
+        answer = await late.collect(timeout=15)  # while "live" still holds the permit
+        assert answer.final is not None and not release.is_set()
+        assert answer.final.headers[p.H_OUTCOME] == "error"
+        assert json.loads(answer.final.body)["error"]["code"] == "deadline_exceeded"
+        release.set()
+        done = await live.collect(timeout=15)
+    assert done.final is not None and done.final.headers[p.H_OUTCOME] == "ok"
+    assert calls == ["live"]  # the late one never reached the backend
