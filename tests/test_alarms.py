@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -151,7 +152,8 @@ async def test_the_gateway_answers_503_and_is_not_ready_while_blocked(
 
 async def test_nothing_accepted_is_lost_across_an_alarm_under_load(
         make_settings: SettingsFactory, local_node: LocalNode, alarm: Alarm) -> None:
-    """Requests flow in faster than the backend serves them; a 15 s alarm blocks
+    """Requests flow in faster than the backend serves them; a 15 s alarm (or
+    ``HUTCH_ALARM_HOLD_S``) blocks
     publishing (the client's requests and the worker's replies); it clears. Every accepted
     request gets exactly one answer, its own, and the backend served each at most once."""
     mock = MockConfig(latency_ms=3000, capacity=8, ids_kept=100_000)  # 8 at the backend
@@ -171,7 +173,10 @@ async def test_nothing_accepted_is_lost_across_an_alarm_under_load(
             assert time.monotonic() - started < 60, "the worker never met the alarm"
         assert (sample("hutch_backend_in_flight", in_flight) or 0) > 0
         await raising
-        await load.publish(300, pause_s=0.05)  # 15 s of requests: refused broker_blocked
+        # 15 s of requests, refused broker_blocked (HUTCH_ALARM_HOLD_S: a longer alarm, as
+        # the issue's 30 s target asks; the CI run keeps it short).
+        hold_s = float(os.environ.get("HUTCH_ALARM_HOLD_S", "15"))
+        await load.publish(int(hold_s / 0.05), pause_s=0.05)
         await alarm.clear()
         alarm_s = time.monotonic() - started
         await load.publish(40, pause_s=0.05)
