@@ -79,12 +79,30 @@ def test_a_refusal_falls_once_per_window_and_ends_the_doubling() -> None:
 def test_the_servers_own_queue_makes_the_limit_fall_at_once() -> None:
     clock = Clock()
     limit = AdaptiveLimit(1, 64, 16, clock=clock)
-    assert limit.saturation(Snap(running=12, waiting=4, kv_usage=0.5))
-    assert limit.current == 14
+    # 16 of Hutch's calls there, 4 of them waiting: the server runs 12: that is the limit.
+    assert limit.saturation(Snap(running=12, waiting=4, kv_usage=0.5), in_flight=16)
+    assert limit.current == 12
     assert limit.state == "backend_queueing"
-    assert not limit.saturation(Snap(running=12, waiting=4))  # once per window
+    assert not limit.saturation(Snap(running=12, waiting=4), in_flight=16)  # once a window
     window(limit, clock)
-    assert limit.current == 14
+    assert limit.current == 12
+    # A queue of other clients' (more waiting than Hutch has there): one less at least.
+    clock.now += limit.tuning.max_window_s
+    assert limit.saturation(Snap(running=12, waiting=30), in_flight=12)
+    assert limit.current == 1  # the limit minus what waits, floored
+
+
+def test_a_rise_waits_for_metrics_that_show_the_last_change() -> None:
+    clock = Clock()
+    limit = AdaptiveLimit(1, 64, 8, clock=clock)
+    limit.saturation(Snap(running=8, waiting=0, kv_usage=0.2), in_flight=8)
+    window(limit, clock)
+    assert limit.current == 16  # room, shown after the last change: double
+    window(limit, clock)  # no scrape since: it does not know what 16 did
+    assert limit.current == 16
+    limit.saturation(Snap(running=16, waiting=0, kv_usage=0.4), in_flight=16)
+    window(limit, clock)
+    assert limit.current == 32
 
 
 def test_a_full_kv_cache_stops_the_rise_and_room_lets_it_rise_despite_latency() -> None:
@@ -189,8 +207,8 @@ async def test_the_health_reports_the_limit_and_wakes_the_controller() -> None:
     health.saturation(Snap(running=4, waiting=2))  # the same window as the 429: no fall
     assert limit.current == 5 and not health.changed.is_set()
     clock.now += limit.tuning.max_window_s  # a stalled backend: again after a while
-    health.saturation(Snap(running=4, waiting=2))
-    assert limit.current == 4 and health.changed.is_set()
+    health.saturation(Snap(running=4, waiting=2))  # 5 there, 2 waiting: it runs 3
+    assert limit.current == 3 and health.changed.is_set()
     await asyncio.sleep(0)
 
 
@@ -244,7 +262,7 @@ def simulate(server: Server, limit: AdaptiveLimit, clock: Clock, seconds: float,
             server.submit(clock.now)
             in_flight += 1
         if metrics and tick % 50 == 0:  # a scrape every 0.5 s
-            limit.saturation(server.snapshot())
+            limit.saturation(server.snapshot(), in_flight)
         if tick % 10 == 0:
             samples.append(limit.current)
     return samples

@@ -65,7 +65,7 @@ class ConcurrencyLimit(Protocol):
     def state(self) -> str: ...
     def completed(self, elapsed_s: float, tokens: int | None, in_flight: int) -> bool: ...
     def refused(self, in_flight: int) -> bool: ...
-    def saturation(self, snapshot: Saturation | None) -> bool: ...
+    def saturation(self, snapshot: Saturation | None, in_flight: int = 0) -> bool: ...
     def reset(self) -> None: ...
     def set_ceiling(self, ceiling: int) -> None: ...
 
@@ -94,7 +94,7 @@ class FixedLimit:
     def refused(self, in_flight: int) -> bool:
         return False
 
-    def saturation(self, snapshot: Saturation | None) -> bool:
+    def saturation(self, snapshot: Saturation | None, in_flight: int = 0) -> bool:
         return False
 
     def reset(self) -> None:
@@ -153,6 +153,7 @@ class AdaptiveLimit:
         self._fell_this_window = False
         self._window_start = 0.0
         self._fell_at = -math.inf
+        self._changed_at = -math.inf
         self.reset()
 
     # -- what the health reads ---------------------------------------------------------
@@ -211,20 +212,21 @@ class AdaptiveLimit:
         return self._set(max(self.floor, math.floor(self._limit * self.tuning.backoff)),
                          "refused", fell=True)
 
-    def saturation(self, snapshot: Saturation | None) -> bool:
-        """The backend's metrics, just scraped (None: missing, slow or malformed). A
-        server that queues inside itself makes the limit fall at once (again only after a
-        window ended, or ``max_window_s`` if none does: its queue drains only as calls
-        end)."""
+    def saturation(self, snapshot: Saturation | None, in_flight: int = 0) -> bool:
+        """The backend's metrics, just scraped (None: missing, slow or malformed), with
+        ``in_flight`` calls of Hutch's running there. A server that queues inside itself
+        makes the limit fall at once to what it runs of them (again only after a window
+        ended, or ``max_window_s`` if none does: its queue drains only as calls end)."""
         if snapshot is None:
             return False
         self._snapshot, self._snapshot_at = snapshot, self._clock()
-        waiting = snapshot.waiting or 0
+        waiting = math.ceil(snapshot.waiting or 0)
         recently = self._clock() - self._fell_at < self.tuning.max_window_s
         if waiting > 0 and not (self._fell_this_window and recently):
-            # The server holds ``waiting`` more than it runs: Hutch sent that many too many
-            # (as far as Hutch is its only client), give or take the next completions.
-            return self._set(max(self.floor, self._limit - max(1, math.ceil(waiting / 2))),
+            # Of Hutch's calls the server runs ``in_flight - waiting`` (as far as Hutch is
+            # its only client): that is its room now; at least one less than the limit.
+            runs = in_flight - waiting if in_flight > waiting else self._limit - waiting
+            return self._set(max(self.floor, min(self._limit - 1, runs)),
                              "backend_queueing", fell=True)
         return False
 
@@ -270,6 +272,8 @@ class AdaptiveLimit:
                 self._slow_start = False
                 self._reason = "backend_full"
                 return False
+            if self._snapshot_at <= self._changed_at:
+                return False  # the metrics do not show the last change's effect yet
             return self._rise("backend_has_room")
         if best is not None and latency > best * tuning.tolerance:
             factor = max(tuning.backoff, best * tuning.tolerance / latency)
@@ -295,6 +299,7 @@ class AdaptiveLimit:
         before, self._limit = self._limit, limit
         if limit == before:
             return False
+        self._changed_at = self._clock()
         self._reason = reason
         if self._on_change is not None:
             self._on_change(before, limit, reason)

@@ -84,7 +84,7 @@ class BackendHealthReporter:
 
     def saturation(self, snapshot: Saturation | None) -> None:
         """The backend's metrics, just scraped (None: unknown)."""
-        if self.limit.saturation(snapshot):
+        if self.limit.saturation(snapshot, self._in_flight()):
             self.changed.set()
 
     def throttled(self, retry_after_s: float | None, model: str | None = None) -> None:
