@@ -18,6 +18,9 @@ from pipeline.backends.breaker import BackendGate, BreakerPolicy
 from pipeline.capacity.limit import AdaptiveLimit, FixedLimit, LimitTuning
 from pipeline.worker.health import BackendHealthReporter
 
+#: TCP's doubling, for the tests whose arithmetic is easier with it.
+DOUBLING = LimitTuning(slow_start_factor=2.0)
+
 
 class Clock:
     def __init__(self) -> None:
@@ -43,15 +46,15 @@ def window(limit: AdaptiveLimit, clock: Clock, *, latency: float = 0.1,
         limit.completed(latency, None, limit.current if in_flight is None else in_flight)
 
 
-def test_a_cold_start_doubles_while_the_limit_holds_the_backend_back() -> None:
+def test_a_cold_start_grows_by_half_while_the_limit_holds_the_backend_back() -> None:
     clock = Clock()
     limit = AdaptiveLimit(1, 64, clock=clock)
     assert limit.current == 4  # min(4, ceiling): never the ceiling
     seen = []
-    for _ in range(6):
+    for _ in range(8):
         window(limit, clock)
         seen.append(limit.current)
-    assert seen == [8, 16, 32, 64, 64, 64]
+    assert seen == [6, 9, 14, 21, 32, 48, 64, 64]
 
 
 def test_no_rise_without_demand() -> None:
@@ -62,7 +65,7 @@ def test_no_rise_without_demand() -> None:
     assert limit.current == 4
 
 
-def test_a_refusal_falls_once_per_window_and_ends_the_doubling() -> None:
+def test_a_refusal_falls_once_per_window_and_ends_the_slow_start() -> None:
     clock = Clock()
     limit = AdaptiveLimit(1, 64, 16, clock=clock)
     assert limit.refused(16)
@@ -70,7 +73,7 @@ def test_a_refusal_falls_once_per_window_and_ends_the_doubling() -> None:
     assert not limit.refused(16)  # the same window: once
     assert limit.current == 11
     assert limit.state == "refused"
-    # After the hold, it probes upward by one per window, not by doubling.
+    # After the hold, it probes upward by one per window, not by half again.
     for _ in range(limit.tuning.hold_windows + 2):  # the refused window, the hold, one
         window(limit, clock)
     assert limit.current == 12
@@ -94,7 +97,7 @@ def test_the_servers_own_queue_makes_the_limit_fall_at_once() -> None:
 
 def test_a_rise_waits_for_metrics_that_show_the_last_change() -> None:
     clock = Clock()
-    limit = AdaptiveLimit(1, 64, 8, clock=clock)
+    limit = AdaptiveLimit(1, 64, 8, clock=clock, tuning=DOUBLING)
     limit.saturation(Snap(running=8, waiting=0, kv_usage=0.2), in_flight=8)
     window(limit, clock)
     assert limit.current == 16  # room, shown after the last change: double
@@ -107,7 +110,7 @@ def test_a_rise_waits_for_metrics_that_show_the_last_change() -> None:
 
 def test_a_full_kv_cache_stops_the_rise_and_room_lets_it_rise_despite_latency() -> None:
     clock = Clock()
-    limit = AdaptiveLimit(1, 64, 8, clock=clock)
+    limit = AdaptiveLimit(1, 64, 8, clock=clock, tuning=DOUBLING)
     window(limit, clock, latency=0.1)
     assert limit.current == 16
     limit.saturation(Snap(running=16, waiting=0, kv_usage=0.95))
@@ -135,7 +138,7 @@ def test_stale_metrics_are_unknown_never_free() -> None:
 
 def test_latency_beyond_tolerance_falls_in_proportion_bounded_by_the_backoff() -> None:
     clock = Clock()
-    limit = AdaptiveLimit(1, 100, 40, clock=clock)
+    limit = AdaptiveLimit(1, 100, 40, clock=clock, tuning=DOUBLING)
     window(limit, clock, latency=0.1)
     assert limit.current == 80
     window(limit, clock, latency=0.2)  # 2x the best, tolerance 1.5: x0.75
@@ -189,7 +192,7 @@ class _Gauge:
 
 async def test_the_health_reports_the_limit_and_wakes_the_controller() -> None:
     clock = Clock()
-    limit = AdaptiveLimit(1, 32, 4, clock=clock)
+    limit = AdaptiveLimit(1, 32, 4, clock=clock, tuning=DOUBLING)
     gate = BackendGate(BreakerPolicy(failure_threshold=3, cooldown_s=5))
     health = BackendHealthReporter("b", 32, gate, _Gauge(), limit=limit,
                                    in_flight=lambda: limit.current)

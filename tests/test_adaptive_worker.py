@@ -97,8 +97,8 @@ async def test_the_limit_rises_from_its_start_and_stays_near_the_backends_room(
     limits = await serve(settings, server, 400)
     assert max(limits) > 2, limits  # it rose from its start
     # Beyond the room of 4 the server's queue shows in the latency: after the cold start's
-    # doubling overshoots (to 16 at most: 8 looked fine while 4's samples were in its
-    # window), the limit falls back and never gets near the ceiling of 32.
+    # growth overshoots (a window can still hold samples of the level below), the limit
+    # falls back and never gets near the ceiling of 32.
     assert server.max_inside <= 24
     assert max(limits[len(limits) // 2:]) <= 12, limits
 

@@ -20,8 +20,8 @@ time bound), on the signals in order of trust:
    adaptive concurrency filter and Netflix's gradient2 do).
 
 It rises only while the limit is what holds the backend back (the backend ran at the limit
-during the window), the latest signals allow it and the window had successes: doubling
-from a cold start until the first sign of saturation, then by one per window, and not
+during the window), the latest signals allow it and the window had successes: by half
+again per window from a cold start until the first sign of saturation, then by one, and not
 again for ``hold_windows`` windows after a fall (the level just above the fall is where
 the backend queued). Failed calls are never latency samples: a backend that answers
 every request in 1 ms with an error does not look fast. After a lease moves, the new
@@ -129,6 +129,9 @@ class LimitTuning:
     best_decay: float = 1.02
     #: Windows without a rise after a fall.
     hold_windows: int = 8
+    #: From a cold start the limit grows by this factor per window until the first sign
+    #: of saturation (1.5, not TCP's 2: a probe past the room queues at most half again).
+    slow_start_factor: float = 1.5
 
 
 class AdaptiveLimit:
@@ -287,7 +290,8 @@ class AdaptiveLimit:
             return False
         if self._peak < self._limit:
             return False  # the limit did not hold the backend back: no evidence to rise
-        target = self._limit * 2 if self._slow_start else self._limit + 1
+        target = (max(self._limit + 1, math.ceil(self._limit * self.tuning.slow_start_factor))
+                  if self._slow_start else self._limit + 1)
         return self._set(min(self._ceiling, target), reason, fell=False)
 
     def _set(self, limit: int, reason: str, *, fell: bool) -> bool:
