@@ -25,6 +25,18 @@ def chat_body(model: str = "small", **extra: Any) -> bytes:
                        **extra}).encode()
 
 
+def completion(content: str = "ok", model: str = "mock-small",
+               usage: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """An OpenAI chat completion as a backend answers it (for MockTransport handlers)."""
+    answer: dict[str, Any] = {
+        "id": "x", "object": "chat.completion", "model": model,
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": content}}]}
+    if usage is not None:
+        answer["usage"] = dict(usage)
+    return answer
+
+
 @dataclass
 class FakeMessage:
     """The parts of an aio-pika incoming message the worker reads, with recorded acks."""

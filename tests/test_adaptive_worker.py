@@ -18,6 +18,7 @@ from hutch import HutchClient
 from pipeline.broker.topology import apply_topology
 from pipeline.settings import Settings
 from tests.conftest import SettingsFactory, running_worker
+from tests.fakes import completion
 
 
 class QueueingServer:
@@ -50,12 +51,9 @@ class QueueingServer:
                 await asyncio.sleep(self.service_s)
         finally:
             self.inside -= 1
-        body = json.loads(request.content)
-        return httpx.Response(200, json={
-            "id": "x", "object": "chat.completion", "model": body["model"],
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": "ok"}}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}})
+        return httpx.Response(200, json=completion(
+            model=json.loads(request.content)["model"],
+            usage={"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}))
 
 
 async def serve(settings: Settings, server: QueueingServer, requests: int) -> list[float]:

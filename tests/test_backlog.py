@@ -14,6 +14,7 @@ from pipeline.broker.topology import apply_topology
 from pipeline.capacity.backlog import BacklogEstimate, ServiceRate
 from pipeline.ops.status import format_status, status
 from tests.conftest import SettingsFactory, running_worker, wait_for
+from tests.fakes import completion
 
 
 class Clock:
@@ -56,12 +57,9 @@ async def test_a_worker_exports_its_pools_backlog(make_settings: SettingsFactory
 
     async def slow(request: httpx.Request) -> httpx.Response:
         await asyncio.sleep(0.1)
-        body = json.loads(request.content)
-        return httpx.Response(200, json={
-            "id": "x", "object": "chat.completion", "model": body["model"],
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": "ok"}}],
-            "usage": {"prompt_tokens": 30, "completion_tokens": 20, "total_tokens": 50}})
+        return httpx.Response(200, json=completion(
+            model=json.loads(request.content)["model"],
+            usage={"prompt_tokens": 30, "completion_tokens": 20, "total_tokens": 50}))
 
     await apply_topology(settings)
     async with running_worker(settings, transport_factory=lambda _: httpx.MockTransport(

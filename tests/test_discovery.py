@@ -4,7 +4,6 @@ addresses, each with its own lease and cap, following the name as it changes."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 
 import httpx
@@ -18,6 +17,7 @@ from pipeline.worker.config_diff import diff_settings
 from pipeline.worker.discovery import Replicas, replica
 from pipeline.worker.worker import Worker
 from tests.conftest import SettingsFactory, wait_for
+from tests.fakes import completion
 
 TEMPLATE = BackendSettings(name="vllm", url="http://vllm.svc:8000/v1", max_concurrency=4,
                            discover="dns", metrics_url="http://vllm.svc:8000/metrics")
@@ -86,10 +86,7 @@ async def test_a_worker_serves_each_address_and_drains_one_that_goes(
     async def backend(request: httpx.Request) -> httpx.Response:
         hosts[request.url.host] += 1
         await asyncio.sleep(0.05)
-        return httpx.Response(200, json={
-            "id": "x", "object": "chat.completion", "model": json.loads(request.content)[
-                "model"], "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                    "role": "assistant", "content": request.url.host}}]})
+        return httpx.Response(200, json=completion(request.url.host))
 
     await apply_topology(settings)
     worker = Worker(settings, transport_factory=lambda _: httpx.MockTransport(backend),

@@ -16,6 +16,7 @@ import httpx
 from pipeline import protocol as p
 from pipeline.broker.topology import apply_topology
 from tests.conftest import SettingsFactory, amqp, running_worker
+from tests.fakes import completion
 from tests.test_streaming import client
 
 
@@ -28,10 +29,7 @@ async def test_an_expired_request_is_answered_while_the_only_permit_is_busy(
     async def backend(request: httpx.Request) -> httpx.Response:
         calls.append(json.loads(request.content)["messages"][0]["content"])
         await release.wait()
-        return httpx.Response(200, json={
-            "id": "x", "object": "chat.completion", "model": "mock-small",
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": "ok"}}]})
+        return httpx.Response(200, json=completion())
 
     await apply_topology(settings)
     async with amqp(settings.amqp_url) as connection, running_worker(
