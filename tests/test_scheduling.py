@@ -178,6 +178,21 @@ async def test_a_waiting_request_starts_on_any_free_backend_of_the_pool() -> Non
     assert waiter.result() == Grant(Verdict.START, "b")
 
 
+async def test_a_hand_over_waits_for_requests_another_consumer_started_on_it() -> None:
+    """b's lease is handed over while a request a's consumer delivered runs on b's permit:
+    ``drained`` waits for it, so the next holder of b never starts beside it."""
+    gate = admission({"a": 0, "b": 1})
+    assert await gate.acquire(on("a", delivery())) == Grant(Verdict.START, "b")
+    gate.set_limit("b", 0)  # the hand-over: no new grants on b
+    assert not await gate.drained("b", 0.01)  # still running there
+    waiting = asyncio.create_task(gate.drained("b", 5))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    gate.release("b")
+    assert await waiting
+    assert await gate.drained("a", 0)  # nothing ran on a
+
+
 async def test_admission_moves_what_it_would_serve_last_when_saturated() -> None:
     gate = admission({"b": 1}, lookahead=2, sorts=True)
     assert (await gate.acquire(on("b", delivery("alice")))).verdict is Verdict.START

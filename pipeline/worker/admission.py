@@ -70,6 +70,8 @@ class Admission:
         self._sorts = sorts
         self._permits: dict[str, _Permits] = {}
         self._futures: dict[int, asyncio.Future[Grant]] = {}
+        #: Set when a backend's last running request ends (see :meth:`drained`).
+        self._idle: dict[str, asyncio.Event] = {}
 
     @property
     def prefetch_extra(self) -> int:
@@ -128,7 +130,23 @@ class Admission:
         """A request started on ``backend`` ended: the permit goes to whoever the policy
         picks."""
         self._permits[backend].in_use -= 1
+        if not self._permits[backend].in_use and backend in self._idle:
+            self._idle[backend].set()
         self._grant()
+
+    async def drained(self, backend: str, timeout_s: float) -> bool:
+        """Wait until no request runs on ``backend``'s permits (its lease is handed over:
+        a request another backend's consumer delivered may run on them); False if some
+        still do after ``timeout_s``."""
+        if not self.in_use(backend):
+            return True
+        event = self._idle.setdefault(backend, asyncio.Event())
+        event.clear()
+        try:
+            await asyncio.wait_for(event.wait(), timeout_s)
+        except TimeoutError:
+            pass
+        return not self.in_use(backend)
 
     def hand_back(self, source: str | None = None) -> int:
         """Waiting requests go back to the broker: all of them, or those ``source``'s

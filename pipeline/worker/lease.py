@@ -220,8 +220,18 @@ class LeaseHolder:
         """Drain what this worker holds (so the cap still holds when the next holder
         starts), then give the lease up. What waited for a permit goes back at once."""
         await consumer.stop_consuming()
-        self.intake.admission.set_limit(self.name, 0)
-        self.intake.admission.hand_back(source=self.name)
+        admission = self.intake.admission
+        admission.set_limit(self.name, 0)
+        admission.hand_back(source=self.name)
+        started = asyncio.get_running_loop().time()
         await consumer.drain(self.lease.timing.grace_s)
+        # The admission grants any backend of the pool: a request another backend's
+        # consumer delivered may run on this backend's permit. It must end too, or the
+        # next holder would start beside it.
+        left = self.lease.timing.grace_s - (asyncio.get_running_loop().time() - started)
+        if not await admission.drained(self.name, max(0.0, left)):
+            log.warning("lease.handed_over_busy", backend=self.name,
+                        running=admission.in_use(self.name),
+                        note="requests of another backend's consumer still run on it")
         await consumer.abort()
         await self.lease.give_up(connection)
