@@ -34,6 +34,7 @@ from hutch_bench.scenarios.common import MODEL
 from hutch_bench.scenarios.litellm import API_KEY
 from pipeline.client.client import HutchClient
 from pipeline.client.replies import ReplyMessage, is_chunk
+from pipeline.client.stream import ChatStream
 from pipeline.errors import RequestFailed
 
 __all__ = ["KINDS", "FinalCounter", "RequestLog", "SoakRecord", "Traffic"]
@@ -187,17 +188,26 @@ class Traffic:
     # -- through a HutchClient -------------------------------------------------------
 
     async def _whole(self, record: SoakRecord) -> str:
-        client = self._client(record)
-        record.correlation_id = await client.submit(
-            _body(record.index, stream=False, tokens=self.tokens), model=MODEL,
-            timeout=self.timeout_s)
-        await client.result(record.correlation_id)
+        client, correlation_id = await self._submit(record)
+        await client.result(correlation_id)
         return "ok"
 
-    async def _stream(self, record: SoakRecord) -> str:
+    async def _submit(self, record: SoakRecord) -> tuple[HutchClient, str]:
+        """Publish ``record``'s whole request: the client that awaits its answer, and its
+        correlation id."""
         client = self._client(record)
-        stream = client.stream_body(_body(record.index, stream=True, tokens=self.tokens),
-                                    model=MODEL, timeout=self.timeout_s)
+        correlation_id = record.correlation_id = await client.submit(
+            _body(record.index, stream=False, tokens=self.tokens), model=MODEL,
+            timeout=self.timeout_s)
+        return client, correlation_id
+
+    def _open_stream(self, record: SoakRecord) -> ChatStream:
+        return self._client(record).stream_body(
+            _body(record.index, stream=True, tokens=self.tokens), model=MODEL,
+            timeout=self.timeout_s)
+
+    async def _stream(self, record: SoakRecord) -> str:
+        stream = self._open_stream(record)
         async with stream:
             record.correlation_id = stream.correlation_id
             async for _ in stream:
@@ -205,20 +215,15 @@ class Traffic:
         return "ok"
 
     async def _cancel(self, record: SoakRecord) -> str:
-        client = self._client(record)
-        record.correlation_id = await client.submit(
-            _body(record.index, stream=False, tokens=self.tokens), model=MODEL,
-            timeout=self.timeout_s)
+        client, correlation_id = await self._submit(record)
         await asyncio.sleep(self._leave_after())
-        await client.cancel(record.correlation_id)
-        await client.result(record.correlation_id)
+        await client.cancel(correlation_id)
+        await client.result(correlation_id)
         return "ok"  # the answer won the race with the cancel
 
     async def _disconnect(self, record: SoakRecord) -> str:
         """A stream whose reader goes away after its first chunk (or its end)."""
-        client = self._client(record)
-        stream = client.stream_body(_body(record.index, stream=True, tokens=self.tokens),
-                                    model=MODEL, timeout=self.timeout_s)
+        stream = self._open_stream(record)
         async with stream:
             record.correlation_id = stream.correlation_id
             async for _ in stream:
