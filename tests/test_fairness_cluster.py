@@ -11,14 +11,45 @@ from __future__ import annotations
 import asyncio
 
 import aio_pika
+import httpx
 import pytest
 
 from pipeline.broker.names import Names
 from pipeline.broker.topology import apply_topology
+from pipeline.settings import Settings
 from pipeline.testing.mock import MockBackend, MockConfig
+from pipeline.worker.worker import Worker
 from tests.nodes import LocalCluster
-from tests.test_cluster import cluster, restore, settings_for, workers  # noqa: F401
+from tests.test_cluster import (  # noqa: F401
+    VHOST,
+    cluster,
+    restore,
+    settings_for,
+    workers,
+)
 from tests.test_fairness import publish_as, replies
+
+
+async def stuck(nodes: LocalCluster, settings: Settings, started: list[Worker],
+                seen: set[str], owner: dict[str, str]) -> str:
+    """Where the unanswered requests are, for the failure message."""
+    names = Names(settings.prefix)
+    depths = {}
+    for node in nodes.nodes:
+        if node.running():
+            async with httpx.AsyncClient(auth=("guest", "guest"), timeout=30) as http:
+                answer = await http.get(f"{node.management_url}/api/queues/{VHOST}")
+            for info in answer.json():
+                if info["name"].startswith(settings.prefix):
+                    depths[info["name"]] = (info.get("messages"), info.get("consumers"))
+            break
+    held = [(w.held_backends(), {slot.holder.name: (
+        slot.holder.intake.admission.in_use(slot.holder.name),
+        slot.holder.intake.admission.waiting) for slot in w.slots.all}) for w in started]
+    return (f"{len(seen)} of {len(owner)} answered; queues (messages, consumers): "
+            f"{depths}; workers (held, admission in use/waiting): {held}; "
+            f"work queue {names.work_queue('chat')}")
+
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -46,11 +77,15 @@ async def test_fairness_on_a_quorum_pool_survives_a_node_kill(
             order = await replies(channel, reply_to, 30, timeout=120)
             cluster.nodes[2].kill()
             seen = {cid for cid, _ in order}
-            async with asyncio.timeout(180):
-                while seen != set(owner):
-                    more = await replies(channel, reply_to, 1, timeout=180)
-                    order += more
-                    seen.add(more[0][0])
+            try:
+                async with asyncio.timeout(180):
+                    while seen != set(owner):
+                        more = await replies(channel, reply_to, 1, timeout=180)
+                        order += more
+                        seen.add(more[0][0])
+            except TimeoutError:
+                raise AssertionError(await stuck(cluster, client, started, seen, owner)
+                                     ) from None
             await channel.queue_delete(reply_to)
     first: list[str] = []
     for cid, code in order:

@@ -247,6 +247,22 @@ async def test_a_cancelled_waiter_leaves_no_trace() -> None:
     assert gate.in_use() == 0
 
 
+async def test_a_permit_freed_while_a_waiter_is_being_cancelled_is_not_lost() -> None:
+    # A connection loss cancels every waiting task at once while running requests end:
+    # a permit granted to a waiter whose cancellation is pending must stay free (it once
+    # stayed taken forever, and the pool's last requests waited behind phantom permits).
+    gate = admission({"b": 1})
+    await gate.acquire(on("b", delivery()))
+    waiter = asyncio.create_task(gate.acquire(on("b", delivery())))
+    await asyncio.sleep(0)
+    waiter.cancel()  # its future is cancelled now; the task runs its handler later
+    gate.release("b")  # ...and the freed permit is offered to it first
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert (gate.in_use(), gate.waiting) == (0, 0)
+    assert (await gate.acquire(on("b", delivery()))).verdict is Verdict.START
+
+
 # -- tenants, ceilings, quotas, settings -------------------------------------------------
 
 def test_tenants_come_from_the_validated_user_and_teams_share_one() -> None:

@@ -175,8 +175,10 @@ class Admission:
             delivery = self._policy.pop()
             if delivery is None:
                 return
-            self._permits[backend].in_use += 1
-            self._resolve(delivery, Grant(Verdict.START, backend))
+            # A permit counts only once a waiter has it: one whose task is being cancelled
+            # (its future already is) would never release it.
+            if self._resolve(delivery, Grant(Verdict.START, backend)):
+                self._permits[backend].in_use += 1
 
     def _sort(self) -> None:
         """Saturated: move what would be served last out of the window (to its lane)."""
@@ -190,7 +192,11 @@ class Admission:
             self._policy.remove(last)
             self._resolve(last, Grant(Verdict.MOVE))
 
-    def _resolve(self, delivery: Delivery, grant: Grant) -> None:
+    def _resolve(self, delivery: Delivery, grant: Grant) -> bool:
+        """Give ``delivery``'s waiter its verdict; False if nobody waits for it any more
+        (its task was cancelled and has not yet taken it out of the policy)."""
         future = self._futures.pop(id(delivery), None)
-        if future is not None and not future.done():
-            future.set_result(grant)
+        if future is None or future.done():
+            return False
+        future.set_result(grant)
+        return True
