@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 from dataclasses import dataclass
 
 import pytest
@@ -93,6 +94,34 @@ def test_the_servers_own_queue_makes_the_limit_fall_at_once() -> None:
     clock.now += limit.tuning.max_window_s
     assert limit.saturation(Snap(running=12, waiting=30), in_flight=12)
     assert limit.current == 1  # the limit minus what waits, floored
+
+
+def probe_gaps(room: int, windows: int, limit: AdaptiveLimit, clock: Clock) -> list[int]:
+    """Windows between the probes above ``room`` of a server that never grows: each probe
+    is seen queueing at the next scrape."""
+    probes: list[int] = []
+    for n in range(windows):
+        limit.saturation(Snap(running=min(room, limit.current),
+                              waiting=max(0, limit.current - room)), limit.current)
+        window(limit, clock, in_flight=limit.current)
+        if limit.current > room:
+            probes.append(n)
+    return [b - a for a, b in itertools.pairwise(probes)]
+
+
+def test_failed_probes_double_the_hold_and_one_that_holds_ends_the_doubling() -> None:
+    clock = Clock()
+    tuning = LimitTuning()
+    limit = AdaptiveLimit(1, 64, 12, clock=clock, tuning=tuning)
+    limit.saturation(Snap(running=12, waiting=1), in_flight=13)  # found the room: 12
+    gaps = probe_gaps(12, 200, limit, clock)
+    hold = tuning.hold_windows
+    # Each probe queued one request: the holds after them are 16, then 32 windows.
+    assert gaps[:3] == [hold * 2 + 2, hold * 4 + 2, hold * 4 + 2], gaps
+    # The room grew to 16: probes hold up to it, and the doubling starts again from one.
+    gaps = probe_gaps(16, 120, limit, clock)
+    assert limit.current in (16, 17)
+    assert gaps[:2] == [hold * 2 + 2, hold * 4 + 2], gaps
 
 
 def test_a_rise_waits_for_metrics_that_show_the_last_change() -> None:

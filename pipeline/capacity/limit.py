@@ -21,11 +21,16 @@ time bound), on the signals in order of trust:
 
 It rises only while the limit is what holds the backend back (the backend ran at the limit
 during the window), the latest signals allow it and the window had successes: by half
-again per window from a cold start until the first sign of saturation, then by one, and not
-again for ``hold_windows`` windows after a fall (the level just above the fall is where
-the backend queued). Failed calls are never latency samples: a backend that answers
-every request in 1 ms with an error does not look fast. After a lease moves, the new
-holder starts from ``start`` (a safe value), not from the ceiling.
+again per window from a cold start until the first sign of saturation, then by one, and
+not again for ``hold_windows`` windows after a fall (the level just above the fall is
+where the backend queued). A rise by one is a probe: one that fails (the limit falls again
+within ``probe_windows`` windows, or before the metrics could show it) doubles the next
+hold, up to ``2 ** probe_backoff_max`` times, and one that holds ends the doubling. A
+backend whose room stays put is probed less and less often (each failed probe queued a
+request inside it: the p99 pays for those), while one whose room grew is found again
+within a few holds. Failed calls are never latency samples: a backend that answers every
+request in 1 ms with an error does not look fast. After a lease moves, the new holder
+starts from ``start`` (a safe value), not from the ceiling.
 
 No I/O and no clock of its own beyond the one it is given: tested with a fake clock.
 """
@@ -129,6 +134,11 @@ class LimitTuning:
     best_decay: float = 1.02
     #: Windows without a rise after a fall.
     hold_windows: int = 8
+    #: A fall within this many windows of a rise by one (and within ``stale_s``, the time
+    #: fresh metrics need to show it) means that probe failed...
+    probe_windows: int = 2
+    #: ...and each failed probe in a row doubles the hold, at most this many times.
+    probe_backoff_max: int = 2
     #: From a cold start the limit grows by this factor per window until the first sign
     #: of saturation (1.5, not TCP's 2: a probe past the room queues at most half again).
     slow_start_factor: float = 1.5
@@ -157,6 +167,10 @@ class AdaptiveLimit:
         self._window_start = 0.0
         self._fell_at = -math.inf
         self._changed_at = -math.inf
+        self._windows = 0  # windows ended since the last reset
+        #: The window and the time of the last rise by one, until it is judged.
+        self._probed_at: tuple[int, float] | None = None
+        self._failed_probes = 0
         self.reset()
 
     # -- what the health reads ---------------------------------------------------------
@@ -181,6 +195,8 @@ class AdaptiveLimit:
         self._slow_start = True
         self._reason = "start"
         self._hold = 0
+        self._probed_at = None
+        self._failed_probes = 0
         self._best: float | None = None
         self._snapshot: Saturation | None = None
         self._snapshot_at = -math.inf
@@ -250,6 +266,12 @@ class AdaptiveLimit:
                 or (self._samples and age >= self.tuning.max_window_s)):
             return False
         changed = self._step(now)
+        self._windows += 1
+        if self._probed_at is not None:
+            window, at = self._probed_at
+            if (self._windows - window > self.tuning.probe_windows
+                    and now - at >= self.tuning.stale_s):
+                self._probed_at, self._failed_probes = None, 0  # the probe held
         self._new_window(now)
         return changed
 
@@ -292,13 +314,21 @@ class AdaptiveLimit:
             return False  # the limit did not hold the backend back: no evidence to rise
         target = (max(self._limit + 1, math.ceil(self._limit * self.tuning.slow_start_factor))
                   if self._slow_start else self._limit + 1)
+        if not self._slow_start:
+            if self._probed_at is not None:
+                self._failed_probes = 0  # the last probe held: rising again says so
+            self._probed_at = (self._windows, self._clock())
         return self._set(min(self._ceiling, target), reason, fell=False)
 
     def _set(self, limit: int, reason: str, *, fell: bool) -> bool:
         if fell:
             self._fell_at = self._clock()
             self._slow_start = False
-            self._hold = self.tuning.hold_windows
+            if self._probed_at is not None:  # the last probe failed: wait longer
+                self._failed_probes = min(self._failed_probes + 1,
+                                          self.tuning.probe_backoff_max)
+                self._probed_at = None
+            self._hold = self.tuning.hold_windows * 2 ** self._failed_probes
             self._fell_this_window = True
         before, self._limit = self._limit, limit
         if limit == before:
