@@ -56,6 +56,17 @@ class ServiceRate:
         span = min(self.window_s, now - self._since)
         return len(self._done) / span if span > 0 else 0.0
 
+    def recent_per_second(self, last: int = 200) -> float:
+        """Completions per second over the last ``last`` completions of the window: what
+        the pool does now (a flood after a quiet minute is not averaged with the quiet),
+        and it falls while nothing completes. Below two completions, :meth:`per_second`."""
+        now = self._trim()
+        if len(self._done) < 2:
+            return self.per_second()
+        first = self._done[max(0, len(self._done) - last)][0]
+        count = min(last, len(self._done))
+        return (count - 1) / (now - first) if now > first else 0.0
+
     def tokens_per_request(self) -> float | None:
         """Mean tokens of the completions in the window that reported usage (None: none)."""
         self._trim()

@@ -195,6 +195,8 @@ class Settler:
         it (full): the caller hands it back instead."""
         headers = self._history_headers(delivery)
         headers[p.H_MODEL] = delivery.model or ""
+        if delivery.status_sent:
+            headers[p.H_STATUS_SENT] = 1
         message = self._copy(delivery, headers, expire=True)
         message.priority = delivery.served_priority  # a tenant's ceiling lowered it
         if not await self._publisher.publish(message.body, message.properties,
@@ -202,6 +204,17 @@ class Settler:
             return False
         await delivery.message.ack()
         return True
+
+    async def queue_status(self, delivery: Delivery, body: bytes) -> bool:
+        """Tell a queued request's client where it stands: a transient ``status`` message
+        (never an answer) on its reply queue; False if it could not be delivered. Nothing
+        is settled: the request is still queued."""
+        if not delivery.answerable or delivery.reply_to is None:
+            return False
+        headers: dict[str, Any] = {p.H_KIND: p.KIND_STATUS, p.H_POOL: delivery.pool}
+        properties = reply_properties(delivery.correlation_id, delivery.priority, headers,
+                                      persistent=False)
+        return await self._publisher.publish(body, properties, routing_key=delivery.reply_to)
 
     def _copy(self, delivery: Delivery, headers: dict[str, Any], *,
               expire: bool) -> aio_pika.Message:
