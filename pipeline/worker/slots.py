@@ -91,6 +91,8 @@ class Slot:
                 # hold the backend's permits while their answers are confirmed).
                 await dispatcher.handle(delivery, self.http, health)
                 return
+            if admission.must_wait():  # told its estimated start first, if it asked
+                await notices.before_wait(dispatcher, delivery, admission.waiting_requests())
             grant = await admission.acquire(delivery)
             if grant.verdict is Verdict.MOVE and delivery.deadline_passed():
                 # Out of time already: answered now (refused or deadline_exceeded, never a
@@ -98,8 +100,7 @@ class Slot:
                 await dispatcher.handle(delivery, self.http, self.holder.health)
                 return
             if grant.verdict is not Verdict.START or grant.backend is None:
-                await notices.set_aside(dispatcher, delivery, grant.verdict is Verdict.MOVE,
-                                        admission.waiting_requests())
+                await notices.set_aside(dispatcher, delivery, grant.verdict is Verdict.MOVE)
                 return
             slot = pool[grant.backend]
             delivery.backend = grant.backend

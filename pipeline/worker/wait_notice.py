@@ -1,13 +1,15 @@
 """Status messages for queued requests that asked for one (``x-hutch-status-after-ms``).
 
-When every backend of a pool is saturated, the admission moves the request its policy
-would serve last into its tenant's lane (:mod:`pipeline.worker.admission`): that is where
-a flood passes through a worker. If that request asked for a status message and its
-estimated start (:mod:`pipeline.capacity.wait`) is more than the threshold it gave after
-it was sent, its client gets one ``status`` message on its reply queue, *before* the
-request goes into the lane (so it always comes before the answer), and the lane's copy
-says so (``x-hutch-status-sent``): a request is told at most once. Requests that did not
-ask cost nothing here.
+When every backend of a pool is saturated, a request a worker receives from the pool's
+queue waits in its admission or is moved into its tenant's lane
+(:mod:`pipeline.worker.admission`): that is where a flood passes through a worker. If that
+request asked for a status message and its estimated start (:mod:`pipeline.capacity.wait`,
+as if it joined its lane) is more than the threshold it gave after it was sent, its client
+gets one ``status`` message on its reply queue *before* the request joins the waiting set
+(so it always comes before anything of the answer), and a lane copy of it says so
+(``x-hutch-status-sent``): a request is told at most once (unless a worker hands it back
+to the pool's queue after telling it: a stopping worker, a full lane). Requests that did
+not ask, and requests that start at once, cost nothing here.
 
 The pool's lane depths are read (passive declares) at most every :data:`LANE_READ_S`, and
 only while requests that asked are being moved; this worker's own moves and takes correct
@@ -70,17 +72,24 @@ class WaitNotices:
         if depths is not None and delivery.lane is not None:
             depths.took(delivery.lane)
 
-    async def set_aside(self, dispatcher: Dispatcher, delivery: Delivery, move: bool,
-                        waiting: Sequence[Delivery]) -> None:
-        """:meth:`Dispatcher.set_aside`, with the status message first for a request
-        moved to its lane that asked for one (``waiting``: what else waits in this
-        worker's admission for the pool)."""
+    async def before_wait(self, dispatcher: Dispatcher, delivery: Delivery,
+                          waiting: Sequence[Delivery]) -> None:
+        """``delivery`` must wait (its pool is saturated here): if it asked for a status
+        and was not told yet, estimate its start and tell it when later than it asked.
+        Awaited before it joins the waiting set, so the status goes out before anything
+        of its answer can (``waiting``: what waits in this worker's admission)."""
         after_ms = delivery.status_after_ms
-        if move and after_ms is not None and not delivery.status_sent:
-            estimate = await self.estimate(dispatcher, delivery, waiting)
-            if estimate.later_than(after_ms, delivery.sent_at_ms):
-                delivery.status_sent = await dispatcher.queue_status(
-                    delivery, status_body(delivery.pool, estimate))
+        if after_ms is None or delivery.status_sent or delivery.lane is not None:
+            return  # not asked, told already, or estimated when it was moved to a lane
+        estimate = await self.estimate(dispatcher, delivery, waiting)
+        if estimate.later_than(after_ms, delivery.sent_at_ms):
+            # Its lane copy, if it is moved, carries the mark: told at most once.
+            delivery.status_sent = await dispatcher.queue_status(
+                delivery, status_body(delivery.pool, estimate))
+
+    async def set_aside(self, dispatcher: Dispatcher, delivery: Delivery, move: bool
+                        ) -> None:
+        """:meth:`Dispatcher.set_aside`; a move corrects the lane's depth."""
         moved = await dispatcher.set_aside(delivery, move)
         depths = self._depths.get(delivery.pool)
         if moved and depths is not None:
@@ -90,7 +99,11 @@ class WaitNotices:
                        waiting: Sequence[Delivery]) -> WaitEstimate:
         """The estimated start of ``delivery``, about to join its lane."""
         lanes = dispatcher.lanes
-        depths = await self._fresh(delivery.pool, lanes.queues())
+        scheduling = dispatcher.scheduler.scheduling
+        sorts = scheduling.policy == "fair" and scheduling.lookahead > 0
+        # A pool that does not sort has no lanes: only what waits here is ahead.
+        depths = (await self._fresh(delivery.pool, lanes.queues()) if sorts
+                  else LaneDepths())
         ahead = requests_ahead(delivery.band, lanes.lane_for(delivery), lanes.by_band(),
                                depths, (other.band for other in waiting))
         rate = self._meter.rates.get(delivery.pool) or ServiceRate()

@@ -1,0 +1,112 @@
+"""Queue status messages on the real broker: a saturated pool (a mock backend with one
+slot, a flood), a request that asks for its status gets exactly one, before its one
+answer; one that does not ask gets none. Order and counts only, never timings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractChannel
+
+from hutch import HutchClient, QueueStatus
+from pipeline import protocol as p
+from pipeline.broker.names import Names
+from pipeline.broker.topology import apply_topology
+from pipeline.settings import Settings
+from pipeline.testing.mock import MockBackend, MockConfig
+from tests.conftest import SettingsFactory, body, running_worker
+
+FLOOD = 40
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[MockBackend]:
+    """One slot, ~40 ms: a flood of 40 keeps it busy for seconds."""
+    async with MockBackend(MockConfig(latency_ms=40, capacity=1, jitter=0.2)) as mock:
+        yield mock
+
+
+def saturated(make_settings: SettingsFactory, backend: MockBackend) -> Settings:
+    return make_settings(backends=[("b1", backend.base_url, 1)])
+
+
+async def publish(channel: AbstractChannel, settings: Settings, reply_to: str, cid: str,
+                  headers: dict[str, Any] | None = None) -> None:
+    """One request, published as a client following the wire contract would."""
+    exchange = await channel.get_exchange(Names(settings.prefix).requests_exchange)
+    await exchange.publish(aio_pika.Message(
+        json.dumps(body()).encode(), correlation_id=cid, reply_to=reply_to,
+        content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        headers={p.H_SENT_AT: p.now_ms(), **(headers or {})}), routing_key="mock-small")
+
+
+async def test_one_status_before_the_answer_only_for_the_request_that_asked(
+        make_settings: SettingsFactory, backend: MockBackend) -> None:
+    settings = saturated(make_settings, backend)
+    await apply_topology(settings)
+    reply_to = Names(settings.prefix).reply_queue(f"{settings.amqp_user}.status")
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection, running_worker(settings):
+        channel = await connection.channel()
+        queue = await channel.declare_queue(reply_to, exclusive=True)
+        for i in range(FLOOD):
+            await publish(channel, settings, reply_to, f"flood-{i}")
+        seen: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        async with asyncio.timeout(90), queue.iterator() as messages:
+            async for message in messages:  # a few answers first: the rate is known
+                await message.ack()
+                kind = str((message.headers or {}).get(p.H_KIND))
+                seen.setdefault(str(message.correlation_id), []).append(
+                    (kind, json.loads(message.body)))
+                if sum(1 for kinds in seen.values() for k, _ in kinds if k == "final") == 3:
+                    break
+            await publish(channel, settings, reply_to, "asks", {p.H_STATUS_AFTER_MS: 0})
+            await publish(channel, settings, reply_to, "quiet")
+            async for message in messages:
+                await message.ack()
+                kind = str((message.headers or {}).get(p.H_KIND))
+                seen.setdefault(str(message.correlation_id), []).append(
+                    (kind, json.loads(message.body)))
+                if sum(1 for kinds in seen.values() for k, _ in kinds
+                       if k == "final") == FLOOD + 2:
+                    break
+    kinds = {cid: [kind for kind, _ in messages] for cid, messages in seen.items()}
+    assert kinds["asks"] == [p.KIND_STATUS, p.KIND_FINAL]
+    assert kinds["quiet"] == [p.KIND_FINAL]
+    assert all(k == [p.KIND_FINAL] for cid, k in kinds.items() if cid.startswith("flood"))
+    status = QueueStatus.model_validate(seen["asks"][0][1])
+    assert status.object == p.STATUS_OBJECT and status.pool == "chat"
+    assert status.position > 0  # behind what was left of the flood
+    assert status.estimated_start_s is not None and status.estimated_start_s > 0
+    assert status.estimated_start_at_ms is not None
+    assert status.estimated_start_at_ms > status.estimated_at_ms
+    assert seen["asks"][1][1]["object"] == "chat.completion"  # the answer, unchanged
+
+
+async def test_hutch_client_shows_the_status_and_still_returns_the_answer(
+        make_settings: SettingsFactory, backend: MockBackend) -> None:
+    settings = saturated(make_settings, backend)
+    await apply_topology(settings)
+    async with running_worker(settings), HutchClient.from_settings(settings) as client:
+        flood = [await client.submit(body(content=str(i)), model="mock-small", timeout=60)
+                 for i in range(FLOOD)]
+        told: list[QueueStatus] = []
+        asks = await client.submit(body(content="asks"), model="mock-small", timeout=60,
+                                   status_after=0, on_status=told.append)
+        silent: list[QueueStatus] = []
+        quiet = await client.submit(body(content="quiet"), model="mock-small", timeout=60,
+                                    on_status=silent.append)
+        stream = client.chat_stream(model="mock-small", timeout=60, status_after=0,
+                                    messages=[{"role": "user", "content": f"s-{uuid.uuid4()}"}])
+        async with stream:
+            chunks = [chunk async for chunk in stream]
+        replies = await asyncio.gather(*(client.result(cid) for cid in [*flood, asks, quiet]))
+    assert all(reply.completion.object == "chat.completion" for reply in replies)
+    assert len(told) == 1 and told[0].position > 0 and silent == []
+    assert chunks and stream.queue_status is not None  # shown beside the chunks
