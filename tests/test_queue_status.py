@@ -1,6 +1,7 @@
 """Queue status messages on the real broker: a saturated pool (a mock backend with one
 slot, a flood), a request that asks for its status gets exactly one, before its one
-answer; one that does not ask gets none. Order and counts only, never timings."""
+answer; one that does not ask gets none; HutchClient shows it beside the answer, the
+gateway as an SSE comment. Order and counts only, never timings."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
+import httpx
 import pytest
 from aio_pika.abc import AbstractChannel
 
@@ -18,9 +20,11 @@ from hutch import HutchClient, QueueStatus
 from pipeline import protocol as p
 from pipeline.broker.names import Names
 from pipeline.broker.topology import apply_topology
+from pipeline.gateway.calls import H_STATUS_AFTER
 from pipeline.settings import Settings
 from pipeline.testing.mock import MockBackend, MockConfig
 from tests.conftest import SettingsFactory, body, running_worker
+from tests.gateway_support import KEY_A, gateway_stack, keyed
 
 FLOOD = 40
 
@@ -110,3 +114,34 @@ async def test_hutch_client_shows_the_status_and_still_returns_the_answer(
     assert all(reply.completion.object == "chat.completion" for reply in replies)
     assert len(told) == 1 and told[0].position > 0 and silent == []
     assert chunks and stream.queue_status is not None  # shown beside the chunks
+
+
+async def test_the_gateway_sends_a_queued_stream_an_sse_comment(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = MockConfig(latency_ms=40, capacity=1, jitter=0.2)
+    async with gateway_stack(make_settings, mock=config, capacity=1,
+                             gateway=keyed(monkeypatch)) as stack, \
+            HutchClient.from_settings(stack.settings) as client:
+        flood = [await client.submit(body(content=str(i)), model="mock-small", timeout=60)
+                 for i in range(FLOOD)]
+        request = {"model": "mock-small", "messages": [{"role": "user", "content": "hi"}],
+                   "stream": True}
+        async with httpx.AsyncClient(base_url=stack.root, timeout=60) as http, http.stream(
+                "POST", "/v1/chat/completions", json=request, headers={
+                    "Authorization": f"Bearer {KEY_A}", H_STATUS_AFTER: "0"}) as response:
+            lines = [line async for line in response.aiter_lines() if line]
+        # The OpenAI SDK skips the comment: the same answer as ever.
+        chunks = [chunk async for chunk in await stack.openai().chat.completions.create(
+            model="mock-small", messages=request["messages"], stream=True,
+            extra_headers={H_STATUS_AFTER: "0"})]
+        async with httpx.AsyncClient(base_url=stack.root, timeout=60) as http:
+            refused = await http.post("/v1/chat/completions", json=request, headers={
+                "Authorization": f"Bearer {KEY_A}", H_STATUS_AFTER: "soon"})
+        await asyncio.gather(*(client.result(cid) for cid in flood))
+    assert response.status_code == 200
+    assert lines[0].startswith(": queued position="), lines[:2]
+    assert "estimated_start_s=" in lines[0] and "estimated_start_at=" in lines[0]
+    assert all(line.startswith("data: ") for line in lines[1:]) and lines[-1] == "data: [DONE]"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        "mock reply to: hi")
+    assert refused.status_code == 400 and H_STATUS_AFTER in refused.json()["error"]["message"]
