@@ -132,7 +132,7 @@ async def test_the_gateway_sends_a_queued_stream_an_sse_comment(
             lines = [line async for line in response.aiter_lines() if line]
         # The OpenAI SDK skips the comment: the same answer as ever.
         chunks = [chunk async for chunk in await stack.openai().chat.completions.create(
-            model="mock-small", messages=request["messages"], stream=True,
+            model="mock-small", messages=request["messages"], stream=True,  # type: ignore[call-overload]
             extra_headers={H_STATUS_AFTER: "0"})]
         async with httpx.AsyncClient(base_url=stack.root, timeout=60) as http:
             refused = await http.post("/v1/chat/completions", json=request, headers={
