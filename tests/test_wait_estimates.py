@@ -76,6 +76,27 @@ def test_the_estimate_divides_what_is_ahead_by_the_pools_rate() -> None:
     assert unknown.tokens_ahead is None and unknown.position == 3
 
 
+def test_a_lane_served_at_its_share_waits_longer_than_the_pool_rate_says() -> None:
+    clock = Clock()
+    pool, lane = ServiceRate(clock=clock), ServiceRate(clock=clock)
+    for i in range(100):  # the pool does 10 per second, this lane gets 1 turn in 4
+        pool.completed(None)
+        if i % 4 == 0:
+            lane.completed(None)
+        clock.now += 0.1
+    # 19 ahead in its lane, 30 ahead in all: the pool's rate says ~3 s, the lane's pace
+    # (2.5 per second) ~8 s: the later one.
+    paced = estimate_wait(30, pool, 1.0, wall=lambda: 0.0, in_lane=19, lane=lane)
+    assert paced.start_in_s == pytest.approx(20 / 2.5, rel=0.05) and paced.position == 30
+    # An empty lane, or one too little seen, leaves the pool's figure.
+    assert estimate_wait(30, pool, 1.0, in_lane=0, lane=lane).start_in_s == pytest.approx(
+        3.1, rel=0.05)
+    few = ServiceRate(clock=clock)
+    few.completed(None)
+    assert estimate_wait(30, pool, 1.0, in_lane=19, lane=few).start_in_s == pytest.approx(
+        3.1, rel=0.05)
+
+
 def test_the_recent_rate_follows_a_flood_after_a_quiet_minute() -> None:
     clock = Clock()
     rate = ServiceRate(window_s=60, clock=clock)

@@ -43,6 +43,13 @@ class ServiceRate:
 
     def completed(self, tokens: int | None) -> None:
         self._done.append((self._clock(), tokens))
+        if len(self._done) % 64 == 0:
+            self._trim()  # bounded even if nobody reads it
+
+    def count(self) -> int:
+        """Completions in the window."""
+        self._trim()
+        return len(self._done)
 
     def _trim(self) -> float:
         now = self._clock()

@@ -14,6 +14,11 @@ is ahead of it, in the order the scheduler serves, divided by the pool's service
 - **rate**: the pool's recent completions per second (:meth:`ServiceRate.recent_per_second`,
   this worker's divided by the share of the pool's backends it holds); the request starts
   when ``ahead + 1`` more have ended: ``(ahead + 1) / rate`` seconds from now.
+- **its lane's pace**: when its lane already holds requests, it starts once they have:
+  ``(in lane + 1) / the lane's recent starts per second`` (a :class:`ServiceRate` of the
+  lane's starts, measured once it saw :data:`MIN_LANE_STARTS`). The lane's pace is what
+  the fair scheduler gives it while the other tenants keep arriving, which the count of
+  what is ahead *now* cannot see; the later of the two estimates is taken.
 - **tokens ahead**: ``ahead`` x the mean tokens (prompt + completion) of recent requests.
 
 Not counted: requests published after it (a higher band, or a quieter tenant, that will
@@ -31,7 +36,11 @@ from dataclasses import dataclass
 
 from pipeline.capacity.backlog import ServiceRate
 
-__all__ = ["LaneDepths", "WaitEstimate", "estimate_wait", "requests_ahead"]
+__all__ = ["MIN_LANE_STARTS", "LaneDepths", "WaitEstimate", "estimate_wait",
+           "requests_ahead"]
+
+#: A lane's pace is believed once this many of its requests started in the window.
+MIN_LANE_STARTS = 10
 
 
 @dataclass(frozen=True)
@@ -110,13 +119,19 @@ def requests_ahead(band: int, lane: str, bands: Sequence[Sequence[str]],
 
 
 def estimate_wait(ahead: int, rate: ServiceRate, share: float,
-                  wall: Callable[[], float] = time.time) -> WaitEstimate:
-    """The estimate for a request with ``ahead`` requests before it, from this worker's
-    ``rate`` and its ``share`` (> 0) of the pool's backends."""
+                  wall: Callable[[], float] = time.time, *, in_lane: int = 0,
+                  lane: ServiceRate | None = None) -> WaitEstimate:
+    """The estimate for a request with ``ahead`` requests before it, ``in_lane`` of them
+    in its own lane, from this worker's ``rate``, the starts from its ``lane`` and its
+    ``share`` (> 0) of the pool's backends (see the module's docstring)."""
     per_token = rate.tokens_per_request()
     pool_rate = rate.recent_per_second() / share if share > 0 else 0.0
+    start_in = (ahead + 1) / pool_rate if pool_rate > 0 else None
+    if in_lane > 0 and lane is not None and share > 0 and lane.count() >= MIN_LANE_STARTS:
+        lane_rate = lane.recent_per_second() / share
+        if lane_rate > 0:
+            start_in = max(start_in or 0.0, (in_lane + 1) / lane_rate)
     return WaitEstimate(
         position=ahead,
         tokens_ahead=None if per_token is None else ahead * per_token,
-        start_in_s=(ahead + 1) / pool_rate if pool_rate > 0 else None,
-        estimated_at=wall())
+        start_in_s=start_in, estimated_at=wall())

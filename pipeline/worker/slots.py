@@ -102,6 +102,7 @@ class Slot:
             if grant.verdict is not Verdict.START or grant.backend is None:
                 await notices.set_aside(dispatcher, delivery, grant.verdict is Verdict.MOVE)
                 return
+            notices.started(delivery)
             slot = pool[grant.backend]
             delivery.backend = grant.backend
             http = slot.http  # this request's client, whatever a reload swaps in meanwhile

@@ -63,6 +63,8 @@ class WaitNotices:
         self._connection = connection
         self._max_age_s = max_age_s
         self._depths: dict[str, LaneDepths] = {}
+        #: The starts from each lane (by its queue's name).
+        self._lanes: dict[str, ServiceRate] = {}
         self._reads: dict[str, asyncio.Task[None]] = {}
         self._channel: AbstractChannel | None = None
 
@@ -71,6 +73,12 @@ class WaitNotices:
         depths = self._depths.get(delivery.pool)
         if depths is not None and delivery.lane is not None:
             depths.took(delivery.lane)
+
+    def started(self, delivery: Delivery) -> None:
+        """``delivery`` takes a permit: a start from its lane, if it came from one (the
+        lane's pace; bounded: a few lanes per pool, one minute each)."""
+        if delivery.lane is not None:
+            self._lanes.setdefault(delivery.lane, ServiceRate()).completed(None)
 
     async def before_wait(self, dispatcher: Dispatcher, delivery: Delivery,
                           waiting: Sequence[Delivery]) -> None:
@@ -89,11 +97,14 @@ class WaitNotices:
 
     async def set_aside(self, dispatcher: Dispatcher, delivery: Delivery, move: bool
                         ) -> None:
-        """:meth:`Dispatcher.set_aside`; a move corrects the lane's depth."""
-        moved = await dispatcher.set_aside(delivery, move)
-        depths = self._depths.get(delivery.pool)
-        if moved and depths is not None:
-            depths.moved(dispatcher.lanes.lane_for(delivery))
+        """:meth:`Dispatcher.set_aside`; a move corrects the lane's depth (from when it
+        starts: a move waiting for its confirm is ahead of the next request already)."""
+        depths = self._depths.get(delivery.pool) if move else None
+        lane = dispatcher.lanes.lane_for(delivery)
+        if depths is not None:
+            depths.moved(lane)
+        if not await dispatcher.set_aside(delivery, move) and depths is not None:
+            depths.took(lane)  # it went back to the pool's queue instead
 
     async def estimate(self, dispatcher: Dispatcher, delivery: Delivery,
                        waiting: Sequence[Delivery]) -> WaitEstimate:
@@ -104,10 +115,12 @@ class WaitNotices:
         # A pool that does not sort has no lanes: only what waits here is ahead.
         depths = (await self._fresh(delivery.pool, lanes.queues()) if sorts
                   else LaneDepths())
-        ahead = requests_ahead(delivery.band, lanes.lane_for(delivery), lanes.by_band(),
-                               depths, (other.band for other in waiting))
+        lane = lanes.lane_for(delivery)
+        ahead = requests_ahead(delivery.band, lane, lanes.by_band(), depths,
+                               (other.band for other in waiting))
         rate = self._meter.rates.get(delivery.pool) or ServiceRate()
-        return estimate_wait(ahead, rate, self._share(delivery.pool))
+        return estimate_wait(ahead, rate, self._share(delivery.pool),
+                             in_lane=depths.depth(lane), lane=self._lanes.get(lane))
 
     async def _fresh(self, pool: str, lanes: list[str]) -> LaneDepths:
         """The pool's lane depths, read again if stale (one read at a time per pool)."""
