@@ -91,7 +91,8 @@ class Slot:
                 # hold the backend's permits while their answers are confirmed).
                 await dispatcher.handle(delivery, self.http, health)
                 return
-            if admission.must_wait():  # told its estimated start first, if it asked
+            if delivery.status_after_ms is not None and admission.must_wait():
+                # It asked for its status and will wait: told its estimated start first.
                 await notices.before_wait(dispatcher, delivery, admission.waiting_requests())
             grant = await admission.acquire(delivery)
             if grant.verdict is Verdict.MOVE and delivery.deadline_passed():
