@@ -93,8 +93,8 @@ class Endpoint(StrEnum):
 # saturated pool and whose estimated start is more than this many ms after it was sent gets
 # one status message (x-hutch-kind "status") on its reply_to before its answer.
 H_STATUS_AFTER_MS = "x-hutch-status-after-ms"
-# Set by a worker on a request it moved into a lane after sending its status message: a
-# request is told at most once.
+# Set by a worker on a copy (lane, retry tier, parking lot) of a request whose status
+# message it sent: a request is told at most once.
 H_STATUS_SENT = "x-hutch-status-sent"
 
 # Set by workers on a request they send to a retry tier.

@@ -1,5 +1,5 @@
-"""Per-request wait estimates (pipeline.capacity.wait) and how clients read status
-messages: pure, fake clocks and fake messages, no broker."""
+"""Per-request wait estimates (pipeline.capacity.wait), the status message a worker sends
+and how clients read it: pure, fake clocks, fake messages and a recording publisher."""
 
 from __future__ import annotations
 
@@ -14,9 +14,12 @@ from pipeline.client.messages import request_headers
 from pipeline.client.router import ReplyRouter
 from pipeline.gateway.responses import sse_queued
 from pipeline.models import QueueStatus
+from pipeline.outcome import RetryLater
 from pipeline.worker.wait_notice import status_body
+from tests.fakes import delivery, settled_of
 from tests.test_backlog import Clock
 from tests.test_client_stream import FakeHost, Msg, final, make_stream, text_of, word_chunks
+from tests.test_settle import RecordingPublisher, headers, settler
 
 LOW = ["lane.low.0", "lane.low.1", "lane.low.2"]
 HIGH = ["lane.high.0", "lane.high.1"]
@@ -192,3 +195,22 @@ async def test_a_streams_status_is_shown_beside_its_chunks_not_among_them() -> N
     assert stream.queue_status is not None and stream.queue_status.position == 9
     assert [s.position for s in seen] == [9]
     assert text_of(chunks) == completion.choices[0].message.content
+
+
+async def test_the_status_message_is_transient_typed_and_marks_later_copies() -> None:
+    publisher = RecordingPublisher()
+    s, hook = settler(publisher)
+    d = delivery(headers={p.H_STATUS_AFTER_MS: 0})
+    assert d.status_after_ms == 0 and not d.status_sent
+    assert await s.queue_status(d, b'{"object":"hutch.queue_status"}')
+    [(exchange, key, _, props)] = publisher.sent
+    assert (exchange, key) == ("", "llm.reply.app") and props.correlation_id == "req-1"
+    sent = headers(props)
+    assert sent[p.H_KIND] == p.KIND_STATUS and p.H_OUTCOME not in sent
+    assert props.delivery_mode == 1 and settled_of(d) == [] and hook.events == []
+    d.status_sent = True  # a lane or retry copy says so: the next worker does not tell it
+    await s.settle(d, RetryLater(1000, "x", "other"))
+    assert headers(publisher.sent[-1][3])[p.H_STATUS_SENT] == 1
+    assert delivery(headers={p.H_STATUS_SENT: 1}).status_sent
+    forged = delivery(user_id="mallory", reply_to="llm.reply.app")  # not its reply queue
+    assert not await s.queue_status(forged, b"{}") and len(publisher.sent) == 2

@@ -187,6 +187,8 @@ class Settler:
             headers[p.H_LAST_BACKEND] = delivery.last_backend
         if delivery.last_error is not None:
             headers[p.H_LAST_ERROR] = delivery.last_error[:500]
+        if delivery.status_sent:  # told its estimated start once: never again
+            headers[p.H_STATUS_SENT] = 1
         return headers
 
     async def to_lane(self, delivery: Delivery, lane: str) -> bool:
@@ -195,8 +197,6 @@ class Settler:
         it (full): the caller hands it back instead."""
         headers = self._history_headers(delivery)
         headers[p.H_MODEL] = delivery.model or ""
-        if delivery.status_sent:
-            headers[p.H_STATUS_SENT] = 1
         message = self._copy(delivery, headers, expire=True)
         message.priority = delivery.served_priority  # a tenant's ceiling lowered it
         if not await self._publisher.publish(message.body, message.properties,

@@ -6,9 +6,10 @@ queue waits in its admission or is moved into its tenant's lane
 request asked for a status message and its estimated start (:mod:`pipeline.capacity.wait`,
 as if it joined its lane) is more than the threshold it gave after it was sent, its client
 gets one ``status`` message on its reply queue *before* the request joins the waiting set
-(so it always comes before anything of the answer), and a lane copy of it says so
-(``x-hutch-status-sent``): a request is told at most once (unless a worker hands it back
-to the pool's queue after telling it: a stopping worker, a full lane). Requests that did
+(so it always comes before anything of the answer), and a copy of it in a lane or a
+retry tier says so (``x-hutch-status-sent``): a request is told at most once (unless a
+worker hands it back unchanged to the pool's queue after telling it: a stopping worker, a
+full lane). Requests that did
 not ask, and requests that start at once, cost nothing here.
 
 The pool's lane depths are read (passive declares) at most every :data:`LANE_READ_S`, and
