@@ -145,3 +145,29 @@ async def test_the_gateway_sends_a_queued_stream_an_sse_comment(
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
         "mock reply to: hi")
     assert refused.status_code == 400 and H_STATUS_AFTER in refused.json()["error"]["message"]
+
+
+async def test_a_queued_stream_that_expires_ends_with_an_error_event(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its response is open (the status went out as a comment): the error that ends it
+    before any chunk is an SSE event, as after a chunk. Its key and the flood's user are
+    one tenant, its priority theirs (team-a's default, 1): it waits behind the flood, past
+    its deadline."""
+    config = MockConfig(latency_ms=40, capacity=1, jitter=0.2)
+    one = {"shared": {"users": ["guest", "team-a"]}}
+    async with gateway_stack(make_settings, mock=config, capacity=1, tenants=one,
+                             gateway=keyed(monkeypatch)) as stack, \
+            HutchClient.from_settings(stack.settings) as client:
+        flood = [await client.submit(body(content=str(i)), model="mock-small", timeout=60,
+                                     priority=1) for i in range(FLOOD)]
+        request = {"model": "mock-small", "messages": [{"role": "user", "content": "hi"}],
+                   "stream": True}
+        async with httpx.AsyncClient(base_url=stack.root, timeout=60) as http, http.stream(
+                "POST", "/v1/chat/completions", json=request, headers={
+                    "Authorization": f"Bearer {KEY_A}", H_STATUS_AFTER: "0",
+                    "x-hutch-timeout": "0.5"}) as response:
+            lines = [line async for line in response.aiter_lines() if line]
+        await asyncio.gather(*(client.result(cid) for cid in flood))
+    assert response.status_code == 200 and lines[0].startswith(": queued ")
+    assert len(lines) == 2 and lines[1].startswith("data: "), lines
+    assert json.loads(lines[1].removeprefix("data: "))["error"]["code"] == "deadline_exceeded"
