@@ -103,6 +103,10 @@ async def test_hutch_client_shows_the_status_and_still_returns_the_answer(
         told: list[QueueStatus] = []
         asks = await client.submit(body(content="asks"), model="mock-small", timeout=60,
                                    status_after=0, on_status=told.append)
+        chatted: list[QueueStatus] = []
+        chat = asyncio.create_task(client.chat(
+            model="mock-small", messages=[{"role": "user", "content": "chat"}], timeout=60,
+            status_after=0, on_status=chatted.append))
         silent: list[QueueStatus] = []
         quiet = await client.submit(body(content="quiet"), model="mock-small", timeout=60,
                                     on_status=silent.append)
@@ -111,8 +115,10 @@ async def test_hutch_client_shows_the_status_and_still_returns_the_answer(
         async with stream:
             chunks = [chunk async for chunk in stream]
         replies = await asyncio.gather(*(client.result(cid) for cid in [*flood, asks, quiet]))
+        completion = await chat
     assert all(reply.completion.object == "chat.completion" for reply in replies)
-    assert len(told) == 1 and told[0].position > 0 and silent == []
+    assert completion.choices[0].message.content == "mock reply to: chat"
+    assert len(told) == 1 and told[0].position > 0 and silent == [] and len(chatted) == 1
     assert chunks and stream.queue_status is not None  # shown beside the chunks
 
 

@@ -180,13 +180,6 @@ class HutchClient:
             raise ValueError(f"timeout must be positive, got {timeout_s}")
         return timeout_s
 
-    def _request_message(self, payload: bytes, correlation_id: str, priority: int,
-                         timeout_s: float, extra: Mapping[str, Any] | None = None
-                         ) -> aio_pika.Message:
-        return request_message(payload, correlation_id, reply_to=self.reply_queue_name,
-                               user=self._user, priority=priority, timeout_s=timeout_s,
-                               extra=extra)
-
     async def _publish_request(self, message: aio_pika.Message, model: str,
                                timeout_s: float) -> None:
         """Publish within the deadline; the router already expects the answer. Any
@@ -243,8 +236,9 @@ class HutchClient:
         timeout_s = self._timeout(timeout)
         payload = body if isinstance(body, bytes) else json.dumps(body).encode()
         correlation_id = uuid.uuid4().hex
-        message = self._request_message(payload, correlation_id, priority, timeout_s,
-                                        request_headers(endpoint, headers, status_after))
+        message = request_message(payload, correlation_id, reply_to=self.reply_queue_name,
+                                  user=self._user, priority=priority, timeout_s=timeout_s,
+                                  extra=request_headers(endpoint, headers, status_after))
         # Registered before publishing: the reply may arrive before publish() returns.
         self._router.expect(correlation_id)
         if on_status is not None:
@@ -313,19 +307,24 @@ class HutchClient:
         return reply
 
     async def request(self, body: Mapping[str, Any] | bytes, *, model: str, priority: int = 0,
-                      timeout: float | None = None) -> Reply:
+                      timeout: float | None = None, status_after: float | None = None,
+                      on_status: Callable[[QueueStatus], None] | None = None) -> Reply:
         """Send one request (an OpenAI chat body, or its JSON bytes) and await its reply:
         :meth:`submit` then :meth:`result`."""
-        correlation_id = await self.submit(body, model=model, priority=priority,
-                                           timeout=timeout)
+        correlation_id = await self.submit(body, model=model, priority=priority, timeout=timeout,
+                                           status_after=status_after, on_status=on_status)
         return await self.result(correlation_id)
 
     async def chat(self, *, model: str, messages: Sequence[Mapping[str, Any] | ChatMessage],
                    priority: int = 0, timeout: float | None = None,
+                   status_after: float | None = None,
+                   on_status: Callable[[QueueStatus], None] | None = None,
                    **params: Any) -> ChatCompletion:
-        """An OpenAI-style chat completion through Hutch; extra ``params`` go to the backend."""
+        """An OpenAI-style chat completion through Hutch; extra ``params`` go to the backend
+        (``status_after``, ``on_status``: a queued request's status, see :meth:`submit`)."""
         reply = await self.request(chat_body(model, messages, params), model=model,
-                                   priority=priority, timeout=timeout)
+                                   priority=priority, timeout=timeout,
+                                   status_after=status_after, on_status=on_status)
         return reply.completion
 
     # -- streams -------------------------------------------------------------------
@@ -365,8 +364,9 @@ class HutchClient:
             raise RuntimeError("HutchClient is not connected: use `async with` or connect()")
         correlation_id = uuid.uuid4().hex
         payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-        message = self._request_message(payload, correlation_id, priority, timeout_s,
-                                        request_headers(None, headers))
+        message = request_message(payload, correlation_id, reply_to=self.reply_queue_name,
+                                  user=self._user, priority=priority, timeout_s=timeout_s,
+                                  extra=request_headers(None, headers))
         stream.correlation_id = correlation_id
         self._router.expect_stream(correlation_id, stream)
         await self._publish_request(message, model, timeout_s)
