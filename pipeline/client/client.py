@@ -180,6 +180,12 @@ class HutchClient:
             raise ValueError(f"timeout must be positive, got {timeout_s}")
         return timeout_s
 
+    def _request_message(self, payload: bytes, correlation_id: str, priority: int,
+                         timeout_s: float, extra: Mapping[str, Any] | None = None
+                         ) -> aio_pika.Message:
+        return request_message(payload, correlation_id, reply_to=self.reply_queue_name,
+                               user=self._user, priority=priority, timeout_s=timeout_s, extra=extra)
+
     async def _publish_request(self, message: aio_pika.Message, model: str,
                                timeout_s: float) -> None:
         """Publish within the deadline; the router already expects the answer. Any
@@ -227,18 +233,15 @@ class HutchClient:
         :class:`QueueFullError` at once if the broker refuses it. ``endpoint``: the
         OpenAI endpoint the body is for (default chat completions); ``headers``: more
         AMQP headers (``x-hutch-user``, which workers believe from trusted users only).
-        ``status_after`` (seconds): if the request queues behind a saturated pool and its
-        estimated start is later than that after sending, ``on_status`` is called once with
-        its :class:`QueueStatus` (position, tokens ahead, estimated start) before its answer.
-        """
+        ``status_after`` (s): queued longer than that (estimated), ``on_status`` is called
+        once, before the answer, with its :class:`QueueStatus` (position, estimated start)."""
         if not self._conn.connected:
             raise RuntimeError("HutchClient is not connected: use `async with` or connect()")
         timeout_s = self._timeout(timeout)
         payload = body if isinstance(body, bytes) else json.dumps(body).encode()
         correlation_id = uuid.uuid4().hex
-        message = request_message(payload, correlation_id, reply_to=self.reply_queue_name,
-                                  user=self._user, priority=priority, timeout_s=timeout_s,
-                                  extra=request_headers(endpoint, headers, status_after))
+        message = self._request_message(payload, correlation_id, priority, timeout_s,
+                                        request_headers(endpoint, headers, status_after))
         # Registered before publishing: the reply may arrive before publish() returns.
         self._router.expect(correlation_id)
         if on_status is not None:
@@ -320,8 +323,7 @@ class HutchClient:
                    status_after: float | None = None,
                    on_status: Callable[[QueueStatus], None] | None = None,
                    **params: Any) -> ChatCompletion:
-        """An OpenAI-style chat completion through Hutch; extra ``params`` go to the backend
-        (``status_after``, ``on_status``: a queued request's status, see :meth:`submit`)."""
+        """An OpenAI-style chat completion through Hutch; extra ``params`` go to the backend."""
         reply = await self.request(chat_body(model, messages, params), model=model,
                                    priority=priority, timeout=timeout,
                                    status_after=status_after, on_status=on_status)
@@ -336,8 +338,7 @@ class HutchClient:
         """A streamed chat completion (``"stream": true``): use it as ``async with`` (or
         iterate it directly); see :class:`ChatStream`. ``timeout`` bounds the start (queue
         wait and first chunk), ``idle_timeout`` (default: ``timeout``) each later gap;
-        ``status_after``: as for :meth:`submit` (the stream's ``queue_status`` and
-        ``on_status``)."""
+        ``status_after``: as for :meth:`submit` (``stream.queue_status``, ``.on_status``)."""
         body = chat_body(model, messages, {**params, "stream": True})
         return self.stream_body(body, model=model, priority=priority, timeout=timeout,
                                 idle_timeout=idle_timeout, status_after=status_after)
@@ -364,9 +365,8 @@ class HutchClient:
             raise RuntimeError("HutchClient is not connected: use `async with` or connect()")
         correlation_id = uuid.uuid4().hex
         payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-        message = request_message(payload, correlation_id, reply_to=self.reply_queue_name,
-                                  user=self._user, priority=priority, timeout_s=timeout_s,
-                                  extra=request_headers(None, headers))
+        message = self._request_message(payload, correlation_id, priority, timeout_s,
+                                        request_headers(None, headers))
         stream.correlation_id = correlation_id
         self._router.expect_stream(correlation_id, stream)
         await self._publish_request(message, model, timeout_s)
