@@ -90,9 +90,10 @@ async def main() -> None:
                 if message.correlation_id != correlation_id:
                     continue  # a late or duplicate reply to an earlier request
                 headers = message.headers or {}
-                if headers.get("x-hutch-kind") == "chunk":
+                kind = headers.get("x-hutch-kind")
+                if kind == "chunk":
                     answer.chunk(headers, message.body)
-                else:
+                elif kind in (None, "final"):  # not "status", nor a kind added later
                     answer.final(headers, message.body)
                     break
 

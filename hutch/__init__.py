@@ -43,7 +43,7 @@ from pipeline.errors import (
     TopologyError,
     UnknownModelError,
 )
-from pipeline.models import ChatCompletion, ChatCompletionChunk, ChatMessage
+from pipeline.models import ChatCompletion, ChatCompletionChunk, ChatMessage, QueueStatus
 from pipeline.settings import Settings, load_settings
 
 __all__ = [
@@ -64,6 +64,7 @@ __all__ = [
     "HutchError",
     "InvalidRequestError",
     "QueueFullError",
+    "QueueStatus",
     "QuotaExceededError",
     "RawReply",
     "Reply",

@@ -121,6 +121,10 @@ class Delivery:
     band: int = 0
     served_priority: int = 0
     charged: float = 0.0
+    #: ``x-hutch-status-after-ms``: a status message is wanted if it waits longer (None:
+    #: not asked for); ``status_sent``: one was sent already (``x-hutch-status-sent``).
+    status_after_ms: int | None = None
+    status_sent: bool = False
 
     @classmethod
     def parse(cls, message: AbstractIncomingMessage, *, pool: str, backend: str | None,
@@ -154,6 +158,7 @@ class Delivery:
             last_backend=p.text_header(headers.get(p.H_LAST_BACKEND)),
             last_error=p.text_header(headers.get(p.H_LAST_ERROR)),
             model_name=model, lane=lane, served_priority=message.priority or 0,
+            status_after_ms=p.status_after_ms(headers), status_sent=p.H_STATUS_SENT in headers,
         )
 
     # -- facts read by several stages -------------------------------------------------------

@@ -25,6 +25,7 @@ __all__ = [
     "EmbeddingsRequest",
     "ErrorDetail",
     "ErrorReply",
+    "QueueStatus",
     "StreamOptions",
     "TextChoice",
     "TextCompletion",
@@ -194,3 +195,23 @@ class ErrorReply(BaseModel):
     """The body of every error reply: ``{"error": {"type", "code", "message"}}``."""
 
     error: ErrorDetail
+
+
+class QueueStatus(_Open):
+    """A status message's body (``x-hutch-kind: status``): where a queued request stands.
+    Never an answer; see the wire contract's "Queue status"."""
+
+    object: Literal["hutch.queue_status"] = "hutch.queue_status"
+    #: The pool it waits for.
+    pool: str = ""
+    #: Requests that will start before it (an estimate: see docs/concepts/capacity.md).
+    position: int = 0
+    #: Their tokens (prompt + completion); None until the pool served one with usage.
+    tokens_ahead: int | None = None
+    #: Seconds from ``estimated_at_ms`` to its estimated start; None while the pool's
+    #: service rate is unknown (nothing completed recently).
+    estimated_start_s: float | None = None
+    #: The estimated start and when it was estimated, epoch milliseconds (the worker's
+    #: clock).
+    estimated_start_at_ms: int | None = None
+    estimated_at_ms: int = 0

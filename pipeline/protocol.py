@@ -38,11 +38,15 @@ __all__ = [
     "H_RETRY_TIER",
     "H_SENT_AT",
     "H_SEQ",
+    "H_STATUS_AFTER_MS",
+    "H_STATUS_SENT",
     "H_STREAM_ID",
     "H_TIMEOUT_MS",
     "H_USER",
     "KIND_CHUNK",
     "KIND_FINAL",
+    "KIND_STATUS",
+    "STATUS_OBJECT",
     "Endpoint",
     "ErrorCode",
     "ParkReason",
@@ -53,6 +57,7 @@ __all__ = [
     "int_header",
     "now_ms",
     "sent_at_ms",
+    "status_after_ms",
     "text_header",
     "timeout_ms",
 ]
@@ -83,6 +88,14 @@ class Endpoint(StrEnum):
         """The backend's path, under its ``/v1`` base URL."""
         return "/" + self.value.replace(".", "/")
 
+
+# Opt-in queue status (docs/contract/index.md, "Queue status"): a request that waits behind a
+# saturated pool and whose estimated start is more than this many ms after it was sent gets
+# one status message (x-hutch-kind "status") on its reply_to before its answer.
+H_STATUS_AFTER_MS = "x-hutch-status-after-ms"
+# Set by a worker on a copy (lane, retry tier, parking lot) of a request whose status
+# message it sent: a request is told at most once.
+H_STATUS_SENT = "x-hutch-status-sent"
 
 # Set by workers on a request they send to a retry tier.
 # The tier's delay in ms; the retry (headers) exchange routes on it. No "x-" prefix:
@@ -118,6 +131,12 @@ H_STREAM_ID = "x-hutch-stream-id"  # a fresh id per attempt at streaming the req
 H_SEQ = "x-hutch-seq"  # chunk: its number from 0; final: how many chunks were sent
 KIND_CHUNK = "chunk"
 KIND_FINAL = "final"
+#: Neither an answer nor part of one: a queued request's estimated start (opt-in, at most
+#: one per request, before its answer). A client must take only ``final`` (or no kind:
+#: workers before streaming) as the answer, and may ignore kinds it does not know.
+KIND_STATUS = "status"
+#: The ``object`` of a status message's JSON body.
+STATUS_OBJECT = "hutch.queue_status"
 
 # Parking-lot headers (in addition to H_POOL, H_BACKEND, H_ATTEMPTS, H_ERROR_CODE).
 H_REASON = "x-hutch-reason"
@@ -254,6 +273,11 @@ _MAX_TIMEOUT_MS = 30 * 24 * 3600 * 1000
 def timeout_ms(headers: Mapping[str, Any]) -> int | None:
     """``x-hutch-timeout-ms``: a whole number of milliseconds in 1..30 days, else None."""
     return int_header(headers, H_TIMEOUT_MS, low=1, high=_MAX_TIMEOUT_MS)
+
+
+def status_after_ms(headers: Mapping[str, Any]) -> int | None:
+    """``x-hutch-status-after-ms``: 0 ms .. 30 days, else None (not asked for)."""
+    return int_header(headers, H_STATUS_AFTER_MS, low=0, high=_MAX_TIMEOUT_MS)
 
 
 def deadline_ms(headers: Mapping[str, Any], expiration_s: float | None,

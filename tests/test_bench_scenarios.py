@@ -326,3 +326,7 @@ async def test_capacity_scenario(amqp_url: str, tmp_path: Path,
     two = report["two_speeds"]
     assert two["both"]["steady_rps"] > 0 and min(two["served"]) > 0  # both backends served
     assert "targets:" in text and "two backends 2:1" in text
+    waits = report["waits"]  # every request asked for its status; under overload, told
+    assert set(waits) == {"waits, one tenant", "waits, tenants 6:3:1"}
+    assert all(w["requests"] > 0 and w["told"] > 0 for w in waits.values())
+    assert "wait estimates: median error" in text

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: errors a client can see (not the worker's backend-call errors, not the operator tools').
 PUBLIC = {
     "HutchClient", "ChatStream", "Reply", "RawReply", "TLSFiles", "Settings",
-    "load_settings", "ChatCompletion", "ChatCompletionChunk", "ChatMessage",
+    "load_settings", "ChatCompletion", "ChatCompletionChunk", "ChatMessage", "QueueStatus",
     "HutchError", "ConfigError", "TopologyError", "BrokerConnectionError",
     "BrokerUnreachableError", "BrokerAuthError", "BrokerAccessError", "BrokerTLSError",
     "RequestFailed", "QueueFullError", "QuotaExceededError", "UnknownModelError",

@@ -97,10 +97,11 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              {"noisy_s": 4, "join_at_s": 2, "weights_s": 4, "cost_s": 2, "kill_s": 4,
               "short_backlog": 300, "timeout_s": 5}),
     Scenario("capacity", "fixed caps vs the adaptive limit on a server that queues inside "
-             "itself (vLLM's metrics): sweep, cold start, room halved, two speeds",
+             "itself (vLLM's metrics): sweep, cold start, room halved, two speeds, wait "
+             "estimates",
              capacity.CapacityOptions, capacity.run,
              {"caps": (4, 12), "step_s": 3, "adaptive_s": 4, "halve_s": 6, "two_s": 3,
-              "warm_s": 1, "timeout_s": 5}),
+              "warm_s": 1, "timeout_s": 5, "wait_s": 3}),
     Scenario("partition", "a network partition on a three-node cluster (nodes of its own), "
              "pause_minority, ignore, autoheal: a backend's real peak concurrency, lost or "
              "duplicated answers", partition.PartitionOptions, partition.run,

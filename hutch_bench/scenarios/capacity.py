@@ -18,14 +18,16 @@ priorities cannot reach it; it exports vLLM's saturation metrics. In one run:
     and then both in one pool, at ``two_factor`` x capacity: the pool's throughput
     against the sum of the two alone, and how the work split between them.
 
-Wait estimates, spill-over and shards (issue 22 items 4-6) are not built yet: the
-scenario does not claim them.
+(d) **wait estimates** (:mod:`.capacity_wait`): ``wait_factor`` x capacity for ``wait_s``,
+    every request asking for its status: estimated against actual starts. Spill-over and
+    shards (issue 22 items 5-6) are not built yet: the scenario does not claim them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -36,6 +38,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from hutch_bench.report import RequestRecord
+from hutch_bench.scenarios.capacity_wait import wait_phase, wait_target
 from hutch_bench.scenarios.common import (
     MODEL,
     LoadShape,
@@ -47,6 +50,7 @@ from hutch_bench.scenarios.common import (
     targets_report,
 )
 from hutch_bench.stack import MockProcess, Stack, free_port
+from pipeline.client.client import HutchClient
 
 __all__ = ["CapacityOptions", "run"]
 
@@ -70,6 +74,8 @@ class CapacityOptions:
     #: work (answering what expires) from being what is measured.
     two_factor: float = 1.3
     two_s: float = 20.0
+    wait_factor: float = 1.5
+    wait_s: float = 20.0
     timeout_s: float = 10.0
     warm_s: float = 3.0
     seed: int = 1
@@ -168,6 +174,17 @@ async def _hutch(stack: Stack, backends: Sequence[Backend], ceiling: int
     await stack.worker(settings, extra=["--metrics-port", str(port)])
     await stack.wait_for_consumers(stack.names.work_queue("bench"), len(backends))
     yield settings, f"http://127.0.0.1:{port}/metrics"
+
+
+@contextlib.asynccontextmanager
+async def _one_pool(amqp_url: str, options: CapacityOptions) -> AsyncIterator[HutchClient]:
+    """A fresh stack, one backend capped at its room, a client speaking for tenants."""
+    async with Stack(amqp_url) as stack:
+        mock = await _mock(stack, options, options.tpot_ms)
+        async with _hutch(stack, [Backend(mock, {})], options.room) as (settings, _):
+            stack.client_ids.append(client_id := f"{settings.amqp_user}.{stack.prefix}-w")
+            async with HutchClient.from_settings(settings, client_id=client_id) as client:
+                yield client
 
 
 def _steady(records: Sequence[RequestRecord], warm_s: float, end_s: float) -> float:
@@ -348,6 +365,9 @@ async def run(amqp_url: str, options: CapacityOptions, out: TextIO) -> dict[str,
     reach = _reach_s(cold, 0.95 * best.steady_rps)
     halving = await _halving(amqp_url, options, out)
     two = await _two_speeds(amqp_url, options, out)
+    waits = await wait_phase(functools.partial(_one_pool, amqp_url, options),
+                             options.wait_factor * options.capacity_rps(), options.wait_s,
+                             options.seed, out)
     p99_ratio = ((cold.high_p99_ms or 1e9) / best.high_p99_ms
                  if best.high_p99_ms else None)
     targets = [
@@ -368,11 +388,12 @@ async def run(amqp_url: str, options: CapacityOptions, out: TextIO) -> dict[str,
                not halving["measured"]["errors"]),
         Target("two backends 2:1: pool throughput >= 95% of the sum alone",
                f"{two['ratio']:.0%}", two["ratio"] >= 0.95),
+        wait_target(waits),
     ]
     print_lines(["targets:", *format_targets(targets)], out)
     report = {"scenario": "capacity", "config": asdict(options),
               "fixed": [asdict(m) for m in fixed], "best_fixed": best.label,
               "adaptive": asdict(cold), "reach_95_s": reach, "halving": halving,
-              "two_speeds": two, "targets": targets_report(targets)}
+              "two_speeds": two, "waits": waits, "targets": targets_report(targets)}
     return dict(json.loads(json.dumps(report)))  # as --json writes it: tuples are lists
 

@@ -43,6 +43,13 @@ class ServiceRate:
 
     def completed(self, tokens: int | None) -> None:
         self._done.append((self._clock(), tokens))
+        if len(self._done) % 64 == 0:
+            self._trim()  # bounded even if nobody reads it
+
+    def count(self) -> int:
+        """Completions in the window."""
+        self._trim()
+        return len(self._done)
 
     def _trim(self) -> float:
         now = self._clock()
@@ -55,6 +62,17 @@ class ServiceRate:
         now = self._trim()
         span = min(self.window_s, now - self._since)
         return len(self._done) / span if span > 0 else 0.0
+
+    def recent_per_second(self, last: int = 200) -> float:
+        """Completions per second over the last ``last`` completions of the window: what
+        the pool does now (a flood after a quiet minute is not averaged with the quiet),
+        and it falls while nothing completes. Below two completions, :meth:`per_second`."""
+        now = self._trim()
+        if len(self._done) < 2:
+            return self.per_second()
+        first = self._done[max(0, len(self._done) - last)][0]
+        count = min(last, len(self._done))
+        return (count - 1) / (now - first) if now > first else 0.0
 
     def tokens_per_request(self) -> float | None:
         """Mean tokens of the completions in the window that reported usage (None: none)."""

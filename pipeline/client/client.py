@@ -16,7 +16,7 @@ import json
 import ssl
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -31,7 +31,12 @@ from pipeline.broker.names import Names
 from pipeline.broker.tls import TLSFiles
 from pipeline.client.cancel import BackgroundCancels, cancel_message
 from pipeline.client.connection import ClientConnection, ReplyQueue
-from pipeline.client.messages import chat_body, default_client_id, request_headers
+from pipeline.client.messages import (
+    chat_body,
+    default_client_id,
+    request_headers,
+    request_message,
+)
 from pipeline.client.replies import (
     GRACE_S,
     RawReply,
@@ -44,10 +49,10 @@ from pipeline.client.replies import (
 from pipeline.client.router import ReplyRouter
 from pipeline.client.stream import ChatStream
 from pipeline.errors import BrokerBlockedError, DeadlineExceededError, QueueFullError, TopologyError
-from pipeline.models import ChatCompletion, ChatMessage
+from pipeline.models import ChatCompletion, ChatMessage, QueueStatus
 from pipeline.settings import DEFAULT_AMQP_URL, Settings
 
-__all__ = ["ChatStream", "HutchClient", "RawReply", "Reply"]
+__all__ = ["ChatStream", "HutchClient", "QueueStatus", "RawReply", "Reply"]
 
 #: How long a cancel may take to publish (it waits for a connection, then its confirm).
 _CANCEL_TIMEOUT_S = 10.0
@@ -178,26 +183,8 @@ class HutchClient:
     def _request_message(self, payload: bytes, correlation_id: str, priority: int,
                          timeout_s: float, extra: Mapping[str, Any] | None = None
                          ) -> aio_pika.Message:
-        if not 0 <= priority <= 255:
-            raise ValueError(f"priority must be in 0..255, got {priority}")
-        sent_ms = p.now_ms()
-        headers: dict[str, Any] = {p.H_SENT_AT: sent_ms,  # the timeout wins over the deadline
-                                   p.H_TIMEOUT_MS: max(1, int(timeout_s * 1000)),
-                                   p.H_DEADLINE: sent_ms + int(timeout_s * 1000)}
-        if extra:
-            headers.update(extra)
-        return aio_pika.Message(
-            payload,
-            content_type="application/json",
-            correlation_id=correlation_id,
-            reply_to=self.reply_queue_name,
-            priority=priority,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            expiration=timeout_s,
-            timestamp=time.time(),
-            user_id=self._user,
-            headers=headers,
-        )
+        return request_message(payload, correlation_id, reply_to=self.reply_queue_name,
+                               user=self._user, priority=priority, timeout_s=timeout_s, extra=extra)
 
     async def _publish_request(self, message: aio_pika.Message, model: str,
                                timeout_s: float) -> None:
@@ -231,9 +218,12 @@ class HutchClient:
                          else None)
             raise
 
-    async def submit(self, body: Mapping[str, Any] | bytes, *, model: str, priority: int = 0,
-                     timeout: float | None = None, endpoint: p.Endpoint | None = None,
-                     headers: Mapping[str, Any] | None = None) -> str:
+    async def submit(self, body: Mapping[str, Any] | bytes, *, model: str,  # noqa: PLR0913
+                     priority: int = 0, timeout: float | None = None,
+                     endpoint: p.Endpoint | None = None,
+                     headers: Mapping[str, Any] | None = None,
+                     status_after: float | None = None,
+                     on_status: Callable[[QueueStatus], None] | None = None) -> str:
         """Publish one request and return its correlation id; :meth:`result` awaits it.
 
         Keep the id to claim the reply later, even from a new process: replies wait in the
@@ -243,16 +233,19 @@ class HutchClient:
         :class:`QueueFullError` at once if the broker refuses it. ``endpoint``: the
         OpenAI endpoint the body is for (default chat completions); ``headers``: more
         AMQP headers (``x-hutch-user``, which workers believe from trusted users only).
-        """
+        ``status_after`` (s): queued longer than that (estimated), ``on_status`` is called
+        once, before the answer, with its :class:`QueueStatus` (position, estimated start)."""
         if not self._conn.connected:
             raise RuntimeError("HutchClient is not connected: use `async with` or connect()")
         timeout_s = self._timeout(timeout)
         payload = body if isinstance(body, bytes) else json.dumps(body).encode()
         correlation_id = uuid.uuid4().hex
         message = self._request_message(payload, correlation_id, priority, timeout_s,
-                                        request_headers(endpoint, headers))
+                                        request_headers(endpoint, headers, status_after))
         # Registered before publishing: the reply may arrive before publish() returns.
         self._router.expect(correlation_id)
+        if on_status is not None:
+            self._router.watch_status(correlation_id, on_status)
         self._sent[correlation_id] = (time.monotonic(), timeout_s)
         await self._publish_request(message, model, timeout_s)
         return correlation_id
@@ -317,43 +310,51 @@ class HutchClient:
         return reply
 
     async def request(self, body: Mapping[str, Any] | bytes, *, model: str, priority: int = 0,
-                      timeout: float | None = None) -> Reply:
+                      timeout: float | None = None, status_after: float | None = None,
+                      on_status: Callable[[QueueStatus], None] | None = None) -> Reply:
         """Send one request (an OpenAI chat body, or its JSON bytes) and await its reply:
         :meth:`submit` then :meth:`result`."""
-        correlation_id = await self.submit(body, model=model, priority=priority,
-                                           timeout=timeout)
+        correlation_id = await self.submit(body, model=model, priority=priority, timeout=timeout,
+                                           status_after=status_after, on_status=on_status)
         return await self.result(correlation_id)
 
     async def chat(self, *, model: str, messages: Sequence[Mapping[str, Any] | ChatMessage],
                    priority: int = 0, timeout: float | None = None,
+                   status_after: float | None = None,
+                   on_status: Callable[[QueueStatus], None] | None = None,
                    **params: Any) -> ChatCompletion:
         """An OpenAI-style chat completion through Hutch; extra ``params`` go to the backend."""
         reply = await self.request(chat_body(model, messages, params), model=model,
-                                   priority=priority, timeout=timeout)
+                                   priority=priority, timeout=timeout,
+                                   status_after=status_after, on_status=on_status)
         return reply.completion
 
     # -- streams -------------------------------------------------------------------
 
     def chat_stream(self, *, model: str, messages: Sequence[Mapping[str, Any] | ChatMessage],
                     priority: int = 0, timeout: float | None = None,
-                    idle_timeout: float | None = None, **params: Any) -> ChatStream:
+                    idle_timeout: float | None = None, status_after: float | None = None,
+                    **params: Any) -> ChatStream:
         """A streamed chat completion (``"stream": true``): use it as ``async with`` (or
         iterate it directly); see :class:`ChatStream`. ``timeout`` bounds the start (queue
-        wait and first chunk), ``idle_timeout`` (default: ``timeout``) each later gap."""
+        wait and first chunk), ``idle_timeout`` (default: ``timeout``) each later gap;
+        ``status_after``: as for :meth:`submit` (``stream.queue_status``, ``.on_status``)."""
         body = chat_body(model, messages, {**params, "stream": True})
         return self.stream_body(body, model=model, priority=priority, timeout=timeout,
-                                idle_timeout=idle_timeout)
+                                idle_timeout=idle_timeout, status_after=status_after)
 
-    def stream_body(self, body: Mapping[str, Any] | bytes, *, model: str, priority: int = 0,
-                    timeout: float | None = None, idle_timeout: float | None = None,
-                    headers: Mapping[str, Any] | None = None) -> ChatStream:
+    def stream_body(self, body: Mapping[str, Any] | bytes, *, model: str,
+                    priority: int = 0, timeout: float | None = None,
+                    idle_timeout: float | None = None,
+                    headers: Mapping[str, Any] | None = None,
+                    status_after: float | None = None) -> ChatStream:
         """:meth:`chat_stream` for a body as written (a mapping, or JSON bytes with
         ``"stream": true``); ``headers`` as for :meth:`submit`."""
         timeout_s = self._timeout(timeout)
         stream = ChatStream(self, body, model=model, priority=priority, timeout_s=timeout_s,
                             idle_timeout_s=self._timeout(idle_timeout or timeout_s),
                             max_buffered=self.stream_buffer)
-        stream.request_headers = headers
+        stream.request_headers = request_headers(None, headers, status_after)
         return stream
 
     async def start_stream(self, stream: ChatStream, body: Mapping[str, Any] | bytes, *,

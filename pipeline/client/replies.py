@@ -1,7 +1,8 @@
 """Reading reply messages: what kind a message is, its completion, its error.
 
 A reply message is a final (the request's one answer, ``x-hutch-kind: final`` or no kind
-at all: workers before streaming sent none) or a chunk of a stream. These helpers read
+at all: workers before streaming sent none), a chunk of a stream, or a queued request's
+status (``status``, only when asked for: never an answer). These helpers read
 only what the wire contract defines, so the router, the stream assembly and ``result()``
 agree on it; they take any object with ``correlation_id``, ``headers`` and ``body``
 (aio-pika's incoming message, or a test's fake).
@@ -17,7 +18,7 @@ from pydantic import ValidationError
 
 from pipeline import protocol as p
 from pipeline.errors import RequestFailed, StreamInterruptedError, error_for_code
-from pipeline.models import ChatCompletion, ErrorReply
+from pipeline.models import ChatCompletion, ErrorReply, QueueStatus
 
 __all__ = [
     "GRACE_S",
@@ -29,6 +30,8 @@ __all__ = [
     "header_int",
     "header_str",
     "is_chunk",
+    "is_status",
+    "queue_status_of",
 ]
 
 
@@ -95,6 +98,19 @@ def header_int(message: ReplyMessage, name: str) -> int | None:
 def is_chunk(message: ReplyMessage) -> bool:
     """A chunk message of a stream (anything else is a final: the request's answer)."""
     return header_str(message, p.H_KIND) == p.KIND_CHUNK
+
+
+def is_status(message: ReplyMessage) -> bool:
+    """A queued request's status message: never its answer, nor part of one."""
+    return header_str(message, p.H_KIND) == p.KIND_STATUS
+
+
+def queue_status_of(message: ReplyMessage) -> QueueStatus | None:
+    """The status a status message carries (None: unreadable, ignored)."""
+    try:
+        return QueueStatus.model_validate_json(message.body)
+    except ValidationError:
+        return None
 
 
 def _count(extra: Mapping[str, Any], key: str) -> int:

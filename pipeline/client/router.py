@@ -4,7 +4,9 @@ One reply consumer serves every call of a client. :meth:`ReplyRouter.route` is
 synchronous (it never awaits), so the consumer acks each message at once and one slow
 reader can never hold back the others: a final resolves its call's future; the messages
 of a streaming call go to that stream's own bounded inbox (see
-:class:`pipeline.client.stream.ChatStream`). The first final for a correlation id wins; a
+:class:`pipeline.client.stream.ChatStream`); a status message (asked for with
+``status_after``) goes to the call's status callback, or is dropped, and never to a
+future or an inbox: it is not an answer. The first final for a correlation id wins; a
 duplicate or a late final (after the caller gave up) is dropped, so a caller sees exactly
 one answer. A final nobody waits for (a request sent before a restart under this
 ``client_id``) is kept, bounded, for ``result()`` to claim.
@@ -14,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Protocol
 
-from pipeline.client.replies import Reply, ReplyMessage, is_chunk
+from pipeline.client.replies import Reply, ReplyMessage, is_chunk, is_status, queue_status_of
+from pipeline.models import QueueStatus
 from pipeline.observe.log import get_logger
 
 __all__ = ["ReplyRouter", "StreamSink"]
@@ -41,6 +45,9 @@ class StreamSink(Protocol):
     async def reply(self) -> Reply:
         """The final answer (for ``result()`` on a streaming request)."""
 
+    def queued(self, status: QueueStatus) -> None:
+        """The request's status message arrived (never blocks)."""
+
 
 class ReplyRouter:
     """Futures of plain calls, inboxes of streams, orphans, and the answered ids."""
@@ -48,6 +55,7 @@ class ReplyRouter:
     def __init__(self) -> None:
         self._futures: dict[str, asyncio.Future[ReplyMessage]] = {}
         self._streams: dict[str, StreamSink] = {}
+        self._on_status: dict[str, Callable[[QueueStatus], None]] = {}
         self._orphans: OrderedDict[str, ReplyMessage] = OrderedDict()
         self._resolved: OrderedDict[str, None] = OrderedDict()
         #: Finals that matched no waiting call (duplicates, late after a timeout).
@@ -71,6 +79,11 @@ class ReplyRouter:
     def expect_stream(self, correlation_id: str, sink: StreamSink) -> None:
         self._streams[correlation_id] = sink
 
+    def watch_status(self, correlation_id: str, callback: Callable[[QueueStatus], None]
+                     ) -> None:
+        """Call ``callback`` with the status message of a plain call, if one comes."""
+        self._on_status[correlation_id] = callback
+
     def stream(self, correlation_id: str) -> StreamSink | None:
         return self._streams.get(correlation_id)
 
@@ -81,6 +94,7 @@ class ReplyRouter:
         """The caller has its one answer (or gave up): any later message is a duplicate."""
         self._futures.pop(correlation_id, None)
         self._streams.pop(correlation_id, None)
+        self._on_status.pop(correlation_id, None)
         self._resolved[correlation_id] = None
         if len(self._resolved) > MAX_RESOLVED:
             self._resolved.popitem(last=False)
@@ -94,10 +108,14 @@ class ReplyRouter:
             sink.close()
         self._futures.clear()
         self._streams.clear()
+        self._on_status.clear()
 
     def route(self, message: ReplyMessage) -> None:
         """Hand one message to whoever waits for it (synchronously)."""
         correlation_id = message.correlation_id or ""
+        if is_status(message):
+            self._queued(correlation_id, message)
+            return
         sink = self._streams.get(correlation_id)
         if sink is not None:
             sink.put(message)
@@ -119,3 +137,17 @@ class ReplyRouter:
             if len(self._orphans) > MAX_ORPHANS:
                 self._orphans.popitem(last=False)
                 self.dropped_replies += 1
+
+    def _queued(self, correlation_id: str, message: ReplyMessage) -> None:
+        """A status message: to whoever watches that call (a callback's error is logged,
+        never raised into the reply consumer); else dropped."""
+        status = queue_status_of(message)
+        sink = self._streams.get(correlation_id)
+        callback = sink.queued if sink is not None else self._on_status.get(correlation_id)
+        if status is None or callback is None:
+            return
+        try:
+            callback(status)
+        except Exception:
+            log.warning("reply.status_callback_failed", exc_info=True,
+                        correlation_id=correlation_id)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol
 
 from pipeline import protocol as p
@@ -35,7 +35,7 @@ from pipeline.errors import (
     RequestCancelledError,
     StreamInterruptedError,
 )
-from pipeline.models import ChatCompletion, ChatCompletionChunk
+from pipeline.models import ChatCompletion, ChatCompletionChunk, QueueStatus
 
 __all__ = ["ChatStream", "StreamHost"]
 
@@ -119,6 +119,11 @@ class ChatStream:
         self._ended = False
         #: The request's correlation id, once published.
         self.correlation_id: str | None = None
+        #: Its status message, if it asked for one (``status_after``) and waited long
+        #: enough to get it; ``on_status`` is called with it when it arrives (from the
+        #: reply consumer: it must not block). Never a chunk: iteration does not see it.
+        self.queue_status: QueueStatus | None = None
+        self.on_status: Callable[[QueueStatus], None] | None = None
 
     @property
     def dropped_chunks(self) -> int:
@@ -234,6 +239,11 @@ class ChatStream:
 
     def close(self) -> None:
         self._inbox.close()
+
+    def queued(self, status: QueueStatus) -> None:
+        self.queue_status = status
+        if self.on_status is not None:
+            self.on_status(status)
 
     def _end(self) -> None:
         if not self._ended and self.correlation_id is not None:

@@ -110,10 +110,10 @@ class Dispatcher:
         self.scheduler.classify(delivery)
         return delivery
 
-    async def set_aside(self, delivery: Delivery, move: bool) -> None:
+    async def set_aside(self, delivery: Delivery, move: bool) -> bool:
         """A request admission did not start: into its tenant's lane (``move``), or back
         to the broker for any backend of the pool. Neither is an outcome: it is served
-        later, by whichever backend takes it then."""
+        later, by whichever backend takes it then. True if it went into its lane."""
         moved = False
         try:
             moved = move and await self._settler.to_lane(delivery,
@@ -123,6 +123,15 @@ class Dispatcher:
         except _CHANNEL_GONE:
             pass  # the channel is gone: the broker redelivers it
         self._hooks.set_aside(delivery, moved)
+        return moved
+
+    async def queue_status(self, delivery: Delivery, body: bytes) -> bool:
+        """Send a queued request's status message (see the settler's); False if it did
+        not go out (the reply queue is gone, or the channel)."""
+        try:
+            return await self._settler.queue_status(delivery, body)
+        except _CHANNEL_GONE:
+            return False
 
     async def handle(self, delivery: Delivery, backend: Backend,
                      health: BackendHealth) -> None:

@@ -20,6 +20,7 @@ from pipeline import protocol as p
 from pipeline.client.client import HutchClient
 from pipeline.errors import RequestFailed
 from pipeline.gateway.calls import Call, CallReader, refusal
+from pipeline.gateway.events import StreamEvents
 from pipeline.gateway.metrics import GatewayMetrics
 from pipeline.gateway.responses import (
     DONE,
@@ -130,23 +131,30 @@ class Gateway:
 
     async def _stream(self, request: web.Request, call: Call, timing: _Timing
                       ) -> web.StreamResponse:
-        """Server-sent events; errors before the first chunk are plain HTTP errors."""
+        """Server-sent events; errors before the first chunk are plain HTTP errors, unless
+        a queue status opened the response before it (:mod:`.events`)."""
         stream = self._client.stream_body(call.body, model=call.model,
                                           priority=call.priority, timeout=call.timeout_s,
-                                          headers=self._identity_headers(call))
-        async with stream:  # leaving it before the end cancels the request
-            correlation_id = stream.correlation_id or ""
-            chunks = aiter(stream)
-            try:
-                first = await anext(chunks, None)
-            except RequestFailed as exc:
-                return error_response(exc, correlation_id=correlation_id,
-                                      retry_after_s=self._retry_after_s)
-            response = web.StreamResponse(headers={
-                **_SSE_HEADERS, **reply_headers(correlation_id, stream.headers)})
-            await response.prepare(request)
-            timing.first_byte()
-            await self._relay(response, first, chunks)
+                                          headers=self._identity_headers(call),
+                                          status_after=call.status_after_s)
+        events = StreamEvents(request, lambda: {**_SSE_HEADERS, **reply_headers(
+            stream.correlation_id or "", stream.headers)}, timing.first_byte)
+        stream.on_status = events.queued
+        try:
+            async with stream:  # leaving it before the end cancels the request
+                chunks = aiter(stream)
+                try:
+                    first = await anext(chunks, None)
+                except RequestFailed as exc:
+                    await events.settled()
+                    if events.response is not None:
+                        return await events.fail(exc)
+                    return error_response(exc, correlation_id=stream.correlation_id or "",
+                                          retry_after_s=self._retry_after_s)
+                response = await events.open()
+                await self._relay(response, first, chunks)
+        finally:
+            events.close()
         return response
 
     @staticmethod

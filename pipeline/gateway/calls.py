@@ -5,14 +5,16 @@ the status an OpenAI client expects: a missing or wrong key (401), a body that i
 JSON (415 for another content type, 400 for bad JSON: read by the worker's own parser, so
 UTF-16, a byte-order mark or nesting past its limit never reach the queue), too large
 (413, judged by ``Content-Length`` before reading, or while reading a chunked body), or
-too slow to arrive (408), a model no pool serves (404), a bad priority or deadline header
-(400).
+too slow to arrive (408), a model no pool serves (404), a bad priority, deadline or
+status header (400).
 
 Priority: the ``x-hutch-priority`` header, else a ``priority`` field in the body (as vLLM
 accepts; in Hutch's scale, 0 lowest), else the client's default; clamped to the client's
 ceiling. The body's ``priority`` field is removed before publishing (a backend with
 ``send_priority`` gets vLLM's own, mapped, from the worker). Deadline: ``x-hutch-timeout``
-(seconds), else the client's default, else the gateway's.
+(seconds), else the client's default, else the gateway's. Queue status:
+``x-hutch-status-after`` (seconds), for streams only: a stream still queued that long (by
+its estimate) gets an SSE comment ``: queued ...`` before its first chunk.
 """
 
 from __future__ import annotations
@@ -33,13 +35,14 @@ from pipeline.gateway.settings import GatewaySettings
 from pipeline.observe.log import get_logger
 from pipeline.scheduling.tenants import TenantBook
 
-__all__ = ["H_PRIORITY", "H_TIMEOUT", "Call", "CallReader", "refusal"]
+__all__ = ["H_PRIORITY", "H_STATUS_AFTER", "H_TIMEOUT", "Call", "CallReader", "refusal"]
 
 log = get_logger("hutch.gateway")
 
 #: Request headers a caller may set.
 H_PRIORITY = "x-hutch-priority"
 H_TIMEOUT = "x-hutch-timeout"
+H_STATUS_AFTER = "x-hutch-status-after"
 
 
 def refusal(status: int, message: str, *, code: str = "invalid_request",
@@ -59,6 +62,8 @@ class Call:
     priority: int
     timeout_s: float
     client: Client
+    #: ``x-hutch-status-after`` of a stream (None: not asked, or not a stream).
+    status_after_s: float | None = None
 
 
 def _json(raw: bytes) -> Any:
@@ -174,6 +179,16 @@ class CallReader:
                           f"{self._settings.max_timeout_s:g} seconds")
         return value
 
+    def _status_after(self, request: web.Request) -> float | None:
+        header = request.headers.get(H_STATUS_AFTER)
+        if header is None:
+            return None
+        value = _number(header, H_STATUS_AFTER)
+        if not 0 <= value <= self._settings.max_timeout_s:
+            raise refusal(400, f"header {H_STATUS_AFTER} must be within 0 .. "
+                          f"{self._settings.max_timeout_s:g} seconds")
+        return value
+
     def _model(self, body: dict[str, Any]) -> str:
         model = body.get("model")
         if not isinstance(model, str) or not model:
@@ -194,7 +209,8 @@ class CallReader:
         if had_priority:  # published without it: the body as the backend should see it
             raw = json.dumps(body, separators=(",", ":")).encode()
         return Call(endpoint, model, raw, stream, self._priority(client, asked),
-                    self._timeout(request, client), client)
+                    self._timeout(request, client), client,
+                    self._status_after(request) if stream else None)
 
     @staticmethod
     def _stream(body: dict[str, Any], endpoint: p.Endpoint) -> bool:

@@ -32,6 +32,7 @@ it would from the backend itself (``hutch_code`` then keeps the wire contract's 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,7 +40,7 @@ from aiohttp import web
 
 from pipeline import protocol as p
 from pipeline.errors import GatewayRefusal, RequestFailed
-from pipeline.models import ChatCompletionChunk
+from pipeline.models import ChatCompletionChunk, QueueStatus
 
 __all__ = [
     "DONE",
@@ -50,6 +51,7 @@ __all__ = [
     "reply_headers",
     "sse_chunk",
     "sse_error",
+    "sse_queued",
     "status_of",
 ]
 
@@ -139,3 +141,18 @@ def sse_chunk(chunk: ChatCompletionChunk) -> bytes:
 def sse_error(error: RequestFailed) -> bytes:
     """The event of a stream that failed after it started (the SDKs raise on it)."""
     return b"data: " + json.dumps(error_body(error)).encode() + b"\n\n"
+
+
+def sse_queued(status: QueueStatus) -> bytes:
+    """A queued stream's status as an SSE comment line, which OpenAI's SDKs (and any SSE
+    client) skip: ``: queued position=812 tokens_ahead=48720 estimated_start_s=7.9
+    estimated_start_at=2026-12-08T03:30:07.900Z`` (``-``: not known yet)."""
+    def shown(value: object) -> str:
+        return "-" if value is None else str(value)
+
+    at = status.estimated_start_at_ms
+    when = "-" if at is None else (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at / 1000))
+                                   + f".{at % 1000:03d}Z")
+    return (f": queued position={status.position} tokens_ahead={shown(status.tokens_ahead)}"
+            f" estimated_start_s={shown(status.estimated_start_s)} estimated_start_at={when}"
+            "\n\n").encode()

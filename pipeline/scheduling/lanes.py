@@ -40,6 +40,11 @@ class LaneMap:
                 for band in reversed(self._scheduling.bands)
                 for n in range(self._scheduling.lanes)]
 
+    def by_band(self) -> list[list[str]]:
+        """Each band's lanes, lowest band first (band indexes as ``Delivery.band``)."""
+        return [[self._names.lane_queue(self._pool, band.name, n)
+                 for n in range(self._scheduling.lanes)] for band in self._scheduling.bands]
+
     def lane_for(self, delivery: Delivery) -> str:
         """The lane of the delivery's band its tenant hashes to (stable across workers)."""
         return self._lane(delivery.tenant, self._scheduling.bands[delivery.band].name)

@@ -187,6 +187,8 @@ class Settler:
             headers[p.H_LAST_BACKEND] = delivery.last_backend
         if delivery.last_error is not None:
             headers[p.H_LAST_ERROR] = delivery.last_error[:500]
+        if delivery.status_sent:  # told its estimated start once: never again
+            headers[p.H_STATUS_SENT] = 1
         return headers
 
     async def to_lane(self, delivery: Delivery, lane: str) -> bool:
@@ -202,6 +204,17 @@ class Settler:
             return False
         await delivery.message.ack()
         return True
+
+    async def queue_status(self, delivery: Delivery, body: bytes) -> bool:
+        """Tell a queued request's client where it stands: a transient ``status`` message
+        (never an answer) on its reply queue; False if it could not be delivered. Nothing
+        is settled: the request is still queued."""
+        if not delivery.answerable or delivery.reply_to is None:
+            return False
+        headers: dict[str, Any] = {p.H_KIND: p.KIND_STATUS, p.H_POOL: delivery.pool}
+        properties = reply_properties(delivery.correlation_id, delivery.priority, headers,
+                                      persistent=False)
+        return await self._publisher.publish(body, properties, routing_key=delivery.reply_to)
 
     def _copy(self, delivery: Delivery, headers: dict[str, Any], *,
               expire: bool) -> aio_pika.Message:

@@ -95,6 +95,10 @@ class Admission:
     def waiting_requests(self) -> list[Delivery]:
         return self._policy.entries()
 
+    def must_wait(self) -> bool:
+        """A request arriving now would wait: others wait, or no permit is free."""
+        return bool(len(self._policy)) or self._free_backend(None) is None
+
     def set_limit(self, backend: str, limit: int) -> None:
         """``backend`` may now run ``limit`` requests at once (a raise starts waiters;
         when no backend of the pool may run any, whatever waits goes back)."""

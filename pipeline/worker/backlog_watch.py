@@ -19,22 +19,23 @@ from pipeline.capacity.backlog import BacklogEstimate, BacklogMeter
 from pipeline.observe.log import get_logger
 from pipeline.observe.metrics import Metrics
 
-__all__ = ["BACKLOG_INTERVAL_S", "watch_backlog"]
+__all__ = ["AMQP_READ_ERRORS", "BACKLOG_INTERVAL_S", "ready_counts", "watch_backlog"]
 
 log = get_logger("hutch.capacity")
 
 #: How often a pool's backlog is read.
 BACKLOG_INTERVAL_S = 5.0
 
-_AMQP_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, asyncio.TimeoutError)
+AMQP_READ_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, asyncio.TimeoutError)
 
 
-async def _ready(channel: AbstractChannel, queues: Sequence[str]) -> int:
-    total = 0
+async def ready_counts(channel: AbstractChannel, queues: Sequence[str]) -> dict[str, int]:
+    """Each queue's ready messages (a passive declare each)."""
+    counts: dict[str, int] = {}
     for name in queues:
         declared = await channel.declare_queue(name, passive=True)
-        total += declared.declaration_result.message_count or 0
-    return total
+        counts[name] = declared.declaration_result.message_count or 0
+    return counts
 
 
 def _export(metrics: Metrics, pool: str, estimate: BacklogEstimate) -> None:
@@ -63,8 +64,8 @@ async def watch_backlog(connection: AbstractConnection,
             try:
                 if channel is None or channel.is_closed:
                     channel = await connection.channel()
-                ready = await _ready(channel, names)
-            except _AMQP_ERRORS as exc:
+                ready = sum((await ready_counts(channel, names)).values())
+            except AMQP_READ_ERRORS as exc:
                 log.info("backlog.unreadable", pool=pool, error=repr(exc))
                 channel = None
                 continue

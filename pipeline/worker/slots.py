@@ -28,12 +28,14 @@ import aiormq
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from pipeline.backends.http import Backend
+from pipeline.capacity.backlog import BacklogMeter
 from pipeline.dispatch import decide
 from pipeline.dispatch.dispatcher import Dispatcher
 from pipeline.observe.log import get_logger
 from pipeline.worker.admission import Verdict
 from pipeline.worker.consumer import Handler
 from pipeline.worker.lease import LeaseHolder
+from pipeline.worker.wait_notice import WaitNotices
 
 __all__ = ["AMQP_ERRORS", "Slot", "Slots", "guard"]
 
@@ -67,17 +69,19 @@ class Slot:
     #: Requests in flight per HTTP client: a client swapped out closes once it has none.
     calls: Counter[Backend] = field(default_factory=Counter)
 
-    def handler(self, dispatchers: Mapping[str, Dispatcher], pool: Mapping[str, Slot]
-                ) -> Handler:
+    def handler(self, dispatchers: Mapping[str, Dispatcher], pool: Mapping[str, Slot],
+                notices: WaitNotices) -> Handler:
         """Deliveries of the pool's queue (and lanes) consumed for this backend: parsed
         once, admitted in the policy's order by the pool's admission, and dispatched to
-        whichever backend of the pool (``pool``, by name) it grants a permit of. Both
-        mappings are read per delivery: a reload changes them in place."""
+        whichever backend of the pool (``pool``, by name) it grants a permit of; one set
+        aside may be told its estimated start first (``notices``). Both mappings are read
+        per delivery: a reload changes them in place."""
         admission = self.holder.intake.admission
 
         async def handle(message: AbstractIncomingMessage) -> None:
             dispatcher = dispatchers[self.holder.pool]
             delivery = dispatcher.parse(message, self.holder.name)
+            notices.took(delivery)
             health = self.holder.health
             if decide.before_attempt(delivery, 1, available=True,
                                      fastest_s=health.fastest_s()) is not None:
@@ -87,6 +91,9 @@ class Slot:
                 # hold the backend's permits while their answers are confirmed).
                 await dispatcher.handle(delivery, self.http, health)
                 return
+            if delivery.status_after_ms is not None and admission.must_wait():
+                # It asked for its status and will wait: told its estimated start first.
+                await notices.before_wait(dispatcher, delivery, admission.waiting_requests())
             grant = await admission.acquire(delivery)
             if grant.verdict is Verdict.MOVE and delivery.deadline_passed():
                 # Out of time already: answered now (refused or deadline_exceeded, never a
@@ -94,8 +101,9 @@ class Slot:
                 await dispatcher.handle(delivery, self.http, self.holder.health)
                 return
             if grant.verdict is not Verdict.START or grant.backend is None:
-                await dispatcher.set_aside(delivery, move=grant.verdict is Verdict.MOVE)
+                await notices.set_aside(dispatcher, delivery, grant.verdict is Verdict.MOVE)
                 return
+            notices.started(delivery)
             slot = pool[grant.backend]
             delivery.backend = grant.backend
             http = slot.http  # this request's client, whatever a reload swaps in meanwhile
@@ -121,8 +129,11 @@ async def _poll_until(done: Callable[[], bool], timeout_s: float, step_s: float 
 class Slots:
     """Every backend slot of a worker, by pool; their loops in the current session."""
 
-    def __init__(self, grace_s: float) -> None:
+    def __init__(self, grace_s: float, backlog: BacklogMeter | None = None) -> None:
         self._grace_s = grace_s
+        #: Status messages of queued requests, from ``backlog``'s service rates.
+        self.notices = WaitNotices(backlog or BacklogMeter([]), self.held_share,
+                                   lambda: self._connection)
         self.all: list[Slot] = []
         self.by_pool: dict[str, dict[str, Slot]] = {}
         #: Each pool's dispatcher this session (rebuilt by a reload).
@@ -166,7 +177,7 @@ class Slots:
         self._loops[holder.name] = asyncio.create_task(guard(
             holder.name, functools.partial(
                 holder.run, self._connection,
-                slot.handler(self.dispatchers, self.by_pool[holder.pool]))))
+                slot.handler(self.dispatchers, self.by_pool[holder.pool], self.notices))))
 
     def pool_status(self, pool: str) -> str | None:
         """A sentence when no backend of ``pool`` that this worker holds can take work

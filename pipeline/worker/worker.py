@@ -98,7 +98,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
         #: Every backend's slot, by pool, and their loops in the session (a reload's too).
-        self.slots = Slots(settings.shutdown_grace_s)
+        self.slots = Slots(settings.shutdown_grace_s, self.backlog)
         self._publish_channel: AbstractChannel | None = None
         self._dispatch = settings  # what the dispatchers serve (a reload: see commit)
         self._admissions: dict[str, Admission] = {}
