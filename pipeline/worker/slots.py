@@ -87,6 +87,14 @@ class Slot:
                 # hold the backend's permits while their answers are confirmed).
                 await dispatcher.handle(delivery, self.http, health)
                 return
+            if not any(admission.limit(name) for name in pool):
+                # No backend of the pool may start anything here now (its circuit opened,
+                # its lease is being handed over): a delivery the broker sent before the
+                # consumer's cancel took effect goes back at once. Waiting for a permit
+                # that no one grants, it stayed unacked here, so it could not expire in
+                # the queue, and its client got no answer at all.
+                await dispatcher.set_aside(delivery, move=False)
+                return
             grant = await admission.acquire(delivery)
             if grant.verdict is Verdict.MOVE and delivery.deadline_passed():
                 # Out of time already: answered now (refused or deadline_exceeded, never a
