@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,6 +154,10 @@ STORM_TOKENS = 20
 STORM_CAP = 16
 
 
+#: Whether the backend has sent the whole answer of the request with this id.
+Served = Callable[[str], bool]
+
+
 @dataclass
 class Planned:
     """One request of the storm: what it is, when and how it is cancelled, its end."""
@@ -166,6 +170,9 @@ class Planned:
     stream: ChatStream | None = None
     #: ok, cancelled (RequestCancelledError) or task_cancelled (the caller's own task).
     terminal: str = ""
+    #: The backend had sent its whole answer when the cancel went out: a worker on a busy
+    #: machine may still be reading it then, and a cancel it meets ends it "cancelled".
+    served_before_cancel: bool = False
 
     @property
     def content(self) -> str:
@@ -228,7 +235,7 @@ async def _answer(client: HutchClient, item: Planned) -> str:
     return "ok"
 
 
-async def _mid_stream(item: Planned) -> str:
+async def _mid_stream(item: Planned, served: Served) -> str:
     """Cancel a stream after its first chunk: every other one by leaving the block, the
     others with ``stream.cancel()`` while reading on to the worker's answer."""
     assert item.stream is not None
@@ -236,6 +243,7 @@ async def _mid_stream(item: Planned) -> str:
         chunks = aiter(stream)
         await anext(chunks)
         await asyncio.sleep(item.delay_s)
+        item.served_before_cancel = served(item.cid)
         if item.index % 4 == 0:
             pass  # leaving the block cancels
         else:
@@ -251,16 +259,17 @@ async def _mid_stream(item: Planned) -> str:
     return "cancelled"
 
 
-async def _run(client: HutchClient, item: Planned) -> None:
+async def _run(client: HutchClient, item: Planned, served: Served) -> None:
     """Play one request's part of the storm; record its one terminal answer."""
     assert not item.terminal, "two terminal answers"
     if item.group in ("keep", "queued"):
         item.terminal = await _answer(client, item)
     elif item.group == "mid_stream":
-        item.terminal = await _mid_stream(item)
+        item.terminal = await _mid_stream(item, served)
     else:
         reader = asyncio.create_task(_answer(client, item))
         done, _ = await asyncio.wait([reader], timeout=item.delay_s)
+        item.served_before_cancel = served(item.cid)
         if item.group == "random":
             await client.cancel(item.cid)  # even when answered: a late cancel is a no-op
         elif not done:
@@ -271,16 +280,19 @@ async def _run(client: HutchClient, item: Planned) -> None:
             item.terminal = "task_cancelled"
 
 
-async def run_storm(client: HutchClient, plan: list[Planned]) -> list[BaseException]:
+async def run_storm(client: HutchClient, plan: list[Planned], served: Served
+                    ) -> list[BaseException]:
     """Publish everything but the queued group (priority 5), then the queued group
-    (priority 0, behind all of it), each cancelled at once; play every part."""
+    (priority 0, behind all of it), each cancelled at once; play every part. ``served``
+    says whether the backend has sent a request's whole answer (read as each cancel
+    goes out)."""
     first = [item for item in plan if item.group != "queued"]
     await asyncio.gather(*(_publish(client, item) for item in first))
-    tasks = [asyncio.create_task(_run(client, item)) for item in first]
+    tasks = [asyncio.create_task(_run(client, item, served)) for item in first]
     for item in plan:
         if item.group == "queued":
             await _publish(client, item)
             await client.cancel(item.cid)
-            tasks.append(asyncio.create_task(_run(client, item)))
+            tasks.append(asyncio.create_task(_run(client, item, served)))
     results = await asyncio.gather(*tasks, return_exceptions=True)
     return [r for r in results if isinstance(r, BaseException)]

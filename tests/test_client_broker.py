@@ -143,7 +143,9 @@ async def test_cancelling_the_task_awaiting_chat_cancels_the_request(
             cancels = await cancel_listener(await connection.channel(), settings)
             task = asyncio.create_task(client.chat(model="mock-small", messages=MESSAGES,
                                                    timeout=30))
-            await asyncio.sleep(0.5)  # at the backend now
+            # At the backend now (waited for: 0.5 s was not always enough under load, and a
+            # cancel before it counts as "queued", not "in_flight").
+            await wait_for(_true_when(lambda: mock.stats()["in_service"] == 1), 30)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task

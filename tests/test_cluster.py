@@ -27,7 +27,10 @@ from pipeline.testing.mock import MockBackend, MockConfig
 from pipeline.worker.worker import Worker
 from tests.nodes import LocalCluster, LocalNode
 
-pytestmark = pytest.mark.slow
+# The first test also starts the session's three-node cluster (starts and joins: minutes
+# on a busy machine); each bounds its own waits at up to 240 s. The 120 s default cut
+# them first (every test of the file errored in setup, inside `join`, under load).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
 VHOST = "hutch-cluster"
 

@@ -56,3 +56,53 @@ async def test_an_expired_request_is_answered_while_the_only_permit_is_busy(
         done = await live.collect(timeout=15)
     assert done.final is not None and done.final.headers[p.H_OUTCOME] == "ok"
     assert calls == ["live"]  # the late one never reached the backend
+
+
+async def test_a_delivery_arriving_when_no_backend_has_a_permit_goes_back_at_once() -> None:
+    """The circuit of the pool's only backend opened (its permits at 0) while the broker
+    was already sending one more delivery, before the consumer's cancel took effect: it
+    goes back to the queue at once. Waiting here for a permit nobody grants, it stayed
+    unacked, so it could not expire in the queue and its client got no answer."""
+    from types import SimpleNamespace
+
+    from pipeline.worker.admission import Admission
+    from pipeline.worker.slots import Slot
+
+    admission = Admission()
+    admission.set_limit("b1", 0)
+    delivery = SimpleNamespace(remaining_s=lambda: 30.0, backend=None, status_after_ms=0)
+    set_aside: list[bool] = []
+
+    class Dispatcher:
+        def parse(self, message: object, backend: str) -> object:
+            return delivery
+
+        async def set_aside(self, parsed: object, move: bool) -> None:
+            set_aside.append(move)
+
+        async def handle(self, *args: object) -> None:
+            raise AssertionError("dispatched without a permit")
+
+    holder = SimpleNamespace(pool="chat", name="b1", intake=SimpleNamespace(
+        admission=admission), health=SimpleNamespace(fastest_s=lambda: 0.0))
+    slot = Slot(http=None, holder=holder)  # type: ignore[arg-type]
+    class Notices:  # the request asked for its status, but it never waits: none is sent
+        def took(self, parsed: object) -> None:
+            return None
+
+        def started(self, parsed: object) -> None:
+            raise AssertionError("started without a permit")
+
+        async def before_wait(self, *args: object) -> None:
+            raise AssertionError("told a wait for a request that goes back at once")
+
+        async def set_aside(self, dispatcher: Dispatcher, parsed: object, move: bool) -> None:
+            await dispatcher.set_aside(parsed, move)
+
+    notices = Notices()
+    handle = slot.handler({"chat": Dispatcher()}, {"b1": slot},  # type: ignore[dict-item]
+                          notices)  # type: ignore[arg-type]
+    async with asyncio.timeout(5):  # before the fix: waited for a permit forever
+        await handle(object())  # type: ignore[arg-type]
+    assert set_aside == [False]  # handed back to the broker, not moved to a lane
+    assert admission.waiting == 0

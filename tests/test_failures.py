@@ -68,11 +68,13 @@ def always(status: int, headers: dict[str, str] | None = None
 
 
 async def test_retry_tier_frees_the_slot_then_succeeds(make_settings: SettingsFactory) -> None:
-    """Two in-process failures send the request to a 300 ms tier; meanwhile the backend's
-    only slot serves another request; the third attempt succeeds."""
+    """Two in-process failures send the request to a 3 s tier; meanwhile the backend's
+    only slot serves another request; the third attempt succeeds. (The tier is the
+    second request's whole window to be served first: 300 ms was too short for a round
+    trip on a busy machine.)"""
     flaky = FaultyBackend(lambda n: (500, {}) if n <= 2 else (200, {}))
     settings = make_settings([("a", "http://a.invalid/v1", 1)],
-                             pool={"attempts_per_delivery": 2, "retry_delays_ms": [300]})
+                             pool={"attempts_per_delivery": 2, "retry_delays_ms": [3000]})
     metrics = Metrics()
     await apply_topology(settings)
     async with running_worker(settings, metrics=metrics,
@@ -80,7 +82,9 @@ async def test_retry_tier_frees_the_slot_then_succeeds(make_settings: SettingsFa
             HutchClient.from_settings(settings) as client:
         first = asyncio.create_task(client.request(
             {"model": "mock-small", "messages": USER}, model="mock-small", timeout=20))
-        await asyncio.sleep(0.15)  # its two attempts fail, it leaves for the tier
+        async with asyncio.timeout(30):  # its two attempts fail, it leaves for the tier
+            while flaky.calls < 2:
+                await asyncio.sleep(0.01)
         second = await client.request({"model": "mock-small", "messages": USER},
                                       model="mock-small", timeout=20)
         assert not first.done(), "the retried request waits in its tier"
@@ -89,7 +93,7 @@ async def test_retry_tier_frees_the_slot_then_succeeds(make_settings: SettingsFa
     assert retried.headers[p.H_ATTEMPTS] == 3
     assert flaky.served == [second.correlation_id, retried.correlation_id]
     assert metrics.registry.get_sample_value(
-        "hutch_retries_total", {"pool": "chat", "tier": "300"}) == 1
+        "hutch_retries_total", {"pool": "chat", "tier": "3000"}) == 1
 
 
 async def test_attempts_never_exceed_max_and_failure_is_parked(
@@ -152,7 +156,9 @@ async def test_running_out_of_time_is_not_a_backend_failure(
     request's deadline must not count against the backend (a breaker threshold of 1 would
     open on it), and once the backend's fastest answer is known, a request with less time
     left than that is answered at once without calling it."""
-    async with MockBackend(MockConfig(latency_ms=300, capacity=2)) as slow:
+    # Whole seconds, not 100s of ms: a busy machine may take 150 ms from a delivery's
+    # receipt to its call, and the deadlines must still fall mid-call and before it.
+    async with MockBackend(MockConfig(latency_ms=2000, capacity=2)) as slow:
         settings = make_settings([("a", slow.base_url, 2)],
                                  pool={"breaker_failures": 1, "attempts_per_delivery": 1})
         metrics = Metrics()
@@ -162,8 +168,8 @@ async def test_running_out_of_time_is_not_a_backend_failure(
         async with running_worker(settings, metrics=metrics), \
                 HutchClient.from_settings(settings) as client:
             with pytest.raises(DeadlineExceededError):  # cut at its deadline, mid-call
-                await client.chat(model="mock-small", messages=USER, timeout=0.15)
-            async with asyncio.timeout(5):
+                await client.chat(model="mock-small", messages=USER, timeout=1.0)
+            async with asyncio.timeout(30):
                 while slow.stats()["disconnected"] < 1:
                     await asyncio.sleep(0.02)
             assert sample("hutch_backend_state", {"backend": backend}) == 0  # closed
@@ -172,7 +178,7 @@ async def test_running_out_of_time_is_not_a_backend_failure(
             await client.chat(model="mock-small", messages=USER, timeout=10)
             served = slow.stats()["served"]
             with pytest.raises(DeadlineExceededError) as failed:
-                await client.chat(model="mock-small", messages=USER, timeout=0.2)
+                await client.chat(model="mock-small", messages=USER, timeout=1.0)
             # Answered by the worker without a call (not the client's own timeout): the
             # outcome says so, whatever the wall time on a loaded machine.
             assert "fastest recent answer" in failed.value.message
@@ -238,7 +244,7 @@ async def test_circuit_opens_then_a_probe_closes_it(make_settings: SettingsFacto
         state["broken"] = False
         await asyncio.sleep(0.7)  # cooldown passes: a probe may go through
         await burst(40)
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(30):
             while sample("hutch_backend_state", {"backend": backend_a}) != 0:
                 await burst(4)
         served_by_a_after = len(flaky.served)
@@ -324,7 +330,8 @@ async def test_a_429_scoped_to_a_model_pauses_only_that_model(
                 {"index": 0, "message": {"role": "assistant", "content": model},
                  "finish_reason": "stop"}]})
 
-    base = make_settings([("a", "http://a.invalid/v1", 2)], pool={"retry_delays_ms": [300]})
+    # The tier (3 s) is mock-small's window to be served while mock-large waits in it.
+    base = make_settings([("a", "http://a.invalid/v1", 2)], pool={"retry_delays_ms": [3000]})
     backend = base.pools[0].backends[0].model_copy(update={"throttle_scope": "model"})
     settings = base.model_copy(update={"pools": [
         base.pools[0].model_copy(update={"backends": [backend]})]})
@@ -332,7 +339,9 @@ async def test_a_429_scoped_to_a_model_pauses_only_that_model(
     async with running_worker(settings, transport_factory=lambda _: httpx.MockTransport(
             handler)) as worker, HutchClient.from_settings(settings) as client:
         large = asyncio.create_task(client.chat(model="mock-large", messages=USER, timeout=10))
-        await asyncio.sleep(0.05)
+        async with asyncio.timeout(30):  # mock-large was called (and throttled) first
+            while not calls:
+                await asyncio.sleep(0.01)
         small = await client.chat(model="mock-small", messages=USER, timeout=10)
         assert not large.done()  # waiting in the retry tier, not blocking the backend
         assert (await large).choices[0].message.content == "mock-large"

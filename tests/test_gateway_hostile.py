@@ -41,6 +41,18 @@ BODY = {"model": "mock-small", "messages": HELLO}
 CLIENT_HELLO = bytes.fromhex("160301020001" "0001fc0303") + bytes(range(32)) + b"\x00" * 64
 
 
+async def _server_logged(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The server's records of the last request, once it logged (a busy machine may log
+    after the answer went out: waited for, not slept on), plus a moment for a second."""
+    def records() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name.startswith(("aiohttp", "hutch.gateway"))]
+    async with asyncio.timeout(10):
+        while not records():
+            await asyncio.sleep(0.02)
+    await asyncio.sleep(0.1)  # a second record would be here by now
+    return records()
+
+
 async def _raw(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
     """Send ``data`` on a fresh connection; the status, headers and body of the answer."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -147,9 +159,7 @@ async def test_requests_aiohttp_refuses_get_openai_errors_and_one_quiet_line(
             caplog.clear()
             with caplog.at_level(logging.DEBUG):
                 answers[name] = await _raw(port, data)
-                await asyncio.sleep(0.1)  # let the server finish logging
-            records = [r for r in caplog.records
-                       if r.name.startswith(("aiohttp", "hutch.gateway"))]
+                records = await _server_logged(caplog)
             assert len(records) == 1, (name, [r.getMessage() for r in records])
             record = records[0]
             assert not record.exc_info and record.levelno <= logging.INFO, name

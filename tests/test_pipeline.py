@@ -53,7 +53,9 @@ async def test_reply_carries_completion_and_timings(make_settings: SettingsFacto
 async def test_high_priority_is_served_next_on_a_saturated_backend(
         make_settings: SettingsFactory) -> None:
     """Capacity 1, a queue full of low-priority work, then one high: it is served next."""
-    async with MockBackend(MockConfig(latency_ms=150, capacity=1)) as mock:
+    # The first low's 1 s in service is the window to queue the high behind it: 150 ms
+    # was too short on a busy machine (the next low was taken first).
+    async with MockBackend(MockConfig(latency_ms=1000, capacity=1)) as mock:
         # No lookahead: the prefetch is the free slot, so the lows wait in the queue.
         settings = make_settings([("b1", mock.base_url, 1)],
                                  pool={"scheduling": {"lookahead": 0}})
@@ -62,9 +64,9 @@ async def test_high_priority_is_served_next_on_a_saturated_backend(
             channel = await conn.channel()
             lows = [asyncio.create_task(client.request(body(content=f"low {i}"),
                                                        model="mock-small", priority=0,
-                                                       timeout=30)) for i in range(8)]
+                                                       timeout=60)) for i in range(8)]
             # One low is in service, the other seven wait in the queue.
-            await wait_for(lambda: _depth_at_least(channel, names.work_queue("chat"), 7))
+            await wait_for(lambda: _depth_at_least(channel, names.work_queue("chat"), 7), 30)
             assert mock.stats()["in_service"] == 1
             high = await client.request(body(content="high"), model="mock-small", priority=9,
                                         timeout=30)
@@ -80,7 +82,7 @@ async def test_high_priority_is_served_next_with_the_fair_scheduler(
         make_settings: SettingsFactory) -> None:
     """The same with the fair scheduler's lookahead and lanes (the default): the lows wait
     in the queue, at the worker or in a lane; the high overtakes them wherever they are."""
-    async with MockBackend(MockConfig(latency_ms=300, capacity=1)) as mock:
+    async with MockBackend(MockConfig(latency_ms=800, capacity=1)) as mock:  # a busy machine
         settings = make_settings([("b1", mock.base_url, 1)])
         async with hutch(settings) as client:
             lows = [await client.submit(body(content=f"low {i}"), model="mock-small",
@@ -124,10 +126,12 @@ async def test_full_queue_nacks_the_publisher_and_answers_once(
         make_settings: SettingsFactory, mock: MockBackend) -> None:
     settings = make_settings([("b1", mock.base_url, 4)], pool={"max_queue_length": 3})
     names = Names(settings.prefix)
-    async with hutch(settings, worker=False) as client:
+    async with hutch(settings, worker=False) as client, amqp(settings.amqp_url) as conn:
         queued = [asyncio.create_task(client.request(body(content=f"q{i}"), model="mock-small",
                                                      timeout=30)) for i in range(3)]
-        await asyncio.sleep(0.3)
+        # The three are in the queue (not merely sent) before the fourth is published.
+        channel = await conn.channel()
+        await wait_for(lambda: _depth_at_least(channel, names.work_queue("chat"), 3), 30)
         with pytest.raises(QueueFullError) as refused:
             await client.request(body(content="one too many"), model="mock-small", timeout=30)
         assert refused.value.code == "queue_full"

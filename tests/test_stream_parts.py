@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import aiormq
+import httpx
 import pytest
 
 from pipeline import protocol as p
@@ -216,3 +217,49 @@ async def test_chunks_go_out_at_once_until_the_first_with_output() -> None:
     await sink.flush()
     await sink.close()
     assert len(recorder.bodies) == 3
+
+
+# -- the idle bound -----------------------------------------------------------------------
+
+
+class SlowRecorder(Recorder):
+    """A broker whose confirms take longer than the stream's idle bound (a busy one)."""
+
+    async def publish(self, body: bytes, properties: aiormq.spec.Basic.Properties, *,
+                      routing_key: str, exchange: str = "") -> bool:
+        await asyncio.sleep(0.3)
+        return await super().publish(body, properties, routing_key=routing_key,
+                                     exchange=exchange)
+
+
+async def test_the_idle_bound_is_the_backends_silence_not_a_slow_publish() -> None:
+    """The backend sends every chunk at once; each publish takes 0.3 s, the idle bound is
+    0.1 s. The stream completes, and what was sent is counted: before, the watchdog cut
+    a publish (blaming the backend for "going silent") whose chunk the client then had
+    but ``content_chars_sent`` lacked."""
+    from pipeline.backends.http import Backend
+    from pipeline.dispatch.streaming import stream_attempt
+    from pipeline.observe.hooks import DeliveryHook
+    from pipeline.settings_backend import BackendSettings
+
+    words = ["mock", " reply", " here"]
+    sse = "".join(f"data: {json.dumps(chunk(w))}\n\n" for w in words)
+    sse += f"data: {json.dumps(chunk(finish='stop'))}\n\ndata: [DONE]\n\n"
+    backend = Backend(BackendSettings(name="b1", url="http://b1.test/v1", max_concurrency=1,
+                                      timeout_s=5.0),
+                      transport=httpx.MockTransport(lambda _: httpx.Response(
+                          200, headers={"content-type": "text/event-stream"},
+                          content=sse.encode())))
+    recorder = SlowRecorder()
+    d = delivery()
+    sink = StreamSink(cast(Publisher, recorder), d, window_s=0, max_chunks=10)
+    try:
+        completed = await stream_attempt(d, backend, b'{"stream": true}', sink,
+                                         idle_timeout_s=0.1, hooks=DeliveryHook())
+    finally:
+        await sink.close()
+        await backend.aclose()
+    content = json.loads(completed.body)["choices"][0]["message"]["content"]
+    assert content == "mock reply here"
+    assert d.stream is not None and d.stream.content_chars == len(content)
+    assert [c for body in recorder.bodies for c in body][:3] == [chunk(w) for w in words]

@@ -31,10 +31,16 @@ __all__ = ["stream_attempt"]
 async def _relay(reader: SSEReader, assembler: Assembler, sink: StreamSink,
                  watchdog: asyncio.Timeout, idle_timeout_s: float, delivery: Delivery,
                  hooks: DeliveryHook) -> None:
-    """Forward every event to the sink; each one moves the watchdog to the idle bound."""
+    """Forward every event to the sink; each one moves the watchdog to the idle bound.
+
+    The bound is the backend's silence, not this worker's publishing: the watchdog is
+    off while a chunk goes out. A confirm slow on a busy broker was blamed on the backend
+    ("went silent"), and the publish it cut had reached the client without being counted
+    (``content_chars_sent`` 0 for a reader shown text)."""
     loop = asyncio.get_running_loop()
     first = True
     async for raw, chunk in reader.events():
+        watchdog.reschedule(None)
         await sink.add(raw, content=assembler.add(chunk))
         watchdog.reschedule(loop.time() + idle_timeout_s)
         if first:

@@ -95,20 +95,33 @@ class Admission:
     def waiting_requests(self) -> list[Delivery]:
         return self._policy.entries()
 
+    @property
+    def serving(self) -> bool:
+        """Some backend of the pool may start requests here (a limit above 0)."""
+        return any(p.limit for p in self._permits.values())
+
     def must_wait(self) -> bool:
-        """A request arriving now would wait: others wait, or no permit is free."""
-        return bool(len(self._policy)) or self._free_backend(None) is None
+        """A request arriving now would wait for a permit: others wait, or none is free
+        (False while nothing serves: it goes back, see :meth:`acquire`)."""
+        return self.serving and (bool(len(self._policy)) or self._free_backend(None) is None)
 
     def set_limit(self, backend: str, limit: int) -> None:
         """``backend`` may now run ``limit`` requests at once (a raise starts waiters;
         when no backend of the pool may run any, whatever waits goes back)."""
         self._permits.setdefault(backend, _Permits()).limit = max(0, limit)
         self._grant()
-        if not any(p.limit for p in self._permits.values()):
+        if not self.serving:
             self.hand_back()
 
     async def acquire(self, delivery: Delivery) -> Grant:
         """Wait for a permit (or another verdict). A START must be :meth:`release`d."""
+        if not self.serving:
+            # No backend of the pool may start anything here (a circuit just opened, a
+            # lease is being handed over): a delivery the broker sent before the
+            # consumer's cancel took effect goes back at once. Kept waiting for a permit
+            # nobody grants, it would stay unacked here, never expire in the queue, and
+            # its client would get no answer at all.
+            return Grant(Verdict.HAND_BACK)
         if not len(self._policy):
             backend = self._free_backend(delivery.backend)
             if backend is not None:  # the fast path: nothing waits, a permit is free
