@@ -7,7 +7,7 @@ import asyncio
 
 from pipeline.backends.breaker import BackendGate, BreakerPolicy
 from pipeline.worker.admission import Admission
-from pipeline.worker.capacity import CapacityController
+from pipeline.worker.capacity import LANE_HEADROOM, CapacityController
 from pipeline.worker.health import BackendHealthReporter
 from tests.test_health import FakeClock, FakeGauge
 
@@ -20,10 +20,14 @@ class FakeConsumer:
         self.consuming = False
         self.closed = asyncio.Event()
         self.calls: list[tuple[str, int]] = []
+        self.lane_prefetch = 1
 
-    async def start(self, prefetch: int | None = None) -> None:
+    async def start(self, prefetch: int | None = None, lane_prefetch: int | None = None
+                    ) -> None:
         if prefetch is not None:
             self.prefetch = prefetch
+        if lane_prefetch is not None:
+            self.lane_prefetch = lane_prefetch
         self.consuming = True
         self.calls.append(("start", self.prefetch))
 
@@ -70,6 +74,10 @@ async def test_lookahead_adds_to_the_prefetch_not_to_the_permits() -> None:
     health, consumer, gauge, controller = setup(lookahead=3)
     await controller.adjust()
     assert consumer.calls == [("start", 7)] and gauge.values == [4]
+    assert consumer.lane_prefetch == 4 + LANE_HEADROOM  # the lanes follow the limit
+    health.max_concurrency = 2  # a lower limit (a re-cap; an adaptive limit's fall)
+    await controller.adjust()
+    assert consumer.calls[-1] == ("start", 5) and consumer.lane_prefetch == 2 + LANE_HEADROOM
     health.failure()
     await controller.adjust()
     assert not consumer.consuming

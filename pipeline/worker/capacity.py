@@ -27,10 +27,17 @@ from pipeline.observe.log import get_logger
 from pipeline.worker.admission import Admission
 from pipeline.worker.health import Level
 
-__all__ = ["MIN_RESIZE_INTERVAL_S", "CapacityController", "CapacitySource", "PrefetchConsumer"]
+__all__ = ["LANE_HEADROOM", "MIN_RESIZE_INTERVAL_S", "CapacityController", "CapacitySource",
+           "PrefetchConsumer"]
 
 #: An adaptive limit's consumer is resized (cancel, consume again) at most this often.
 MIN_RESIZE_INTERVAL_S = 1.0
+
+#: Each lane of the pool is consumed with the backend's current limit plus this: one
+#: tenant alone can fill every permit from its lane, and its next heads wait at the
+#: admission. Following the limit (not the ceiling), a backend whose adaptive limit is far
+#: below its ceiling does not hold a lane's backlog it cannot serve soon.
+LANE_HEADROOM = 2
 
 log = get_logger("hutch.worker")
 
@@ -44,7 +51,8 @@ class PrefetchConsumer(Protocol):
     def consuming(self) -> bool: ...
     @property
     def closed(self) -> asyncio.Event: ...
-    async def start(self, prefetch: int | None = None) -> None: ...
+    async def start(self, prefetch: int | None = None, lane_prefetch: int | None = None
+                    ) -> None: ...
     async def stop_consuming(self) -> None: ...
 
 
@@ -131,7 +139,7 @@ class CapacityController:
             if not want:
                 self._gauge.set(0)
         if want:
-            await consumer.start(want)
+            await consumer.start(want, lane_prefetch=limit + LANE_HEADROOM)
             self._gauge.set(limit)
         log.info("consumer.prefetch", backend=source.backend, limit=limit, prefetch=want,
                  state=source.describe())

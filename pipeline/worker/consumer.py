@@ -52,11 +52,15 @@ class TrackedConsumer:
     def consuming(self) -> bool:
         return self._tag is not None
 
-    async def start(self, prefetch: int | None = None) -> None:
-        """Set the prefetch, then consume. To resize, :meth:`stop_consuming` and start
-        again: on RabbitMQ 3.10 a live prefetch change has no effect on a consumer."""
+    async def start(self, prefetch: int | None = None, lane_prefetch: int | None = None
+                    ) -> None:
+        """Set the prefetch (and the lanes'), then consume. To resize, :meth:`stop_consuming`
+        and start again: on RabbitMQ 3.10 a live prefetch change has no effect on a
+        consumer."""
         if prefetch is not None:
             self.prefetch = prefetch
+        if lane_prefetch is not None:
+            self._lane_prefetch = lane_prefetch
         if self._queue is None:
             self._channel.close_callbacks.add(lambda *_: self.closed.set())
             self._queue = await self._channel.declare_queue(self._queue_name, passive=True)

@@ -26,7 +26,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from pipeline.broker.availability import amqp_reason, home_node_down
 from pipeline.observe.log import get_logger
 from pipeline.worker.admission import Admission
-from pipeline.worker.capacity import CapacityController
+from pipeline.worker.capacity import LANE_HEADROOM, CapacityController
 from pipeline.worker.consumer import Handler, TrackedConsumer
 from pipeline.worker.health import BackendHealthReporter, Level
 
@@ -164,7 +164,8 @@ class LeaseHolder:
             consumer = TrackedConsumer(channel, self._work_queue,
                                        self.health.max_concurrency, handler,
                                        lanes=self.intake.lanes,
-                                       lane_prefetch=self.health.max_concurrency + 2)
+                                       lane_prefetch=self.health.max_concurrency
+                                       + LANE_HEADROOM)
             if await self._hold(connection, consumer):
                 continue  # handed over, and stayed away already
             # The lease stays ours while the connection lives; re-consume after a pause.
