@@ -235,6 +235,29 @@ async def test_management_api_unreachable(make_settings: SettingsFactory) -> Non
     assert "rabbitmq-plugins enable rabbitmq_management" in message
 
 
+async def test_a_management_api_that_does_not_answer_in_time_is_called_busy() -> None:
+    """It took the connection but answered nothing (a busy broker): not "is the plugin
+    enabled?", which would send the operator after the wrong thing."""
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        await asyncio.sleep(30)
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    api = ManagementAPI(f"http://127.0.0.1:{port}", "guest", "guest", timeout_s=0.5)
+    try:
+        async with asyncio.timeout(20):
+            with pytest.raises(TopologyError) as info:
+                await api.check()
+    finally:
+        await api.aclose()
+        server.close()
+    message = str(info.value)
+    assert "did not answer within 0.5 s" in message and "busy" in message, message
+    assert "rabbitmq-plugins" not in message
+
+
 async def test_broker_unreachable(make_settings: SettingsFactory) -> None:
     settings = make_settings(amqp_url="amqp://guest:guest@127.0.0.1:1/")
     async with asyncio.timeout(30):

@@ -32,7 +32,11 @@ from pipeline.broker.tls_probe import speaks_tls
 from pipeline.errors import TopologyError
 from pipeline.settings import Settings
 
-__all__ = ["ManagementAPI"]
+__all__ = ["TIMEOUT_S", "ManagementAPI"]
+
+#: How long one request to the management API may take. Generous: on a busy broker a
+#: policy put on a vhost with thousands of queues takes seconds (10 s once ran out in CI).
+TIMEOUT_S = 30.0
 
 _ENABLE_HINT = (
     "is the management plugin enabled? run: rabbitmq-plugins enable rabbitmq_management "
@@ -47,10 +51,12 @@ def _q(value: str) -> str:
 class ManagementAPI:
     """Async access to ``/api`` of one broker, as one user."""
 
-    def __init__(self, base_url: str, user: str, password: str, *, timeout_s: float = 10.0,
+    def __init__(self, base_url: str, user: str, password: str, *,
+                 timeout_s: float = TIMEOUT_S,
                  tls: ssl.SSLContext | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self._user = user
+        self._timeout_s = timeout_s
         self._http = httpx.AsyncClient(
             base_url=self.base_url + "/api", auth=(user, password), timeout=timeout_s,
             verify=tls if tls is not None else True)
@@ -61,7 +67,7 @@ class ManagementAPI:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, connection: AbstractConnection | None = None,
-                      timeout_s: float = 10.0) -> Self:
+                      timeout_s: float = TIMEOUT_S) -> Self:
         """The API of ``settings`` (its address, credentials and TLS), which refuses to
         write unless it belongs to the broker of ``settings.amqp_url``: the one
         ``connection`` reached, or (without one) a short connection of its own."""
@@ -141,6 +147,11 @@ class ManagementAPI:
             return TopologyError(
                 f"management API at {self.base_url} speaks https on that port: use https:// "
                 "in management_url (or HUTCH_MANAGEMENT_URL)")
+        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+            return TopologyError(
+                f"management API at {self.base_url} took the request but did not answer "
+                f"within {self._timeout_s:g} s ({exc!r}): the broker is busy (a policy on a "
+                "vhost with many queues is matched against each of them); try again")
         return TopologyError(
             f"management API at {self.base_url} is not reachable ({exc!r}): {_ENABLE_HINT}")
 
